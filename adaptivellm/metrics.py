@@ -1,0 +1,91 @@
+"""AdaptiveLLM's Prometheus metrics (prefix `adaptivellm_`, beside vLLM's `vllm:`).
+
+The scheduler, and later the KV connector, run in vLLM's engine-core process, while `/metrics`
+is served by the API server process. AdaptiveLLM therefore serves in prometheus_client's
+multi-process mode, vLLM's own mechanism for several API servers: every process writes its
+samples to files in `PROMETHEUS_MULTIPROC_DIR`, and `/metrics` (vLLM's handler, through
+`get_prometheus_registry`) aggregates them. prometheus_client picks its storage when first
+imported, so `use_multiprocess_dir` must run before anything imports vLLM or prometheus_client.
+
+Metric objects are created on first use (`EngineMetrics.get()`), in the process that records them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+PREFIX = "adaptivellm_"
+
+
+def use_multiprocess_dir() -> str:
+    """Point prometheus_client at a fresh multi-process directory (kept if the operator set one).
+
+    Returns the directory. Must run before prometheus_client is imported in this process.
+    """
+    if existing := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return existing
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "adaptivellm.metrics.use_multiprocess_dir() ran after prometheus_client was imported"
+        )
+    path = tempfile.mkdtemp(prefix="adaptivellm-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    owner = os.getpid()
+
+    def remove() -> None:
+        # Only the process that made the directory removes it (forked children inherit atexit).
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    return path
+
+
+def publish_info(**labels: str) -> None:
+    """Set `adaptivellm_info{...} 1`: versions and configuration, for dashboards and alerts."""
+    from prometheus_client import Gauge
+
+    names = sorted(labels)
+    gauge = Gauge(
+        f"{PREFIX}info",
+        "AdaptiveLLM build and configuration (value is always 1)",
+        labelnames=names,
+        multiprocess_mode="max",
+    )
+    gauge.labels(*(labels[n] for n in names)).set(1)
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """Metrics recorded in the engine-core process."""
+
+    scheduler_steps: Counter
+    preemptions: Counter
+
+    @staticmethod
+    @cache
+    def get() -> EngineMetrics:
+        """The process's metrics, created on first use."""
+        from prometheus_client import Counter
+
+        return EngineMetrics(
+            scheduler_steps=Counter(
+                f"{PREFIX}scheduler_steps",
+                "Engine steps that scheduled at least one token (counted in the engine core)",
+            ),
+            preemptions=Counter(
+                f"{PREFIX}preemptions",
+                "Requests preempted for lack of KV cache blocks, by how their KV cache was handled",
+                labelnames=["mode"],
+            ),
+        )

@@ -1,0 +1,23 @@
+"""vLLM general plugin: runs in every vLLM process (API server, engine core, workers).
+
+vLLM may load general plugins several times per process, so everything here is idempotent. It is
+also loaded by a stock vLLM started from the same environment, so it only does what any vLLM on
+this host needs and changes no behaviour: it asks Linux for AMX tile state (see adaptivellm.cpu).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    from adaptivellm.cpu import has_amx, request_amx_permission
+
+    if has_amx() and not request_amx_permission():
+        logger.warning(
+            "Linux refused AMX tile state for this process: bfloat16 on CPU may die with SIGILL; "
+            "serve with --dtype float32"
+        )

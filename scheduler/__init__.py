@@ -1,0 +1,1 @@
+"""AdaptiveLLM scheduler."""

@@ -1,0 +1,114 @@
+"""End to end through the real server with the real `openai` client (embedded tiny model)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from adaptivellm.launch import metric_value
+from tests.support import Server
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api_url, api_key="none", max_retries=0, timeout=120)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    value = metric_value(text, name, labels)
+    assert value is not None, f"metric {name}{{{labels}}} not on /metrics"
+    return value
+
+
+def test_models_lists_served_names_and_max_len(client: openai.OpenAI, server: Server) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == list(server.names)
+    assert all(getattr(m, "max_model_len", None) == server.max_model_len for m in models)
+
+
+def test_completion_greedy_is_deterministic(client: openai.OpenAI, server: Server) -> None:
+    kwargs = dict(model=server.model, prompt="The river and the city", max_tokens=16,
+                  temperature=0.0, extra_body={"ignore_eos": True})  # fmt: skip
+    first = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    second = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert first.usage is not None and first.usage.completion_tokens == 16
+    assert first.choices[0].finish_reason == "length"
+    assert first.choices[0].text == second.choices[0].text
+
+
+def test_alias_name_serves_too(client: openai.OpenAI, server: Server) -> None:
+    out = client.completions.create(model=server.names[1], prompt="hello", max_tokens=2)
+    assert out.model in server.names  # vLLM answers with the first served name
+    assert out.usage is not None and out.usage.completion_tokens >= 1
+
+
+def test_chat_completion_uses_chat_template(client: openai.OpenAI, server: Server) -> None:
+    out = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Tell me a story"}],
+        max_tokens=8,
+        temperature=0.0,
+    )  # fmt: skip
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage is not None and out.usage.prompt_tokens > 8  # template tokens included
+
+
+def test_streaming_matches_non_streaming(client: openai.OpenAI, server: Server) -> None:
+    kwargs = dict(model=server.model, prompt="A quiet morning in the garden", max_tokens=12,
+                  temperature=0.0, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kwargs).choices[0].text  # type: ignore[call-overload]
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)
+              if c.choices]  # type: ignore[call-overload]  # fmt: skip
+    assert len(chunks) > 1
+    assert "".join(chunks) == whole
+
+
+def test_metrics_has_vllm_and_engine_side_adaptivellm_metrics(
+    client: openai.OpenAI, server: Server
+) -> None:
+    before = httpx.get(f"{server.base_url}/metrics").text
+    steps_before = metric(before, "adaptivellm_scheduler_steps_total")
+    client.completions.create(model=server.model, prompt="count my steps", max_tokens=5,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    after = httpx.get(f"{server.base_url}/metrics").text
+    assert metric(after, "vllm:generation_tokens_total") >= 5
+    assert metric(after, "adaptivellm_info", 'vllm_version="0.32.0"') == 1
+    assert metric(after, "adaptivellm_info", 'scheduler="adaptivellm.scheduler') == 1
+    # Counted inside the engine-core process: 1 prefill step + 4 decode steps at least.
+    assert metric(after, "adaptivellm_scheduler_steps_total") >= steps_before + 5
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "json"),
+        (b'{"model": "tiny", "max_tokens": 2}', "prompt"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": "many"}', "max_tokens"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": -3}', "max_tokens"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": "hot"}', "temperature"),
+        (b'{"model": "no-such-model", "prompt": "x"}', "no-such-model"),
+        (b"[1, 2, 3]", ""),
+    ],
+)
+def test_malformed_requests_get_4xx_and_server_stays_up(
+    server: Server, client: openai.OpenAI, body: bytes, fragment: str
+) -> None:
+    r = httpx.post(f"{server.api_url}/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text
+    assert fragment.lower() in r.text.lower()
+    ok = client.completions.create(model=server.model, prompt="still alive", max_tokens=2)
+    assert ok.choices[0].text is not None
+
+
+def test_prompt_longer_than_max_model_len_is_rejected(
+    client: openai.OpenAI, server: Server
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=server.model, prompt=[5] * (server.max_model_len + 10),
+                                  max_tokens=4)  # fmt: skip
+    assert str(server.max_model_len) in str(err.value)
+    ok = client.completions.create(model=server.model, prompt="after the long one", max_tokens=2)
+    assert ok.usage is not None and ok.usage.completion_tokens >= 1

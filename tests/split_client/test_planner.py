@@ -1,0 +1,526 @@
+"""Tests of the SplitLLM planner: the DP against brute force, the SLA, edge cases, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptivellm.split_client.planner import (
+    PRESETS,
+    ClientProfile,
+    InfeasibleSLAError,
+    Location,
+    ModelShape,
+    Request,
+    ServerProfile,
+    SplitCosts,
+    build_costs,
+    choose_split_layer,
+    evaluate_placements,
+    plan_brute_force,
+    plan_dp,
+    plan_greedy,
+    plan_prefix,
+    plan_server_only,
+    prefix_masks,
+    transfer_time,
+)
+from adaptivellm.split_client.workload import Scenario, evaluate_mix, sustained_throughput
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+LAPTOP = ClientProfile(15e12, 100e6, 300e6, 0.02, mem_bytes_per_s=300e9)
+SERVER = ServerProfile()
+
+
+def costs_from(
+    client: list[float],
+    server: list[float],
+    work: list[float],
+    up: list[float],
+    down: list[float],
+    start: tuple[float, float] = (0.0, 0.0),
+    end: tuple[float, float] = (0.0, 0.0),
+    sla: float = 10.0,
+    fixed_time: float = 0.0,
+) -> SplitCosts:
+    """A hand-written instance: every time in seconds, workloads in arbitrary units."""
+    return SplitCosts(
+        client_time=np.array(client, dtype=float),
+        server_time=np.array(server, dtype=float),
+        server_work=np.array(work, dtype=float),
+        up_time=np.array(up, dtype=float),
+        down_time=np.array(down, dtype=float),
+        start_time=np.array(start, dtype=float),
+        end_time=np.array(end, dtype=float),
+        fixed_time=fixed_time,
+        fixed_work=1.0,
+        sla_s=sla,
+    )
+
+
+@st.composite
+def instances(draw: st.DrawFn, integer: bool) -> SplitCosts:
+    """Random small instances: heterogeneous layers, some links dead (inf), any SLA.
+
+    With `integer`, every time is a whole number of seconds, so a DP with step 1 s rounds
+    nothing and must match brute force exactly.
+    """
+    n = draw(st.integers(1, 7))
+    if integer:
+        time = st.integers(0, 12).map(float)
+    else:
+        time = st.floats(0.0, 12.0, allow_nan=False, allow_subnormal=False)
+    maybe_dead = st.one_of(time, time, time, st.just(math.inf))
+
+    def arr(elements: st.SearchStrategy[float], size: int) -> list[float]:
+        return draw(st.lists(elements, min_size=size, max_size=size))
+
+    return costs_from(
+        client=arr(maybe_dead, n),
+        server=arr(time, n),
+        work=arr(st.integers(0, 50).map(float), n),
+        up=arr(maybe_dead, n - 1),
+        down=arr(maybe_dead, n - 1),
+        start=(draw(maybe_dead), draw(time)),
+        end=(draw(maybe_dead), 0.0),
+        sla=float(draw(st.integers(1, 60))),
+        fixed_time=draw(time),
+    )
+
+
+# --------------------------------------------------------------------------- DP vs brute force
+
+
+@FAST
+@given(instances(integer=True))
+def test_dp_equals_brute_force_when_costs_are_whole_steps(costs: SplitCosts) -> None:
+    dp, oracle = plan_dp(costs, step_s=1.0), plan_brute_force(costs)
+    assert dp.feasible == oracle.feasible
+    if oracle.feasible:
+        assert dp.server_workload == oracle.server_workload
+        assert dp.latency_s <= costs.sla_s
+
+
+@FAST
+@given(instances(integer=True))
+def test_prefix_dp_and_exact_prefix_equal_prefix_brute_force(costs: SplitCosts) -> None:
+    dp = plan_dp(costs, step_s=1.0, prefix_only=True)
+    exact, oracle = plan_prefix(costs), plan_brute_force(costs, prefix_only=True)
+    assert dp.feasible == exact.feasible == oracle.feasible
+    if oracle.feasible:
+        assert dp.server_workload == exact.server_workload == oracle.server_workload
+        assert dp.split_layer is not None and exact.split_layer is not None
+
+
+@FAST
+@given(instances(integer=False), st.floats(0.01, 3.0))
+def test_dp_never_violates_sla_and_loses_at_most_one_step_per_layer(
+    costs: SplitCosts, step: float
+) -> None:
+    """Rounding up can only cost budget: OPT(SLA) <= DP <= OPT(SLA - L * step)."""
+    dp = plan_dp(costs, step_s=step)
+    oracle = plan_brute_force(costs)
+    assert dp.feasible == oracle.feasible  # the exact fastest placement is the fallback
+    if dp.feasible:
+        assert dp.latency_s <= costs.sla_s
+        assert dp.server_workload >= oracle.server_workload
+    tighter_sla = costs.sla_s - costs.num_layers * step
+    if tighter_sla > 0:
+        tighter = plan_brute_force(SplitCosts(**{**vars(costs), "sla_s": tighter_sla}))
+        if tighter.feasible:
+            assert dp.feasible
+            assert dp.server_workload <= tighter.server_workload
+
+
+@FAST
+@given(instances(integer=False))
+def test_greedy_is_feasible_prefix_never_better_than_optimum(costs: SplitCosts) -> None:
+    greedy, best_prefix = plan_greedy(costs), plan_prefix(costs)
+    assert greedy.split_layer is not None
+    if plan_server_only(costs).feasible:
+        assert greedy.feasible and greedy.latency_s <= costs.sla_s
+        assert greedy.server_workload >= best_prefix.server_workload
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    prompt=st.integers(1, 3000),
+    output=st.integers(1, 300),
+    tflops=st.floats(1.0, 100.0),
+    mbps=st.floats(1.0, 2000.0),
+    rtt_ms=st.floats(0.0, 100.0),
+    batch=st.integers(1, 256),
+    sla_s=st.floats(0.05, 60.0),
+)
+def test_transformer_optimum_is_a_prefix(
+    prompt: int, output: int, tflops: float, mbps: float, rtt_ms: float, batch: int, sla_s: float
+) -> None:
+    """Identical layers: a client block anywhere but the front only adds transfers, so the
+    best general placement (brute force over all 4096 for GPT-2) is as good as the best prefix."""
+    client = ClientProfile(tflops * 1e12, mbps * 1e6, mbps * 1e6, rtt_ms / 1e3, tflops * 20e9)
+    costs = build_costs(
+        PRESETS["gpt2"], client, ServerProfile(decode_batch=batch), Request(prompt, output, sla_s)
+    )
+    oracle, best_prefix = plan_brute_force(costs), plan_prefix(costs)
+    assert oracle.feasible == best_prefix.feasible
+    if oracle.feasible:
+        assert best_prefix.server_workload == pytest.approx(oracle.server_workload, rel=1e-12)
+        dp = plan_dp(costs)
+        assert dp.feasible and dp.server_workload >= best_prefix.server_workload * (1 - 1e-12)
+
+
+def test_dp_finds_a_non_prefix_placement_when_it_is_the_only_good_one() -> None:
+    """Layer 1 is cheap on the client and layers 0 and 2 are not: the best plan is S C S."""
+    costs = costs_from(
+        client=[100, 1, 100], server=[1, 1, 1], work=[1, 5, 1], up=[1, 1], down=[1, 1], sla=6
+    )
+    plan = plan_dp(costs, step_s=0.5)
+    assert plan.placement_str == "SCS"
+    assert plan.split_layer is None
+    assert plan.server_workload == plan_brute_force(costs).server_workload == 1 + 1 + 1
+
+
+def test_greedy_is_optimal_when_client_layers_are_slower() -> None:
+    """Identical layers, each slower on the client: latency grows with k after the first
+    transfer, so stopping at the first k that misses the SLA is the optimum."""
+    costs = build_costs(PRESETS["llama3-8b"], LAPTOP, SERVER, Request(512, 128, 6.0))
+    assert costs.client_time[0] > costs.server_time[0]
+    greedy, best = plan_greedy(costs), plan_prefix(costs)
+    assert 0 < greedy.client_layers < 32
+    assert greedy.placement == best.placement
+    assert plan_dp(costs).server_workload == best.server_workload
+
+
+def test_greedy_misses_what_the_dp_finds_behind_a_transfer_hump() -> None:
+    """Client layers take 1 s, server layers 3 s, but shipping the hidden state costs 5 s.
+    Server-only takes 9 s, k = 1 takes 12 s, k = 2 10 s, k = 3 8 s: greedy stops at 0 because
+    k = 1 misses the 9 s SLA; the DP sees that more client layers pay the transfer back."""
+    costs = costs_from(
+        client=[1, 1, 1],
+        server=[3, 3, 3],
+        work=[1, 1, 1],
+        up=[5, 5],
+        down=[5, 5],
+        start=(0, 0),
+        end=(5, 0),
+        sla=9,
+    )
+    assert plan_greedy(costs).client_layers == 0
+    assert plan_greedy(costs).feasible
+    assert plan_dp(costs).placement_str == "CCC"
+    assert plan_prefix(costs).split_layer == 3
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_unreachable_sla_returns_fastest_plan_marked_infeasible() -> None:
+    request = Request(512, 64, sla_s=0.01)
+    costs = build_costs(PRESETS["llama3-8b"], LAPTOP, SERVER, request)
+    for planner in (plan_dp, plan_prefix, plan_greedy, plan_server_only, plan_brute_force):
+        plan = (
+            planner(costs) if planner is not plan_brute_force else planner(costs, prefix_only=True)
+        )
+        assert not plan.feasible
+        assert plan.latency_s > request.sla_s
+    assert plan_dp(costs).latency_s == pytest.approx(plan_server_only(costs).latency_s)
+    with pytest.raises(InfeasibleSLAError, match="no placement meets the SLA") as info:
+        choose_split_layer(PRESETS["llama3-8b"], LAPTOP, SERVER, request)
+    assert not info.value.plan.feasible
+
+
+def test_sla_shorter_than_fixed_costs_is_infeasible_not_an_error() -> None:
+    costs = costs_from(client=[1], server=[1], work=[1], up=[], down=[], sla=1.0, fixed_time=2.0)
+    assert not plan_dp(costs).feasible
+
+
+@pytest.mark.parametrize(("up", "down"), [(0.0, 1e9), (1e9, 0.0), (0.0, 0.0)])
+def test_a_dead_link_makes_every_placement_impossible(up: float, down: float) -> None:
+    """Without uplink neither the prompt nor a hidden state reaches the server; without
+    downlink the answer never reaches the client. Even with no SLA nothing is feasible."""
+    client = ClientProfile(1e18, uplink_bps=up, downlink_bps=down, rtt_s=0.0)
+    costs = build_costs(PRESETS["gpt2"], client, SERVER, Request(128, 8, math.inf))
+    for plan in (plan_dp(costs), plan_prefix(costs), plan_greedy(costs), plan_server_only(costs)):
+        assert not plan.feasible and math.isinf(plan.latency_s)
+
+
+def test_decode_steps_bring_each_sampled_token_down_to_a_client_running_layer_zero() -> None:
+    client = ClientProfile(1e12, uplink_bps=1e6, downlink_bps=1e3, rtt_s=0.1)
+    one = build_costs(PRESETS["gpt2"], client, SERVER, Request(128, 1, 10.0))
+    five = build_costs(PRESETS["gpt2"], client, SERVER, Request(128, 5, 10.0))
+    assert one.start_time[Location.CLIENT] == 0.0
+    assert five.start_time[Location.CLIENT] == pytest.approx(4 * (32 / 1e3 + 0.05))
+    # Server-only uploads the prompt's token ids once, whatever the output length.
+    assert one.start_time[Location.SERVER] == five.start_time[Location.SERVER]
+
+
+def test_huge_bandwidth_and_fast_client_move_every_layer_to_the_client() -> None:
+    client = ClientProfile(1e30, 1e30, 1e30, rtt_s=0.0, mem_bytes_per_s=1e30)
+    costs = build_costs(PRESETS["llama3-8b"], client, SERVER, Request(512, 16, sla_s=1.0))
+    assert transfer_time(1e6, 1e30, 0.0) < 1e-20
+    plan = plan_dp(costs)
+    assert plan.placement_str == "C" * 32
+    assert plan.server_workload == pytest.approx(costs.fixed_work)
+    assert choose_split_layer(PRESETS["llama3-8b"], client, SERVER, Request(512, 16, 1.0)) == 32
+
+
+def test_one_layer_model() -> None:
+    shape = ModelShape("one", 64, 256, 2, 2, 32, 1, 100)
+    costs = build_costs(shape, LAPTOP, SERVER, Request(16, 4, math.inf))
+    assert costs.num_layers == 1 and costs.up_time.shape == (0,)
+    assert plan_dp(costs).server_workload == plan_brute_force(costs).server_workload
+    assert plan_dp(costs).placement_str == "C"
+
+
+def test_equal_costs_and_free_links_put_everything_on_the_client() -> None:
+    costs = costs_from(client=[1] * 5, server=[1] * 5, work=[3] * 5, up=[0] * 4, down=[0] * 4)
+    plan = plan_dp(costs)
+    assert plan.placement_str == "CCCCC" and plan.latency_s == 5.0
+    assert plan.server_workload == 1.0  # only fixed_work is left
+
+
+def test_no_sla_minimises_workload_among_finite_placements() -> None:
+    costs = costs_from(
+        client=[1, math.inf, 1],
+        server=[1, 1, 1],
+        work=[1, 1, 1],
+        up=[1, 1],
+        down=[1, 1],
+        sla=math.inf,
+    )
+    assert plan_dp(costs).placement_str == "CSC"
+    assert plan_dp(costs).server_workload == 2.0
+
+
+def test_sla_exactly_met_is_feasible() -> None:
+    costs = costs_from(client=[2, 2], server=[1, 1], work=[1, 1], up=[1], down=[1], sla=4.0)
+    plan = plan_dp(costs, step_s=1.0)
+    assert plan.placement_str == "CC" and plan.latency_s == 4.0 and plan.feasible
+
+
+def test_coarse_step_is_safe_but_can_lose_the_optimum() -> None:
+    """Binary fractions keep the arithmetic exact. Every placement pays the 0.125 s server
+    floor per layer, leaving 3.375 s of budget; a client layer costs 1.125 s above the floor.
+    With 1/8 s units all three fit exactly; with 1 s units each rounds up to 2 of the 3 units
+    and only one fits."""
+    costs = costs_from(
+        client=[1.25] * 3, server=[0.125] * 3, work=[1] * 3, up=[0] * 2, down=[0] * 2, sla=3.75
+    )
+    fine = plan_dp(costs, step_s=0.125)
+    assert fine.client_layers == 3 and fine.latency_s == 3.75
+    coarse = plan_dp(costs, step_s=1.0)
+    assert coarse.feasible and coarse.client_layers == 1
+    # bins divide the 3.375 s budget: 3 bins of 1.125 s fit all three, 2 bins of 1.6875 s two.
+    assert plan_dp(costs, bins=3).client_layers == 3
+    assert plan_dp(costs, bins=2).client_layers == 2
+    with pytest.raises(ValueError, match="either step_s or bins"):
+        plan_dp(costs, step_s=1.0, bins=3)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def test_presets_match_published_parameter_counts() -> None:
+    llama, gpt2 = PRESETS["llama3-8b"], PRESETS["gpt2"]
+    # Llama-3-8B: 8.03e9 parameters with separate embedding and LM head matrices.
+    llama_total = llama.num_layers * llama.layer_params + 2 * llama.vocab_size * llama.hidden_size
+    assert llama_total == pytest.approx(8.03e9, rel=0.01)
+    # GPT-2 small: 124e6 with tied embeddings (+ 1024 learned positions).
+    gpt2_total = gpt2.num_layers * gpt2.layer_params + (gpt2.vocab_size + 1024) * gpt2.hidden_size
+    assert gpt2_total == pytest.approx(124.4e6, rel=0.01)
+    assert PRESETS["llama3-70b"].num_layers == 80
+
+
+def test_attention_flops_grow_quadratically_with_prompt_length() -> None:
+    shape = PRESETS["llama3-8b"]
+    linear = 2.0 * shape.layer_params
+    attention = [shape.layer_flops(n, 0) - linear * n for n in (1000, 2000)]
+    assert attention[1] / attention[0] == pytest.approx(4.0, rel=1e-3)
+    # One decode step at context c costs what the (c+1)-th prefill token added.
+    assert shape.layer_flops(1, 999) == pytest.approx(
+        shape.layer_flops(1000, 0) - shape.layer_flops(999, 0)
+    )
+
+
+def test_costs_respond_to_bandwidth_client_speed_and_length() -> None:
+    request = Request(512, 32, 5.0)
+    slow = build_costs(PRESETS["llama3-8b"], LAPTOP, SERVER, request)
+    fast_link = ClientProfile(15e12, 1e9, 3e9, 0.02, mem_bytes_per_s=300e9)
+    assert (
+        build_costs(PRESETS["llama3-8b"], fast_link, SERVER, request).up_time[0] < slow.up_time[0]
+    )
+    fast_client = ClientProfile(50e12, 100e6, 300e6, 0.02, mem_bytes_per_s=1e12)
+    faster = build_costs(PRESETS["llama3-8b"], fast_client, SERVER, request)
+    assert faster.client_time[0] < slow.client_time[0]
+    prefill = {
+        n: build_costs(PRESETS["llama3-8b"], LAPTOP, SERVER, Request(n, 1, 5.0))
+        for n in (512, 2048)
+    }
+    assert prefill[2048].server_work[0] > 4 * prefill[512].server_work[0]  # attention is n^2
+    # Hidden state of 512 tokens: 512 * 4096 * 2 bytes over 100 Mbit/s, plus half the RTT,
+    # then 31 decode steps of one token each.
+    once = 512 * 4096 * 2 * 8 / 100e6 + 0.01
+    per_step = 4096 * 2 * 8 / 100e6 + 0.01
+    assert slow.up_time[0] == pytest.approx(once + 31 * per_step)
+
+
+def test_loaded_server_is_slower_per_request_but_does_the_same_work() -> None:
+    request = Request(512, 64, 5.0)
+    light = build_costs(PRESETS["llama3-8b"], LAPTOP, ServerProfile(decode_batch=1), request)
+    heavy = build_costs(PRESETS["llama3-8b"], LAPTOP, ServerProfile(decode_batch=256), request)
+    assert heavy.server_time[0] > light.server_time[0]
+    np.testing.assert_array_equal(heavy.server_work, light.server_work)
+
+
+def test_evaluate_placements_adds_up_the_documented_terms() -> None:
+    costs = costs_from(
+        client=[1, 2, 3],
+        server=[10, 20, 30],
+        work=[1, 2, 4],
+        up=[100, 200],
+        down=[1000, 2000],
+        start=(0.5, 0.25),
+        end=(7, 0),
+        sla=1e9,
+        fixed_time=0.125,
+    )
+    latency, work = evaluate_placements(costs, np.array([[False, True, False]]))
+    assert latency[0] == 0.125 + 0.5 + 1 + 20 + 3 + 100 + 2000 + 7
+    assert work[0] == 1.0 + 2
+    masks = prefix_masks(3)
+    assert masks.tolist()[1] == [False, True, True]
+    assert plan_server_only(costs).placement == (Location.SERVER,) * 3
+
+
+# --------------------------------------------------------------------------- config reading
+
+
+def test_from_hf_config_reads_llama_and_gpt2_configs(tmp_path: Path) -> None:
+    llama = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 32,
+        "vocab_size": 128256,
+        "torch_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    shape = ModelShape.from_hf_config(tmp_path)
+    assert shape.layer_params == PRESETS["llama3-8b"].layer_params
+    assert (shape.head_dim, shape.dtype_bytes, shape.gated_mlp) == (128, 2, True)
+    gpt2 = {
+        "model_type": "gpt2",
+        "n_embd": 768,
+        "n_head": 12,
+        "n_layer": 12,
+        "vocab_size": 50257,
+        "n_inner": None,
+        "torch_dtype": "float32",
+    }
+    path = tmp_path / "gpt2.json"
+    path.write_text(json.dumps(gpt2))
+    shape = ModelShape.from_hf_config(path)
+    assert shape.layer_params == PRESETS["gpt2"].layer_params
+    assert (shape.intermediate_size, shape.dtype_bytes, shape.gated_mlp) == (3072, 4, False)
+
+
+def test_from_hf_config_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read a model config"):
+        ModelShape.from_hf_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read a model config"):
+        ModelShape.from_hf_config(tmp_path / "bad.json")
+    (tmp_path / "partial.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        ModelShape.from_hf_config(tmp_path / "partial.json")
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ClientProfile(1e12, -1.0, 1e6, 0.01), "uplink_bps must be >= 0"),
+        (lambda: ClientProfile(math.nan, 1e6, 1e6, 0.01), "flops_per_s must not be NaN"),
+        (lambda: ClientProfile(0.0, 1e6, 1e6, 0.01), "flops_per_s must be > 0"),
+        (lambda: ClientProfile(1e12, 1e6, 1e6, math.inf), "rtt_s must be finite"),
+        (lambda: ClientProfile(1e12, 1e6, "fast", 0.01), "downlink_bps must be a number"),
+        (lambda: ServerProfile(decode_batch=0), "decode_batch must be an integer >= 1"),
+        (lambda: Request(0, 1, 1.0), "prompt_tokens must be an integer >= 1"),
+        (lambda: Request(10, True, 1.0), "output_tokens must be an integer"),
+        (lambda: Request(10, 1, 0.0), "sla_s must be > 0"),
+        (lambda: ModelShape("x", 64, 256, 2, 2, 32, 0, 100), "num_layers must be an integer >= 1"),
+        (lambda: ModelShape("x", 64, 256, 3, 2, 32, 2, 100), "multiple of num_kv_heads"),
+        (lambda: ModelShape.preset("gpt5"), "unknown model preset 'gpt5'"),
+        (lambda: costs_from([1], [1], [1], [1], []), r"up_time must have shape \(0,\)"),
+        (lambda: costs_from([-1], [1], [1], [], []), "client_time must be >= 0"),
+        (lambda: costs_from([math.nan], [1], [1], [], []), "not NaN"),
+        (lambda: costs_from([1], [1], [math.inf], [], []), "server_work must be finite"),
+        (lambda: costs_from([], [], [], [], []), "at least one layer"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(build: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()  # type: ignore[operator]
+
+
+def test_bad_planner_arguments() -> None:
+    costs = costs_from([1] * 3, [1] * 3, [1] * 3, [1] * 2, [1] * 2)
+    with pytest.raises(ValueError, match="step_s must be > 0"):
+        plan_dp(costs, step_s=-1.0)
+    with pytest.raises(ValueError, match="bins"):
+        plan_dp(costs, step_s=1e-9)
+    big = build_costs(PRESETS["llama3-8b"], LAPTOP, SERVER, Request(8, 2, 1.0))
+    with pytest.raises(ValueError, match="brute force is limited"):
+        plan_brute_force(big)
+
+
+# --------------------------------------------------------------------------- many requests
+
+
+def test_mix_throughput_orders_methods_and_counts_sla_attainment() -> None:
+    mix = [
+        Scenario(PRESETS["llama3-8b"], LAPTOP, SERVER, Request(512, 64, sla))
+        for sla in (0.01, 2.0, 8.0, 30.0)
+    ]
+    results = evaluate_mix(mix, capacity_flops_per_s=400e12)
+    only, greedy, dp = results["server-only"], results["greedy"], results["dp"]
+    assert dp.throughput_rps >= greedy.throughput_rps > only.throughput_rps
+    assert dp.sla_attainment == 0.75  # the 10 ms SLA is out of reach for every placement
+    assert only.throughput_rps == pytest.approx(400e12 / only.mean_server_workload)
+
+
+def test_sustained_throughput_rejects_bad_capacity_and_empty_mix() -> None:
+    assert sustained_throughput([1.0, 3.0], 10.0) == 5.0
+    with pytest.raises(ValueError, match="capacity"):
+        sustained_throughput([1.0], 0.0)
+    with pytest.raises(ValueError, match="at least one request"):
+        sustained_throughput([], 1.0)
+
+
+# --------------------------------------------------------------------------- import hygiene
+
+
+def test_planner_imports_neither_vllm_nor_torch() -> None:
+    code = (
+        "import sys\n"
+        "import adaptivellm.split_client.planner, adaptivellm.split_client.workload\n"
+        "import adaptivellm.split_client.plan_cli\n"
+        "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]"

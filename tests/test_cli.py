@@ -1,0 +1,74 @@
+"""The `adaptivellm` command line, run as a user runs it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptivellm import __version__
+
+
+def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "adaptivellm.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_version_names_both_versions() -> None:
+    out = run("--version")
+    assert out.returncode == 0
+    assert f"adaptivellm {__version__}" in out.stdout
+    assert "0.32.0" in out.stdout
+
+
+def test_serve_help_has_vllm_flags_and_adaptivellm_group() -> None:
+    out = run("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "adaptivellm serve [model_tag]" in out.stdout
+    assert "AdaptiveLLM" in out.stdout  # our group in the section list
+    assert "ModelConfig" in out.stdout  # vLLM's groups
+    detail = run("serve", "--help=AdaptiveLLM")
+    assert "--no-cpu-defaults" in detail.stdout
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    out = run("serve", "--no-such-flag", "3")
+    assert out.returncode == 2
+    assert "--no-such-flag" in out.stderr
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model", "./no/such/dir"])
+def test_nonexistent_model_path_fails_fast_and_clearly(model: str) -> None:
+    out = run("serve", model, "--port", "0")
+    assert out.returncode != 0
+    assert f"model path {model!r} does not exist" in out.stderr
+
+
+def test_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
+    out = run("serve", str(tmp_path))
+    assert out.returncode != 0
+    assert "no config.json" in out.stderr
+
+
+def test_make_model_builds_the_requested_shape(tmp_path: Path) -> None:
+    out = run("make-model", "--layers", "3", "--hidden-size", "64", "--heads", "2",
+              "--kv-heads", "1", "--vocab-size", "700", "--cache", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip())
+    assert path.parent == tmp_path / "models"
+    config = json.loads((path / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        3,
+        64,
+        700,
+    )
+
+
+def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
+    out = run("make-model", "--hidden-size", "64", "--heads", "4", "--cache", str(tmp_path))
+    assert out.returncode == 2
+    assert "head_dim" in out.stderr
+    assert not (tmp_path / "models").exists()

@@ -1,0 +1,96 @@
+"""What `adaptivellm serve` fills in before handing the arguments to vLLM's launcher."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from adaptivellm.scheduler.scheduler import QUALNAME
+from adaptivellm.serve import apply_defaults, build_parser, with_model
+
+
+@pytest.fixture(scope="module")
+def parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def parse(parser: argparse.ArgumentParser, *argv: str) -> argparse.Namespace:
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> str:
+    (tmp_path / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+def test_cpu_defaults_fill_dtype_and_kv_cache(
+    parser: argparse.ArgumentParser, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = parse(parser, model)
+    notes = apply_defaults(args, False, is_cpu=True).notes
+    assert args.dtype == "float32"
+    assert args.kv_cache_memory_bytes > 0
+    assert args.scheduler_cls == QUALNAME
+    assert any("SIGILL" in n for n in notes)  # the dtype reason is logged
+
+
+def test_operator_choices_win(parser: argparse.ArgumentParser, model: str) -> None:
+    argv = [model, "--dtype", "bfloat16", "--kv-cache-memory-bytes", "123456789"]
+    args = parse(parser, *argv)
+    apply_defaults(args, False, is_cpu=True)
+    assert (args.dtype, args.kv_cache_memory_bytes) == ("bfloat16", 123456789)
+
+
+def test_legacy_kv_env_is_respected(
+    parser: argparse.ArgumentParser, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    args = parse(parser, model)
+    apply_defaults(args, False, is_cpu=True)
+    assert args.kv_cache_memory_bytes is None
+
+
+def test_no_cpu_defaults_and_gpu_keep_vllm_defaults(
+    parser: argparse.ArgumentParser, model: str
+) -> None:
+    args = parse(parser, model, "--no-cpu-defaults")
+    apply_defaults(args, False, is_cpu=True)
+    assert (args.dtype, args.kv_cache_memory_bytes) == ("auto", None)
+    args = parse(parser, model)
+    apply_defaults(args, False, is_cpu=False)
+    assert (args.dtype, args.kv_cache_memory_bytes) == ("auto", None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["MODEL"], ["MODEL", "--port", "1"], ["--port", "1", "--model", "MODEL"],
+     ["--model=MODEL"], ["--config", "c.yaml"], ["--help"], ["--help=AdaptiveLLM"]],
+)  # fmt: skip
+def test_named_model_or_help_is_left_alone(argv: list[str]) -> None:
+    assert with_model(argv) == (argv, False)
+
+
+def test_no_model_serves_the_embedded_model(
+    parser: argparse.ArgumentParser, tmp_path: Path
+) -> None:
+    argv, embedded = with_model(["--served-model-name", "x", "--adaptivellm-cache", str(tmp_path)])
+    assert embedded
+    args = parse(parser, *argv)
+    apply_defaults(args, embedded, is_cpu=False)
+    assert Path(args.model_tag).parent == tmp_path / "models"
+    assert (Path(args.model_tag) / "config.json").exists()
+    assert args.served_model_name == ["x"]
+    args = parse(parser, *with_model(["--adaptivellm-cache", str(tmp_path)])[0])
+    apply_defaults(args, True, is_cpu=False)
+    assert args.served_model_name == ["adaptivellm-tiny-llama"]
+
+
+def test_custom_scheduler_is_kept(parser: argparse.ArgumentParser, model: str) -> None:
+    argv = [model, "--scheduler-cls", "my.Scheduler"]
+    args = parse(parser, *argv)
+    apply_defaults(args, False, is_cpu=False)
+    assert args.scheduler_cls == "my.Scheduler"
