@@ -44,7 +44,7 @@ lint: install-dev
 # so it checks a tree of links laid out as the installed package.
 typecheck: install-dev
 	rm -rf .typecheck && mkdir -p .typecheck/adaptivellm
-	cd .typecheck/adaptivellm && ln -s ../../adaptivellm/*.py ../../adaptivellm/py.typed . \
+	cd .typecheck/adaptivellm && for f in ../../adaptivellm/*; do ln -s $$f .; done \
 	  && for d in predictors scheduler split_client patches; do ln -s ../../$$d $$d; done
 	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p adaptivellm
 	MYPYPATH=.typecheck $(BIN)/mypy bench

@@ -22,7 +22,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "adaptivellm_"
 
@@ -71,12 +71,17 @@ class EngineMetrics:
 
     scheduler_steps: Counter
     preemptions: Counter
+    queue_wait: Histogram
+    weighted_turnaround: Histogram
+    output_length_error: Histogram
+    tenant_tokens: Counter
+    jain: Gauge
 
     @staticmethod
     @cache
     def get() -> EngineMetrics:
         """The process's metrics, created on first use."""
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge, Histogram
 
         return EngineMetrics(
             scheduler_steps=Counter(
@@ -87,5 +92,31 @@ class EngineMetrics:
                 f"{PREFIX}preemptions",
                 "Requests preempted for lack of KV cache blocks, by how their KV cache was handled",
                 labelnames=["mode"],
+            ),
+            queue_wait=Histogram(
+                f"{PREFIX}queue_wait_seconds",
+                "Time from arrival to first scheduled step",
+                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            ),
+            weighted_turnaround=Histogram(
+                f"{PREFIX}weighted_turnaround",
+                "Turnaround / service time of finished requests (service time predicted by the "
+                "fairness service model with the actual output length)",
+                buckets=(1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000),
+            ),
+            output_length_error=Histogram(
+                f"{PREFIX}output_length_prediction_error",
+                "|predicted - actual| / actual output tokens of finished requests",
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            ),
+            tenant_tokens=Counter(
+                f"{PREFIX}tenant_served_tokens",
+                "Tokens computed for each tenant (prompt and output)",
+                labelnames=["tenant"],
+            ),
+            jain=Gauge(
+                f"{PREFIX}tenant_jain_index",
+                "Jain's fairness index over weight-normalised served tokens per tenant",
+                multiprocess_mode="mostrecent",
             ),
         )

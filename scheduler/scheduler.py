@@ -1,34 +1,188 @@
 """AdaptiveLLM's vLLM scheduler, selected with `--scheduler-cls` by `adaptivellm serve`.
 
-It gathers inputs for AdaptiveLLM's policies and applies their answers; the policies themselves
-are pure functions elsewhere in this package. vLLM's own scheduling is unchanged so far: this
-class records engine-side metrics (steps, preemptions) that reach `/metrics` through
-prometheus_client's multi-process mode (see adaptivellm.metrics).
+It gathers inputs for AdaptiveLLM's policies (adaptivellm.scheduler.policies, pure functions)
+and applies their answers through two seams of vLLM's scheduler, leaving its block accounting
+untouched:
+
+- admission: at the start of each step the waiting queue (vLLM's FCFS deque) is re-ordered by
+  the policy, so vLLM's `peek_request`/`pop_request` take the most deserving request first;
+- victim choice: `self.running` is re-ordered most-deserving-first, so vLLM's FCFS preemption
+  (`running.pop()`, the last one) takes the least deserving request.
+
+The order is fixed for the whole step, so peek and pop always agree. `fcfs` and `priority`
+leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side metrics reach
+`/metrics` through prometheus_client's multi-process mode (see adaptivellm.metrics).
 """
 
 from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from adaptivellm.metrics import EngineMetrics
+from adaptivellm.scheduler.config import DEFAULT_TENANT, FairnessConfig
+from adaptivellm.scheduler.policies import (
+    OutputLengthEstimate,
+    RequestInfo,
+    order_by_turnaround,
+    vtc_charge,
+    vtc_lift,
+    vtc_order,
+    weighted_service_jain,
+)
 
 #: Qualified name that `adaptivellm serve` passes to vLLM's `--scheduler-cls`.
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
+#: Tenants beyond this many share the metric label "other" (bounded label cardinality).
+MAX_TENANT_LABELS = 64
+
+
+@dataclass
+class Tracked:
+    """What the scheduler remembers about a live request."""
+
+    info: RequestInfo
+    predicted_output: float
+    first_scheduled: float | None = None
+
+
+def request_info(request: Request, config: FairnessConfig) -> RequestInfo:
+    """Tenant and weight from the request's `vllm_xargs` (set by the client, or by
+    adaptivellm.tenancy from the OpenAI `user` field or the X-AdaptiveLLM-Tenant header).
+    vLLM's priority (lower = more important) scales the weight by 2**-priority."""
+    extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
+    tenant = str(extra.get("tenant") or DEFAULT_TENANT)
+    weight = config.weight_of(tenant) * float(extra.get("weight", 1.0)) * 2.0**-request.priority
+    return RequestInfo(
+        request_id=request.request_id,
+        arrival_time=request.arrival_time,
+        prompt_tokens=request.num_prompt_tokens,
+        max_tokens=request.max_tokens,
+        tenant=tenant,
+        weight=weight,
+    )
 
 
 class AdaptiveScheduler(Scheduler):
-    """vLLM's V1 scheduler plus AdaptiveLLM's hooks."""
+    """vLLM's V1 scheduler plus AdaptiveLLM's fairness policies and engine metrics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        self.tracked: dict[str, Tracked] = {}
+        self.output_estimate = OutputLengthEstimate()
+        self.vtc_counters: dict[str, float] = {}
+        self.served_tokens: dict[str, float] = defaultdict(float)
+        #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
+        self.clock: Callable[[], float] = time.time
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:
+            info = request_info(request, self.fairness)
+            predicted = self.output_estimate.predict(info.max_tokens)
+            self.tracked[request.request_id] = Tracked(info, predicted)
+            if self.fairness.policy == "vtc":
+                active = {t.info.tenant for t in self.tracked.values()}
+                self.vtc_counters[info.tenant] = vtc_lift(self.vtc_counters, info.tenant, active)
+        super().add_request(request)
+
+    # --- the step -----------------------------------------------------------------------
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        now = self.clock()
+        if self.fairness.policy in ("weighted-turnaround", "vtc"):
+            self._reorder(self.waiting, now)
+            self.running[:] = self._order(self.running, now)
         output = super().schedule(throttle_prefills)
-        if output.total_num_scheduled_tokens:
-            EngineMetrics.get().scheduler_steps.inc()
+        self._account(output, now)
         return output
+
+    def _order(self, requests: Iterable[Request], now: float) -> list[Request]:
+        """Most deserving first, by the configured policy."""
+        by_id = {r.request_id: r for r in requests}
+        infos = [self.tracked[i].info for i in by_id if i in self.tracked]
+        if self.fairness.policy == "vtc":
+            ranked = vtc_order(infos, self.vtc_counters)
+        else:
+            ranked = order_by_turnaround(
+                infos, now, self.fairness.service, self.output_estimate, self.fairness.max_wait_s
+            )
+        ordered = [by_id[i.request_id] for i in ranked]
+        # Requests we do not track (none expected) keep their place at the end.
+        ordered += [r for i, r in by_id.items() if i not in self.tracked]
+        return ordered
+
+    def _reorder(self, queue: Any, now: float) -> None:
+        """Re-order vLLM's FCFS waiting deque in place."""
+        if len(queue) > 1:
+            ordered = self._order(list(queue), now)
+            queue.clear()
+            queue.extend(ordered)
+
+    def _account(self, output: SchedulerOutput, now: float) -> None:
+        """Charge scheduled tokens to tenants; count steps; note first-scheduled times."""
+        metrics = EngineMetrics.get()
+        if output.total_num_scheduled_tokens:
+            metrics.scheduler_steps.inc()
+        for req_id, n in output.num_scheduled_tokens.items():
+            tracked, request = self.tracked.get(req_id), self.requests.get(req_id)
+            if tracked is None or request is None:
+                continue
+            if tracked.first_scheduled is None:
+                tracked.first_scheduled = now
+                metrics.queue_wait.observe(max(0.0, now - tracked.info.arrival_time))
+            # num_computed_tokens already includes this step's n tokens.
+            before = request.num_computed_tokens - n
+            prompt_part = max(0, min(n, request.num_prompt_tokens - before))
+            self._charge(tracked.info, prompt_part, n - prompt_part)
+
+    def _charge(self, info: RequestInfo, input_tokens: int, output_tokens: int) -> None:
+        tenant_label = info.tenant
+        if tenant_label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
+            tenant_label = "other"
+        self.served_tokens[tenant_label] += input_tokens + output_tokens
+        EngineMetrics.get().tenant_tokens.labels(tenant=tenant_label).inc(
+            input_tokens + output_tokens
+        )
+        if self.fairness.policy == "vtc":
+            counter = self.vtc_counters.get(info.tenant, 0.0)
+            self.vtc_counters[info.tenant] = vtc_charge(
+                counter, input_tokens, output_tokens, info.weight, self.fairness.vtc
+            )
+
+    # --- outputs ------------------------------------------------------------------------
 
     def _preempt_request(
         self, request: Request, timestamp: float, drop_stale_output: bool = False
     ) -> None:
         super()._preempt_request(request, timestamp, drop_stale_output)
         EngineMetrics.get().preemptions.labels(mode="recompute").inc()
+
+    def _free_request(
+        self, request: Request, delay_free_blocks: bool = False
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        tracked = self.tracked.pop(request.request_id, None)
+        if tracked is not None:
+            self._record_finish(tracked, request)
+        return super()._free_request(request, delay_free_blocks)
+
+    def _record_finish(self, tracked: Tracked, request: Request) -> None:
+        """Weighted turnaround (service time predicted with the actual output length), output
+        length prediction error, and the tenants' Jain index."""
+        metrics = EngineMetrics.get()
+        info, actual = tracked.info, request.num_output_tokens
+        service = self.fairness.service.service_time(info.prompt_tokens, actual)
+        metrics.weighted_turnaround.observe(max(0.0, self.clock() - info.arrival_time) / service)
+        metrics.output_length_error.observe(abs(tracked.predicted_output - actual) / max(1, actual))
+        self.output_estimate = self.output_estimate.update(info.max_tokens, actual)
+        weights = {t: self.fairness.weight_of(t) for t in self.served_tokens}
+        metrics.jain.set(weighted_service_jain(self.served_tokens, weights))

@@ -72,3 +72,29 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "head_dim" in out.stderr
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--tenant-weights", "gold=lots"], "bad tenant weight"),
+     (["--tenant-weights", "@/nonexistent.json"], "cannot read tenant weights file"),
+     (["--scheduling-policy", "priority", "--fairness", "vtc"], "conflicts"),
+     (["--strict-tenants"], "need tenant weights"),
+     (["--max-queue-wait-s", "-1"], "max_wait_s")],
+)  # fmt: skip
+def test_bad_fairness_flags_fail_before_the_engine_starts(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    out = run("serve", str(tmp_path), *flags)
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+def test_malformed_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "w.json"
+    weights.write_text('{"gold": "high"}')
+    out = run("serve", str(tmp_path), "--tenant-weights", f"@{weights}")
+    assert out.returncode != 0
+    assert "weight of tenant 'gold' must be a number" in out.stderr

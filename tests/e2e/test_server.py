@@ -112,3 +112,31 @@ def test_prompt_longer_than_max_model_len_is_rejected(
     assert str(server.max_model_len) in str(err.value)
     ok = client.completions.create(model=server.model, prompt="after the long one", max_tokens=2)
     assert ok.usage is not None and ok.usage.completion_tokens >= 1
+
+
+def test_two_tenants_are_accounted_separately(client: openai.OpenAI, server: Server) -> None:
+    client.completions.create(model=server.model, prompt="tenant a", max_tokens=4, user="alice",
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    r = httpx.post(f"{server.api_url}/completions", headers={"X-AdaptiveLLM-Tenant": "bob"},
+                   json={"model": server.model, "prompt": "tenant b", "max_tokens": 4,
+                         "ignore_eos": True}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert metric(text, "adaptivellm_tenant_served_tokens_total", 'tenant="alice"') >= 4
+    assert metric(text, "adaptivellm_tenant_served_tokens_total", 'tenant="bob"') >= 4
+    assert 0 < metric(text, "adaptivellm_tenant_jain_index") <= 1
+    assert metric(text, "adaptivellm_weighted_turnaround_count") >= 2
+    assert metric(text, "adaptivellm_queue_wait_seconds_count") >= 2
+    assert metric(text, "adaptivellm_info", 'fairness="weighted-turnaround"') == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [({"priority": "high"}, "priority"), ({"vllm_xargs": {"weight": -1}}, "weight"),
+     ({"user": ""}, "tenant")],
+)  # fmt: skip
+def test_bad_tenant_or_priority_is_rejected(server: Server, extra: dict, fragment: str) -> None:
+    body = {"model": server.model, "prompt": "x", "max_tokens": 2, **extra}
+    r = httpx.post(f"{server.api_url}/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert fragment in r.text

@@ -1,0 +1,115 @@
+"""Fairness configuration: one frozen dataclass, validated, carried to the engine core.
+
+`adaptivellm serve` builds it from its flags and puts it in vLLM's `--additional-config` under
+the key `adaptivellm.fairness`; the scheduler in the engine-core process reads it back from
+`vllm_config.additional_config`. No I/O here except `load_tenant_weights`, which reads the
+operator's weights file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptivellm.scheduler.policies import POLICIES, ServiceModel, VTCWeights
+
+ADDITIONAL_CONFIG_KEY = "adaptivellm"
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class FairnessConfig:
+    """How waiting requests are admitted and which running request is preempted."""
+
+    policy: str = "weighted-turnaround"
+    """fcfs | priority (vLLM's own policies) | vtc | weighted-turnaround."""
+    max_wait_s: float = 60.0
+    """Starvation bound: a request waiting this long goes ahead of all non-starved requests."""
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    """Weight per tenant (default 1): a tenant of weight 2 is entitled to twice the service."""
+    strict_tenants: bool = False
+    """Reject requests naming a tenant that is not in tenant_weights."""
+    service: ServiceModel = field(default_factory=ServiceModel)
+    """Predicts a request's latency alone on the idle server (weighted-turnaround's S)."""
+    vtc: VTCWeights = field(default_factory=VTCWeights)
+    """Token costs of the VTC counter."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown fairness policy {self.policy!r}; choose from {POLICIES}")
+        if not (math.isfinite(self.max_wait_s) and self.max_wait_s > 0):
+            raise ValueError(f"max_wait_s must be a positive number, got {self.max_wait_s}")
+        check_weights(self.tenant_weights)
+        if self.strict_tenants and not self.tenant_weights:
+            raise ValueError("strict tenants need tenant weights (the list of known tenants)")
+
+    def weight_of(self, tenant: str) -> float:
+        """The tenant's weight (1 for tenants not listed)."""
+        return float(self.tenant_weights.get(tenant, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, for `--additional-config`."""
+        out = dataclasses.asdict(self)
+        out["tenant_weights"] = dict(self.tenant_weights)
+        return out
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> FairnessConfig:
+        """Inverse of to_dict."""
+        data = dict(data)
+        service = ServiceModel(**data.pop("service", {}))
+        vtc = VTCWeights(**data.pop("vtc", {}))
+        return FairnessConfig(service=service, vtc=vtc, **data)
+
+    @staticmethod
+    def from_additional_config(additional: Any) -> FairnessConfig:
+        """Read from vLLM's additional_config (defaults when absent)."""
+        section = additional.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
+        return FairnessConfig.from_dict(section.get("fairness", {}))
+
+
+def check_weights(weights: Mapping[str, Any]) -> None:
+    """Tenant names are non-empty strings, weights finite numbers > 0."""
+    for tenant, weight in weights.items():
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError(f"tenant names must be non-empty strings, got {tenant!r}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"weight of tenant {tenant!r} must be a number, got {weight!r}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight!r}")
+
+
+def load_tenant_weights(spec: str) -> dict[str, float]:
+    """Parse `--tenant-weights`: `name=weight,...`, or `@FILE` with a JSON object
+    `{"name": weight, ...}` (optionally under a top-level "tenants" key)."""
+    if spec.startswith("@"):
+        path = Path(spec[1:]).expanduser()
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read tenant weights file {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tenant weights file {path} is not valid JSON: {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("tenants"), dict):
+            data = data["tenants"]
+        if not isinstance(data, dict):
+            raise ValueError(f'tenant weights file {path} must hold a JSON object {{"name": w}}')
+        check_weights(data)
+        return {t: float(w) for t, w in data.items()}
+    weights: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name.strip() or math.isnan(weight):
+            raise ValueError(f"bad tenant weight {item!r}: expected name=weight, e.g. gold=2")
+        weights[name.strip()] = weight
+    check_weights(weights)
+    return weights

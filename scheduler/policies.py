@@ -1,0 +1,185 @@
+"""Fairness policies as pure functions over small frozen dataclasses.
+
+The scheduler (adaptivellm.scheduler.scheduler) gathers a `RequestInfo` per request, calls these
+functions and applies the answer; nothing here touches vLLM.
+
+Weighted turnaround of a request = (finish - arrival) / service time, where service time is its
+latency alone on an idle server. The default policy, `weighted-turnaround`, is highest response
+ratio next (HRRN) with weights: a waiting request's key is
+
+    weight * (waited + S) / S        S = predicted service time (ServiceModel)
+
+so short requests go first (their ratio grows fastest), and every request's key grows without
+bound while it waits. On top of that a hard starvation bound: a request that has waited
+`max_wait_s` is *starved* and goes ahead of every non-starved request, oldest first. Hence no
+request waits longer than `max_wait_s` plus the time to serve the starved requests that arrived
+before it (a FIFO among starved requests): waiting is bounded. The seeded random stress test in
+tests/scheduler/ checks this.
+
+Preemption victims are chosen consistently: running requests are ranked by the same key (their
+"waited" being the time since arrival), and the lowest-ranked one is preempted first.
+
+`vtc` is the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et al.,
+OSDI 2024): each tenant has a counter of weighted service received (input and output tokens,
+divided by the tenant's weight); the waiting request of the tenant with the smallest counter goes
+next (FCFS within a tenant); a tenant that becomes active again is lifted to the smallest counter
+among active tenants so it cannot bank credit while idle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+POLICIES = ("fcfs", "priority", "vtc", "weighted-turnaround")
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the policies need to know about one request."""
+
+    request_id: str
+    arrival_time: float
+    prompt_tokens: int
+    max_tokens: int
+    tenant: str = "default"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    """Predicted latency of a request alone on the idle server:
+    overhead + prefill_s_per_token * prompt + decode_s_per_token * predicted output."""
+
+    overhead_s: float = 0.02
+    prefill_s_per_token: float = 0.0002
+    decode_s_per_token: float = 0.008
+
+    def __post_init__(self) -> None:
+        values = (self.overhead_s, self.prefill_s_per_token, self.decode_s_per_token)
+        if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            raise ValueError(f"service model coefficients must be finite, >= 0, not all 0: {self}")
+
+    def service_time(self, prompt_tokens: int, output_tokens: float) -> float:
+        """Seconds alone on the idle server (> 0)."""
+        return max(
+            1e-6,
+            self.overhead_s
+            + self.prefill_s_per_token * prompt_tokens
+            + self.decode_s_per_token * output_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class OutputLengthEstimate:
+    """Predicted output length = ratio * max_tokens, ratio an exponentially weighted mean of
+    (actual output / max_tokens) over finished requests. A documented estimate, not a learned
+    model: requests say how long they may be, and the ratio learns how much of it they use."""
+
+    ratio: float = 1.0
+    alpha: float = 0.05
+
+    def predict(self, max_tokens: int) -> float:
+        """Predicted output tokens for a request allowed `max_tokens`."""
+        return max(1.0, self.ratio * max_tokens)
+
+    def update(self, max_tokens: int, actual: int) -> OutputLengthEstimate:
+        """The estimate after a request allowed `max_tokens` produced `actual` tokens."""
+        if max_tokens <= 0:
+            return self
+        observed = min(1.0, actual / max_tokens)
+        return OutputLengthEstimate(self.ratio + self.alpha * (observed - self.ratio), self.alpha)
+
+
+def predicted_service(info: RequestInfo, model: ServiceModel, out: OutputLengthEstimate) -> float:
+    """Predicted service time of a request, in seconds."""
+    return model.service_time(info.prompt_tokens, out.predict(info.max_tokens))
+
+
+def response_ratio(info: RequestInfo, now: float, service: float) -> float:
+    """weight * (waited + service) / service: 1 * weight on arrival, growing while it waits."""
+    waited = max(0.0, now - info.arrival_time)
+    return info.weight * (waited + service) / service
+
+
+def turnaround_key(
+    info: RequestInfo, now: float, service: float, max_wait_s: float
+) -> tuple[int, float]:
+    """Sort key, larger = goes first: starved requests (waited >= max_wait_s) before all others,
+    oldest first among them; the response ratio among the rest."""
+    waited = now - info.arrival_time
+    if waited >= max_wait_s:
+        return (1, waited)
+    return (0, response_ratio(info, now, service))
+
+
+def order_by_turnaround(
+    infos: Iterable[RequestInfo],
+    now: float,
+    model: ServiceModel,
+    out: OutputLengthEstimate,
+    max_wait_s: float,
+) -> list[RequestInfo]:
+    """Requests in the order they should be served (first = most deserving). Ties keep arrival
+    order, so equal requests are served first come, first served."""
+    ranked = sorted(infos, key=lambda i: i.arrival_time)
+    return sorted(
+        ranked,
+        key=lambda i: turnaround_key(i, now, predicted_service(i, model, out), max_wait_s),
+        reverse=True,
+    )
+
+
+# --- Virtual Token Counter -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VTCWeights:
+    """Cost of a token in VTC's counter (the paper's w_p and w_q)."""
+
+    input_token: float = 1.0
+    output_token: float = 2.0
+
+
+def vtc_order(infos: Sequence[RequestInfo], counters: Mapping[str, float]) -> list[RequestInfo]:
+    """Waiting requests in VTC order: tenant with the smallest counter first, FCFS within a
+    tenant. Tenants without a counter count as 0 (they are lifted on arrival, see vtc_lift)."""
+    return sorted(infos, key=lambda i: (counters.get(i.tenant, 0.0), i.arrival_time))
+
+
+def vtc_lift(counters: Mapping[str, float], tenant: str, active: Iterable[str]) -> float:
+    """Counter of `tenant` when it becomes active: at least the smallest counter among the
+    other active tenants, so that idle time earns no credit."""
+    others = [counters.get(t, 0.0) for t in set(active) if t != tenant]
+    own = counters.get(tenant, 0.0)
+    return max(own, min(others)) if others else own
+
+
+def vtc_charge(
+    counter: float, input_tokens: int, output_tokens: int, weight: float, costs: VTCWeights
+) -> float:
+    """Counter after serving tokens to a tenant of weight `weight`."""
+    return counter + (costs.input_token * input_tokens + costs.output_token * output_tokens) / (
+        weight
+    )
+
+
+# --- Fairness measures -----------------------------------------------------------------------
+
+
+def jain_index(values: Iterable[float]) -> float:
+    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1 when all equal, 1/n when one takes all.
+    Empty or all-zero input counts as perfectly fair (1.0)."""
+    xs = [float(v) for v in values]
+    if any(x < 0 or not math.isfinite(x) for x in xs):
+        raise ValueError(f"Jain's index needs finite non-negative values, got {xs}")
+    square_sum = sum(x * x for x in xs)
+    if not xs or square_sum == 0:
+        return 1.0
+    return sum(xs) ** 2 / (len(xs) * square_sum)
+
+
+def weighted_service_jain(served: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """Jain's index over per-tenant served tokens divided by the tenant's weight."""
+    return jain_index(v / weights.get(t, 1.0) for t, v in served.items())

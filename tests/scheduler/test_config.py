@@ -1,0 +1,64 @@
+"""Fairness configuration and tenant weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adaptivellm.scheduler.config import FairnessConfig, load_tenant_weights
+
+
+def test_round_trip_through_additional_config() -> None:
+    config = FairnessConfig(policy="vtc", max_wait_s=5, tenant_weights={"gold": 2.0})
+    back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})
+    assert back == config
+    assert FairnessConfig.from_additional_config({}) == FairnessConfig()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"policy": "sjf"}, "unknown fairness policy"), ({"max_wait_s": 0}, "max_wait_s"),
+     ({"tenant_weights": {"a": -1}}, "must be > 0"), ({"strict_tenants": True}, "need tenant")],
+)  # fmt: skip
+def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FairnessConfig(**kwargs)
+
+
+def test_weights_from_flag() -> None:
+    assert load_tenant_weights("gold=2, free=0.5,") == {"gold": 2.0, "free": 0.5}
+
+
+@pytest.mark.parametrize("spec", ["gold", "gold=", "=2", "gold=two", "gold=0", "gold=-1",
+                                  "gold=inf"])  # fmt: skip
+def test_bad_weights_flag(spec: str) -> None:
+    with pytest.raises(ValueError):
+        load_tenant_weights(spec)
+
+
+def test_weights_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"tenants": {"gold": 3, "free": 1}}))
+    assert load_tenant_weights(f"@{path}") == {"gold": 3.0, "free": 1.0}
+    path.write_text(json.dumps({"gold": 3}))
+    assert load_tenant_weights(f"@{path}") == {"gold": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+     ('{"gold": "high"}', "must be a number"), ('{"gold": true}', "must be a number"),
+     ('{"": 1}', "non-empty")],
+)  # fmt: skip
+def test_malformed_weights_file(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_tenant_weights(f"@{path}")
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read"):
+        load_tenant_weights(f"@{tmp_path}/nope.json")

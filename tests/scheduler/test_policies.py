@@ -1,0 +1,122 @@
+"""Fairness policies as pure functions (no vLLM)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from adaptivellm.scheduler.policies import (
+    OutputLengthEstimate,
+    RequestInfo,
+    ServiceModel,
+    VTCWeights,
+    jain_index,
+    order_by_turnaround,
+    response_ratio,
+    turnaround_key,
+    vtc_charge,
+    vtc_lift,
+    vtc_order,
+    weighted_service_jain,
+)
+
+MODEL = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.01)
+EXACT = OutputLengthEstimate(ratio=1.0)
+
+
+def info(rid: str, arrival: float, max_tokens: int, tenant: str = "t", weight: float = 1.0):
+    return RequestInfo(rid, arrival, prompt_tokens=10, max_tokens=max_tokens, tenant=tenant,
+                       weight=weight)  # fmt: skip
+
+
+def test_response_ratio_grows_with_waiting_and_weight() -> None:
+    r = info("a", arrival=0.0, max_tokens=100)  # service 1 s
+    assert response_ratio(r, now=0.0, service=1.0) == 1.0
+    assert response_ratio(r, now=3.0, service=1.0) == 4.0
+    heavy = info("b", 0.0, 100, weight=2.0)
+    assert response_ratio(heavy, now=3.0, service=1.0) == 8.0
+
+
+def test_short_requests_first_when_waits_are_equal() -> None:
+    reqs = [info("long", 0.0, 1000), info("short", 0.0, 10), info("mid", 0.0, 100)]
+    order = order_by_turnaround(reqs, now=1.0, model=MODEL, out=EXACT, max_wait_s=60)
+    assert [r.request_id for r in order] == ["short", "mid", "long"]
+
+
+def test_long_wait_overtakes_short_service() -> None:
+    old_long = info("old-long", arrival=0.0, max_tokens=1000)  # S = 10 s, waited 30: ratio 4
+    new_short = info("new-short", arrival=29.9, max_tokens=10)  # S = 0.1 s, waited 0.1: ratio 2
+    order = order_by_turnaround([new_short, old_long], 30.0, MODEL, EXACT, max_wait_s=60)
+    assert order[0].request_id == "old-long"
+
+
+def test_starved_requests_go_first_oldest_first() -> None:
+    starved_late = info("starved-late", arrival=5.0, max_tokens=10_000)
+    starved_early = info("starved-early", arrival=0.0, max_tokens=10_000)
+    fresh_short = info("fresh-short", arrival=69.99, max_tokens=1)  # ratio 2 but not starved
+    order = order_by_turnaround([fresh_short, starved_late, starved_early], 70.0, MODEL, EXACT,
+                                max_wait_s=60)  # fmt: skip
+    assert [r.request_id for r in order] == ["starved-early", "starved-late", "fresh-short"]
+    assert turnaround_key(starved_early, 70.0, 100.0, 60)[0] == 1
+
+
+def test_ties_keep_arrival_order() -> None:
+    reqs = [info("b", 1.0, 10), info("a", 0.5, 10), info("c", 2.0, 10)]
+    order = order_by_turnaround(reqs, now=2.0, model=MODEL, out=EXACT, max_wait_s=60)
+    assert order[0].request_id == "a"
+
+
+def test_output_length_estimate_learns_the_used_fraction() -> None:
+    est = OutputLengthEstimate(ratio=1.0, alpha=0.5)
+    assert est.predict(100) == 100
+    est = est.update(100, 20).update(100, 20).update(100, 20)
+    assert est.ratio == pytest.approx(0.3)
+    assert est.predict(100) == pytest.approx(30)
+    assert est.update(0, 5) == est  # no information in a zero budget
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"overhead_s": -1.0}, {"decode_s_per_token": math.nan},
+     {"overhead_s": 0.0, "prefill_s_per_token": 0.0, "decode_s_per_token": 0.0}],
+)  # fmt: skip
+def test_service_model_rejects_bad_coefficients(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ServiceModel(**kwargs)
+
+
+def test_vtc_serves_the_least_served_tenant_first_fcfs_within() -> None:
+    reqs = [info("h1", 0.0, 10, tenant="heavy"), info("h2", 0.1, 10, tenant="heavy"),
+            info("l1", 0.2, 10, tenant="light")]  # fmt: skip
+    order = vtc_order(reqs, {"heavy": 500.0, "light": 20.0})
+    assert [r.request_id for r in order] == ["l1", "h1", "h2"]
+
+
+def test_vtc_lift_and_charge() -> None:
+    counters = {"a": 100.0, "b": 40.0, "idle": 1.0}
+    assert vtc_lift(counters, "idle", active=["a", "b", "idle"]) == 40.0  # no banked credit
+    assert vtc_lift(counters, "a", active=["a", "b"]) == 100.0  # never lowered
+    assert vtc_lift({}, "new", active=["new"]) == 0.0
+    assert vtc_charge(0.0, 10, 5, weight=2.0, costs=VTCWeights(1.0, 2.0)) == 10.0
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([1, 1, 1, 1], 1.0), ([1, 0, 0, 0], 0.25), ([3, 1], 16 / 20), ([], 1.0), ([0, 0], 1.0)],
+)
+def test_jain_index(values: list[float], expected: float) -> None:
+    assert jain_index(values) == pytest.approx(expected)
+
+
+def test_jain_index_rejects_negative_and_nan() -> None:
+    with pytest.raises(ValueError):
+        jain_index([1, -1])
+    with pytest.raises(ValueError):
+        jain_index([math.nan])
+
+
+def test_weighted_service_jain_normalises_by_weight() -> None:
+    # gold weighs 2 and got twice the tokens: perfectly fair.
+    assert weighted_service_jain({"gold": 200, "free": 100}, {"gold": 2}) == pytest.approx(1.0)
+    assert weighted_service_jain({"gold": 100, "free": 100}, {"gold": 2}) < 1.0
