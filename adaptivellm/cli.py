@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_make_model(sub)
     _add_plan(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -98,6 +99,18 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     add_plan_arguments(p)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from adaptivellm.benchmark.cli import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark stock vLLM and AdaptiveLLM side by side on a seeded workload",
+        description="Start stock vLLM and AdaptiveLLM configurations, replay the same seeded "
+        "workload against each, and write bench/results/<scenario>.json and plots.",
+    )
+    add_bench_arguments(p)
+
+
 def _make_model(args: argparse.Namespace) -> int:
     from adaptivellm.model import ModelSpec, build_model, ensure_model
 
@@ -138,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-model":
         return _make_model(args)
+    if args.command == "bench":
+        from adaptivellm.benchmark.cli import run_bench
+
+        return run_bench(args)
     if args.command == "plan":
         from adaptivellm.split_client.plan_cli import run_plan
 

@@ -204,7 +204,11 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
         args.additional_config = {}
     args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["fairness"] = config.to_dict()
     os.environ[TENANCY_ENV] = json.dumps(
-        {"tenant_weights": dict(config.tenant_weights), "strict_tenants": config.strict_tenants}
+        {
+            "tenant_weights": dict(config.tenant_weights),
+            "strict_tenants": config.strict_tenants,
+            "carry_priority": config.policy in ("vtc", "weighted-turnaround"),
+        }
     )
     args.middleware = [*args.middleware, "adaptivellm.tenancy.TenantMiddleware"]
     done.note(f"fairness: {config.policy}, starvation bound {config.max_wait_s:g} s, "

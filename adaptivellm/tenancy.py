@@ -34,14 +34,25 @@ class TenantError(ValueError):
 
 
 def resolve_tenant(
-    body: dict[str, Any], header: str | None, known: frozenset[str] | None
+    body: dict[str, Any],
+    header: str | None,
+    known: frozenset[str] | None,
+    carry_priority: bool = False,
 ) -> dict[str, Any]:
     """Return the body with `vllm_xargs.tenant` set (when a tenant is named), or raise
-    TenantError. `known`: the allowed tenants under --strict-tenants, else None."""
+    TenantError. `known`: the allowed tenants under --strict-tenants, else None.
+    `carry_priority`: move `priority` into vllm_xargs (AdaptiveLLM's own policies weigh it;
+    vLLM's frontend accepts a priority only under its own priority policy)."""
     xargs = body.get("vllm_xargs")
     if xargs is not None and not isinstance(xargs, dict):
         return body  # vLLM's own validation answers this one
     xargs = dict(xargs or {})
+    if carry_priority and "priority" in body:
+        priority = body["priority"]
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TenantError(f"priority must be an integer, got {priority!r}")
+        body = {k: v for k, v in body.items() if k != "priority"}
+        xargs["priority"] = priority
     tenant = header if header is not None else xargs.get("tenant", body.get("user"))
     if "weight" in xargs:
         weight = xargs["weight"]
@@ -50,6 +61,8 @@ def resolve_tenant(
         if not (math.isfinite(weight) and weight > 0):
             raise TenantError(f"vllm_xargs.weight must be a number > 0, got {weight!r}")
     if tenant is None:
+        if "priority" in xargs:
+            return {**body, "vllm_xargs": xargs}
         if known is not None:
             raise TenantError(
                 "this server requires a tenant: set the `user` field, vllm_xargs.tenant or the "
@@ -67,9 +80,11 @@ def resolve_tenant(
     return {**body, "vllm_xargs": xargs}
 
 
-def _known_tenants() -> frozenset[str] | None:
+def _config() -> tuple[frozenset[str] | None, bool]:
+    """(known tenants under --strict-tenants else None, carry priority) from the environment."""
     config = json.loads(os.environ.get(ENV) or "{}")
-    return frozenset(config.get("tenant_weights", {})) if config.get("strict_tenants") else None
+    known = frozenset(config.get("tenant_weights", {})) if config.get("strict_tenants") else None
+    return known, bool(config.get("carry_priority"))
 
 
 class TenantMiddleware:
@@ -77,7 +92,7 @@ class TenantMiddleware:
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
-        self.known = _known_tenants()
+        self.known, self.carry_priority = _config()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ROUTES:
@@ -92,7 +107,8 @@ class TenantMiddleware:
             body = None
         if isinstance(body, dict):
             try:
-                new = resolve_tenant(body, header.decode() if header else None, self.known)
+                tenant = header.decode() if header else None
+                new = resolve_tenant(body, tenant, self.known, self.carry_priority)
             except TenantError as exc:
                 await _bad_request(send, str(exc))
                 return

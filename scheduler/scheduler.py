@@ -56,10 +56,12 @@ class Tracked:
 def request_info(request: Request, config: FairnessConfig) -> RequestInfo:
     """Tenant and weight from the request's `vllm_xargs` (set by the client, or by
     adaptivellm.tenancy from the OpenAI `user` field or the X-AdaptiveLLM-Tenant header).
-    vLLM's priority (lower = more important) scales the weight by 2**-priority."""
+    The priority (vLLM's convention: lower = more important; carried in vllm_xargs by the
+    middleware) scales the weight by 2**-priority."""
     extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
     tenant = str(extra.get("tenant") or DEFAULT_TENANT)
-    weight = config.weight_of(tenant) * float(extra.get("weight", 1.0)) * 2.0**-request.priority
+    priority = request.priority or int(extra.get("priority", 0))
+    weight = config.weight_of(tenant) * float(extra.get("weight", 1.0)) * 2.0**-priority
     return RequestInfo(
         request_id=request.request_id,
         arrival_time=request.arrival_time,

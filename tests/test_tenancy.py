@@ -36,6 +36,18 @@ def test_bad_tenant_input(body: dict, known: set[str] | None, message: str) -> N
         resolve_tenant(body, None, frozenset(known) if known is not None else None)
 
 
+def test_priority_is_carried_and_checked() -> None:
+    out = resolve_tenant({"priority": -1, "user": "a"}, None, None, carry_priority=True)
+    assert "priority" not in out
+    assert out["vllm_xargs"] == {"priority": -1, "tenant": "a"}
+    out = resolve_tenant({"priority": 2}, None, None, carry_priority=True)
+    assert out["vllm_xargs"] == {"priority": 2}
+    assert resolve_tenant({"priority": 2}, None, None) == {"priority": 2}  # vLLM's own policy
+    for bad in ("high", 1.5, True):
+        with pytest.raises(TenantError, match="priority must be an integer"):
+            resolve_tenant({"priority": bad}, None, None, carry_priority=True)
+
+
 async def echo(scope: dict, receive: Any, send: Any) -> None:
     """Stands in for vLLM's app: answers with the body it received."""
     body = (await receive())["body"]

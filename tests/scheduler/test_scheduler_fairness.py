@@ -48,6 +48,16 @@ def test_tenant_weight_can_outrank_service_time() -> None:
     assert run.order == ["long", "short"]
 
 
+def test_priority_in_xargs_raises_the_weight() -> None:
+    from adaptivellm.scheduler.scheduler import request_info
+
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
+    request = make_request("p", 10, 2, clock.now)
+    assert request.sampling_params is not None
+    request.sampling_params.extra_args = {"priority": -2, "tenant": "a"}
+    assert request_info(request, scheduler.fairness).weight == 4.0
+
+
 def test_victim_is_the_least_deserving_running_request() -> None:
     """Blocks: 8 usable of 16 tokens. Two requests of 48-token prompts take 3 blocks each and
     grow by a block every 16 tokens; they cannot both reach 48 + 60 tokens (7 blocks each), so

@@ -1,0 +1,158 @@
+"""Metric computations on hand-made request timings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from adaptivellm.benchmark.metrics import (
+    MIN_SERVICE_S,
+    CalibrationFit,
+    RequestResult,
+    counter_deltas,
+    fit_calibration,
+    jain_index,
+    percentile,
+    ratios,
+    summarise,
+    weighted_turnarounds,
+)
+from adaptivellm.benchmark.plots import service_over_time
+
+#: Service time = 0.1 + 0.001 * prompt + 0.01 * output.
+FIT = CalibrationFit(a=0.1, b=0.001, c=0.01, r2=1.0)
+
+
+def result(index: int = 0, tenant: str = "a", prompt: int = 100, output: int = 10,
+           arrival: float = 0.0, first: float = 0.5, end: float = 1.4,
+           ok: bool = True) -> RequestResult:  # fmt: skip
+    times = tuple(first + (end - first) * i / max(1, output - 1) for i in range(output))
+    return RequestResult(index, tenant, prompt, output, arrival, first, end, ok, "", times)
+
+
+def test_request_timings() -> None:
+    r = result(arrival=1.0, first=1.5, end=2.4, output=10)
+    assert r.latency_s == pytest.approx(1.4)
+    assert r.ttft_s == pytest.approx(0.5)
+    assert r.tpot_s == pytest.approx(0.1)  # 0.9 s over 9 tokens after the first
+    assert math.isnan(result(output=1).tpot_s)
+
+
+def test_weighted_turnaround() -> None:
+    """Service of (100, 10) = 0.1 + 0.1 + 0.1 = 0.3 s; turnaround 1.2 s -> 4.0.
+    Service of (0, 0) would be 0.1 s; the failed request is left out."""
+    rs = [
+        result(prompt=100, output=10, end=1.2),
+        result(prompt=0, output=0, end=0.3),
+        result(ok=False, end=99.0),
+    ]
+    assert weighted_turnarounds(rs, FIT) == pytest.approx([4.0, 3.0])
+
+
+def test_service_time_floor() -> None:
+    fit = CalibrationFit(a=-1.0, b=0.0, c=0.0, r2=1.0)
+    assert fit.predict(10, 10) == MIN_SERVICE_S
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, 1.0, 1.0, 1.0], 1.0),
+        ([5.0], 1.0),
+        ([1.0, 0.0, 0.0, 0.0], 0.25),  # one tenant gets everything: 1/n
+        ([0.0, 0.0], 1.0),  # nobody served: equal
+        ([1.0, 3.0], 16 / 20),  # (1+3)^2 / (2 * (1+9))
+    ],
+)
+def test_jain_index(values: list[float], expected: float) -> None:
+    assert jain_index(values) == pytest.approx(expected)
+
+
+def test_jain_index_rejects_empty_and_negative() -> None:
+    with pytest.raises(ValueError):
+        jain_index([])
+    with pytest.raises(ValueError):
+        jain_index([1.0, -1.0])
+
+
+def test_jain_scale_invariant() -> None:
+    assert jain_index([2.0, 6.0, 1.0]) == pytest.approx(jain_index([20.0, 60.0, 10.0]))
+
+
+def test_percentile() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0, math.nan, 1.0], 50) == 2.0  # nan ignored
+    assert math.isnan(percentile([], 50))
+
+
+def test_ratios_skip_zero_and_missing_reference() -> None:
+    got = ratios({"x": 2.0, "y": 1.0, "z": 5.0, "w": 1.0}, {"x": 4.0, "y": 0.0, "w": math.nan})
+    assert got == {"x": 0.5}
+
+
+def test_calibration_fit_recovers_coefficients() -> None:
+    samples = [(p, o, 0.05 + 0.0002 * p + 0.004 * o) for p in (16, 256, 1536) for o in (8, 64)]
+    fit = fit_calibration(samples)
+    assert (fit.a, fit.b, fit.c) == pytest.approx((0.05, 0.0002, 0.004), rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0)
+    assert fit.predict(100, 10) == pytest.approx(0.05 + 0.02 + 0.04)
+    assert len(fit.samples) == 6
+
+
+def test_calibration_fit_with_noise_and_too_few_samples() -> None:
+    noisy = [(16, 8, 0.10), (16, 64, 0.40), (512, 8, 0.22), (512, 64, 0.51)]
+    fit = fit_calibration(noisy)
+    assert 0 < fit.r2 < 1 and fit.c > 0
+    with pytest.raises(ValueError):
+        fit_calibration(noisy[:2])
+
+
+def test_summarise() -> None:
+    """Two tenants; run from 0 to 4 s; 30 output tokens over 4 s; one failure."""
+    rs = [
+        result(0, "a", 100, 10, arrival=0.0, first=0.5, end=1.4),
+        result(1, "a", 100, 10, arrival=1.0, first=1.5, end=2.4),
+        result(2, "b", 200, 10, arrival=2.0, first=2.5, end=4.0),
+        result(3, "b", 200, 10, arrival=2.0, first=math.nan, end=2.1, ok=False),
+    ]
+    s = summarise(rs, FIT, weights={"b": 2.0})
+    assert (s.requests, s.failed, s.output_tokens) == (4, 1, 30)
+    assert s.duration_s == pytest.approx(4.0)
+    assert s.output_tokens_per_s == pytest.approx(7.5)
+    assert s.requests_per_s == pytest.approx(0.75)
+    assert s.ttft_p50_s == pytest.approx(0.5)
+    assert s.e2e_p50_s == pytest.approx(1.4)
+    assert s.tenants["a"].normalised_service == 220
+    assert s.tenants["b"].normalised_service == 105  # 210 tokens / weight 2
+    assert s.jain_fairness == pytest.approx(jain_index([220.0, 105.0]))
+    # Turnarounds 1.4/0.3, 1.4/0.3, 2.0/0.4.
+    assert s.mean_weighted_turnaround == pytest.approx((1.4 / 0.3 * 2 + 2.0 / 0.4) / 3)
+    assert set(s.figures()) >= {"output_tokens_per_s", "ttft_p99_s", "jain_fairness"}
+
+
+def test_counter_deltas() -> None:
+    before = 'vllm:num_preemptions_total{model_name="m"} 3.0\nadaptivellm_x_total 1\n'
+    after = (
+        "# HELP vllm:num_preemptions_total x\n"
+        'vllm:num_preemptions_total{model_name="m"} 10.0\n'
+        "vllm:prompt_tokens_total 500\n"
+        'adaptivellm_x_total{mode="swap"} 4\nadaptivellm_x_total{mode="recompute"} 2\n'
+        "adaptivellm_new_total 7\nadaptivellm_gauge 9\n"
+    )
+    assert counter_deltas(before, after) == {
+        "vllm:num_preemptions_total": 7.0,
+        "vllm:prompt_tokens_total": 500.0,
+        "adaptivellm_new_total": 7.0,
+        "adaptivellm_x_total": 5.0,
+    }
+
+
+def test_service_over_time_is_cumulative_per_tenant() -> None:
+    rs = [result(0, "a", 100, 4, first=1.0, end=2.0), result(1, "b", 50, 2, first=0.5, end=0.7)]
+    curves = service_over_time(rs)
+    times, cumulative = curves["a"]
+    assert times == sorted(times) and cumulative[-1] == pytest.approx(104)
+    assert curves["b"][1][-1] == pytest.approx(52)
