@@ -76,6 +76,11 @@ class EngineMetrics:
     output_length_error: Histogram
     tenant_tokens: Counter
     jain: Gauge
+    swap_fallbacks: Counter
+    swap_space_bytes: Gauge
+    swap_seconds: Histogram
+    swap_blocks: Counter
+    predicted_cost: Histogram
 
     @staticmethod
     @cache
@@ -118,5 +123,33 @@ class EngineMetrics:
                 f"{PREFIX}tenant_jain_index",
                 "Jain's fairness index over weight-normalised served tokens per tenant",
                 multiprocess_mode="mostrecent",
+            ),
+            swap_fallbacks=Counter(
+                f"{PREFIX}swap_fallbacks",
+                "Victims recomputed because the swap space was full although swapping was chosen",
+            ),
+            swap_space_bytes=Gauge(
+                f"{PREFIX}swap_space_used_bytes",
+                "Host swap space holding swapped-out KV blocks",
+                multiprocess_mode="mostrecent",
+            ),
+            swap_seconds=Histogram(
+                f"{PREFIX}swap_copy_seconds",
+                "Measured time of one step's KV block copies, by direction (out: device to "
+                "host at preemption; in: host to device at resume)",
+                labelnames=["direction"],
+                buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1),
+            ),
+            swap_blocks=Counter(
+                f"{PREFIX}swap_blocks",
+                "KV blocks copied by the swap connector, by direction (in = swap-ins)",
+                labelnames=["direction"],
+            ),
+            predicted_cost=Histogram(
+                f"{PREFIX}predicted_preemption_cost_seconds",
+                "Predicted cost of each preemption victim, by mode (swap: out and back in; "
+                "recompute: prefill of the same tokens)",
+                labelnames=["mode"],
+                buckets=(1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
             ),
         )

@@ -30,6 +30,7 @@ from adaptivellm.scheduler.config import (
     load_tenant_weights,
 )
 from adaptivellm.scheduler.policies import POLICIES
+from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
 from adaptivellm.tenancy import ENV as TENANCY_ENV
 
 logger = logging.getLogger("adaptivellm.serve")
@@ -104,6 +105,23 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "of all others that have not (default: %(default)s).",
     )
     group.add_argument(
+        "--preemption-mode",
+        choices=MODES,
+        default="adaptive",
+        help="How a request preempted for lack of KV blocks keeps its KV cache: swap it to host "
+        "memory (--swap-space) and back, recompute it later (stock vLLM), or adaptive: the "
+        "cheaper of the two per victim, by the cost predictors (`adaptivellm profile`). "
+        "Default: %(default)s.",
+    )
+    group.add_argument(
+        "--swap-space",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="Host memory for swapped-out KV blocks, in GiB (default: 4, at most a quarter of "
+        "the available memory). When full, victims are recomputed (counted).",
+    )
+    group.add_argument(
         "--no-cpu-defaults",
         action="store_true",
         help="Keep vLLM's own defaults on CPU (dtype auto, KV cache from "
@@ -169,7 +187,57 @@ def apply_defaults(args: argparse.Namespace, embedded: bool, is_cpu: bool) -> Se
     if is_cpu and not args.no_cpu_defaults:
         _apply_cpu_defaults(args, done)
     _apply_fairness(args, done)
+    _apply_preemption(args, done, is_cpu)
     return done
+
+
+def preemption_config(args: argparse.Namespace) -> PreemptionConfig:
+    """The PreemptionConfig the flags ask for; SystemExit with a clear message when bad."""
+    from adaptivellm.cpu import mem_available_bytes
+
+    if args.swap_space is None:
+        size = (
+            0 if args.preemption_mode == "recompute" else min(4 << 30, mem_available_bytes() // 4)
+        )
+    elif not (args.swap_space >= 0 and args.swap_space < 1 << 20):
+        raise SystemExit(f"adaptivellm serve: error: --swap-space must be >= 0 GiB, got "
+                         f"{args.swap_space}")  # fmt: skip
+    else:
+        size = int(args.swap_space * (1 << 30))
+    try:
+        return PreemptionConfig(mode=args.preemption_mode, swap_space_bytes=size)
+    except ValueError as exc:
+        raise SystemExit(f"adaptivellm serve: error: {exc}") from exc
+
+
+def _apply_preemption(args: argparse.Namespace, done: ServeDefaults, is_cpu: bool) -> None:
+    """Select the swap connector (unless recompute-only) and carry the config to the engine."""
+    from vllm.config import KVTransferConfig
+
+    from adaptivellm.scheduler import swap_connector
+
+    config = preemption_config(args)
+    args.additional_config[ADDITIONAL_CONFIG_KEY]["preemption"] = {
+        "mode": config.mode, "swap_space_bytes": config.swap_space_bytes,
+    }  # fmt: skip
+    if config.mode == "recompute":
+        return
+    if args.kv_transfer_config is not None:
+        raise SystemExit(
+            "adaptivellm serve: error: --kv-transfer-config selects another KV connector; "
+            "AdaptiveLLM's swap needs its own. Use --preemption-mode recompute with it."
+        )
+    args.kv_transfer_config = KVTransferConfig(
+        kv_connector=swap_connector.CLASS_NAME,
+        kv_connector_module_path=swap_connector.QUALNAME,
+        kv_role="kv_both",
+        kv_connector_extra_config={swap_connector.SWAP_BYTES_KEY: config.swap_space_bytes},
+    )
+    if is_cpu and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        # vLLM reserves one more core per worker when any KV connector is configured (for
+        # NIXL's transfer threads); the swap connector copies inside the worker's own step.
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.tensor_parallel_size or 1)
+    done.note(f"preemption: {config.mode}, swap space {config.swap_space_bytes / 2**30:.2f} GiB")
 
 
 def fairness_config(args: argparse.Namespace) -> FairnessConfig:
@@ -277,6 +345,7 @@ def _info_labels(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": str(args.scheduler_cls),
         "cpu_defaults": str(not args.no_cpu_defaults).lower(),
         "fairness": str(args.additional_config[ADDITIONAL_CONFIG_KEY]["fairness"]["policy"]),
+        "preemption": str(args.additional_config[ADDITIONAL_CONFIG_KEY]["preemption"]["mode"]),
     }
 
 

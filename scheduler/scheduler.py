@@ -16,6 +16,7 @@ leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side met
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -27,7 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from adaptivellm.metrics import EngineMetrics
-from adaptivellm.scheduler.config import DEFAULT_TENANT, FairnessConfig
+from adaptivellm.scheduler.config import ADDITIONAL_CONFIG_KEY, DEFAULT_TENANT, FairnessConfig
 from adaptivellm.scheduler.policies import (
     OutputLengthEstimate,
     RequestInfo,
@@ -37,6 +38,8 @@ from adaptivellm.scheduler.policies import (
     vtc_order,
     weighted_service_jain,
 )
+from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
+from adaptivellm.scheduler.swap_connector import AdaptiveSwapConnector
 
 #: Qualified name that `adaptivellm serve` passes to vLLM's `--scheduler-cls`.
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
@@ -84,6 +87,16 @@ class AdaptiveScheduler(Scheduler):
         self.served_tokens: dict[str, float] = defaultdict(float)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
+        section = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        self.preemption = PreemptionConfig(**section.get("preemption", {"mode": "recompute"}))
+        self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
+        if self.preemption.mode != "recompute" and self.swap is None:
+            raise ValueError(
+                f"preemption mode {self.preemption.mode} needs AdaptiveSwapConnector as the KV "
+                "connector (adaptivellm serve configures it)"
+            )
+        self.costs = load_costs(self.vllm_config) if self.swap is not None else None
+        self.decisions: list[Decision] = []
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -135,6 +148,8 @@ class AdaptiveScheduler(Scheduler):
         metrics = EngineMetrics.get()
         if output.total_num_scheduled_tokens:
             metrics.scheduler_steps.inc()
+        if self.swap is not None:
+            metrics.swap_space_bytes.set(self.swap.space.used * self.swap.bytes_per_block)
         for req_id, n in output.num_scheduled_tokens.items():
             tracked, request = self.tracked.get(req_id), self.requests.get(req_id)
             if tracked is None or request is None:
@@ -166,8 +181,31 @@ class AdaptiveScheduler(Scheduler):
     def _preempt_request(
         self, request: Request, timestamp: float, drop_stale_output: bool = False
     ) -> None:
+        decision = self._decide(request)  # before vLLM frees the victim's blocks
         super()._preempt_request(request, timestamp, drop_stale_output)
-        EngineMetrics.get().preemptions.labels(mode="recompute").inc()
+        metrics = EngineMetrics.get()
+        metrics.preemptions.labels(mode=decision.mode).inc()
+        if decision.reason == "swap-space-full":
+            metrics.swap_fallbacks.inc()
+
+    def _decide(self, request: Request) -> Decision:
+        """Swap or recompute this victim; plans the swap-out with the connector."""
+        if self.swap is None or self.costs is None:
+            return Decision("recompute", "forced", math.nan, math.nan)
+        blocks = self.swap.swappable_blocks(request, request.num_computed_tokens)
+        batch = sum(r.num_computed_tokens for r in self.running if r is not request)
+        swap_s, recompute_s = self.costs(blocks * self.swap.block_size, blocks, batch)
+        room = self.swap.space.can_swap_out(blocks)
+        decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
+        if decision.mode == "swap":
+            block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
+            if not self.swap.swap_out(request, list(block_ids), blocks):
+                decision = Decision("recompute", "swap-space-full", swap_s, recompute_s)
+        EngineMetrics.get().predicted_cost.labels(mode="swap").observe(swap_s)
+        EngineMetrics.get().predicted_cost.labels(mode="recompute").observe(recompute_s)
+        self.decisions.append(decision)
+        del self.decisions[:-1000]  # keep the recent ones for tests and debugging
+        return decision
 
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
@@ -175,6 +213,8 @@ class AdaptiveScheduler(Scheduler):
         tracked = self.tracked.pop(request.request_id, None)
         if tracked is not None:
             self._record_finish(tracked, request)
+        if self.swap is not None:
+            self.swap.release(request.request_id)
         return super()._free_request(request, delay_free_blocks)
 
     def _record_finish(self, tracked: Tracked, request: Request) -> None:
@@ -188,3 +228,11 @@ class AdaptiveScheduler(Scheduler):
         self.output_estimate = self.output_estimate.update(info.max_tokens, actual)
         weights = {t: self.fairness.weight_of(t) for t in self.served_tokens}
         metrics.jain.set(weighted_service_jain(self.served_tokens, weights))
+
+
+def load_costs(vllm_config: Any) -> Callable[[int, int, int], tuple[float, float]]:
+    """(num_tokens, num_blocks, batch_tokens) -> (swap_s, recompute_s) from the cost predictors
+    for this model and device (a profile made by `adaptivellm profile`, else analytic)."""
+    from adaptivellm.scheduler.costs import costs_for_vllm_config
+
+    return costs_for_vllm_config(vllm_config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -15,6 +15,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from adaptivellm.model import ensure_model
+from adaptivellm.scheduler import swap_connector
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 
@@ -38,6 +39,8 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_num_batched_tokens: int = 256,
     max_model_len: int = 1024,
+    preemption: str = "recompute",
+    swap_slots: int = 0,
 ) -> tuple[AdaptiveScheduler, Clock]:
     """An AdaptiveScheduler over `num_blocks` KV blocks of 16 tokens (block 0 is vLLM's null
     block, so num_blocks - 1 are usable)."""
@@ -59,7 +62,21 @@ def make_scheduler(
         scheduler_config=scheduler_config,
         model_config=model_config,
         cache_config=cache_config,
-        additional_config={"adaptivellm": {"fairness": fairness.to_dict()}},
+        additional_config={
+            "adaptivellm": {
+                "fairness": fairness.to_dict(),
+                # No KV tensors here: one "byte" per block, so swap_slots bytes hold swap_slots.
+                "preemption": {"mode": preemption, "swap_space_bytes": swap_slots},
+            }
+        },
+        kv_transfer_config=None
+        if preemption == "recompute"
+        else KVTransferConfig(
+            kv_connector=swap_connector.CLASS_NAME,
+            kv_connector_module_path=swap_connector.QUALNAME,
+            kv_role="kv_both",
+            kv_connector_extra_config={swap_connector.SWAP_BYTES_KEY: swap_slots},
+        ),
     )
     spec = FullAttentionSpec(BLOCK_SIZE, num_kv_heads=1, head_size=1, dtype=torch.float32)
     groups = [KVCacheGroupSpec(["layer"], spec)]
@@ -147,3 +164,24 @@ def check_no_leaks(scheduler: AdaptiveScheduler, num_blocks: int) -> None:
     assert not scheduler.requests
     assert not scheduler.tracked
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == num_blocks - 1
+    if scheduler.swap is not None:
+        scheduler.swap.space.check_integrity()
+        assert scheduler.swap.space.used == 0, "host swap slots leaked"
+
+
+def check_invariants(scheduler: AdaptiveScheduler, num_blocks: int) -> None:
+    """After any step: device blocks in use + free == usable, host slots consistent, and no
+    request both swapped out and running."""
+    pool = scheduler.kv_cache_manager.block_pool
+    held = [b for rid in scheduler.requests for b in _block_ids(scheduler, rid)]
+    assert len(held) == len(set(held)), "a device block is held by two requests"
+    assert len(held) + pool.get_num_free_blocks() == num_blocks - 1, "device blocks leaked"
+    if scheduler.swap is not None:
+        scheduler.swap.space.check_integrity()
+        running = {r.request_id for r in scheduler.running}
+        assert not running & set(scheduler.swap.space.swapped) - set(scheduler.swap._consumed)
+
+
+def _block_ids(scheduler: AdaptiveScheduler, request_id: str) -> list[int]:
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return [b.block_id for b in manager.req_to_blocks.get(request_id, [])]

@@ -1,0 +1,291 @@
+"""Swap preempted requests' KV blocks to host memory and back: a vLLM V1 KV connector.
+
+Stock vLLM V1 can only recompute a preempted request. With this connector (selected by
+`adaptivellm serve --preemption-mode swap|adaptive` through `--kv-transfer-config`):
+
+- scheduler side (engine core): when AdaptiveScheduler decides to swap a victim, it calls
+  `swap_out(request, block_ids, num_tokens)` *before* vLLM frees the blocks; host slots come from
+  `HostSwapSpace` (check-then-do: `can_swap_out` / `swap_out` / `take` / `release`). When the
+  request is scheduled again, `get_num_new_matched_tokens` reports the swapped tokens as already
+  computed (beyond any local prefix-cache hit), and `update_state_after_alloc` plans the copy
+  back into the blocks vLLM allocated. `request_finished` frees the host copy of a request that
+  finished or was aborted while swapped out.
+- worker side: `handle_preemptions` (which vLLM runs before a step can overwrite freed blocks)
+  copies swapped-out blocks device -> host; `start_load_kv` copies swap-ins host -> device before
+  the forward pass. Host buffers are pinned on CUDA; layouts with the block dimension first (CPU:
+  `[num_blocks, kv_heads, block_size, 2*head_dim]`) or second (CUDA flash-attention:
+  `[2, num_blocks, ...]`) are handled.
+
+Only whole blocks are swapped (the tail of a partial block is recomputed), and never the last
+token of a request, which vLLM must compute to sample.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+#: `kv_connector_extra_config` key: host swap space in bytes.
+SWAP_BYTES_KEY = "swap_space_bytes"
+QUALNAME = "adaptivellm.scheduler.swap_connector"
+CLASS_NAME = "AdaptiveSwapConnector"
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Copy `device_blocks[i]` <-> `host_slots[i]` for one request."""
+
+    request_id: str
+    device_blocks: tuple[int, ...]
+    host_slots: tuple[int, ...]
+
+
+@dataclass
+class SwapMetadata(KVConnectorMetadata):
+    """What the workers copy this step."""
+
+    swap_outs: list[BlockCopy] = field(default_factory=list)
+    swap_ins: list[BlockCopy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SwappedKV:
+    """A request's KV held in host slots: slot i holds its block i."""
+
+    slots: tuple[int, ...]
+    num_tokens: int
+
+
+class HostSwapSpace:
+    """Accounting of host swap slots (one slot holds one KV block of every layer). Plain
+    Python, no tensors: the scheduler decides, the workers copy."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.swapped: dict[str, SwappedKV] = {}
+
+    def can_swap_out(self, num_blocks: int) -> bool:
+        """True when `num_blocks` free slots exist."""
+        return 0 < num_blocks <= len(self.free)
+
+    def swap_out(self, request_id: str, num_blocks: int, num_tokens: int) -> SwappedKV:
+        """Reserve slots for a request's first `num_blocks` blocks (call can_swap_out first)."""
+        if request_id in self.swapped or not self.can_swap_out(num_blocks):
+            raise RuntimeError(f"cannot swap out {request_id}: {num_blocks} blocks")
+        slots = tuple(self.free.pop() for _ in range(num_blocks))
+        self.swapped[request_id] = SwappedKV(slots, num_tokens)
+        return self.swapped[request_id]
+
+    def get(self, request_id: str) -> SwappedKV | None:
+        """The request's host copy, if any."""
+        return self.swapped.get(request_id)
+
+    def release(self, request_id: str) -> int:
+        """Free the request's slots (swapped in, finished or aborted); returns how many."""
+        kv = self.swapped.pop(request_id, None)
+        if kv is None:
+            return 0
+        self.free.extend(kv.slots)
+        return len(kv.slots)
+
+    @property
+    def used(self) -> int:
+        """Slots in use."""
+        return self.num_slots - len(self.free)
+
+    def check_integrity(self) -> None:
+        """Free + used slots == total, and no slot is held twice."""
+        held = [s for kv in self.swapped.values() for s in kv.slots]
+        assert len(held) == len(set(held)), "a host slot is held twice"
+        assert not set(held) & set(self.free), "a held slot is also free"
+        assert len(held) + len(self.free) == self.num_slots, "host slots leaked"
+
+
+def bytes_per_block(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of one KV block over all layers."""
+    total = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+    return max(1, total // max(1, kv_cache_config.num_blocks))
+
+
+def swap_slots(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
+    """Host slots that fit in the configured swap space."""
+    transfer = vllm_config.kv_transfer_config
+    extra = (transfer.kv_connector_extra_config or {}) if transfer else {}
+    return int(extra.get(SWAP_BYTES_KEY, 0)) // bytes_per_block(kv_cache_config)
+
+
+class AdaptiveSwapConnector(KVConnectorBase_V1):
+    """See the module docstring."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.bytes_per_block = bytes_per_block(kv_cache_config)
+        self.num_slots = swap_slots(vllm_config, kv_cache_config)
+        # Scheduler side.
+        self.space = HostSwapSpace(self.num_slots)
+        self._outs: list[BlockCopy] = []
+        self._ins: list[BlockCopy] = []
+        self._load_from: dict[str, int] = {}
+        self._consumed: list[str] = []
+        # Worker side.
+        self.device_caches: dict[str, torch.Tensor] = {}
+        self.host_caches: dict[str, torch.Tensor] = {}
+        self.block_dims: dict[str, int] = {}
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a lost swap is a recompute, never an error
+
+    # --- scheduler side: called by AdaptiveScheduler --------------------------------------
+
+    def swappable_blocks(self, request: Request, num_computed_tokens: int) -> int:
+        """Whole blocks of computed KV worth swapping (never the request's last token)."""
+        tokens = min(num_computed_tokens, request.num_tokens - 1)
+        return max(0, tokens // self.block_size)
+
+    def swap_out(self, request: Request, block_ids: list[int], num_blocks: int) -> bool:
+        """Plan copying the victim's first `num_blocks` blocks to host; False when the swap
+        space is full (the caller recomputes instead)."""
+        if self.space.get(request.request_id) is not None:
+            return False  # its previous copy is being restored this very step
+        if not self.space.can_swap_out(num_blocks):
+            return False
+        kv = self.space.swap_out(request.request_id, num_blocks, num_blocks * self.block_size)
+        self._outs.append(BlockCopy(request.request_id, tuple(block_ids[:num_blocks]), kv.slots))
+        return True
+
+    def release(self, request_id: str) -> int:
+        """Drop a request's host copy (finished or aborted while swapped)."""
+        self._load_from.pop(request_id, None)
+        return self.space.release(request_id)
+
+    # --- scheduler side: vLLM's connector API ---------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        kv = self.space.get(request.request_id)
+        if kv is None:
+            return 0, False
+        loadable = min(kv.num_tokens, (request.num_tokens - 1) // self.block_size * self.block_size)
+        if loadable <= num_computed_tokens:
+            return 0, False
+        self._load_from[request.request_id] = num_computed_tokens
+        return loadable - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        rid = request.request_id
+        local = self._load_from.pop(rid, None)
+        kv = self.space.get(rid)
+        if kv is None:
+            return
+        if num_external_tokens and local is not None:
+            first = local // self.block_size
+            last = (local + num_external_tokens) // self.block_size
+            device = blocks.get_block_ids()[0]
+            self._ins.append(BlockCopy(rid, tuple(device[first:last]), tuple(kv.slots[first:last])))
+        # The host copy is consumed: copied back this step, or superseded by the prefix cache.
+        # Its slots are freed only once this step's metadata is built: the worker runs a step's
+        # swap-outs before its swap-ins, so a slot reused in the same step would be overwritten
+        # before it is read.
+        self._consumed.append(rid)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = SwapMetadata(swap_outs=self._outs, swap_ins=self._ins)
+        self._outs, self._ins = [], []
+        for rid in self._consumed:
+            self.space.release(rid)
+        self._consumed = []
+        return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self.release(request.request_id)
+        return False, None
+
+    # --- worker side ----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = self._kv_cache_config.num_blocks
+        for name, cache in kv_caches.items():
+            dim = 0 if cache.shape[0] == num_blocks else 1
+            shape = list(cache.shape)
+            shape[dim] = max(1, self.num_slots)
+            pin = cache.device.type == "cuda"
+            self.host_caches[name] = torch.empty(shape, dtype=cache.dtype, pin_memory=pin)
+            self.device_caches[name] = cache
+            self.block_dims[name] = dim
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert isinstance(kv_connector_metadata, SwapMetadata)
+        if kv_connector_metadata.swap_outs:
+            self._copy(kv_connector_metadata.swap_outs, to_host=True)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, SwapMetadata)
+        if meta.swap_ins:
+            self._copy(meta.swap_ins, to_host=False)
+
+    def _copy(self, copies: list[BlockCopy], to_host: bool) -> None:
+        from adaptivellm.metrics import EngineMetrics
+
+        start = time.perf_counter()
+        for name, device in self.device_caches.items():
+            host, dim = self.host_caches[name], self.block_dims[name]
+            for copy in copies:
+                blocks = torch.tensor(copy.device_blocks, device=device.device)
+                slots = torch.tensor(copy.host_slots)
+                if to_host:
+                    host.index_copy_(dim, slots, device.index_select(dim, blocks).to("cpu"))
+                else:
+                    device.index_copy_(dim, blocks, host.index_select(dim, slots).to(device.device))
+        if any(d.device.type == "cuda" for d in self.device_caches.values()):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        blocks_copied = sum(len(c.device_blocks) for c in copies)
+        EngineMetrics.get().swap_seconds.labels(direction="out" if to_host else "in").observe(
+            seconds
+        )
+        EngineMetrics.get().swap_blocks.labels(direction="out" if to_host else "in").inc(
+            blocks_copied
+        )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are synchronous, done in start_load_kv
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return None  # nothing is saved during the forward pass
+
+    def wait_for_save(self) -> None:
+        return None

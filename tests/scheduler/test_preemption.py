@@ -1,0 +1,120 @@
+"""Swap or recompute: the pure decision, the host swap space, and the swap connector's
+scheduler side driven through vLLM's real scheduler (tests.scheduler.sim)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from adaptivellm.scheduler.config import FairnessConfig
+from adaptivellm.scheduler.preemption import PreemptionConfig, choose_mode
+from adaptivellm.scheduler.swap_connector import HostSwapSpace
+from tests.scheduler.sim import Run, check_invariants, check_no_leaks, make_request, make_scheduler
+
+
+@pytest.mark.parametrize(
+    ("setting", "swap_s", "recompute_s", "blocks", "room", "mode", "reason"),
+    [("adaptive", 1.0, 2.0, 4, True, "swap", "cheaper"),
+     ("adaptive", 3.0, 2.0, 4, True, "recompute", "cheaper"),
+     ("adaptive", 1.0, 2.0, 4, False, "recompute", "swap-space-full"),
+     ("adaptive", 1.0, 2.0, 0, True, "recompute", "nothing-to-swap"),
+     ("adaptive", math.nan, 2.0, 4, True, "recompute", "cheaper"),
+     ("adaptive", 1.0, math.nan, 4, True, "swap", "cheaper"),
+     ("swap", 9.0, 1.0, 4, True, "swap", "forced"),
+     ("swap", 9.0, 1.0, 4, False, "recompute", "swap-space-full"),
+     ("recompute", 0.0, 9.0, 4, True, "recompute", "forced")],
+)  # fmt: skip
+def test_choose_mode(setting: str, swap_s: float, recompute_s: float, blocks: int, room: bool,
+                     mode: str, reason: str) -> None:  # fmt: skip
+    decision = choose_mode(setting, swap_s, recompute_s, blocks, room)
+    assert (decision.mode, decision.reason) == (mode, reason)
+
+
+def test_preemption_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown preemption mode"):
+        PreemptionConfig(mode="evict")
+    with pytest.raises(ValueError, match="needs --swap-space"):
+        PreemptionConfig(mode="swap", swap_space_bytes=0)
+    assert PreemptionConfig(mode="recompute").swap_space_bytes == 0
+
+
+def test_host_swap_space_check_then_do() -> None:
+    space = HostSwapSpace(5)
+    assert space.can_swap_out(3) and not space.can_swap_out(6) and not space.can_swap_out(0)
+    kv = space.swap_out("a", 3, 48)
+    assert len(set(kv.slots)) == 3 and space.used == 3
+    assert not space.can_swap_out(3)
+    with pytest.raises(RuntimeError):
+        space.swap_out("b", 3, 48)
+    with pytest.raises(RuntimeError):
+        space.swap_out("a", 1, 16)  # one copy per request
+    assert space.release("a") == 3 and space.release("a") == 0
+    space.check_integrity()
+    assert space.used == 0
+
+
+def pressure_run(preemption: str, slots: int, seed: int = 0) -> Run:
+    """12 requests of 64-160 prompt tokens and 40-80 output tokens, 8 at a time, on 24 usable
+    blocks of 16 tokens (384 tokens for up to 8 x 240): preemption happens."""
+    rng = random.Random(seed)
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption=preemption, swap_slots=slots)  # fmt: skip
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", rng.choice([64, 100, 160]),
+                                           rng.choice([40, 80]), clock.now))  # fmt: skip
+    run = Run(scheduler, clock)
+    while scheduler.has_requests():
+        run.step()
+        check_invariants(scheduler, 25)
+    check_no_leaks(scheduler, 25)
+    return run
+
+
+def test_swap_mode_swaps_and_restores_without_leaks() -> None:
+    run = pressure_run("swap", slots=200)
+    decisions = run.scheduler.decisions
+    assert run.preempted and decisions
+    assert {d.mode for d in decisions} == {"swap"}
+    assert len(run.finished) == 12
+
+
+def test_swap_space_exhaustion_falls_back_to_recompute() -> None:
+    run = pressure_run("swap", slots=6)
+    reasons = {d.reason for d in run.scheduler.decisions}
+    assert "swap-space-full" in reasons
+    assert "forced" in reasons  # some did fit
+    assert len(run.finished) == 12
+
+
+def test_recompute_mode_never_swaps() -> None:
+    run = pressure_run("recompute", slots=0)
+    assert run.preempted
+    assert run.scheduler.swap is None
+    assert {d.mode for d in run.scheduler.decisions} <= {"recompute"}
+
+
+def test_adaptive_follows_the_cheaper_prediction() -> None:
+    run = pressure_run("adaptive", slots=200)
+    for d in run.scheduler.decisions:
+        if d.reason == "cheaper":
+            assert (d.mode == "swap") == (d.swap_s < d.recompute_s)
+    assert run.scheduler.decisions
+
+
+def test_abort_while_swapped_frees_host_copy() -> None:
+    from vllm.v1.request import RequestStatus
+
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption="swap", swap_slots=200)  # fmt: skip
+    for i in range(8):
+        scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
+    run = Run(scheduler, clock)
+    while not scheduler.swap.space.swapped:  # type: ignore[union-attr]
+        run.step()
+    victim = next(iter(scheduler.swap.space.swapped))  # type: ignore[union-attr]
+    scheduler.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
+    assert victim not in scheduler.swap.space.swapped  # type: ignore[union-attr]
+    run.until_idle()
+    check_no_leaks(scheduler, 25)
