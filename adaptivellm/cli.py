@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_plan(sub)
     _add_bench(sub)
+    _add_profile(sub)
     return parser
 
 
@@ -111,6 +112,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench_arguments(p)
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from adaptivellm.predictors.cli import add_profile_arguments
+
+    p = sub.add_parser(
+        "profile",
+        help="measure swap and recompute costs on this machine and train the cost predictors",
+        description="Measure KV swap (device<->host block copies) and recompute (prefill of the "
+        "model's layer stack) costs on this machine, train XGBoost predictors, report held-out "
+        "MAPE and save the profile where `adaptivellm serve` finds it.",
+    )
+    add_profile_arguments(p)
+
+
 def _make_model(args: argparse.Namespace) -> int:
     from adaptivellm.model import ModelSpec, build_model, ensure_model
 
@@ -151,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-model":
         return _make_model(args)
+    if args.command == "profile":
+        from adaptivellm.predictors.cli import run_profile
+
+        return run_profile(args)
     if args.command == "bench":
         from adaptivellm.benchmark.cli import run_bench
 

@@ -1,34 +1,45 @@
 """The scheduler's view of the cost predictors: (num_tokens, num_blocks, batch_tokens) ->
-(swap seconds, recompute seconds) for the served model on this device."""
+(swap seconds, recompute seconds) for the served model on this device.
+
+The predictor is the XGBoost profile made by `adaptivellm profile` for this model shape, device,
+dtype and vLLM version, or the analytic fallback (with a warning saying how to make a profile).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+from adaptivellm.predictors.features import ModelShape, PreemptionFeatures
+from adaptivellm.predictors.predictor import CostPredictor, load_predictor
+from adaptivellm.predictors.store import ProfileKey
+
 CostFn = Callable[[int, int, int], tuple[float, float]]
+logger = logging.getLogger(__name__)
+
+
+def predictor_for_vllm_config(vllm_config: Any) -> tuple[CostPredictor, ModelShape]:
+    """The cost predictor and model shape for the engine's model, device and dtype."""
+    model_config = vllm_config.model_config
+    dtype = str(model_config.dtype).removeprefix("torch.")
+    shape = ModelShape.from_hf_config(model_config.hf_config.to_dict(), dtype=dtype)
+    device = vllm_config.device_config.device_type
+    key = ProfileKey.for_shape(shape, device=device, dtype=dtype, model=str(model_config.model))
+    predictor = load_predictor(key)
+    logger.info("Preemption cost predictor: %s", predictor.source)
+    return predictor, shape
 
 
 def costs_for_vllm_config(vllm_config: Any) -> CostFn:
-    """Cost function for the engine's model, device and dtype."""
-    hf = vllm_config.model_config.hf_config
-    layers = int(hf.num_hidden_layers)
-    hidden = int(hf.hidden_size)
-    kv_heads = int(getattr(hf, "num_key_value_heads", hf.num_attention_heads))
-    head_dim = int(getattr(hf, "head_dim", None) or hidden // hf.num_attention_heads)
-    inter = int(hf.intermediate_size)
-    dtype_bytes = vllm_config.model_config.dtype.itemsize
+    """Cost function for the engine's model. Recompute is priced for the victim alone
+    (batch_tokens=0 in the features): the cost it adds when it is recomputed later."""
+    predictor, shape = predictor_for_vllm_config(vllm_config)
+    block_size = vllm_config.cache_config.block_size
 
     def costs(num_tokens: int, num_blocks: int, batch_tokens: int) -> tuple[float, float]:
-        kv_bytes = 2 * layers * kv_heads * head_dim * dtype_bytes * num_tokens
-        swap = 2 * (kv_bytes / 5e9 + 2e-5 * layers)
-        flops = (
-            2
-            * num_tokens
-            * layers
-            * (2 * hidden * (hidden + 2 * kv_heads * head_dim) + 3 * hidden * inter)
-            + 4 * layers * hidden * num_tokens**2
-        )
-        return swap, flops / 5e10
+        features = PreemptionFeatures.for_victim(shape, num_tokens, block_size, batch_tokens=0,
+                                                 num_blocks=num_blocks)  # fmt: skip
+        return predictor.swap_s(features), predictor.recompute_s(features)
 
     return costs

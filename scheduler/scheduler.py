@@ -87,7 +87,8 @@ class AdaptiveScheduler(Scheduler):
         self.served_tokens: dict[str, float] = defaultdict(float)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
-        section = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        additional = self.vllm_config.additional_config
+        section = additional.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
         self.preemption = PreemptionConfig(**section.get("preemption", {"mode": "recompute"}))
         self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
         if self.preemption.mode != "recompute" and self.swap is None:

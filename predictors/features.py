@@ -1,0 +1,200 @@
+"""What swap and recompute costs depend on: the victim's size, the step it shares, the model shape.
+
+Pure data and arithmetic; imports neither torch nor vLLM, so the scheduler can build features
+for every victim cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adaptivellm.model import ModelSpec
+
+#: Bytes per element of the dtypes AdaptiveLLM serves in.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of `dtype` ('float32', 'bfloat16' or 'float16')."""
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        known = sorted(DTYPE_BYTES)
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {known}") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a Llama-style decoder that swap and recompute costs depend on."""
+
+    num_layers: int
+    """Decoder layers (each has its own KV cache)."""
+    hidden_size: int
+    """Width of the residual stream."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (fewer than num_heads under grouped-query attention)."""
+    head_dim: int
+    """Width of one attention head."""
+    intermediate_size: int
+    """Width of the (SwiGLU) MLP."""
+    dtype_bytes: int = 4
+    """Bytes per element of weights, activations and KV cache."""
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], dtype: str = "float32") -> ModelShape:
+        """Shape from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2 field names)."""
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            # Some configs carry head_dim: null; the Llama default is hidden / heads.
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate_size=int(config["intermediate_size"]),
+            dtype_bytes=dtype_bytes(dtype),
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, dtype: str = "float32") -> ModelShape:
+        """Shape of a model built by `adaptivellm.model` from `spec`."""
+        return cls(
+            num_layers=spec.num_layers,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            intermediate_size=spec.intermediate_size,
+            dtype_bytes=dtype_bytes(dtype),
+        )
+
+    def config_hash(self) -> str:
+        """Short stable hash of the shape without its dtype (the profile key carries the dtype):
+        two checkpoints of the same shape cost the same, whatever their weights."""
+        fields = asdict(self)
+        del fields["dtype_bytes"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one decoder layer: q/k/v/o projections and the gate/up/down MLP."""
+        q_dim = self.num_heads * self.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        attention = 2 * self.hidden_size * q_dim + 2 * self.hidden_size * kv_dim
+        return attention + 3 * self.hidden_size * self.intermediate_size
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+def kv_bytes(shape: ModelShape, num_tokens: int, block_size: int) -> int:
+    """Bytes of KV cache in the blocks holding `num_tokens` tokens, K and V, over all layers.
+
+    Whole blocks move in a swap, so a partly filled last block counts in full.
+    """
+    block = 2 * block_size * shape.num_kv_heads * shape.head_dim * shape.dtype_bytes
+    return shape.num_layers * blocks_for(num_tokens, block_size) * block
+
+
+@dataclass(frozen=True)
+class PreemptionFeatures:
+    """One preemption victim, as the cost predictors see it."""
+
+    num_tokens: int
+    """Tokens whose KV would be swapped out and back, or recomputed."""
+    num_blocks: int
+    """KV blocks those tokens occupy (what a swap copies)."""
+    block_size: int
+    """Tokens per KV block."""
+    batch_tokens: int
+    """Other tokens scheduled in the step that would recompute the victim (0 if unknown)."""
+    shape: ModelShape
+    """The served model."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.num_tokens < 1:
+            raise ValueError("block_size and num_tokens must be >= 1")
+        if self.batch_tokens < 0:
+            raise ValueError(f"batch_tokens must be >= 0, got {self.batch_tokens}")
+        if self.num_blocks * self.block_size < self.num_tokens:
+            raise ValueError(
+                f"{self.num_tokens} tokens do not fit in {self.num_blocks} blocks of "
+                f"{self.block_size}"
+            )
+
+    @classmethod
+    def for_victim(
+        cls,
+        shape: ModelShape,
+        num_tokens: int,
+        block_size: int,
+        batch_tokens: int = 0,
+        num_blocks: int | None = None,
+    ) -> PreemptionFeatures:
+        """Features of a victim; `num_blocks` defaults to the blocks `num_tokens` fill."""
+        blocks = blocks_for(num_tokens, block_size) if num_blocks is None else num_blocks
+        return cls(num_tokens, blocks, block_size, batch_tokens, shape)
+
+    @property
+    def swap_bytes(self) -> int:
+        """Bytes one direction of the swap copies: every block, K and V, all layers."""
+        s = self.shape
+        block = 2 * self.block_size * s.num_kv_heads * s.head_dim * s.dtype_bytes
+        return s.num_layers * self.num_blocks * block
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens in the step that recomputes the victim."""
+        return self.num_tokens + self.batch_tokens
+
+    @property
+    def attention_pairs(self) -> int:
+        """Causal (query, key) pairs of the victim's prefill and of the batch's tokens (taken as
+        one other prefill chunk): the quadratic term of recompute."""
+        n, b = self.num_tokens, self.batch_tokens
+        return n * (n + 1) // 2 + b * (b + 1) // 2
+
+    def recompute_flops(self) -> float:
+        """FLOPs of the recompute step over all layers: 2 per weight per token for the linear
+        layers, and 4 * head_dim per head per causal (query, key) pair for QK^T and AV."""
+        s = self.shape
+        linear = 2.0 * s.layer_params * self.step_tokens
+        attention = 4.0 * s.num_heads * s.head_dim * self.attention_pairs
+        return s.num_layers * (linear + attention)
+
+    def as_dict(self) -> dict[str, int]:
+        """The per-victim fields (the shape is stored once per profile)."""
+        return {
+            "num_tokens": self.num_tokens,
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "batch_tokens": self.batch_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: a victim's features and the seconds the cost took."""
+
+    features: PreemptionFeatures
+    seconds: float

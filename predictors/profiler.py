@@ -1,0 +1,303 @@
+"""Measure swap and recompute times with torch alone (never vLLM), on CPU or CUDA.
+
+Swap. KV cache tensors with vLLM's layouts, one per layer: CPU `[num_blocks, kv_heads,
+block_size, 2 * head_dim]` (block dim 0), CUDA `[2, num_blocks, block_size, kv_heads, head_dim]`
+(block dim 1). A swap gathers the victim's block ids (scattered at random in the cache, as vLLM's
+allocator leaves them) into a preallocated host buffer with `index_select` (pinned memory on
+CUDA, copied non-blocking), then scatters them back with `index_copy_`, for every layer; CUDA is
+synchronised after each direction. The time is out + in.
+
+Recompute. One prefill step through real-size Llama decoder layers with random weights (RMSNorm,
+rotary q/k, causal GQA attention through SDPA, SwiGLU MLP). The step packs the victim's
+`num_tokens` with `batch_tokens` other tokens, as vLLM packs a batch: every linear layer sees all
+`num_tokens + batch_tokens` rows, while attention is causal within the victim and within the
+batch tokens, taken as one other prefill chunk. The time is the whole step, so with
+`batch_tokens = 0` it is the victim's recompute alone. At most `max_layers` layers are run and
+the time is scaled to `num_layers` (every layer costs the same), which keeps profiling of large
+models affordable.
+
+Every point is timed `reps` times after a warm-up and the median is kept; a timing of a point
+faster than `min_run_s` averages several runs. The timings go in rounds over all points, each
+round in a seeded random order, so that bursts and drifts of load on a shared machine spread
+over the grid and the median discards them instead of biasing a few points.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from adaptivellm.predictors.features import ModelShape, PreemptionFeatures, Sample
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """The sizes to measure."""
+
+    num_tokens: tuple[int, ...]
+    """Victim sizes (tokens)."""
+    batch_tokens: tuple[int, ...]
+    """Other tokens in the recompute step."""
+    block_size: int = 16
+    """Tokens per KV block (vLLM's default)."""
+    reps: int = 7
+    """Timings per point; the median is kept."""
+    min_run_s: float = 0.005
+    """A point faster than this is run several times per timing (up to 64) and averaged."""
+    statistic: str = "median"
+    """How a point's timings are summarised: 'median', or 'min' (the run least disturbed by
+    other load: steadier on a busy shared machine, but optimistic for a loaded server)."""
+    max_layers: int = 4
+    """Decoder layers actually run for recompute; the time is scaled to all layers."""
+
+    def __post_init__(self) -> None:
+        if self.statistic not in ("median", "min"):
+            raise ValueError(f"statistic must be 'median' or 'min', got {self.statistic!r}")
+        if self.reps < 1 or self.block_size < 1 or self.max_layers < 1:
+            raise ValueError("reps, block_size and max_layers must be >= 1")
+        if not self.num_tokens or min(self.num_tokens) < 1 or min(self.batch_tokens, default=0) < 0:
+            raise ValueError("num_tokens must be a non-empty set of sizes >= 1")
+
+    @classmethod
+    def default(cls, quick: bool = False) -> ProfileGrid:
+        """The standard grid: 16 to 4096 tokens (1024 with `quick`), batches of 0 to 512."""
+        top = 1024 if quick else 4096
+        steps = 16 if quick else 28
+        return cls(
+            num_tokens=geometric_sizes(16, top, steps),
+            batch_tokens=(0, 64, 256) if quick else (0, 32, 128, 256, 512),
+            reps=5 if quick else 9,
+        )
+
+
+def geometric_sizes(low: int, high: int, count: int) -> tuple[int, ...]:
+    """`count` distinct integers from `low` to `high`, evenly spaced in log scale."""
+    ratio = (high / low) ** (1 / max(count - 1, 1))
+    return tuple(sorted({round(low * ratio**i) for i in range(count)}))
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """Samples per cost kind ('swap', 'recompute')."""
+
+    swap: list[Sample] = field(default_factory=list)
+    recompute: list[Sample] = field(default_factory=list)
+
+
+def profile(
+    shape: ModelShape,
+    dtype: str,
+    device: str,
+    grid: ProfileGrid,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+) -> ProfileResult:
+    """Measure swap and recompute over `grid` for `shape` on `device` ('cpu' or 'cuda').
+
+    `threads` sets torch's intra-op threads for the run (restored after): on CPU it should be
+    the number of cores vLLM's worker gets, and never more than are free, since OpenMP barriers
+    under oversubscription stall for milliseconds and swamp the measurement.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _profile(shape, dtype, device, grid, seed, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _profile(
+    shape: ModelShape, dtype: str, device: str, grid: ProfileGrid, seed: int, progress: bool
+) -> ProfileResult:
+    dev = torch.device(device)
+    torch_dtype = TORCH_DTYPES[dtype]
+    swap_points = [
+        PreemptionFeatures.for_victim(shape, n, grid.block_size) for n in grid.num_tokens
+    ]
+    recompute_points = [
+        PreemptionFeatures.for_victim(shape, n, grid.block_size, b)
+        for n in grid.num_tokens
+        for b in grid.batch_tokens
+    ]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    total = (len(swap_points) + len(recompute_points)) * grid.reps
+    bar = tqdm(total=total, disable=not progress, unit="timing")
+    with torch.inference_mode():
+        blocks = max(p.num_blocks for p in swap_points)
+        swapper = _Swapper(shape, blocks, grid.block_size, torch_dtype, dev, rng)
+        swap = _measure_all(swap_points, swapper.run, grid, rng, bar, "swap")
+        del swapper
+        stack = _LayerStack(shape, min(shape.num_layers, grid.max_layers), torch_dtype, dev)
+        recompute = _measure_all(recompute_points, stack.run, grid, rng, bar, "recompute")
+    bar.close()
+    return ProfileResult(swap=swap, recompute=recompute)
+
+
+def _measure_all(
+    points: list[PreemptionFeatures],
+    run: Callable[[PreemptionFeatures], float],
+    grid: ProfileGrid,
+    rng: random.Random,
+    bar: tqdm,
+    label: str,
+) -> list[Sample]:
+    # Rounds over all points rather than all runs of one point in a row: a burst of load from a
+    # neighbour then spoils one run of many points, which the median discards, instead of every
+    # run of one point.
+    bar.set_description(label)
+    inner = [_inner_runs(run, p, grid.min_run_s) for p in points]
+    times: list[list[float]] = [[] for _ in points]
+    order = list(range(len(points)))
+    for _ in range(grid.reps):
+        rng.shuffle(order)
+        for i in order:
+            times[i].append(sum(run(points[i]) for _ in range(inner[i])) / inner[i])
+        bar.update(len(points))
+    summary = min if grid.statistic == "min" else statistics.median
+    return [Sample(p, summary(t)) for p, t in zip(points, times, strict=True)]
+
+
+def _inner_runs(
+    run: Callable[[PreemptionFeatures], float], features: PreemptionFeatures, min_run_s: float
+) -> int:
+    """Runs averaged into one timing, so that short points are not lost in timer jitter."""
+    first = min(run(features) for _ in range(2))  # the first also warms up caches and kernels
+    return max(1, min(64, math.ceil(min_run_s / max(first, 1e-7))))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Swapper:
+    """Per-layer KV caches in vLLM's layout, and preallocated host buffers for swapped blocks."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        max_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rng: random.Random,
+    ) -> None:
+        self.device, self.rng = device, rng
+        # Twice the largest victim, so that victims' blocks are scattered, not contiguous.
+        self.total_blocks = 2 * max_blocks
+        kv, hd, nb = shape.num_kv_heads, shape.head_dim, self.total_blocks
+        cuda = device.type == "cuda"
+        layout = (2, nb, block_size, kv, hd) if cuda else (nb, kv, block_size, 2 * hd)
+        self.block_dim = 1 if cuda else 0
+        self.caches = [
+            torch.randn(layout, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        ]
+        # A swap connector keeps a host pool; pinned so that CUDA copies are asynchronous DMA.
+        self.host = [torch.empty(layout, dtype=dtype, pin_memory=cuda) for _ in self.caches]
+
+    def run(self, features: PreemptionFeatures) -> float:
+        """Seconds of swap-out then swap-in of `features.num_blocks` scattered blocks."""
+        ids_list = self.rng.sample(range(self.total_blocks), features.num_blocks)
+        ids = torch.tensor(ids_list, dtype=torch.long, device=self.device)
+        n, dim = features.num_blocks, self.block_dim
+        _sync(self.device)
+        start = time.perf_counter()
+        for cache, host in zip(self.caches, self.host, strict=True):
+            out = host.narrow(dim, 0, n)
+            if self.device.type == "cuda":
+                out.copy_(cache.index_select(dim, ids), non_blocking=True)
+            else:
+                torch.index_select(cache, dim, ids, out=out)
+        _sync(self.device)
+        for cache, host in zip(self.caches, self.host, strict=True):
+            back = host.narrow(dim, 0, n).to(self.device, non_blocking=True)
+            cache.index_copy_(dim, ids, back)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+class _LayerStack:
+    """`count` Llama decoder layers of `shape` with random weights."""
+
+    def __init__(
+        self, shape: ModelShape, count: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.shape, self.count, self.device, self.dtype = shape, count, device, dtype
+        self.layers = [_random_layer(shape, dtype, device) for _ in range(count)]
+
+    def run(self, features: PreemptionFeatures) -> float:
+        """Seconds of one packed prefill step over all `shape.num_layers` layers (scaled)."""
+        s = self.shape
+        lengths = [n for n in (features.num_tokens, features.batch_tokens) if n]
+        x = torch.randn(sum(lengths), s.hidden_size, dtype=self.dtype, device=self.device)
+        rope = _rope(lengths, s.head_dim, self.dtype, self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        for weights in self.layers:
+            x = _decoder_layer(x, weights, rope, lengths, s)
+        _sync(self.device)
+        return (time.perf_counter() - start) * s.num_layers / self.count
+
+
+def _random_layer(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> dict:
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    sizes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}
+    sizes |= {"gate": (i, h), "up": (i, h), "down": (h, i)}
+    # Small weights keep activations finite through the stack in float16.
+    layer = {n: torch.randn(sz, dtype=dtype, device=device) * 0.02 for n, sz in sizes.items()}
+    layer["norm1"] = torch.ones(h, dtype=dtype, device=device)
+    layer["norm2"] = torch.ones(h, dtype=dtype, device=device)
+    return layer
+
+
+def _rope(
+    lengths: Sequence[int], head_dim: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of each packed token's position within its own sequence."""
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths]).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(pos, inv).repeat(1, 2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _decoder_layer(
+    x: torch.Tensor,
+    w: dict,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    lengths: Sequence[int],
+    s: ModelShape,
+) -> torch.Tensor:
+    t = x.shape[0]
+    h = F.rms_norm(x, (s.hidden_size,), w["norm1"], eps=1e-5)
+    q = _rotate(F.linear(h, w["q"]).view(t, s.num_heads, s.head_dim), *rope)
+    k = _rotate(F.linear(h, w["k"]).view(t, s.num_kv_heads, s.head_dim), *rope)
+    v = F.linear(h, w["v"]).view(t, s.num_kv_heads, s.head_dim)
+    outs, start = [], 0
+    for n in lengths:  # causal attention within each packed sequence
+        qs, ks, vs = (a[start : start + n].transpose(0, 1) for a in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+        start += n
+    attn = torch.cat(outs, dim=1).transpose(0, 1).reshape(t, -1)
+    x = x + F.linear(attn, w["o"])
+    h = F.rms_norm(x, (s.hidden_size,), w["norm2"], eps=1e-5)
+    return x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
