@@ -1,0 +1,7 @@
+"""`python -m adaptivellm.benchmark ...`"""
+
+import sys
+
+from adaptivellm.benchmark.cli import main
+
+sys.exit(main())

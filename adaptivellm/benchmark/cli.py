@@ -1,0 +1,144 @@
+"""`adaptivellm bench` / `python -m adaptivellm.benchmark`: run a scenario against stock vLLM and
+AdaptiveLLM side by side and write bench/results/<scenario>.json plus PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+
+from adaptivellm.benchmark.scenarios import SCENARIOS
+from adaptivellm.benchmark.workloads import ARRIVALS, Scenario, WorkloadSpec, build_workload
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+#: Workload flag -> WorkloadSpec field (None: keep the scenario's value).
+_OVERRIDES = {
+    "num_requests": int, "arrival": str, "rate": float, "cv": float, "concurrency": int,
+    "length_scale": float, "seed": int,
+}  # fmt: skip
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's flags to `parser`."""
+    parser.add_argument(
+        "--scenario", default="sharegpt", choices=[*SCENARIOS, "all"],
+        help="workload and server flags (default: sharegpt; 'all': each in turn)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--system", action="append", metavar="NAME[=FLAGS]",
+        help="a system to run (repeatable; default: stock and adaptivellm). NAME=FLAGS adds "
+        "serve flags; names 'stock'/'stock-*' run stock vLLM, others `adaptivellm serve`",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the scenario's small workload")
+    parser.add_argument(
+        "--vllm-args", default="", help="extra vLLM flags for every server (one quoted string)"
+    )
+    parser.add_argument("--model", help="model folder (default: the embedded model)")
+    parser.add_argument("--served-model-name", default=None, help="name the servers answer to")
+    for name, kind in _OVERRIDES.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag, type=kind, default=None, help=f"override the scenario's {name} (WorkloadSpec)",
+            choices=ARRIVALS if name == "arrival" else None,
+        )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="workload replays per system")
+    parser.add_argument(
+        "--calibration-repeats", type=int, default=2, help="solo requests per calibration shape"
+    )
+    parser.add_argument("--max-servers", type=int, default=2, help="servers up at once (default 2)")
+    parser.add_argument(
+        "--tenant-weight", action="append", default=[], metavar="TENANT=W",
+        help="weight of a tenant for the fairness index (default 1)",
+    )  # fmt: skip
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="output file stem (default: the scenario name)")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+def workload_for(scenario: Scenario, args: argparse.Namespace) -> WorkloadSpec:
+    """The scenario's workload (quick or full) with command-line overrides applied."""
+    spec = scenario.quick if args.quick else scenario.workload
+    changes = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
+    return dataclasses.replace(spec, **changes)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed `args`; 0 when every request of every system
+    succeeded."""
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    status = 0
+    for name in names:
+        status |= _run_scenario(SCENARIOS[name], args, args.name if len(names) == 1 else None)
+    return status
+
+
+def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None) -> int:
+    from tqdm import tqdm
+
+    from adaptivellm.benchmark.harness import (
+        BenchConfig,
+        model_vocab_size,
+        parse_system,
+        run_benchmark,
+    )
+    from adaptivellm.benchmark.plots import write_plots
+    from adaptivellm.benchmark.report import build_report, markdown_table
+    from adaptivellm.model import DEFAULT_MODEL_NAME, ensure_model
+
+    model = args.model or str(ensure_model())
+    spec = workload_for(scenario, args)
+    requests = build_workload(spec)
+    systems = tuple(parse_system(s) for s in (args.system or ["stock", "adaptivellm"]))
+    if len({s.name for s in systems}) != len(systems):
+        raise SystemExit("--system names must be distinct")
+    stem = stem or scenario.name
+    config = BenchConfig(
+        systems=systems,
+        workload=spec,
+        model_path=model,
+        served_name=args.served_model_name or DEFAULT_MODEL_NAME,
+        vocab_size=model_vocab_size(model),
+        common_flags=(
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            *scenario.server_flags,
+            *shlex.split(args.vllm_args),
+        ),
+        log_dir=args.out_dir / "logs" / stem,
+        rounds=args.rounds,
+        calibration_repeats=args.calibration_repeats,
+        max_servers=max(1, args.max_servers),
+    )
+    total = len(systems) * args.rounds * len(requests)
+    with tqdm(total=total, unit="req", desc=scenario.name) as bar:
+
+        def advance(_: object) -> None:
+            bar.update(1)
+
+        runs = run_benchmark(
+            config, requests, on_result=advance,
+            on_stage=lambda s: bar.set_description(f"{scenario.name}: {s}"),
+        )  # fmt: skip
+    weights = {k: float(v) for k, _, v in (w.partition("=") for w in args.tenant_weight)}
+    report = build_report(
+        scenario.name, scenario.description, config, requests, runs, weights, args.quick
+    )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{stem}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n## {scenario.name}: {scenario.description}\n\n{markdown_table(report)}\n")
+    print(f"wrote {out}")
+    if not args.no_plots:
+        plots = write_plots(args.out_dir, stem, {n: r.results for n, r in runs.items()}, report)
+        print("plots: " + ", ".join(str(p) for p in plots))
+    return int(any(s["figures"]["failed"] for s in report["systems"].values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m adaptivellm.benchmark`."""
+    parser = argparse.ArgumentParser(prog="python -m adaptivellm.benchmark", description=__doc__)
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))

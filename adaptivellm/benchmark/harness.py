@@ -1,0 +1,197 @@
+"""Run one scenario against several systems (stock vLLM, AdaptiveLLM configurations).
+
+Up to `max_servers` systems are up at once and take turns: each is warmed up and calibrated
+(solo requests on the idle server), then the systems replay the same workload one after the
+other, round by round, so that drift in the machine's speed hits every system alike. Counters
+are read from /metrics just before and after each replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from adaptivellm.benchmark.client import (
+    Target,
+    calibration_shapes,
+    replay_sync,
+    scrape_metrics,
+    solo_latencies,
+)
+from adaptivellm.benchmark.metrics import (
+    CalibrationFit,
+    RequestResult,
+    counter_deltas,
+    fit_calibration,
+)
+from adaptivellm.benchmark.workloads import BenchRequest, WorkloadSpec
+from adaptivellm.launch import (
+    STOCK_ENV,
+    ServerProcess,
+    adaptivellm_command,
+    free_port,
+    stock_vllm_command,
+)
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """A system under test: stock vLLM or AdaptiveLLM, with extra serve flags."""
+
+    name: str
+    kind: str
+    """'stock' (vLLM's own launcher, plugins off) or 'adaptivellm' (`adaptivellm serve`)."""
+    extra_flags: tuple[str, ...] = ()
+
+
+def parse_system(text: str) -> SystemConfig:
+    """`NAME` or `NAME=EXTRA FLAGS`. Names `stock` and `stock-*` run stock vLLM; every other
+    name runs `adaptivellm serve`."""
+    name, _, flags = text.partition("=")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"system {text!r} has no name")
+    kind = "stock" if name == "stock" or name.startswith("stock-") else "adaptivellm"
+    return SystemConfig(name, kind, tuple(shlex.split(flags)))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run."""
+
+    systems: tuple[SystemConfig, ...]
+    workload: WorkloadSpec
+    model_path: str
+    served_name: str
+    vocab_size: int
+    common_flags: tuple[str, ...]
+    """vLLM flags given to every server (after --served-model-name)."""
+    log_dir: Path
+    rounds: int = 1
+    calibration_repeats: int = 2
+    max_servers: int = 2
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class SystemRun:
+    """What one system produced."""
+
+    config: SystemConfig
+    command: list[str]
+    env: dict[str, str]
+    calibration: CalibrationFit | None = None
+    results: list[RequestResult] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
+    round_durations_s: list[float] = field(default_factory=list)
+
+
+def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list[str]:
+    """The command line that starts `system`."""
+    flags = [
+        "--served-model-name", config.served_name, *config.common_flags, *system.extra_flags,
+    ]  # fmt: skip
+    if system.kind == "stock":
+        return stock_vllm_command(config.model_path, port, flags)
+    return adaptivellm_command(config.model_path, port, flags)
+
+
+def run_benchmark(
+    config: BenchConfig,
+    requests: Sequence[BenchRequest],
+    on_result: Callable[[RequestResult], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, SystemRun]:
+    """Run every system of `config` on `requests`; at most `max_servers` up at once."""
+    runs = {}
+    for i in range(0, len(config.systems), config.max_servers):
+        group = config.systems[i : i + config.max_servers]
+        runs.update(_run_group(config, group, requests, on_result, on_stage or (lambda s: None)))
+    return runs
+
+
+def _run_group(
+    config: BenchConfig,
+    group: Sequence[SystemConfig],
+    requests: Sequence[BenchRequest],
+    on_result: Callable[[RequestResult], None] | None,
+    on_stage: Callable[[str], None],
+) -> dict[str, SystemRun]:
+    with contextlib.ExitStack() as stack:
+        servers, runs = {}, {}
+        for system in group:
+            port = free_port()
+            env = STOCK_ENV if system.kind == "stock" else {}
+            runs[system.name] = SystemRun(system, server_command(system, config, port), env)
+            log = config.log_dir / f"{system.name}.log"
+            servers[system.name] = ServerProcess(runs[system.name].command, port, log, env)
+            stack.callback(servers[system.name].stop)
+            servers[system.name].start()  # start all first: their start-ups overlap
+        for name, server in servers.items():
+            on_stage(f"waiting for {name}")
+            server.wait_ready(config.startup_timeout_s)
+        for name, server in servers.items():
+            on_stage(f"calibrating {name}")
+            runs[name].calibration = calibrate(_target(config, server), config)
+        for round_ in range(config.rounds):
+            for name, server in servers.items():
+                on_stage(f"{name}: round {round_ + 1}/{config.rounds}")
+                _replay_round(config, runs[name], server, requests, round_, on_result)
+    return runs
+
+
+def calibrate(target: Target, config: BenchConfig) -> CalibrationFit:
+    """Fit the solo-latency model on the idle server."""
+    shapes = calibration_shapes(config.workload.max_model_len)
+    samples = asyncio.run(solo_latencies(target, shapes, config.calibration_repeats))
+    return fit_calibration(samples)
+
+
+def _replay_round(
+    config: BenchConfig,
+    run: SystemRun,
+    server: ServerProcess,
+    requests: Sequence[BenchRequest],
+    round_: int,
+    on_result: Callable[[RequestResult], None] | None,
+) -> None:
+    spec = config.workload
+    closed = spec.concurrency if spec.arrival == "closed" else 0
+    before = scrape_metrics(server.base_url)
+    # A fresh prompt seed per round: the prefix cache must not serve a repeated prompt.
+    results = replay_sync(
+        _target(config, server), requests, closed, spec.seed * 1000 + round_, on_result
+    )
+    after = scrape_metrics(server.base_url)
+    for name, delta in counter_deltas(before, after).items():
+        run.counters[name] = run.counters.get(name, 0.0) + delta
+    # Rounds are laid end to end on one time line, so that pooled figures span them all.
+    offset = sum(run.round_durations_s)
+    run.round_durations_s.append(max((r.end_s for r in results), default=0.0))
+    run.results.extend(_shift(r, offset) for r in results)
+
+
+def _shift(result: RequestResult, offset: float) -> RequestResult:
+    if not offset:
+        return result
+    return replace(
+        result,
+        arrival_s=result.arrival_s + offset,
+        first_token_s=result.first_token_s + offset,
+        end_s=result.end_s + offset,
+        token_times=tuple(t + offset for t in result.token_times),
+    )
+
+
+def _target(config: BenchConfig, server: ServerProcess) -> Target:
+    return Target(server.base_url, config.served_name, config.vocab_size)
+
+
+def model_vocab_size(model_path: str) -> int:
+    """vocab_size from the model folder's config.json."""
+    return int(json.loads((Path(model_path) / "config.json").read_text())["vocab_size"])

@@ -1,0 +1,246 @@
+"""Figures of a benchmark run, computed from per-request timings: pure functions, no I/O.
+
+- throughput: output tokens/s and requests/s over the run (first arrival to last completion);
+- TTFT, TPOT and end-to-end latency percentiles;
+- weighted turnaround: turnaround / service time, where service time is the request's latency
+  alone on the idle server, predicted by a calibration fit latency = a + b*prompt + c*output;
+- per-tenant served tokens and Jain's fairness index over weight-normalised service;
+- deltas of Prometheus counters read before and after the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from adaptivellm.launch import metric_value
+
+#: vLLM counters always read from /metrics (adaptivellm_*_total counters are found by name).
+VLLM_COUNTERS = (
+    "vllm:num_preemptions_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+)
+#: Floor of a predicted service time, seconds: a fit may go negative for tiny requests.
+MIN_SERVICE_S = 1e-3
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """Timings of one request; all times in seconds since the run started."""
+
+    index: int
+    tenant: str
+    prompt_tokens: int
+    output_tokens: int
+    arrival_s: float
+    """When the workload says the request arrives (closed loop: when it was sent)."""
+    first_token_s: float
+    """When the first output token arrived (nan if none)."""
+    end_s: float
+    """When the response was complete (or failed)."""
+    ok: bool = True
+    error: str = ""
+    token_times: tuple[float, ...] = field(default=(), repr=False)
+    """Arrival time of each streamed output chunk (for service-over-time plots)."""
+
+    @property
+    def latency_s(self) -> float:
+        """End-to-end latency (turnaround), from arrival to the last token."""
+        return self.end_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token."""
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first (nan for one-token outputs)."""
+        if self.output_tokens < 2:
+            return math.nan
+        return (self.end_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """Solo latency model: latency = a + b * prompt_tokens + c * output_tokens (seconds)."""
+
+    a: float
+    b: float
+    c: float
+    r2: float
+    samples: tuple[tuple[int, int, float], ...] = ()
+    """(prompt tokens, output tokens, latency s) of each solo request the fit was made from."""
+
+    def predict(self, prompt_tokens: int, output_tokens: int) -> float:
+        """Predicted solo latency (never below MIN_SERVICE_S)."""
+        t = self.a + self.b * prompt_tokens + self.c * output_tokens
+        return max(t, MIN_SERVICE_S)
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    """What one tenant got out of a run."""
+
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    weight: float
+    normalised_service: float
+    """(prompt + output tokens served) / weight."""
+    mean_weighted_turnaround: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The figures of one system over one run."""
+
+    requests: int
+    failed: int
+    duration_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+    mean_weighted_turnaround: float
+    jain_fairness: float
+    tenants: dict[str, TenantSummary] = field(default_factory=dict)
+
+    def figures(self) -> dict[str, float]:
+        """The scalar figures (everything but the per-tenant table)."""
+        return {k: float(v) for k, v in asdict(self).items() if k != "tenants"}
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0..100, linear interpolation) of the finite values; nan if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    return float(np.percentile(finite, q))
+
+
+def jain_index(values: Sequence[float]) -> float:
+    """Jain's fairness index (Σx)² / (n Σx²): 1 when all equal, 1/n when one gets everything.
+
+    All zeros count as perfectly fair (1.0). Raises ValueError on no values or a negative one.
+    """
+    if not values:
+        raise ValueError("Jain's index needs at least one value")
+    if any(v < 0 for v in values):
+        raise ValueError("Jain's index is defined for non-negative values")
+    squares = sum(v * v for v in values)
+    if squares == 0:
+        return 1.0
+    return sum(values) ** 2 / (len(values) * squares)
+
+
+def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit:
+    """Least-squares fit of latency = a + b*prompt + c*output to (prompt, output, latency)."""
+    if len(samples) < 3:
+        raise ValueError(f"a calibration fit needs >= 3 samples, got {len(samples)}")
+    x = np.array([[1.0, p, o] for p, o, _ in samples])
+    y = np.array([t for _, _, t in samples])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    residual = float(np.sum((y - x @ coef) ** 2))
+    total = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - residual / total if total > 0 else 1.0
+    a, b, c = (float(v) for v in coef)
+    return CalibrationFit(a, b, c, r2, tuple((int(p), int(o), float(t)) for p, o, t in samples))
+
+
+def weighted_turnarounds(results: Iterable[RequestResult], fit: CalibrationFit) -> list[float]:
+    """Turnaround / predicted service time of each successful request."""
+    return [r.latency_s / fit.predict(r.prompt_tokens, r.output_tokens) for r in results if r.ok]
+
+
+def tenant_summaries(
+    results: Sequence[RequestResult],
+    fit: CalibrationFit,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, TenantSummary]:
+    """Per-tenant served tokens and turnaround (successful requests; weights default 1)."""
+    weights = weights or {}
+    out = {}
+    for tenant in sorted({r.tenant for r in results}):
+        mine = [r for r in results if r.tenant == tenant and r.ok]
+        w = weights.get(tenant, 1.0)
+        prompt = sum(r.prompt_tokens for r in mine)
+        output = sum(r.output_tokens for r in mine)
+        wt = weighted_turnarounds(mine, fit)
+        out[tenant] = TenantSummary(len(mine), prompt, output, w, (prompt + output) / w, _mean(wt))
+    return out
+
+
+def summarise(
+    results: Sequence[RequestResult],
+    fit: CalibrationFit,
+    weights: Mapping[str, float] | None = None,
+) -> Summary:
+    """The figures of one run."""
+    ok = [r for r in results if r.ok]
+    start = min((r.arrival_s for r in results), default=0.0)
+    duration = max((r.end_s for r in results), default=0.0) - start
+    tokens = sum(r.output_tokens for r in ok)
+    tenants = tenant_summaries(results, fit, weights)
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
+    return Summary(
+        requests=len(results),
+        failed=len(results) - len(ok),
+        duration_s=duration,
+        output_tokens=tokens,
+        output_tokens_per_s=rate(tokens),
+        requests_per_s=rate(len(ok)),
+        ttft_p50_s=percentile((r.ttft_s for r in ok), 50),
+        ttft_p99_s=percentile((r.ttft_s for r in ok), 99),
+        tpot_p50_s=percentile((r.tpot_s for r in ok), 50),
+        tpot_p99_s=percentile((r.tpot_s for r in ok), 99),
+        e2e_p50_s=percentile((r.latency_s for r in ok), 50),
+        e2e_p99_s=percentile((r.latency_s for r in ok), 99),
+        mean_weighted_turnaround=_mean(weighted_turnarounds(ok, fit)),
+        jain_fairness=jain_index([t.normalised_service for t in tenants.values()] or [0.0]),
+        tenants=tenants,
+    )
+
+
+def ratios(figures: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """figure / reference figure, for every figure whose reference is finite and non-zero."""
+    return {
+        k: v / reference[k]
+        for k, v in figures.items()
+        if k in reference and math.isfinite(reference[k]) and reference[k] != 0
+    }
+
+
+def counter_names(exposition: str) -> list[str]:
+    """vLLM's counters of interest plus every adaptivellm_*_total counter in an exposition."""
+    found = set()
+    for line in exposition.splitlines():
+        if line.startswith("adaptivellm_"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name.endswith("_total"):
+                found.add(name)
+    return [*VLLM_COUNTERS, *sorted(found)]
+
+
+def counter_deltas(before: str, after: str) -> dict[str, float]:
+    """after - before for each counter present after the run (absent before: 0)."""
+    out = {}
+    for name in counter_names(after):
+        end = metric_value(after, name)
+        if end is not None:
+            out[name] = end - (metric_value(before, name) or 0.0)
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,74 @@
+"""The named benchmark scenarios: workload, --quick workload and vLLM flags for every server.
+
+Sizes suit the embedded tiny model on a 2-core CPU machine (about 600 output tokens/s at batch
+8): full runs take a few minutes per system, --quick runs well under one.
+"""
+
+from __future__ import annotations
+
+from adaptivellm.benchmark.workloads import Scenario, WorkloadSpec
+
+MiB = 1 << 20
+
+_SHAREGPT = WorkloadSpec(
+    num_requests=150, arrival="poisson", rate=3.0, length_scale=0.5, max_output_tokens=256
+)
+_SHAREGPT_QUICK = _SHAREGPT.replace(num_requests=40, length_scale=0.25)
+
+
+def _flags(max_model_len: int, kv_bytes: int, *extra: str) -> tuple[str, ...]:
+    return ("--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes), *extra)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "sharegpt",
+            "Poisson arrivals, ShareGPT-shaped lengths, ample KV cache",
+            _SHAREGPT,
+            _SHAREGPT_QUICK,
+            _flags(2048, 512 * MiB),
+        ),
+        Scenario(
+            "bursty",
+            "gamma arrivals (CV 3), ShareGPT-shaped lengths, ample KV cache",
+            _SHAREGPT.replace(arrival="gamma", cv=3.0),
+            _SHAREGPT_QUICK.replace(arrival="gamma", cv=3.0),
+            _flags(2048, 512 * MiB),
+        ),
+        Scenario(
+            "long-context",
+            "20% of prompts take 50-90% of a 4096-token context, the rest ShareGPT-shaped",
+            _SHAREGPT.replace(num_requests=80, rate=1.0, max_model_len=4096, long_fraction=0.2),
+            _SHAREGPT_QUICK.replace(
+                num_requests=24, rate=1.0, max_model_len=4096, long_fraction=0.2
+            ),
+            _flags(4096, 512 * MiB),
+        ),
+        Scenario(
+            "multi-tenant",
+            "one heavy tenant (60% of requests) and four light ones, Poisson arrivals",
+            _SHAREGPT.replace(tenants=5, heavy_share=0.6),
+            _SHAREGPT_QUICK.replace(tenants=5, heavy_share=0.6),
+            _flags(2048, 512 * MiB),
+        ),
+        Scenario(
+            "kv-pressure",
+            "closed loop of 24 clients over a KV cache of ~2000 tokens: preemption happens",
+            _SHAREGPT.replace(
+                num_requests=120, arrival="closed", concurrency=24, max_model_len=1024
+            ),
+            _SHAREGPT_QUICK.replace(
+                num_requests=48,
+                arrival="closed",
+                concurrency=24,
+                max_model_len=1024,
+                length_scale=0.5,
+            ),
+            # 12 MiB holds ~2000 tokens of the tiny model (6 layers x 2 x 2 KV heads x 64 x 4 B
+            # = 6 KiB per token): more than one max-length request, far less than 24 in flight.
+            _flags(1024, 12 * MiB, "--max-num-seqs", "64"),
+        ),
+    )
+}
