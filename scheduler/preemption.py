@@ -39,7 +39,7 @@ class Decision:
     mode: str
     """swap | recompute"""
     reason: str
-    """cheaper | forced | swap-space-full | nothing-to-swap"""
+    """cheaper | forced | swap-space-full | nothing-to-swap | no-prediction"""
     swap_s: float
     recompute_s: float
 
@@ -58,6 +58,8 @@ def choose_mode(
         return Decision("recompute", "forced", swap_s, recompute_s)
     if swappable_blocks == 0:
         return Decision("recompute", "nothing-to-swap", swap_s, recompute_s)
+    if math.isnan(swap_s) and math.isnan(recompute_s):
+        return Decision("recompute", "no-prediction", swap_s, recompute_s)
     wants_swap = setting == "swap" or _less(swap_s, recompute_s)
     if not wants_swap:
         return Decision("recompute", "cheaper", swap_s, recompute_s)

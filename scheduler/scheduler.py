@@ -16,6 +16,7 @@ leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side met
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -40,6 +41,8 @@ from adaptivellm.scheduler.policies import (
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
 from adaptivellm.scheduler.swap_connector import AdaptiveSwapConnector
+
+logger = logging.getLogger(__name__)
 
 #: Qualified name that `adaptivellm serve` passes to vLLM's `--scheduler-cls`.
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
@@ -98,6 +101,7 @@ class AdaptiveScheduler(Scheduler):
             )
         self.costs = load_costs(self.vllm_config) if self.swap is not None else None
         self.decisions: list[Decision] = []
+        self._warned_costs = False
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -194,8 +198,16 @@ class AdaptiveScheduler(Scheduler):
         if self.swap is None or self.costs is None:
             return Decision("recompute", "forced", math.nan, math.nan)
         blocks = self.swap.swappable_blocks(request, request.num_computed_tokens)
+        if blocks == 0:  # preempted before a whole block was computed: nothing to swap
+            return choose_mode(self.preemption.mode, math.nan, math.nan, 0, False)
         batch = sum(r.num_computed_tokens for r in self.running if r is not request)
-        swap_s, recompute_s = self.costs(blocks * self.swap.block_size, blocks, batch)
+        try:
+            swap_s, recompute_s = self.costs(blocks * self.swap.block_size, blocks, batch)
+        except Exception:  # a predictor bug must cost a recompute, never the engine
+            if not self._warned_costs:
+                logger.exception("Preemption cost prediction failed; recomputing victims")
+                self._warned_costs = True
+            swap_s = recompute_s = math.nan
         room = self.swap.space.can_swap_out(blocks)
         decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
         if decision.mode == "swap":

@@ -24,7 +24,9 @@ from tests.scheduler.sim import Run, check_invariants, check_no_leaks, make_requ
      ("adaptive", 1.0, math.nan, 4, True, "swap", "cheaper"),
      ("swap", 9.0, 1.0, 4, True, "swap", "forced"),
      ("swap", 9.0, 1.0, 4, False, "recompute", "swap-space-full"),
-     ("recompute", 0.0, 9.0, 4, True, "recompute", "forced")],
+     ("recompute", 0.0, 9.0, 4, True, "recompute", "forced"),
+     ("adaptive", math.nan, math.nan, 4, True, "recompute", "no-prediction"),
+     ("swap", math.nan, math.nan, 4, True, "recompute", "no-prediction")],
 )  # fmt: skip
 def test_choose_mode(setting: str, swap_s: float, recompute_s: float, blocks: int, room: bool,
                      mode: str, reason: str) -> None:  # fmt: skip
@@ -117,4 +119,36 @@ def test_abort_while_swapped_frees_host_copy() -> None:
     scheduler.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
     assert victim not in scheduler.swap.space.swapped  # type: ignore[union-attr]
     run.until_idle()
+    check_no_leaks(scheduler, 25)
+
+
+@pytest.mark.parametrize("mode", ["swap", "adaptive"])
+@pytest.mark.parametrize("computed", [0, 5, 15])
+def test_victim_without_a_whole_block_is_recomputed(mode: str, computed: int) -> None:
+    """Regression: a victim preempted before one whole block of it was computed has nothing to
+    swap; pricing 0 tokens raised inside the engine core and killed it (long-context bench)."""
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption=mode, swap_slots=100)  # fmt: skip
+    request = make_request("r0", 40, 30, clock.now)
+    scheduler.add_request(request)
+    request.num_computed_tokens = computed
+    decision = scheduler._decide(request)
+    assert (decision.mode, decision.reason) == ("recompute", "nothing-to-swap")
+    assert scheduler.swap is not None and not scheduler.swap.space.swapped
+
+
+def test_failing_predictor_recomputes_instead_of_crashing() -> None:
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption="adaptive", swap_slots=200)  # fmt: skip
+
+    def broken(num_tokens: int, num_blocks: int, batch_tokens: int) -> tuple[float, float]:
+        raise ValueError("predictor bug")
+
+    scheduler.costs = broken
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
+    run = Run(scheduler, clock)
+    run.until_idle()
+    assert run.preempted
+    assert {d.reason for d in scheduler.decisions} == {"no-prediction"}
     check_no_leaks(scheduler, 25)
