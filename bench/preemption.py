@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", *sys.argv]),
         "quick": args.quick,
         "throughput_tokens_per_s": tput,
-        "predictor_mape": quality.get("mape", {}),
+        # The profile stores MAPE in percent; the field is a fraction.
+        "predictor_mape": {k: v / 100 for k, v in quality.get("mape", {}).items()},
         "oracle_agreement": quality.get("agreement"),
         "predictor": quality,
         "ratios": {
