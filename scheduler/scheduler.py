@@ -6,8 +6,10 @@ untouched:
 
 - admission: at the start of each step the waiting queue (vLLM's FCFS deque) is re-ordered by
   the policy, so vLLM's `peek_request`/`pop_request` take the most deserving request first;
-- victim choice: `self.running` is re-ordered most-deserving-first, so vLLM's FCFS preemption
-  (`running.pop()`, the last one) takes the least deserving request.
+- victim choice: when a step may have to preempt (fewer free KV blocks than running requests),
+  `self.running` is re-ordered most-deserving-first, so vLLM's FCFS preemption
+  (`running.pop()`, the last one) takes the least deserving request. Otherwise `running` keeps
+  vLLM's order, so that the model runner's persistent batch is not reshuffled every step.
 
 The order is fixed for the whole step, so peek and pop always agree. `fcfs` and `priority`
 leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side metrics reach
@@ -121,10 +123,19 @@ class AdaptiveScheduler(Scheduler):
         now = self.clock()
         if self.fairness.policy in ("weighted-turnaround", "vtc"):
             self._reorder(self.waiting, now)
-            self.running[:] = self._order(self.running, now)
+            if self._preemption_possible():
+                self.running[:] = self._order(self.running, now)
         output = super().schedule(throttle_prefills)
         self._account(output, now)
         return output
+
+    def _preemption_possible(self) -> bool:
+        """True when this step may have to preempt: fewer free KV blocks than running requests
+        (each may need a new block). Only then is `running` re-ordered for the victim choice:
+        re-ordering it every step changes the batch order every step, which makes the model
+        runner reshuffle its persistent batch."""
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        return free < len(self.running) + 1
 
     def _order(self, requests: Iterable[Request], now: float) -> list[Request]:
         """Most deserving first, by the configured policy."""
