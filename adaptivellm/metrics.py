@@ -153,3 +153,90 @@ class EngineMetrics:
                 buckets=(1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
             ),
         )
+
+
+@dataclass(frozen=True)
+class SplitWorkerMetrics:
+    """Split-execution metrics recorded in the model's (worker) process."""
+
+    token_layers: Counter
+    forward_seconds: Counter
+    forward_passes: Counter
+
+    @staticmethod
+    @cache
+    def get() -> SplitWorkerMetrics:
+        """The process's metrics, created on first use."""
+        from prometheus_client import Counter
+
+        return SplitWorkerMetrics(
+            token_layers=Counter(
+                f"{PREFIX}split_token_layers",
+                "Decoder-layer passes over one token: computed by the server, or saved because "
+                "a split client ran that layer",
+                labelnames=["kind"],
+            ),
+            forward_seconds=Counter(
+                f"{PREFIX}split_forward_seconds",
+                "Wall time of the model's forward passes on a split-execution server (all "
+                "requests, split or not): the server compute the split benchmark compares",
+            ),
+            forward_passes=Counter(
+                f"{PREFIX}split_forward_passes",
+                "Forward passes on a split-execution server, by whether the batch held a split "
+                "request (partial) or not (full)",
+                labelnames=["batch"],
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class SplitServerMetrics:
+    """Split-execution metrics recorded in the API server process (the session endpoint)."""
+
+    sessions_open: Gauge
+    sessions: Counter
+    chosen_layer: Histogram
+    step_seconds: Histogram
+    errors: Counter
+    sla_met: Counter
+
+    @staticmethod
+    @cache
+    def get() -> SplitServerMetrics:
+        """The process's metrics, created on first use."""
+        from prometheus_client import Counter, Gauge, Histogram
+
+        return SplitServerMetrics(
+            sessions_open=Gauge(
+                f"{PREFIX}split_sessions_open",
+                "Split-execution sessions open now",
+                multiprocess_mode="livesum",
+            ),
+            sessions=Counter(
+                f"{PREFIX}split_sessions",
+                "Split-execution sessions opened, by how they ended",
+                labelnames=["outcome"],
+            ),
+            chosen_layer=Histogram(
+                f"{PREFIX}split_chosen_layer",
+                "Split layer k of each session (the client runs layers [0, k))",
+                buckets=(0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128),
+            ),
+            step_seconds=Histogram(
+                f"{PREFIX}split_step_seconds",
+                "Server time of one split step (hidden state received to token sent), by kind",
+                labelnames=["kind"],
+                buckets=(1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            ),
+            errors=Counter(
+                f"{PREFIX}split_errors",
+                "Split sessions ended by an error, by protocol error code",
+                labelnames=["code"],
+            ),
+            sla_met=Counter(
+                f"{PREFIX}split_sla",
+                "Finished split sessions by whether the server-observed latency met the SLA",
+                labelnames=["met"],
+            ),
+        )

@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group."""
+    _register_split_model()
     from adaptivellm.cpu import has_amx, request_amx_permission
 
     if has_amx() and not request_amx_permission():
@@ -21,3 +22,15 @@ def register() -> None:
             "Linux refused AMX tile state for this process: bfloat16 on CPU may die with SIGILL; "
             "serve with --dtype float32"
         )
+
+
+def _register_split_model() -> None:
+    """Make the split-execution model class known by name (lazily: nothing is imported until a
+    server asks for it with --split-execution). Registering a new name changes nothing for
+    models that do not name it."""
+    from vllm import ModelRegistry
+
+    from adaptivellm.split_config import ARCHITECTURE
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "adaptivellm.split_model:" + ARCHITECTURE)

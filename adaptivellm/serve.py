@@ -31,6 +31,12 @@ from adaptivellm.scheduler.config import (
 )
 from adaptivellm.scheduler.policies import POLICIES
 from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
+from adaptivellm.split_config import (
+    ARCHITECTURE,
+    SPLIT_PLUGIN_NAME,
+    SUPPORTED_ARCHITECTURES,
+    SplitConfig,
+)
 from adaptivellm.tenancy import ENV as TENANCY_ENV
 
 logger = logging.getLogger("adaptivellm.serve")
@@ -122,6 +128,38 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "the available memory). When full, victims are recomputed (counted).",
     )
     group.add_argument(
+        "--split-execution",
+        action="store_true",
+        help="Serve split-execution clients on /v1/split/session (WebSocket) beside ordinary "
+        "requests: a client runs the first k layers and sends hidden states; k is planned per "
+        "request. Llama-architecture models only; turns on --enable-prompt-embeds.",
+    )
+    group.add_argument(
+        "--split-max-sessions",
+        type=int,
+        default=SplitConfig.max_sessions,
+        help="Split sessions open at once; more are refused (default: %(default)s).",
+    )
+    group.add_argument(
+        "--split-max-frame-mb",
+        type=float,
+        default=SplitConfig.max_frame_mb,
+        help="Largest hidden-state frame a split client may send, in MiB (default: %(default)s).",
+    )
+    group.add_argument(
+        "--split-idle-timeout-s",
+        type=float,
+        default=SplitConfig.idle_timeout_s,
+        help="Close a split session whose client is silent this long (default: %(default)s).",
+    )
+    group.add_argument(
+        "--split-server-flops",
+        type=float,
+        default=None,
+        help="Server FLOP/s the split planner assumes (default: measured at start-up on CPU, "
+        "400e12 on GPU).",
+    )
+    group.add_argument(
         "--no-cpu-defaults",
         action="store_true",
         help="Keep vLLM's own defaults on CPU (dtype auto, KV cache from "
@@ -188,6 +226,7 @@ def apply_defaults(args: argparse.Namespace, embedded: bool, is_cpu: bool) -> Se
         _apply_cpu_defaults(args, done)
     _apply_fairness(args, done)
     _apply_preemption(args, done, is_cpu)
+    _apply_split(args, done)
     return done
 
 
@@ -281,6 +320,55 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
     args.middleware = [*args.middleware, "adaptivellm.tenancy.TenantMiddleware"]
     done.note(f"fairness: {config.policy}, starvation bound {config.max_wait_s:g} s, "
               f"{len(config.tenant_weights)} weighted tenants")  # fmt: skip
+
+
+def split_config(args: argparse.Namespace) -> SplitConfig:
+    """The SplitConfig the flags ask for; SystemExit with a clear message when bad."""
+    try:
+        return SplitConfig(
+            max_sessions=args.split_max_sessions,
+            max_frame_mb=args.split_max_frame_mb,
+            idle_timeout_s=args.split_idle_timeout_s,
+            server_flops_per_s=args.split_server_flops,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"adaptivellm serve: {exc}") from None
+
+
+def _apply_split(args: argparse.Namespace, done: ServeDefaults) -> None:
+    """Split execution: the split model class (--hf-overrides), prompt embeddings, the
+    endpoint plugin (vLLM loads endpoint plugins only when VLLM_PLUGINS names them) and the
+    config for the endpoint."""
+    if not args.split_execution:
+        return
+    config = split_config(args)
+    architecture = _architecture(str(args.model_tag or args.model))
+    if architecture is not None and architecture not in SUPPORTED_ARCHITECTURES:
+        raise SystemExit(
+            f"adaptivellm serve: --split-execution supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"; this model is {architecture}"
+        )
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
+    args.hf_overrides = {**overrides, "architectures": [ARCHITECTURE]}
+    args.enable_prompt_embeds = True
+    args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["split"] = config.to_dict()
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "adaptivellm").split(",") if p]
+    if SPLIT_PLUGIN_NAME not in plugins:
+        os.environ["VLLM_PLUGINS"] = ",".join([*plugins, SPLIT_PLUGIN_NAME])
+    done.note(
+        f"--split-execution: {ARCHITECTURE}, --enable-prompt-embeds, endpoint plugin "
+        f"{SPLIT_PLUGIN_NAME} (VLLM_PLUGINS={os.environ['VLLM_PLUGINS']})"
+    )
+
+
+def _architecture(model: str) -> str | None:
+    """The first architecture in a local model's config.json (None when not local)."""
+    config = Path(model) / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or [None]
+    except (OSError, ValueError):
+        return None
+    return architectures[0]
 
 
 def _apply_cpu_defaults(args: argparse.Namespace, done: ServeDefaults) -> None:

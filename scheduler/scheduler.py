@@ -42,6 +42,12 @@ from adaptivellm.scheduler.policies import (
     weighted_service_jain,
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
+from adaptivellm.scheduler.split_sessions import (
+    SplitChunks,
+    extend_session,
+    start_session,
+    take_chunk,
+)
 from adaptivellm.scheduler.swap_connector import AdaptiveSwapConnector
 
 logger = logging.getLogger(__name__)
@@ -104,10 +110,16 @@ class AdaptiveScheduler(Scheduler):
         self.costs = load_costs(self.vllm_config) if self.swap is not None else None
         self.decisions: list[Decision] = []
         self._warned_costs = False
+        self.split_chunks = SplitChunks()
 
     # --- inputs -------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        chunk = take_chunk(request, self.vllm_config.model_config.dtype)
+        if chunk is not None and request.request_id in self.requests:
+            self.split_chunks.push(request.request_id, chunk)  # next chunk of a split session
+        elif chunk is not None:
+            start_session(request, chunk)
         if request.request_id not in self.requests:
             info = request_info(request, self.fairness)
             predicted = self.output_estimate.predict(info.max_tokens)
@@ -231,9 +243,18 @@ class AdaptiveScheduler(Scheduler):
         del self.decisions[:-1000]  # keep the recent ones for tests and debugging
         return decision
 
+    def _update_request_as_session(self, session: Request, update: Any) -> None:
+        chunk = self.split_chunks.pop(session.request_id)
+        if chunk is None:
+            super()._update_request_as_session(session, update)
+            return
+        if extend_session(session, chunk, update, self.hash_block_size, self.log_stats):
+            self.num_waiting_for_streaming_input -= 1
+
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        self.split_chunks.drop(request.request_id)
         tracked = self.tracked.pop(request.request_id, None)
         if tracked is not None:
             self._record_finish(tracked, request)

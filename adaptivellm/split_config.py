@@ -1,0 +1,65 @@
+"""Split-execution configuration: one frozen dataclass, carried to the API server.
+
+`adaptivellm serve --split-execution` builds it from its flags and stores it in vLLM's
+`--additional-config` under `adaptivellm.split`; the session endpoint (adaptivellm.split_server)
+reads it back from the server's arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SPLIT_PLUGIN_NAME = "adaptivellm-split"
+#: The model class that runs each request from its own layer (adaptivellm.split_model).
+ARCHITECTURE = "AdaptiveSplitLlamaForCausalLM"
+#: Architectures the split model can stand in for (same weights and layer structure).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Limits and planner inputs of the split-execution endpoint."""
+
+    max_sessions: int = 32
+    """Split sessions open at once; more are refused with `too_many_sessions`. Each open session
+    holds a sequence slot of the engine (vLLM counts sessions waiting for input as running)."""
+    max_frame_mb: float = 64.0
+    """Largest binary frame (one prefill's hidden states) accepted, in MiB."""
+    idle_timeout_s: float = 60.0
+    """A session whose client sends nothing for this long is closed and its KV cache freed."""
+    server_flops_per_s: float | None = None
+    """Server throughput the planner assumes (FLOP/s); None measures it at start-up on CPU and
+    assumes the planner's GPU default (400 TFLOP/s) elsewhere."""
+    server_mem_bytes_per_s: float | None = None
+    """Server memory bandwidth the planner assumes (bytes/s); None: 20 GB/s on CPU, the
+    planner's GPU default (2.5 TB/s) elsewhere."""
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        for name in ("max_frame_mb", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        for name in ("server_flops_per_s", "server_mem_bytes_per_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mb * 2**20)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, for `--additional-config`."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_additional_config(additional: Any) -> SplitConfig | None:
+        """The config `adaptivellm serve` stored, or None when split execution is off."""
+        section = additional.get("adaptivellm", {}) if isinstance(additional, dict) else {}
+        data = section.get("split") if isinstance(section, dict) else None
+        return SplitConfig(**data) if isinstance(data, dict) else None

@@ -1,0 +1,455 @@
+"""The split-execution endpoint: `/v1/split/session` (WebSocket) and `/v1/split/info` (GET).
+
+A vLLM endpoint plugin (`vllm.endpoint_plugins` entry point `adaptivellm-split`, enabled by
+`adaptivellm serve --split-execution`). One WebSocket is one generation
+(adaptivellm.split_client.protocol): the server plans k with its current load, then feeds the
+client's hidden states to the engine as a streaming-input session, one chunk per token, and
+sends each sampled token back. The engine side is adaptivellm.scheduler.split_sessions and
+adaptivellm.split_model. vLLM's `--api-key` middleware guards `/v1/...` WebSockets too.
+
+Nothing a client sends can hurt other requests: every frame is checked (size, dtype, shape,
+hidden size, NaN/Inf) before it reaches the engine, and whatever ends a session (error, close,
+disconnect, idle timeout) aborts its engine request, which frees its KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+from starlette.datastructures import State
+from starlette.requests import Request as StarletteRequest
+
+from adaptivellm.metrics import SplitServerMetrics
+from adaptivellm.scheduler.split_sessions import EXTRA_KEY, pack
+from adaptivellm.split_client.planner import (
+    ClientProfile,
+    InfeasibleSLAError,
+    ModelShape,
+    Request,
+    ServerProfile,
+    build_costs,
+    choose_split_layer,
+    evaluate_placements,
+)
+from adaptivellm.split_client.protocol import (
+    INFO_PATH,
+    PROTOCOL_VERSION,
+    SESSION_PATH,
+    Close,
+    Error,
+    Open,
+    Plan,
+    ProtocolError,
+    TensorFrame,
+    Token,
+    decode_frame,
+    decode_message,
+    encode_message,
+)
+from adaptivellm.split_config import SPLIT_PLUGIN_NAME, SplitConfig
+
+logger = logging.getLogger(__name__)
+#: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
+_CLOSE_CODES = {"too_many_sessions": 1013, "engine_error": 1011}
+
+
+@dataclass
+class SplitService:
+    """Per-server state of the endpoint: the model, the limits and the open sessions."""
+
+    engine: Any
+    config: SplitConfig
+    shape: ModelShape
+    served_names: tuple[str, ...]
+    eos_token_id: int | None
+    max_model_len: int
+    server: ServerProfile
+    open_sessions: set[str] = field(default_factory=set)
+
+    def can_open(self) -> bool:
+        return len(self.open_sessions) < self.config.max_sessions
+
+    def info(self) -> dict[str, Any]:
+        """What `GET /v1/split/info` answers: enough for a client to prepare a session."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "model": self.served_names[0],
+            "num_layers": self.shape.num_layers,
+            "hidden_size": self.shape.hidden_size,
+            "dtype": _DTYPE_NAMES.get(self.shape.dtype_bytes, "float32"),
+            "max_model_len": self.max_model_len,
+            "max_sessions": self.config.max_sessions,
+            "open_sessions": len(self.open_sessions),
+            "max_frame_bytes": self.config.max_frame_bytes,
+        }
+
+    def plan(self, request: Open) -> tuple[int, float | None, Literal["planner", "client"]]:
+        """(k, predicted end-to-end latency, who chose k) for an Open, at the current load."""
+        server = replace(self.server, decode_batch=max(1, self.load() + 1))
+        client = ClientProfile(
+            flops_per_s=request.client.flops_per_s,
+            uplink_bps=request.client.uplink_bps,
+            downlink_bps=request.client.downlink_bps,
+            rtt_s=request.client.rtt_s,
+            mem_bytes_per_s=request.client.mem_bytes_per_s,
+            layer_overhead_s=request.client.layer_overhead_s,
+        )
+        work = Request(request.prompt_tokens, request.max_tokens, request.sla_s or math.inf)
+        costs = build_costs(self.shape, client, server, work)
+        if request.layer is not None:
+            if request.layer > self.shape.num_layers:
+                raise ProtocolError(
+                    "bad_request",
+                    f"layer {request.layer} is beyond the model's {self.shape.num_layers} layers",
+                )
+            return request.layer, _latency(costs, request.layer), "client"
+        try:
+            layer = choose_split_layer(self.shape, client, server, work)
+        except InfeasibleSLAError as exc:
+            # Serve it anyway at the fastest placement: the Plan's predicted latency (> SLA)
+            # tells the client, and the SLA metric counts the miss.
+            layer = exc.plan.client_layers
+        return layer, _latency(costs, layer), "planner"
+
+    def load(self) -> int:
+        """Requests in flight on this server (the planner's decode batch)."""
+        try:
+            return int(self.engine.get_num_unfinished_requests())
+        except Exception:  # an engine client without the counter: assume idle
+            return 0
+
+
+_DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
+
+
+def _latency(costs: Any, layer: int) -> float | None:
+    on_server = np.arange(costs.num_layers) >= layer
+    latency, _ = evaluate_placements(costs, on_server[None, :])
+    value = float(latency[0])
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- the plugin
+
+
+class SplitEndpointPlugin:
+    """`vllm.endpoint_plugins` entry point: adds the split routes to vLLM's app."""
+
+    name = SPLIT_PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.add_api_websocket_route(SESSION_PATH, session_endpoint)
+        app.add_api_route(INFO_PATH, info_endpoint, methods=["GET"])
+
+    async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        config = SplitConfig.from_additional_config(getattr(args, "additional_config", None))
+        if engine_client is None or config is None:
+            state.adaptivellm_split = None
+            return
+        state.adaptivellm_split = build_service(engine_client, config, args)
+        logger.info(
+            "Split execution on %s and %s: %d layers, at most %d sessions",
+            SESSION_PATH,
+            INFO_PATH,
+            state.adaptivellm_split.shape.num_layers,
+            config.max_sessions,
+        )
+
+
+def build_service(engine_client: Any, config: SplitConfig, args: Namespace) -> SplitService:
+    """The endpoint's state, from the running engine's model config."""
+    model_config = engine_client.model_config
+    hf = model_config.hf_config.to_dict()
+    hf["dtype"] = str(model_config.dtype).removeprefix("torch.")
+    shape = ModelShape._from_config_dict(hf, default_name=str(args.model))
+    names = tuple(args.served_model_name or [args.model])
+    return SplitService(
+        engine=engine_client,
+        config=config,
+        shape=shape,
+        served_names=names,
+        eos_token_id=getattr(model_config.hf_config, "eos_token_id", None),
+        max_model_len=int(model_config.max_model_len),
+        server=server_profile(config),
+    )
+
+
+def server_profile(config: SplitConfig) -> ServerProfile:
+    """The planner's view of this server: configured, else measured (CPU) or the GPU default."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        flops = config.server_flops_per_s or measure_cpu_flops()
+        mem = config.server_mem_bytes_per_s or 20e9
+    else:
+        flops = config.server_flops_per_s or ServerProfile.flops_per_s
+        mem = config.server_mem_bytes_per_s or ServerProfile.mem_bytes_per_s
+    return ServerProfile(flops_per_s=flops, mem_bytes_per_s=mem)
+
+
+def measure_cpu_flops(size: int = 256, repeats: int = 20) -> float:
+    """float32 matmul throughput of this process (FLOP/s), best of a few short runs."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - began)
+    return 2 * size**3 / max(best, 1e-9)
+
+
+async def info_endpoint(request: StarletteRequest) -> JSONResponse:
+    """GET /v1/split/info."""
+    service = getattr(request.app.state, "adaptivellm_split", None)
+    if service is None:
+        return JSONResponse({"error": "split execution is not enabled"}, status_code=404)
+    return JSONResponse(service.info())
+
+
+# --------------------------------------------------------------------------- one session
+
+
+async def session_endpoint(websocket: WebSocket) -> None:
+    """One split generation over one WebSocket."""
+    service: SplitService | None = getattr(websocket.app.state, "adaptivellm_split", None)
+    await websocket.accept()
+    metrics = SplitServerMetrics.get()
+    if service is None:
+        await _fail(websocket, ProtocolError("bad_request", "split execution is not enabled"))
+        return
+    if not service.can_open():
+        metrics.sessions.labels(outcome="refused").inc()
+        await _fail(
+            websocket,
+            ProtocolError(
+                "too_many_sessions",
+                f"{service.config.max_sessions} split sessions are open; try again later",
+            ),
+        )
+        return
+    session = Session(service, websocket)
+    service.open_sessions.add(session.request_id)
+    metrics.sessions_open.inc()
+    outcome = "error"
+    try:
+        outcome = await session.run()
+    except ProtocolError as exc:
+        metrics.errors.labels(code=exc.code).inc()
+        await _fail(websocket, exc)
+    except WebSocketDisconnect:
+        outcome = "disconnected"
+    except Exception as exc:  # the engine failed: tell the client, keep the server up
+        logger.exception("Split session %s failed", session.request_id)
+        metrics.errors.labels(code="engine_error").inc()
+        await _fail(websocket, ProtocolError("engine_error", f"server error: {exc}"))
+    finally:
+        await session.abort()
+        service.open_sessions.discard(session.request_id)
+        metrics.sessions_open.dec()
+        metrics.sessions.labels(outcome=outcome).inc()
+
+
+async def _fail(websocket: WebSocket, error: ProtocolError) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_text(encode_message(Error(code=error.code, message=str(error))))
+        await websocket.close(code=_CLOSE_CODES.get(error.code, 1008), reason=error.code)
+
+
+class Session:
+    """The engine request behind one WebSocket (a vLLM streaming-input session)."""
+
+    def __init__(self, service: SplitService, websocket: WebSocket) -> None:
+        self.service = service
+        self.websocket = websocket
+        self.request_id = f"split-{uuid.uuid4().hex}"
+        self.inputs: asyncio.Queue[Any] = asyncio.Queue()
+        self.outputs: AsyncIterator[Any] | None = None
+        self.layer = 0
+        self.finished = False
+
+    async def run(self) -> str:
+        """Open, prefill, decode until a finish reason; returns how the session ended."""
+        opened = await self._receive_open()
+        self.layer, predicted, planned_by = self.service.plan(opened)
+        metrics = SplitServerMetrics.get()
+        metrics.chosen_layer.observe(self.layer)
+        plan = Plan(
+            session_id=self.request_id,
+            layer=self.layer,
+            num_layers=self.service.shape.num_layers,
+            hidden_size=self.service.shape.hidden_size,
+            dtype="float32",
+            model=self.service.served_names[0],
+            max_tokens=opened.max_tokens,
+            max_prompt_tokens=self.service.max_model_len - opened.max_tokens,
+            predicted_latency_s=predicted,
+            sla_s=opened.sla_s,
+            running_requests=self.service.load(),
+            planned_by=planned_by,
+        )
+        await self.websocket.send_text(encode_message(plan))
+        began = time.monotonic()
+        self.outputs = self.service.engine.generate(
+            self._input_stream(), self._sampling(opened), self.request_id
+        )
+        expected = opened.prompt_tokens
+        for index in range(opened.max_tokens):
+            kind = "prefill" if index == 0 else "decode"
+            frame = await self._receive_frame(kind, expected)
+            step_began = time.monotonic()
+            await self.inputs.put(self._chunk(frame, opened))
+            token_id, text = await self._next_token()
+            finish = self._finish_reason(token_id, index, opened)
+            step_s = time.monotonic() - step_began
+            metrics.step_seconds.labels(kind=kind).observe(step_s)
+            await self.websocket.send_text(
+                encode_message(Token(index, token_id, text, finish, step_s))
+            )
+            if finish is not None:
+                break
+            expected = 1
+        await self._finish()
+        if opened.sla_s is not None:
+            met = time.monotonic() - began <= opened.sla_s
+            metrics.sla_met.labels(met=str(met).lower()).inc()
+        return "finished"
+
+    async def _receive_open(self) -> Open:
+        message = await self._receive()
+        if not isinstance(message, str):
+            raise ProtocolError("bad_request", "a session starts with an Open message (JSON)")
+        opened = decode_message(message)
+        if not isinstance(opened, Open):
+            raise ProtocolError("bad_request", f"expected open, got {opened.type}")
+        if opened.model is not None and opened.model not in self.service.served_names:
+            raise ProtocolError(
+                "unknown_model",
+                f"model {opened.model!r} is not served here; served: "
+                f"{', '.join(self.service.served_names)}",
+            )
+        limit = self.service.max_model_len
+        if opened.prompt_tokens + opened.max_tokens > limit:
+            raise ProtocolError(
+                "bad_request",
+                f"prompt_tokens + max_tokens = {opened.prompt_tokens + opened.max_tokens} "
+                f"exceeds the model's context of {limit} tokens",
+            )
+        return opened
+
+    async def _receive(self) -> str | bytes:
+        timeout = self.service.config.idle_timeout_s
+        try:
+            message = await asyncio.wait_for(self.websocket.receive(), timeout)
+        except TimeoutError:
+            raise ProtocolError("bad_request", f"no message for {timeout:g} s; closing") from None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        if message.get("bytes") is not None:
+            return bytes(message["bytes"])
+        return str(message.get("text") or "")
+
+    async def _receive_frame(self, kind: str, tokens: int) -> np.ndarray:
+        message = await self._receive()
+        if isinstance(message, str):
+            parsed = decode_message(message)
+            if isinstance(parsed, Close):
+                raise WebSocketDisconnect(1000)
+            raise ProtocolError("bad_request", f"expected a {kind} frame, got {parsed.type}")
+        frame = decode_frame(message, max_bytes=self.service.config.max_frame_bytes)
+        return self._check_frame(frame, kind, tokens)
+
+    def _check_frame(self, frame: TensorFrame, kind: str, tokens: int) -> np.ndarray:
+        hidden = self.service.shape.hidden_size
+        if frame.kind != kind:
+            raise ProtocolError("bad_tensor", f"expected a {kind} frame, got {frame.kind}")
+        if frame.shape != (tokens, hidden):
+            raise ProtocolError(
+                "bad_tensor",
+                f"{kind} frame has shape {list(frame.shape)}; expected [{tokens}, {hidden}] "
+                f"(tokens, hidden size of layer {self.layer})",
+            )
+        array = frame.to_numpy().astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise ProtocolError("bad_tensor", f"{kind} frame holds NaN or infinite values")
+        return array
+
+    def _sampling(self, opened: Open) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        s = opened.sampling
+        return SamplingParams(
+            max_tokens=1,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            seed=s.seed,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_KEY: {"layer": self.layer}},
+        )
+
+    def _chunk(self, array: np.ndarray, opened: Open) -> Any:
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs.engine import tokens_input
+
+        params = self._sampling(opened)
+        params.extra_args = {EXTRA_KEY: pack(self.layer, array, "float32")}
+        return StreamingInput(prompt=tokens_input([0] * array.shape[0]), sampling_params=params)
+
+    async def _input_stream(self) -> AsyncIterator[Any]:
+        while (chunk := await self.inputs.get()) is not None:
+            yield chunk
+
+    async def _next_token(self) -> tuple[int, str]:
+        assert self.outputs is not None
+        try:
+            output = await self.outputs.__anext__()
+        except StopAsyncIteration:
+            raise ProtocolError("engine_error", "the engine ended the session early") from None
+        completion = output.outputs[0]
+        if not completion.token_ids:
+            raise ProtocolError("engine_error", "the engine returned no token")
+        return int(completion.token_ids[-1]), completion.text
+
+    def _finish_reason(self, token_id: int, index: int, opened: Open) -> Any:
+        eos = self.service.eos_token_id
+        if not opened.sampling.ignore_eos and eos is not None and token_id == eos:
+            return "stop"
+        if index + 1 >= opened.max_tokens:
+            return "length"
+        return None
+
+    async def _finish(self) -> None:
+        """End the input stream, let the engine close the session, then close the socket."""
+        await self.inputs.put(None)
+        if self.outputs is not None:
+            with contextlib.suppress(StopAsyncIteration, TimeoutError):
+                while True:
+                    await asyncio.wait_for(self.outputs.__anext__(), timeout=5.0)
+        self.finished = True
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code=1000)
+
+    async def abort(self) -> None:
+        """Abort the engine request unless it finished: frees its KV cache."""
+        if self.outputs is None or self.finished:
+            return
+        with contextlib.suppress(Exception):
+            await self.service.engine.abort(self.request_id)
+        with contextlib.suppress(Exception):
+            await self.outputs.aclose()  # type: ignore[attr-defined]

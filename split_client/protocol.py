@@ -1,0 +1,380 @@
+"""The split-execution wire format, version 1: typed messages over one WebSocket.
+
+A client that runs the first k decoder layers of a model itself talks to
+`ws://HOST:PORT/v1/split/session` (the server's `--api-key` applies, as an `Authorization:
+Bearer` header). One WebSocket is one generation:
+
+    client                                   server
+    Open (JSON text) ----------------------> plans k with its current load
+             <------------------------------ Plan (JSON): k, model shape, limits
+    prefill TensorFrame (binary) ----------> runs layers k..N-1 on the prompt, samples
+             <------------------------------ Token (JSON)
+    decode TensorFrame, 1 token (binary) --> runs layers k..N-1 on one token, samples
+             <------------------------------ Token (JSON) ... until finish_reason is set
+    Close (JSON, optional) ----------------> frees the session's KV cache at once
+
+Errors are an `Error` message followed by the server closing the socket; a client may close at
+any time (the server then aborts the request and frees its KV cache).
+
+Text frames are JSON objects with a `type`. Binary frames carry one hidden-state tensor:
+
+    b"ASPL" | version (u8) | header length (u32, little endian) | header JSON | raw tensor bytes
+
+where the header is `{"kind": "prefill"|"decode", "dtype": ..., "shape": [tokens, hidden]}` and the
+raw bytes are C-ordered, little endian. The tensor is the residual stream entering layer k (for
+k = 0, the token embeddings): what a Hugging Face decoder returns after layer k-1.
+
+This module is pure Python plus numpy: the client and the server share it, neither needs torch to
+validate a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, Literal
+
+import numpy as np
+
+PROTOCOL_VERSION: Final = 1
+MAGIC: Final = b"ASPL"
+_PREFIX = struct.Struct("<4sBI")
+#: Element sizes of the dtypes the wire carries (bfloat16 travels as raw 16-bit words).
+DTYPE_BYTES: Final[dict[str, int]] = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: Largest JSON header of a binary frame; anything longer is malformed.
+MAX_HEADER_BYTES: Final = 4096
+
+SESSION_PATH: Final = "/v1/split/session"
+INFO_PATH: Final = "/v1/split/info"
+
+FrameKind = Literal["prefill", "decode"]
+ErrorCode = Literal[
+    "bad_request",
+    "version_mismatch",
+    "bad_tensor",
+    "payload_too_large",
+    "too_many_sessions",
+    "infeasible_sla",
+    "unknown_model",
+    "engine_error",
+]
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; `code` is what the server reports."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+
+
+# --------------------------------------------------------------------------- JSON messages
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What the client declares about itself, for the planner (same units as
+    `adaptivellm.split_client.planner.ClientProfile`: FLOP/s, bits/s, seconds)."""
+
+    flops_per_s: float
+    uplink_bps: float
+    downlink_bps: float
+    rtt_s: float
+    mem_bytes_per_s: float = math.inf
+    layer_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+                raise ProtocolError("bad_request", f"client.{f.name} must be a number")
+            if value < 0:
+                raise ProtocolError("bad_request", f"client.{f.name} must be >= 0")
+        if self.flops_per_s <= 0:
+            raise ProtocolError("bad_request", "client.flops_per_s must be > 0")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling of each token (server side). Penalties are not offered: the server never sees
+    the prompt's token ids."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ProtocolError("bad_request", "sampling.temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ProtocolError("bad_request", "sampling.top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ProtocolError("bad_request", "sampling.top_k must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
+class Open:
+    """First message of a session. `sla_s` bounds the end-to-end latency of the whole request
+    (prompt sent to last token held); None means no SLA. `layer` forces k (tests, benchmarks);
+    None lets the server's planner choose."""
+
+    prompt_tokens: int
+    max_tokens: int
+    client: ClientSpec
+    sla_s: float | None = None
+    layer: int | None = None
+    model: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    version: int = PROTOCOL_VERSION
+    type: Literal["open"] = "open"
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1:
+            raise ProtocolError("bad_request", "prompt_tokens must be >= 1")
+        if self.max_tokens < 1:
+            raise ProtocolError("bad_request", "max_tokens must be >= 1")
+        if self.sla_s is not None and not self.sla_s > 0:
+            raise ProtocolError("bad_request", "sla_s must be > 0 (or null for no SLA)")
+        if self.layer is not None and self.layer < 0:
+            raise ProtocolError("bad_request", "layer must be >= 0")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The server's answer to `Open`: where to split and what the server expects."""
+
+    session_id: str
+    layer: int
+    num_layers: int
+    hidden_size: int
+    dtype: str
+    model: str
+    max_tokens: int
+    max_prompt_tokens: int
+    predicted_latency_s: float | None
+    sla_s: float | None
+    running_requests: int
+    planned_by: Literal["planner", "client"]
+    version: int = PROTOCOL_VERSION
+    type: Literal["plan"] = "plan"
+
+
+@dataclass(frozen=True)
+class Token:
+    """One sampled token. When `finish_reason` is set the session is over."""
+
+    index: int
+    token_id: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    server_step_s: float
+    type: Literal["token"] = "token"
+
+
+@dataclass(frozen=True)
+class Close:
+    """The client is done (the server frees the session now rather than at disconnect)."""
+
+    type: Literal["close"] = "close"
+
+
+@dataclass(frozen=True)
+class Error:
+    """Sent before the server closes the socket on a protocol or engine error."""
+
+    code: str
+    message: str
+    type: Literal["error"] = "error"
+
+
+Message = Open | Plan | Token | Close | Error
+_MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
+    "open": Open,
+    "plan": Plan,
+    "token": Token,
+    "close": Close,
+    "error": Error,
+}
+
+
+def encode_message(message: Message) -> str:
+    """JSON text of one message (NaN and infinities are refused by the JSON encoder)."""
+    body = asdict(message)
+    client = body.get("client")
+    if isinstance(client, dict) and math.isinf(client.get("mem_bytes_per_s", 0.0)):
+        client["mem_bytes_per_s"] = None  # JSON has no infinity; None means unbounded
+    return json.dumps(body, allow_nan=False)
+
+
+def decode_message(text: str | bytes) -> Message:
+    """Parse one JSON message; any deviation raises `ProtocolError` with a reason."""
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("bad_request", f"message is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_request", "message must be a JSON object")
+    kind = body.get("type")
+    cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        known = ", ".join(_MESSAGE_TYPES)
+        raise ProtocolError("bad_request", f"unknown message type {kind!r}; known: {known}")
+    if cls is Open:
+        version = body.get("version", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "version_mismatch",
+                f"client speaks split protocol version {version!r}; this server speaks "
+                f"{PROTOCOL_VERSION}",
+            )
+    return _build(cls, body)
+
+
+def _build(cls: type[Any], body: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ProtocolError("bad_request", f"{cls.__name__}: unknown fields {unknown}")
+    kwargs: dict[str, Any] = {}
+    for name, value in body.items():
+        if name == "client":
+            if not isinstance(value, dict):
+                raise ProtocolError("bad_request", "client must be an object")
+            if value.get("mem_bytes_per_s", 0) is None:
+                value = {**value, "mem_bytes_per_s": math.inf}
+            kwargs[name] = _build(ClientSpec, value)
+        elif name == "sampling":
+            if not isinstance(value, dict):
+                raise ProtocolError("bad_request", "sampling must be an object")
+            kwargs[name] = _build(Sampling, value)
+        else:
+            kwargs[name] = value
+    _check_types(cls, kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProtocolError("bad_request", f"{cls.__name__}: {exc}") from None
+
+
+_INT_FIELDS: Final = {
+    "prompt_tokens",
+    "max_tokens",
+    "layer",
+    "version",
+    "top_k",
+    "seed",
+    "index",
+    "token_id",
+}
+_FLOAT_FIELDS: Final = {"sla_s", "temperature", "top_p", "server_step_s"}
+
+
+def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if name in _INT_FIELDS and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be an integer")
+        if name in _FLOAT_FIELDS and (
+            not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
+        ):
+            raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be a number")
+        if name == "ignore_eos" and not isinstance(value, bool):
+            raise ProtocolError("bad_request", "sampling.ignore_eos must be true or false")
+
+
+# --------------------------------------------------------------------------- tensor frames
+
+
+@dataclass(frozen=True)
+class TensorFrame:
+    """One binary frame: the hidden states of `shape[0]` consecutive tokens at layer k."""
+
+    kind: FrameKind
+    dtype: str
+    shape: tuple[int, int]
+    payload: bytes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[0]
+
+    def to_numpy(self) -> np.ndarray:
+        """The tensor as float32 numpy (bfloat16 words are widened exactly)."""
+        if self.dtype == "bfloat16":
+            words = np.frombuffer(self.payload, dtype="<u2").astype(np.uint32) << 16
+            return words.view(np.float32).reshape(self.shape)
+        return np.frombuffer(self.payload, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(
+            self.shape
+        )
+
+
+def encode_frame(kind: FrameKind, array: np.ndarray, dtype: str | None = None) -> bytes:
+    """Binary frame for a (tokens, hidden) float array; `dtype` defaults to the array's."""
+    if array.ndim != 2:
+        raise ValueError(f"hidden states must be 2-D (tokens, hidden), got shape {array.shape}")
+    dtype = dtype or str(array.dtype)
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype} not carried; use one of {sorted(DTYPE_BYTES)}")
+    if dtype == "bfloat16":
+        words = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        # Round to nearest even, as torch does, then keep the high 16 bits.
+        rounded = (words + 0x7FFF + ((words >> 16) & 1)) >> 16
+        payload = rounded.astype("<u2").tobytes()
+    else:
+        payload = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    header = json.dumps({"kind": kind, "dtype": dtype, "shape": list(array.shape)}).encode()
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(header)) + header + payload
+
+
+def decode_frame(data: bytes, *, max_bytes: int) -> TensorFrame:
+    """Parse and check one binary frame (size, magic, version, header, payload length)."""
+    if len(data) > max_bytes:
+        raise ProtocolError(
+            "payload_too_large", f"frame of {len(data)} bytes exceeds the limit of {max_bytes}"
+        )
+    if len(data) < _PREFIX.size:
+        raise ProtocolError("bad_tensor", "binary frame shorter than its fixed prefix")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("bad_tensor", "binary frame does not start with b'ASPL'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version_mismatch",
+            f"frame of protocol version {version}; this server speaks {PROTOCOL_VERSION}",
+        )
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+        raise ProtocolError("bad_tensor", "binary frame header length is out of range")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("bad_tensor", "binary frame header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_tensor", "binary frame header must be a JSON object")
+    kind, dtype, shape = header.get("kind"), header.get("dtype"), header.get("shape")
+    if kind not in ("prefill", "decode"):
+        raise ProtocolError("bad_tensor", f"frame kind must be prefill or decode, got {kind!r}")
+    if dtype not in DTYPE_BYTES:
+        raise ProtocolError(
+            "bad_tensor", f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_BYTES)}"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise ProtocolError(
+            "bad_tensor", f"shape must be [tokens, hidden] with positive sizes, got {shape!r}"
+        )
+    payload = data[_PREFIX.size + header_len :]
+    expected = shape[0] * shape[1] * DTYPE_BYTES[dtype]
+    if len(payload) != expected:
+        raise ProtocolError(
+            "bad_tensor",
+            f"payload has {len(payload)} bytes; shape {shape} of {dtype} needs {expected}",
+        )
+    return TensorFrame(kind=kind, dtype=dtype, shape=(shape[0], shape[1]), payload=payload)
