@@ -183,8 +183,8 @@ class SplitWorkerMetrics:
             ),
             forward_passes=Counter(
                 f"{PREFIX}split_forward_passes",
-                "Forward passes on a split-execution server, by whether the batch held a split "
-                "request (partial) or not (full)",
+                "Forward passes on a split-execution server, by batch: ordinary (no split "
+                "token), split (split tokens only) or mixed (both; k = 0 counts as ordinary)",
                 labelnames=["batch"],
             ),
         )

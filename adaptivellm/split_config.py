@@ -17,6 +17,8 @@ SPLIT_PLUGIN_NAME = "adaptivellm-split"
 ARCHITECTURE = "AdaptiveSplitLlamaForCausalLM"
 #: Architectures the split model can stand in for (same weights and layer structure).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+#: uvicorn closes WebSockets on messages over 16 MiB (its ws_max_size default).
+MAX_FRAME_MB = 16.0
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,9 @@ class SplitConfig:
     max_sessions: int = 32
     """Split sessions open at once; more are refused with `too_many_sessions`. Each open session
     holds a sequence slot of the engine (vLLM counts sessions waiting for input as running)."""
-    max_frame_mb: float = 64.0
-    """Largest binary frame (one prefill's hidden states) accepted, in MiB."""
+    max_frame_mb: float = 16.0
+    """Largest binary frame accepted, in MiB (at most 16: uvicorn's WebSocket message limit).
+    Clients send a longer prompt's hidden states in several frames."""
     idle_timeout_s: float = 60.0
     """A session whose client sends nothing for this long is closed and its KV cache freed."""
     server_flops_per_s: float | None = None
@@ -40,6 +43,11 @@ class SplitConfig:
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_frame_mb > MAX_FRAME_MB:
+            raise ValueError(
+                f"max_frame_mb must be at most {MAX_FRAME_MB:g} (uvicorn's WebSocket message "
+                f"limit), got {self.max_frame_mb:g}"
+            )
         for name in ("max_frame_mb", "idle_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -56,11 +56,12 @@ class AdaptiveSplitLlamaForCausalLM(LlamaForCausalLM):
         metrics = SplitWorkerMetrics.get()
         if starts is None:
             out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-            computed, kind = tokens * self._num_layers, "full"
+            computed, kind = tokens * self._num_layers, "ordinary"
         else:
             out = self._split_forward(input_ids, positions, inputs_embeds, starts)
             computed = int((self._num_layers - starts.clamp(max=self._num_layers)).sum())
-            kind = "partial"
+            # Padding and ordinary tokens start at 0; a batch of split tokens only has none.
+            kind = "mixed" if bool((starts == 0).any()) else "split"
             metrics.token_layers.labels(kind="saved").inc(tokens * self._num_layers - computed)
         metrics.token_layers.labels(kind="computed").inc(computed)
         metrics.forward_passes.labels(batch=kind).inc()

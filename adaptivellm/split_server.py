@@ -307,10 +307,12 @@ class Session:
         self.outputs = self.service.engine.generate(
             self._input_stream(), self._sampling(opened), self.request_id
         )
-        expected = opened.prompt_tokens
         for index in range(opened.max_tokens):
             kind = "prefill" if index == 0 else "decode"
-            frame = await self._receive_frame(kind, expected)
+            if index == 0:
+                frame = await self._receive_prefill(opened.prompt_tokens)
+            else:
+                frame = await self._receive_frame("decode", 1, 1)
             step_began = time.monotonic()
             await self.inputs.put(self._chunk(frame, opened))
             token_id, text = await self._next_token()
@@ -322,7 +324,6 @@ class Session:
             )
             if finish is not None:
                 break
-            expected = 1
         await self._finish()
         if opened.sla_s is not None:
             met = time.monotonic() - began <= opened.sla_s
@@ -363,7 +364,18 @@ class Session:
             return bytes(message["bytes"])
         return str(message.get("text") or "")
 
-    async def _receive_frame(self, kind: str, tokens: int) -> np.ndarray:
+    async def _receive_prefill(self, tokens: int) -> np.ndarray:
+        """The prompt's hidden states, in one frame or several (a frame is at most
+        --split-max-frame-mb; the client splits longer prompts along the token axis)."""
+        parts: list[np.ndarray] = []
+        received = 0
+        while received < tokens:
+            part = await self._receive_frame("prefill", 1, tokens - received)
+            parts.append(part)
+            received += part.shape[0]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def _receive_frame(self, kind: str, least: int, most: int) -> np.ndarray:
         message = await self._receive()
         if isinstance(message, str):
             parsed = decode_message(message)
@@ -371,16 +383,18 @@ class Session:
                 raise WebSocketDisconnect(1000)
             raise ProtocolError("bad_request", f"expected a {kind} frame, got {parsed.type}")
         frame = decode_frame(message, max_bytes=self.service.config.max_frame_bytes)
-        return self._check_frame(frame, kind, tokens)
+        return self._check_frame(frame, kind, least, most)
 
-    def _check_frame(self, frame: TensorFrame, kind: str, tokens: int) -> np.ndarray:
+    def _check_frame(self, frame: TensorFrame, kind: str, least: int, most: int) -> np.ndarray:
         hidden = self.service.shape.hidden_size
         if frame.kind != kind:
             raise ProtocolError("bad_tensor", f"expected a {kind} frame, got {frame.kind}")
-        if frame.shape != (tokens, hidden):
+        tokens, width = frame.shape
+        if width != hidden or not least <= tokens <= most:
+            wanted = f"[{most}, {hidden}]" if least == most else f"[{least}..{most}, {hidden}]"
             raise ProtocolError(
                 "bad_tensor",
-                f"{kind} frame has shape {list(frame.shape)}; expected [{tokens}, {hidden}] "
+                f"{kind} frame has shape {list(frame.shape)}; expected {wanted} "
                 f"(tokens, hidden size of layer {self.layer})",
             )
         array = frame.to_numpy().astype(np.float32, copy=False)

@@ -7,11 +7,15 @@ Bearer` header). One WebSocket is one generation:
     client                                   server
     Open (JSON text) ----------------------> plans k with its current load
              <------------------------------ Plan (JSON): k, model shape, limits
-    prefill TensorFrame (binary) ----------> runs layers k..N-1 on the prompt, samples
+    prefill TensorFrame(s) (binary) -------> runs layers k..N-1 on the prompt, samples
              <------------------------------ Token (JSON)
     decode TensorFrame, 1 token (binary) --> runs layers k..N-1 on one token, samples
              <------------------------------ Token (JSON) ... until finish_reason is set
     Close (JSON, optional) ----------------> frees the session's KV cache at once
+
+The prompt's hidden states may come in several prefill frames (consecutive token ranges, in
+order) when one would exceed the server's frame limit (`GET /v1/split/info`:
+`max_frame_bytes`); the server starts the prefill when it holds all `prompt_tokens` rows.
 
 Errors are an `Error` message followed by the server closing the socket; a client may close at
 any time (the server then aborts the request and frees its KV cache).

@@ -10,6 +10,12 @@ from adaptivellm.launch import ServerProcess
 SERVED_NAMES = ("tiny", "tiny-alias")
 #: Context limit of the session server: checks that --max-model-len passes through.
 MAX_MODEL_LEN = 1024
+#: The session server's --api-key (vLLM's flag; it guards the split WebSocket too).
+API_KEY = "test-key"
+#: Split-execution limits of the session server (small, so that tests can reach them).
+SPLIT_MAX_SESSIONS = 4
+SPLIT_MAX_FRAME_MB = 1.0
+SPLIT_IDLE_TIMEOUT_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -28,3 +34,8 @@ class Server:
     @property
     def api_url(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header the server's --api-key asks for."""
+        return {"Authorization": f"Bearer {API_KEY}"}

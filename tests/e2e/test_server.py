@@ -7,12 +7,12 @@ import openai
 import pytest
 
 from adaptivellm.launch import metric_value
-from tests.support import Server
+from tests.support import API_KEY, Server
 
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.api_url, api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.api_url, api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -96,7 +96,7 @@ def test_malformed_requests_get_4xx_and_server_stays_up(
     server: Server, client: openai.OpenAI, body: bytes, fragment: str
 ) -> None:
     r = httpx.post(f"{server.api_url}/completions", content=body,
-                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+                   headers={"content-type": "application/json", **server.headers}, timeout=60)  # fmt: skip
     assert 400 <= r.status_code < 500, r.text
     assert fragment.lower() in r.text.lower()
     ok = client.completions.create(model=server.model, prompt="still alive", max_tokens=2)
@@ -117,7 +117,7 @@ def test_prompt_longer_than_max_model_len_is_rejected(
 def test_two_tenants_are_accounted_separately(client: openai.OpenAI, server: Server) -> None:
     client.completions.create(model=server.model, prompt="tenant a", max_tokens=4, user="alice",
                               extra_body={"ignore_eos": True})  # fmt: skip
-    r = httpx.post(f"{server.api_url}/completions", headers={"X-AdaptiveLLM-Tenant": "bob"},
+    r = httpx.post(f"{server.api_url}/completions", headers={"X-AdaptiveLLM-Tenant": "bob", **server.headers},
                    json={"model": server.model, "prompt": "tenant b", "max_tokens": 4,
                          "ignore_eos": True}, timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
@@ -137,6 +137,6 @@ def test_two_tenants_are_accounted_separately(client: openai.OpenAI, server: Ser
 )  # fmt: skip
 def test_bad_tenant_or_priority_is_rejected(server: Server, extra: dict, fragment: str) -> None:
     body = {"model": server.model, "prompt": "x", "max_tokens": 2, **extra}
-    r = httpx.post(f"{server.api_url}/completions", json=body, timeout=60)
+    r = httpx.post(f"{server.api_url}/completions", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400, r.text
     assert fragment in r.text

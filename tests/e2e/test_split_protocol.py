@@ -1,0 +1,262 @@
+"""Split execution through the real server, at the wire level: every bad input is a clear
+protocol error, and none of them costs other requests anything."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from adaptivellm.launch import metric_value
+from adaptivellm.split_client.protocol import (
+    PROTOCOL_VERSION,
+    SESSION_PATH,
+    ClientSpec,
+    Error,
+    Open,
+    Plan,
+    Token,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+from tests.support import (
+    API_KEY,
+    SPLIT_IDLE_TIMEOUT_S,
+    SPLIT_MAX_FRAME_MB,
+    SPLIT_MAX_SESSIONS,
+    Server,
+)
+
+HIDDEN = 256  # the embedded model's hidden size
+CLIENT = ClientSpec(flops_per_s=1e10, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001)
+rng = np.random.default_rng(0)
+
+
+def ws_url(server: Server) -> str:
+    return server.base_url.replace("http://", "ws://") + SESSION_PATH
+
+
+@contextmanager
+def session(server: Server, **headers: str) -> Iterator[ClientConnection]:
+    auth = {"Authorization": f"Bearer {API_KEY}", **headers}
+    with connect(ws_url(server), additional_headers=auth, open_timeout=30) as ws:
+        yield ws
+
+
+def open_session(ws: ClientConnection, prompt_tokens: int = 8, **fields: Any) -> Plan:
+    fields.setdefault("max_tokens", 4)
+    ws.send(encode_message(Open(prompt_tokens=prompt_tokens, client=CLIENT, **fields)))
+    plan = decode_message(ws.recv(timeout=60))
+    assert isinstance(plan, Plan), plan
+    return plan
+
+
+def expect_error(ws: ClientConnection, code: str) -> Error:
+    """The server's Error message, then the close."""
+    message = decode_message(ws.recv(timeout=60))
+    assert isinstance(message, Error), message
+    assert message.code == code, message
+    with pytest.raises(ConnectionClosed):
+        ws.recv(timeout=30)
+    return message
+
+
+def hidden(tokens: int) -> np.ndarray:
+    return rng.standard_normal((tokens, HIDDEN)).astype(np.float32)
+
+
+def metrics(server: Server) -> str:
+    return httpx.get(f"{server.base_url}/metrics", timeout=30).text
+
+
+def still_serves(server: Server) -> None:
+    """An ordinary request right after: the bad session cost the server nothing."""
+    client = openai.OpenAI(base_url=server.api_url, api_key=API_KEY, max_retries=0, timeout=120)
+    out = client.completions.create(model=server.model, prompt="still serving", max_tokens=3,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    assert out.usage is not None and out.usage.completion_tokens == 3
+
+
+def wait_idle(server: Server, timeout: float = 30.0) -> str:
+    """Metrics once the engine holds no request (KV cache freed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = metrics(server)
+        running = metric_value(text, "vllm:num_requests_running") or 0.0
+        waiting = metric_value(text, "vllm:num_requests_waiting") or 0.0
+        usage = metric_value(text, "vllm:kv_cache_usage_perc") or 0.0
+        if running == 0 and waiting == 0 and usage == 0:
+            return text
+        assert time.monotonic() < deadline, f"engine not idle: {running=} {waiting=} {usage=}"
+        time.sleep(0.5)
+
+
+def test_info_describes_the_model(server: Server) -> None:
+    r = httpx.get(f"{server.base_url}/v1/split/info", headers=server.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["num_layers"] == 6 and info["hidden_size"] == HIDDEN
+    assert info["protocol_version"] == PROTOCOL_VERSION
+    assert info["max_sessions"] == SPLIT_MAX_SESSIONS
+
+
+def test_unauthenticated_client_is_refused(server: Server) -> None:
+    with pytest.raises(InvalidStatus) as err:
+        with connect(ws_url(server), open_timeout=30):
+            pass
+    assert err.value.response.status_code in (401, 403)
+    with pytest.raises(InvalidStatus):
+        with connect(ws_url(server), additional_headers={"Authorization": "Bearer wrong"}):
+            pass
+
+
+def test_planner_chooses_k_with_load_and_sla(server: Server) -> None:
+    """A fast client with a loose SLA gets work moved to it; a very slow client gets k = 0."""
+    with session(server) as ws:
+        plan = open_session(ws, prompt_tokens=64, max_tokens=8, sla_s=60.0)
+        assert plan.planned_by == "planner" and 0 <= plan.layer <= plan.num_layers
+        assert plan.layer > 0
+        assert plan.predicted_latency_s is not None and plan.predicted_latency_s <= 60.0
+    slow = ClientSpec(flops_per_s=1e3, uplink_bps=1e3, downlink_bps=1e3, rtt_s=0.5)
+    with session(server) as ws:
+        ws.send(encode_message(Open(prompt_tokens=64, max_tokens=8, client=slow, sla_s=1.0)))
+        plan = decode_message(ws.recv(timeout=60))
+        assert isinstance(plan, Plan) and plan.layer == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "fragment"),
+    [
+        (lambda: encode_frame("prefill", hidden(8)[:, :128]), "bad_tensor", "8, 256]"),
+        (lambda: encode_frame("prefill", hidden(9)), "bad_tensor", "8, 256]"),
+        (lambda: encode_frame("prefill", hidden(8).astype(np.float64)), "bad_tensor", "dtype"),
+        (lambda: _with_value(np.nan), "bad_tensor", "NaN"),
+        (lambda: _with_value(np.inf), "bad_tensor", "NaN or infinite"),
+        (lambda: encode_frame("decode", hidden(8)), "bad_tensor", "expected a prefill"),
+        (lambda: b"GIF89a" + bytes(100), "bad_tensor", "ASPL"),
+        (lambda: _retagged_version(PROTOCOL_VERSION + 1), "version_mismatch", "version"),
+        (lambda: encode_message(Open(prompt_tokens=1, max_tokens=1, client=CLIENT)),
+         "bad_request", "expected a prefill"),
+    ],
+)  # fmt: skip
+def test_bad_prefill_is_a_clear_error(
+    server: Server, frame: Any, code: str, fragment: str
+) -> None:
+    with session(server) as ws:
+        open_session(ws)
+        try:
+            payload = frame()
+        except ValueError:  # float64 is refused by the client-side encoder: forge the frame
+            payload = _forged_dtype("float64")
+        ws.send(payload)
+        error = expect_error(ws, code)
+        assert fragment in error.message
+    still_serves(server)
+
+
+def _with_value(value: float) -> bytes:
+    array = hidden(8)
+    array[3, 7] = value
+    return encode_frame("prefill", array)
+
+
+def _retagged_version(version: int) -> bytes:
+    frame = bytearray(encode_frame("prefill", hidden(8)))
+    frame[4] = version
+    return bytes(frame)
+
+
+def _forged_dtype(dtype: str) -> bytes:
+    header = json.dumps({"kind": "prefill", "dtype": dtype, "shape": [8, HIDDEN]}).encode()
+    payload = hidden(8).astype(np.float64).tobytes()
+    return struct.pack("<4sBI", b"ASPL", PROTOCOL_VERSION, len(header)) + header + payload
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ('{"type": "open", "version": 99, "prompt_tokens": 4, "max_tokens": 2, '
+         '"client": {"flops_per_s": 1, "uplink_bps": 1, "downlink_bps": 1, "rtt_s": 0}}',
+         "version_mismatch"),
+        ("not json", "bad_request"),
+        ('{"type": "open", "prompt_tokens": 4}', "bad_request"),
+        ('{"type": "open", "prompt_tokens": 4, "max_tokens": 2, "model": "other", '
+         '"client": {"flops_per_s": 1, "uplink_bps": 1, "downlink_bps": 1, "rtt_s": 0}}',
+         "unknown_model"),
+        ('{"type": "open", "prompt_tokens": 1020, "max_tokens": 10, '
+         '"client": {"flops_per_s": 1, "uplink_bps": 1, "downlink_bps": 1, "rtt_s": 0}}',
+         "bad_request"),
+        ('{"type": "open", "prompt_tokens": 4, "max_tokens": 2, "layer": 7, '
+         '"client": {"flops_per_s": 1, "uplink_bps": 1, "downlink_bps": 1, "rtt_s": 0}}',
+         "bad_request"),
+    ],
+)  # fmt: skip
+def test_bad_open_is_a_clear_error(server: Server, message: str, code: str) -> None:
+    with session(server) as ws:
+        ws.send(message)
+        expect_error(ws, code)
+
+
+def test_oversized_frame_is_refused(server: Server) -> None:
+    tokens = int(SPLIT_MAX_FRAME_MB * 2**20 / (HIDDEN * 4)) + 8
+    with session(server) as ws:
+        open_session(ws, prompt_tokens=tokens - 20, max_tokens=1)
+        ws.send(encode_frame("prefill", hidden(tokens)))
+        error = expect_error(ws, "payload_too_large")
+        assert "exceeds" in error.message
+    still_serves(server)
+
+
+def test_too_many_sessions_are_refused_and_slots_come_back(server: Server) -> None:
+    with session(server) as first, session(server) as second, session(server) as third:
+        held = [first, second, third]
+        with session(server) as fourth:
+            held.append(fourth)
+            for ws in held:
+                open_session(ws)
+            with session(server) as extra:
+                error = expect_error(extra, "too_many_sessions")
+                assert str(SPLIT_MAX_SESSIONS) in error.message
+    with session(server) as again:  # the slots were given back
+        open_session(again)
+
+
+def test_disconnect_mid_decode_frees_the_kv_cache(server: Server) -> None:
+    before = metrics(server)
+    disconnected = metric_value(before, "adaptivellm_split_sessions_total", 'outcome="disconnected"')
+    with session(server) as ws:
+        plan = open_session(ws, prompt_tokens=200, max_tokens=50, layer=3)
+        assert plan.layer == 3
+        ws.send(encode_frame("prefill", hidden(200)))
+        first = decode_message(ws.recv(timeout=60))
+        assert isinstance(first, Token) and first.finish_reason is None
+        ws.send(encode_frame("decode", hidden(1)))
+        assert isinstance(decode_message(ws.recv(timeout=60)), Token)
+        # The session now holds 201 tokens of KV cache; vanish without a Close.
+    after = wait_idle(server)
+    now = metric_value(after, "adaptivellm_split_sessions_total", 'outcome="disconnected"')
+    assert (now or 0) == (disconnected or 0) + 1
+    still_serves(server)
+
+
+def test_silent_client_is_timed_out(server: Server) -> None:
+    with session(server) as ws:
+        open_session(ws, prompt_tokens=16, max_tokens=8, layer=2)
+        ws.send(encode_frame("prefill", hidden(16)))
+        assert isinstance(decode_message(ws.recv(timeout=60)), Token)
+        began = time.monotonic()
+        error = expect_error(ws, "bad_request")  # sends nothing more
+        assert "no message" in error.message
+        assert time.monotonic() - began >= SPLIT_IDLE_TIMEOUT_S - 1
+    wait_idle(server)
