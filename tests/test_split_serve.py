@@ -1,0 +1,198 @@
+"""Split execution's pure server-side parts: serve flags, config, per-token start layers, and
+the engine-core bookkeeping of split sessions on real vLLM `Request` objects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.request import Request, RequestStatus
+
+from adaptivellm.patches.split_runner import start_layers_for
+from adaptivellm.scheduler.split_sessions import (
+    EXTRA_KEY,
+    SplitChunks,
+    cache_salt,
+    extend_session,
+    pack,
+    split_layer,
+    start_session,
+    take_chunk,
+)
+from adaptivellm.serve import apply_defaults, build_parser
+from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SplitConfig
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+@pytest.fixture
+def llama(tmp_path: Path) -> str:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    return str(tmp_path)
+
+
+def test_split_flag_selects_model_class_embeds_and_plugin(
+    llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_PLUGINS", "recorded")  # so that the deletion is undone after
+    monkeypatch.delenv("VLLM_PLUGINS")
+    args = parse(llama, "--split-execution", "--split-max-sessions", "3")
+    notes = apply_defaults(args, False, is_cpu=True).notes
+    assert args.hf_overrides["architectures"] == [ARCHITECTURE]
+    assert args.enable_prompt_embeds is True
+    assert args.additional_config["adaptivellm"]["split"]["max_sessions"] == 3
+    assert os.environ["VLLM_PLUGINS"].split(",") == ["adaptivellm", SPLIT_PLUGIN_NAME]
+    assert any("--split-execution" in n for n in notes)
+
+
+def test_split_flag_keeps_operator_plugins_and_overrides(
+    llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_PLUGINS", "adaptivellm,other")
+    args = parse(llama, "--split-execution", "--hf-overrides", '{"max_position_embeddings": 64}')
+    apply_defaults(args, False, is_cpu=True)
+    assert args.hf_overrides == {"max_position_embeddings": 64, "architectures": [ARCHITECTURE]}
+    assert os.environ["VLLM_PLUGINS"] == f"adaptivellm,other,{SPLIT_PLUGIN_NAME}"
+
+
+def test_split_off_changes_nothing(llama: str) -> None:
+    args = parse(llama)
+    apply_defaults(args, False, is_cpu=True)
+    assert "split" not in args.additional_config["adaptivellm"]
+    assert not args.enable_prompt_embeds
+
+
+def test_split_refuses_other_architectures(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(SystemExit, match="GPT2LMHeadModel"):
+        apply_defaults(parse(str(tmp_path), "--split-execution"), False, is_cpu=True)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--split-max-sessions", "0"), ("--split-max-frame-mb", "17"),
+     ("--split-idle-timeout-s", "nan"), ("--split-server-flops", "-1")],
+)  # fmt: skip
+def test_bad_split_flags_are_clear(llama: str, flags: tuple[str, str]) -> None:
+    with pytest.raises(SystemExit, match=flags[0].removeprefix("--split-").split("-")[-1]):
+        apply_defaults(parse(llama, "--split-execution", *flags), False, is_cpu=True)
+
+
+def test_config_round_trips_through_additional_config() -> None:
+    config = SplitConfig(max_sessions=5, max_frame_mb=2.0)
+    assert SplitConfig.from_additional_config({"adaptivellm": {"split": config.to_dict()}}) == (
+        config
+    )
+    assert SplitConfig.from_additional_config({"adaptivellm": {}}) is None
+    assert config.max_frame_bytes == 2 * 2**20
+
+
+# --------------------------------------------------------------------------- start layers
+
+
+def test_start_layers_follow_the_batch_layout() -> None:
+    """Three requests of 2, 1 and 3 tokens with k = 0, 4, 2, plus 2 padding tokens."""
+    starts = start_layers_for([0, 4, 2], np.array([0, 2, 3, 6]), num_tokens=8)
+    assert starts is not None
+    assert starts.tolist() == [0, 0, 4, 2, 2, 2, 0, 0]
+
+
+def test_no_split_request_means_no_start_layers() -> None:
+    assert start_layers_for([0, 0], np.array([0, 5, 6]), num_tokens=6) is None
+
+
+def test_layout_larger_than_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="covers 9 tokens"):
+        start_layers_for([1], np.array([0, 9]), num_tokens=4)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def chunk_request(
+    request_id: str, rows: int, layer: int, seed: int = 0
+) -> tuple[Request, np.ndarray]:
+    """A request as the API server sends a chunk: placeholder ids, tensor in extra_args."""
+    array = np.random.default_rng(seed).standard_normal((rows, 8)).astype(np.float32)
+    params = SamplingParams(max_tokens=1, extra_args={EXTRA_KEY: pack(layer, array, "float32")})
+    request = Request(request_id, [0] * rows, params, None, block_hasher=None, resumable=True)
+    return request, array
+
+
+def test_take_chunk_turns_bytes_back_into_the_tensor() -> None:
+    request, array = chunk_request("r", 3, layer=2)
+    chunk = take_chunk(request, torch.float32)
+    assert chunk is not None and chunk.layer == 2
+    assert torch.equal(chunk.embeds, torch.from_numpy(array))
+    # Only {"layer": k} stays behind for the model runner.
+    assert request.sampling_params is not None
+    assert request.sampling_params.extra_args == {EXTRA_KEY: {"layer": 2}}
+    assert split_layer(request) == 2
+    assert take_chunk(request, torch.float32) is None  # nothing left to take
+
+
+def test_ordinary_request_has_no_chunk() -> None:
+    request = Request("o", [1, 2, 3], SamplingParams(max_tokens=2), None, block_hasher=None)
+    assert take_chunk(request, torch.float32) is None
+    assert split_layer(request) is None
+
+
+def test_start_session_makes_an_embeddings_only_request() -> None:
+    request, array = chunk_request("s", 4, layer=3)
+    chunk = take_chunk(request, torch.float32)
+    assert chunk is not None
+    start_session(request, chunk)
+    assert request.prompt_token_ids is None and request.prompt_embeds is not None
+    assert request.prompt_embeds.shape == (4, 8)
+    assert request.cache_salt == cache_salt(3) != cache_salt(2)
+
+
+def test_extend_session_appends_one_token_and_drops_the_sampled_one() -> None:
+    session, first = chunk_request("s", 4, layer=1)
+    chunk = take_chunk(session, torch.float32)
+    assert chunk is not None
+    start_session(session, chunk)
+    # The engine computed the prompt and sampled one token (not computed, never fed back).
+    session.num_computed_tokens = 4
+    session.append_output_token_ids(77)
+    session.status = RequestStatus.WAITING_FOR_STREAMING_REQ
+    update, second = chunk_request("s", 1, layer=1, seed=1)
+    next_chunk = take_chunk(update, torch.float32)
+    assert next_chunk is not None
+    was_waiting = extend_session(session, next_chunk, update, hash_block_size=16, log_stats=False)
+    assert was_waiting and session.status == RequestStatus.WAITING
+    assert session.num_prompt_tokens == 5 == session.num_tokens
+    assert list(session.output_token_ids) == []
+    assert session.prompt_embeds is not None
+    assert torch.equal(session.prompt_embeds, torch.from_numpy(np.concatenate([first, second])))
+
+
+def test_extend_session_refuses_a_session_with_uncomputed_prompt() -> None:
+    session, _ = chunk_request("s", 4, layer=1)
+    chunk = take_chunk(session, torch.float32)
+    assert chunk is not None
+    start_session(session, chunk)
+    session.num_computed_tokens = 2
+    with pytest.raises(ValueError, match="2 tokens computed of 4"):
+        extend_session(session, chunk, session, hash_block_size=16, log_stats=False)
+
+
+def test_chunks_are_applied_in_arrival_order() -> None:
+    chunks = SplitChunks()
+    a, b = (take_chunk(chunk_request("r", 1, 1, seed)[0], torch.float32) for seed in (1, 2))
+    assert a is not None and b is not None
+    chunks.push("r", a)
+    chunks.push("r", b)
+    assert len(chunks) == 2 and chunks.pop("r") is a and chunks.pop("r") is b
+    assert chunks.pop("r") is None
+    chunks.push("r", a)
+    chunks.drop("r")
+    assert len(chunks) == 0
