@@ -146,7 +146,7 @@ def test_ordinary_request_has_no_chunk() -> None:
 
 
 def test_start_session_makes_an_embeddings_only_request() -> None:
-    request, array = chunk_request("s", 4, layer=3)
+    request, _ = chunk_request("s", 4, layer=3)
     chunk = take_chunk(request, torch.float32)
     assert chunk is not None
     start_session(request, chunk)

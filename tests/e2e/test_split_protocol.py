@@ -112,13 +112,12 @@ def test_info_describes_the_model(server: Server) -> None:
 
 
 def test_unauthenticated_client_is_refused(server: Server) -> None:
-    with pytest.raises(InvalidStatus) as err:
-        with connect(ws_url(server), open_timeout=30):
-            pass
+    with pytest.raises(InvalidStatus) as err, connect(ws_url(server), open_timeout=30):
+        pass
     assert err.value.response.status_code in (401, 403)
-    with pytest.raises(InvalidStatus):
-        with connect(ws_url(server), additional_headers={"Authorization": "Bearer wrong"}):
-            pass
+    wrong = {"Authorization": "Bearer wrong"}
+    with pytest.raises(InvalidStatus), connect(ws_url(server), additional_headers=wrong):
+        pass
 
 
 def test_planner_chooses_k_with_load_and_sla(server: Server) -> None:
@@ -150,9 +149,7 @@ def test_planner_chooses_k_with_load_and_sla(server: Server) -> None:
          "bad_request", "expected a prefill"),
     ],
 )  # fmt: skip
-def test_bad_prefill_is_a_clear_error(
-    server: Server, frame: Any, code: str, fragment: str
-) -> None:
+def test_bad_prefill_is_a_clear_error(server: Server, frame: Any, code: str, fragment: str) -> None:
     with session(server) as ws:
         open_session(ws)
         try:
@@ -234,7 +231,9 @@ def test_too_many_sessions_are_refused_and_slots_come_back(server: Server) -> No
 
 def test_disconnect_mid_decode_frees_the_kv_cache(server: Server) -> None:
     before = metrics(server)
-    disconnected = metric_value(before, "adaptivellm_split_sessions_total", 'outcome="disconnected"')
+    disconnected = metric_value(
+        before, "adaptivellm_split_sessions_total", 'outcome="disconnected"'
+    )
     with session(server) as ws:
         plan = open_session(ws, prompt_tokens=200, max_tokens=50, layer=3)
         assert plan.layer == 3
@@ -245,7 +244,7 @@ def test_disconnect_mid_decode_frees_the_kv_cache(server: Server) -> None:
         assert isinstance(decode_message(ws.recv(timeout=60)), Token)
         # The session now holds 201 tokens of KV cache; vanish without a Close.
     after = wait_idle(server)
-    now = metric_value(after, "adaptivellm_split_sessions_total", 'outcome="disconnected"')
+    now = metric_value(after, "adaptivellm_split_sessions_total", outcome)
     assert (now or 0) == (disconnected or 0) + 1
     still_serves(server)
 
