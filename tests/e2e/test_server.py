@@ -95,8 +95,8 @@ def test_metrics_has_vllm_and_engine_side_adaptivellm_metrics(
 def test_malformed_requests_get_4xx_and_server_stays_up(
     server: Server, client: openai.OpenAI, body: bytes, fragment: str
 ) -> None:
-    r = httpx.post(f"{server.api_url}/completions", content=body,
-                   headers={"content-type": "application/json", **server.headers}, timeout=60)  # fmt: skip
+    headers = {"content-type": "application/json", **server.headers}
+    r = httpx.post(f"{server.api_url}/completions", content=body, headers=headers, timeout=60)
     assert 400 <= r.status_code < 500, r.text
     assert fragment.lower() in r.text.lower()
     ok = client.completions.create(model=server.model, prompt="still alive", max_tokens=2)
@@ -117,7 +117,8 @@ def test_prompt_longer_than_max_model_len_is_rejected(
 def test_two_tenants_are_accounted_separately(client: openai.OpenAI, server: Server) -> None:
     client.completions.create(model=server.model, prompt="tenant a", max_tokens=4, user="alice",
                               extra_body={"ignore_eos": True})  # fmt: skip
-    r = httpx.post(f"{server.api_url}/completions", headers={"X-AdaptiveLLM-Tenant": "bob", **server.headers},
+    headers = {"X-AdaptiveLLM-Tenant": "bob", **server.headers}
+    r = httpx.post(f"{server.api_url}/completions", headers=headers,
                    json={"model": server.model, "prompt": "tenant b", "max_tokens": 4,
                          "ignore_eos": True}, timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text

@@ -231,9 +231,8 @@ def test_too_many_sessions_are_refused_and_slots_come_back(server: Server) -> No
 
 def test_disconnect_mid_decode_frees_the_kv_cache(server: Server) -> None:
     before = metrics(server)
-    disconnected = metric_value(
-        before, "adaptivellm_split_sessions_total", 'outcome="disconnected"'
-    )
+    outcome = 'outcome="disconnected"'
+    disconnected = metric_value(before, "adaptivellm_split_sessions_total", outcome)
     with session(server) as ws:
         plan = open_session(ws, prompt_tokens=200, max_tokens=50, layer=3)
         assert plan.layer == 3
