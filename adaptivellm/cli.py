@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_make_model(sub)
     _add_plan(sub)
+    _add_split_client(sub)
     _add_bench(sub)
     _add_profile(sub)
     return parser
@@ -98,6 +99,20 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         description="Choose the client/server layer split (SplitLLM dynamic program).",
     )
     add_plan_arguments(p)
+
+
+def _add_split_client(sub: argparse._SubParsersAction) -> None:
+    try:
+        from adaptivellm.split_client.client_cli import add_split_client_arguments
+    except ImportError:
+        return
+    p = sub.add_parser(
+        "split-client",
+        help="generate by split execution: run the first k layers here, the rest on a server",
+        description="Open a split-execution session with an AdaptiveLLM server, run the "
+        "embedding and the first k decoder layers locally and print the completion.",
+    )
+    add_split_client_arguments(p)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         from adaptivellm.split_client.plan_cli import run_plan
 
         return run_plan(args)
+    if args.command == "split-client":
+        from adaptivellm.split_client.client_cli import run_split_client
+
+        return run_split_client(args)
     build_parser().print_help()
     return 0
 

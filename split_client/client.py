@@ -1,0 +1,765 @@
+"""The split-execution client: run the first k decoder layers here, the rest on the server.
+
+`SplitClient` speaks the protocol of `adaptivellm.split_client.protocol` to an AdaptiveLLM server
+(`/v1/split/session`). Per generation it opens one WebSocket, declares what this machine can do
+(`ClientSpec`), receives the server's `Plan` (the split layer k), runs the embedding and layers
+[0, k) of a Llama checkpoint on the prompt, sends the hidden states, and then, for every token
+the server samples, runs those layers on that one token (with its own KV cache) until the server
+says the generation is finished::
+
+    with SplitClient("http://127.0.0.1:8000", model_path) as client:
+        done = client.generate("The river", max_tokens=16)
+        print(done.text, done.layer, done.mean_round_trip_s)
+        for chunk in client.stream("The river"):  # openai.types.Completion chunks
+            print(chunk.choices[0].text, end="")
+
+Only the tensors the client runs are read from the checkpoint (`model.embed_tokens.*` and
+`model.layers.{i}.*` for i < k; never the final norm, the LM head or later layers), lazily: the
+first plan decides how many layers are loaded, and a later plan with a larger k loads only the
+missing ones. The client needs torch, transformers and safetensors, never vLLM. Instances are
+not thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.protocol import State
+from websockets.sync.client import ClientConnection, connect
+
+from adaptivellm.split_client import protocol
+from adaptivellm.split_client.protocol import (
+    DTYPE_BYTES,
+    INFO_PATH,
+    MAX_HEADER_BYTES,
+    SESSION_PATH,
+    ClientSpec,
+    Close,
+    Open,
+    Plan,
+    Sampling,
+    Token,
+)
+
+if TYPE_CHECKING:
+    from openai.types import Completion
+
+#: Link figures declared when no `client_spec` is given: a fast LAN. Only the FLOP/s (and the
+#: memory bandwidth) are measured; pass a `ClientSpec` to describe a slower network.
+DEFAULT_UPLINK_BPS: Final = 1e9
+DEFAULT_DOWNLINK_BPS: Final = 1e9
+DEFAULT_RTT_S: Final = 0.001
+#: Seconds to wait for the handshake and for each server message.
+DEFAULT_TIMEOUT_S: Final = 60.0
+#: Frame limit assumed when the server's `GET /v1/split/info` does not say (uvicorn's WebSocket
+#: message limit, the most an AdaptiveLLM server accepts).
+DEFAULT_MAX_FRAME_BYTES: Final = 16 << 20
+#: Room for a frame's prefix and JSON header when rows are packed under the frame limit.
+_FRAME_OVERHEAD: Final = 64 + MAX_HEADER_BYTES
+
+_COMPUTE_DTYPES: Final = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_SCHEMES: Final = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+_CLOSE_TOO_BIG: Final = 1009
+_M = TypeVar("_M", bound=nn.Module)
+_T = TypeVar("_T", Plan, Token)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SplitError(RuntimeError):
+    """A split session failed. `code` is the server's `Error.code` (see `protocol.ErrorCode`) or
+    one of the client's: `prompt_too_long`, `model_mismatch`, `protocol_error`, `timeout`, and
+    those of `SplitConnectionError`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+class SplitConnectionError(SplitError):
+    """The session could not be opened or was cut: codes `connection_refused`,
+    `connection_failed`, `unauthorized`, `not_found`, `handshake_failed`, `connection_closed`."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Timing of one token: the client's layers (and frame encoding), then send to reply."""
+
+    index: int
+    client_compute_s: float
+    round_trip_s: float
+    server_step_s: float
+
+
+@dataclass(frozen=True)
+class SplitCompletion:
+    """One finished split generation. `text` is the server's detokenization (the concatenated
+    `Token.text`s, as streamed); `to_openai()` shapes it as an `openai.types.Completion`."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    plan: Plan
+    timings: list[StepTiming]
+    created: int
+    total_s: float
+
+    @property
+    def layer(self) -> int:
+        """The split layer k: the client ran layers [0, k)."""
+        return self.plan.layer
+
+    @property
+    def mean_round_trip_s(self) -> float:
+        """Mean send-to-token time over the tokens (NaN for none)."""
+        return _mean([t.round_trip_s for t in self.timings])
+
+    @property
+    def mean_client_compute_s(self) -> float:
+        """Mean time the client's layers took per step, prefill included (NaN for none)."""
+        return _mean([t.client_compute_s for t in self.timings])
+
+    def to_openai(self) -> Completion:
+        """This result as the openai client's `Completion` (needs the `openai` package)."""
+        types = _openai_types()
+        choice = types.CompletionChoice(
+            index=0, text=self.text, finish_reason=self.finish_reason or "length", logprobs=None
+        )
+        usage = types.CompletionUsage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=len(self.token_ids),
+            total_tokens=len(self.prompt_token_ids) + len(self.token_ids),
+        )
+        return types.Completion(
+            id=_completion_id(self.plan),
+            object="text_completion",
+            created=self.created,
+            model=self.plan.model,
+            choices=[choice],
+            usage=usage,
+        )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _completion_id(plan: Plan) -> str:
+    return f"cmpl-split-{plan.session_id}"
+
+
+def _openai_types() -> Any:
+    try:
+        import openai.types
+    except ImportError as exc:
+        raise ImportError(
+            "openai-shaped results need the openai package (pip install openai); "
+            "generate() and its SplitCompletion work without it"
+        ) from exc
+    return openai.types
+
+
+# --------------------------------------------------------------------------- the client's layers
+
+
+class _Checkpoint:
+    """Reads single tensors from a (possibly sharded) safetensors checkpoint, recording names."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise FileNotFoundError(f"no model.safetensors (or its index) in {folder}")
+        self.read_names: list[str] = []
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (each read once from its file)."""
+        missing = [name for name in names if name not in self.files]
+        if missing:
+            raise KeyError(f"checkpoint lacks tensors {missing[:4]}")
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted({self.files[name] for name in names}):
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    if self.files[name] == path:
+                        out[name] = f.get_tensor(name)
+                        self.read_names.append(name)
+        return out
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        """Names of the tensors under `prefix`, sorted."""
+        return sorted(name for name in self.files if name.startswith(prefix))
+
+
+class ClientModel:
+    """The client's share of a Llama checkpoint: the embedding and decoder layers [0, k), loaded
+    on demand, with no final norm. `hidden_states` returns the residual stream entering layer k
+    (what a Hugging Face decoder returns after layer k-1)."""
+
+    def __init__(self, model_path: str | Path, dtype: str = "float32") -> None:
+        folder = Path(model_path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {folder}: not a model folder")
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_COMPUTE_DTYPES)}")
+        self.config = LlamaConfig.from_pretrained(str(folder))
+        if self.config.model_type != "llama":
+            raise ValueError(f"{folder} holds a {self.config.model_type!r} model; need llama")
+        self.config._attn_implementation = "sdpa"
+        self.dtype = _COMPUTE_DTYPES[dtype]
+        self.checkpoint = _Checkpoint(folder)
+        self._prefix = "model." if "model.embed_tokens.weight" in self.checkpoint.files else ""
+        self.rotary = LlamaRotaryEmbedding(config=self.config)
+        self.embed: nn.Embedding | None = None
+        self.layers = nn.ModuleList()
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the whole model."""
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream."""
+        return int(self.config.hidden_size)
+
+    @property
+    def tensors_read(self) -> list[str]:
+        """Names of every checkpoint tensor read so far, in reading order."""
+        return list(self.checkpoint.read_names)
+
+    def ensure_layers(self, k: int) -> None:
+        """Load the embedding and layers [0, k) unless already loaded."""
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer {k} out of range [0, {self.num_layers}]")
+        if self.embed is None:
+            vocab, width = int(self.config.vocab_size), self.hidden_size
+            self.embed = self._load("embed_tokens.", lambda: nn.Embedding(vocab, width))
+        for i in range(len(self.layers), k):
+            build = functools.partial(LlamaDecoderLayer, self.config, i)
+            self.layers.append(self._load(f"layers.{i}.", build))
+
+    def _load(self, prefix: str, build: Callable[[], _M]) -> _M:
+        """Build a module without allocating it, then assign its tensors from the checkpoint."""
+        full = self._prefix + prefix
+        names = self.checkpoint.with_prefix(full)
+        state = {n[len(full) :]: t.to(self.dtype) for n, t in self.checkpoint.read(names).items()}
+        with torch.device("meta"):
+            module = build()
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.eval()
+
+    @torch.no_grad()
+    def hidden_states(self, token_ids: list[int], k: int, cache: DynamicCache) -> torch.Tensor:
+        """(tokens, hidden) residual stream entering layer k for `token_ids`, which follow the
+        tokens already in `cache` (positions continue from there); the cache is updated."""
+        self.ensure_layers(k)
+        assert self.embed is not None
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        hidden = self.embed(ids)
+        if k == 0:
+            return hidden[0]
+        past = cache.get_seq_length()
+        positions = torch.arange(past, past + len(token_ids)).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=positions,
+        )
+        rope = self.rotary(hidden, position_ids=positions)
+        for layer in self.layers[:k]:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=rope,
+            )
+        return hidden[0]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_client_spec(
+    uplink_bps: float = DEFAULT_UPLINK_BPS,
+    downlink_bps: float = DEFAULT_DOWNLINK_BPS,
+    rtt_s: float = DEFAULT_RTT_S,
+) -> ClientSpec:
+    """Describe this machine: FLOP/s from a timed float32 matmul (about 50 ms) and memory
+    bandwidth from a timed 32 MiB copy; the link figures are given, not measured."""
+    return ClientSpec(
+        flops_per_s=measure_flops(),
+        uplink_bps=uplink_bps,
+        downlink_bps=downlink_bps,
+        rtt_s=rtt_s,
+        mem_bytes_per_s=measure_memory_bandwidth(),
+    )
+
+
+@torch.no_grad()
+def measure_flops(n: int = 384, budget_s: float = 0.05) -> float:
+    """float32 matmul FLOP/s of this machine (n x n by n x n, repeated for about `budget_s`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget_s or count < 2:
+        torch.mm(a, b)
+        count += 1
+    return 2.0 * n**3 * count / elapsed
+
+
+def measure_memory_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
+    """Bytes/s of a large tensor copy (read plus write), best of `repeats`."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * nbytes / max(best, 1e-9)
+
+
+# --------------------------------------------------------------------------- the session client
+
+
+def session_url(url: str) -> str:
+    """The WebSocket URL of the split session for a server base URL: `http://host:8000` (or
+    `.../v1`, the openai client's base URL) -> `ws://host:8000/v1/split/session`."""
+    parts = urlsplit(url)
+    scheme = _SCHEMES.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"server URL must look like http://HOST:PORT, got {url!r}")
+    path = parts.path.rstrip("/")
+    if path.endswith(SESSION_PATH):
+        path = path[: -len(SESSION_PATH)]
+    elif path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((scheme, parts.netloc, path + SESSION_PATH, "", ""))
+
+
+@dataclass(frozen=True)
+class _Step:
+    plan: Plan
+    token: Token
+    timing: StepTiming
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    open: Open
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class SplitClient:
+    """Generate with an AdaptiveLLM server by split execution (module docstring for the flow).
+
+    `url` is the server's base URL (`http://HOST:PORT`); `model_path` the same checkpoint the
+    server serves (only the layers this client runs are read). `api_key` is the server's
+    `--api-key`. `client_spec` declares this machine to the server's planner; None measures the
+    FLOP/s and memory bandwidth on first use and declares a 1 Gbit/s, 1 ms link
+    (`DEFAULT_UPLINK_BPS`, `DEFAULT_DOWNLINK_BPS`, `DEFAULT_RTT_S`). `layer` forces k for every
+    generation (None: the server plans it) and `sla_s` is the default end-to-end latency SLA;
+    both can be overridden per call. `dtype` is the compute dtype of the client's layers
+    (frames travel in the plan's dtype). `model` names the served model (None: the default).
+    A prompt whose hidden states exceed the server's frame limit goes in several prefill frames;
+    `max_frame_bytes` None asks the server once (`GET /v1/split/info`, falling back to
+    `DEFAULT_MAX_FRAME_BYTES` if it does not answer).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model_path: str | Path,
+        *,
+        api_key: str | None = None,
+        client_spec: ClientSpec | None = None,
+        layer: int | None = None,
+        sla_s: float | None = None,
+        dtype: str = "float32",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        model: str | None = None,
+        max_frame_bytes: int | None = None,
+    ) -> None:
+        self.url = session_url(url)
+        self.info_url = self.url.replace("ws", "http", 1).removesuffix(SESSION_PATH) + INFO_PATH
+        self.model = ClientModel(model_path, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.api_key = api_key
+        self.layer = layer
+        self.sla_s = sla_s
+        self.timeout_s = timeout_s
+        self.served_model = model
+        self._spec = client_spec
+        self._max_frame_bytes = max_frame_bytes
+        self._open: list[ClientConnection] = []
+
+    @property
+    def client_spec(self) -> ClientSpec:
+        """What this client declares to the planner (measured once if not given)."""
+        if self._spec is None:
+            self._spec = measure_client_spec()
+        return self._spec
+
+    def info(self) -> dict[str, Any]:
+        """The server's `GET /v1/split/info`: model, layers, dtype and limits such as
+        `max_frame_bytes`. Raises `SplitConnectionError` (or `SplitError`) on failure."""
+        request = urllib.request.Request(self.info_url, headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            exc.close()  # its open response would hold the connection
+            raise _status_error(exc.code, self.info_url, self.api_key) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise SplitConnectionError(
+                "connection_failed", f"cannot read {self.info_url}: {exc}"
+            ) from None
+        except ValueError:
+            raise SplitError("protocol_error", f"{self.info_url} did not answer JSON") from None
+        if not isinstance(body, dict):
+            raise SplitError("protocol_error", f"{self.info_url} did not answer a JSON object")
+        return body
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest binary frame the server accepts (asked once, see the class docstring)."""
+        if self._max_frame_bytes is None:
+            try:
+                limit = self.info().get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)
+            except SplitError:
+                limit = DEFAULT_MAX_FRAME_BYTES
+            ok = isinstance(limit, int) and limit > _FRAME_OVERHEAD
+            self._max_frame_bytes = limit if ok else DEFAULT_MAX_FRAME_BYTES
+        return self._max_frame_bytes
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt: strings are tokenized as vLLM does for completions (with the
+        tokenizer's special tokens); id lists are checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(i) for i in prompt]
+        vocab = int(self.model.config.vocab_size)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        layer: int | None = None,
+        sla_s: float | None = None,
+        on_token: Callable[[Token], None] | None = None,
+    ) -> SplitCompletion:
+        """Generate up to `max_tokens` tokens; `on_token` sees each token as it arrives.
+        `layer` and `sla_s` override the instance defaults. Raises `SplitError`."""
+        sampling = Sampling(temperature, top_p, top_k, seed, ignore_eos)
+        request = self._request(prompt, max_tokens, sampling, layer, sla_s)
+        start = time.perf_counter()
+        steps: list[_Step] = []
+        with contextlib.closing(self._steps(request)) as session:
+            for step in session:
+                steps.append(step)
+                if on_token is not None:
+                    on_token(step.token)
+        return _completion(request, steps, time.perf_counter() - start)
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        layer: int | None = None,
+        sla_s: float | None = None,
+    ) -> Generator[Completion, None, None]:
+        """Like `generate`, as the openai client's streamed `Completion` chunks: one per token,
+        `choices[0].text` the token's text, `finish_reason` set on the last. Needs `openai`.
+        The session opens at the first `next()`; `close()` on the generator (or on the client)
+        before the end ends the session, and the server frees it."""
+        types = _openai_types()
+        sampling = Sampling(temperature, top_p, top_k, seed, ignore_eos)
+        request = self._request(prompt, max_tokens, sampling, layer, sla_s)
+        return (_chunk(types, request, step) for step in self._steps(request))
+
+    def close(self) -> None:
+        """End the sessions still open (abandoned streams); the loaded layers stay cached."""
+        while self._open:
+            _hang_up(self._open.pop())
+
+    def __enter__(self) -> SplitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------- one session
+
+    def _request(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        layer: int | None,
+        sla_s: float | None,
+    ) -> _Request:
+        ids = self.encode(prompt)
+        message = Open(
+            prompt_tokens=len(ids),
+            max_tokens=max_tokens,
+            client=self.client_spec,
+            sla_s=self.sla_s if sla_s is None else sla_s,
+            layer=self.layer if layer is None else layer,
+            model=self.served_model,
+            sampling=sampling,
+        )
+        return _Request(ids, message)
+
+    def _steps(self, request: _Request) -> Generator[_Step, None, None]:
+        connection = self._connect()
+        self._open.append(connection)
+        try:
+            _send(connection, protocol.encode_message(request.open), self.timeout_s)
+            plan = self._check_plan(_expect(connection, Plan, self.timeout_s), request)
+            self.model.ensure_layers(plan.layer)
+            yield from self._exchange(connection, plan, request.prompt_ids)
+        finally:
+            if connection in self._open:
+                self._open.remove(connection)
+                _hang_up(connection)
+
+    def _exchange(
+        self, connection: ClientConnection, plan: Plan, ids: list[int]
+    ) -> Iterator[_Step]:
+        cache = DynamicCache()
+        wire = plan.dtype if plan.dtype in DTYPE_BYTES else "float32"
+        row_bytes = plan.hidden_size * DTYPE_BYTES[wire]
+        rows = max(1, (self.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes)
+        kind: protocol.FrameKind = "prefill"
+        for _ in range(plan.max_tokens):
+            start = time.perf_counter()
+            hidden = self.model.hidden_states(ids, plan.layer, cache).float().numpy()
+            frames = [
+                protocol.encode_frame(kind, hidden[i : i + rows], wire)
+                for i in range(0, len(hidden), rows)
+            ]
+            sent = time.perf_counter()
+            for frame in frames:
+                _send(connection, frame, self.timeout_s)
+            token = _expect(connection, Token, self.timeout_s)
+            timing = StepTiming(
+                token.index, sent - start, time.perf_counter() - sent, token.server_step_s
+            )
+            yield _Step(plan, token, timing)
+            if token.finish_reason is not None:
+                return
+            kind, ids = "decode", [token.token_id]
+        raise SplitError(
+            "protocol_error", f"the server sent {plan.max_tokens} tokens without finishing"
+        )
+
+    def _check_plan(self, plan: Plan, request: _Request) -> Plan:
+        model = self.model
+        if (plan.num_layers, plan.hidden_size) != (model.num_layers, model.hidden_size):
+            raise SplitError(
+                "model_mismatch",
+                f"the server's model has {plan.num_layers} layers of width {plan.hidden_size}; "
+                f"{model.num_layers} of width {model.hidden_size} here: use the same checkpoint",
+            )
+        if not 0 <= plan.layer <= plan.num_layers:
+            raise SplitError("protocol_error", f"plan layer {plan.layer} is out of range")
+        if len(request.prompt_ids) > plan.max_prompt_tokens:
+            raise SplitError(
+                "prompt_too_long",
+                f"the prompt has {len(request.prompt_ids)} tokens; the server accepts at most "
+                f"{plan.max_prompt_tokens}",
+            )
+        return plan
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _connect(self) -> ClientConnection:
+        try:
+            return connect(
+                self.url,
+                additional_headers=self._headers(),
+                open_timeout=self.timeout_s,
+                compression=None,
+                legacy=True,  # a plain connection; `with connect()` does not fit a stream
+            )
+        except InvalidStatus as exc:
+            raise _status_error(exc.response.status_code, self.url, self.api_key) from None
+        except ConnectionRefusedError:
+            raise SplitConnectionError(
+                "connection_refused",
+                f"connection refused by {self.url}: is the server running on that port?",
+            ) from None
+        except TimeoutError:
+            raise SplitError(
+                "timeout", f"no handshake from {self.url} in {self.timeout_s:g} s"
+            ) from None
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            raise SplitConnectionError(
+                "connection_failed", f"cannot open {self.url}: {exc}"
+            ) from None
+
+
+def _status_error(status: int, url: str, api_key: str | None) -> SplitConnectionError:
+    if status in (401, 403) and api_key is None:
+        return SplitConnectionError(
+            "unauthorized",
+            f"{url} answered HTTP {status}: the server requires --api-key; pass api_key=...",
+        )
+    if status in (401, 403):
+        return SplitConnectionError(
+            "unauthorized", f"{url} answered HTTP {status}: the server rejected the api_key"
+        )
+    if status == 404:
+        return SplitConnectionError(
+            "not_found",
+            f"{url} answered HTTP 404: the server does not offer split execution "
+            "(is it `adaptivellm serve` with split execution enabled?)",
+        )
+    return SplitConnectionError("handshake_failed", f"{url} refused the WebSocket: HTTP {status}")
+
+
+def _closed_error(exc: ConnectionClosed) -> SplitConnectionError:
+    close = exc.rcvd
+    if close is not None and close.code == _CLOSE_TOO_BIG:
+        detail = "a frame was larger than the server accepts"
+    elif close is not None:
+        detail = f"close code {close.code}" + (f": {close.reason}" if close.reason else "")
+    else:
+        detail = "no close frame"
+    return SplitConnectionError(
+        "connection_closed", f"the server closed the session before it finished ({detail})"
+    )
+
+
+def _send(connection: ClientConnection, data: str | bytes, timeout_s: float) -> None:
+    """Send one message; if the server has closed, raise the `Error` it sent before, if any."""
+    try:
+        connection.send(data)
+    except ConnectionClosed as exc:
+        closed = _closed_error(exc)
+    else:
+        return
+    _expect(connection, Token, timeout_s)  # raises the server's Error, or connection_closed
+    raise closed
+
+
+def _expect(connection: ClientConnection, cls: type[_T], timeout_s: float) -> _T:
+    """The next server message, which must be a `cls`; an `Error` raises `SplitError`."""
+    try:
+        data = connection.recv(timeout=timeout_s)
+    except ConnectionClosed as exc:
+        raise _closed_error(exc) from None
+    except TimeoutError:
+        raise SplitError("timeout", f"no reply from the server in {timeout_s:g} s") from None
+    if isinstance(data, bytes):
+        raise SplitError("protocol_error", "the server sent a binary frame; expected JSON")
+    try:
+        message = protocol.decode_message(data)
+    except protocol.ProtocolError as exc:
+        raise SplitError("protocol_error", f"bad message from the server: {exc}") from None
+    if isinstance(message, protocol.Error):
+        raise SplitError(message.code, message.message)
+    if not isinstance(message, cls):
+        raise SplitError(
+            "protocol_error", f"expected {cls.__name__} from the server, got {message.type!r}"
+        )
+    return message
+
+
+def _hang_up(connection: ClientConnection) -> None:
+    """Send `Close` if the socket is still open, then close it (errors are moot by now)."""
+    with contextlib.suppress(ConnectionClosed, OSError):
+        if connection.state is State.OPEN:
+            connection.send(protocol.encode_message(Close()))
+    with contextlib.suppress(OSError):
+        connection.close()
+
+
+def _completion(request: _Request, steps: list[_Step], total_s: float) -> SplitCompletion:
+    tokens = [step.token for step in steps]
+    return SplitCompletion(
+        prompt_token_ids=request.prompt_ids,
+        token_ids=[t.token_id for t in tokens],
+        text="".join(t.text for t in tokens),
+        finish_reason=tokens[-1].finish_reason,
+        plan=steps[0].plan,
+        timings=[step.timing for step in steps],
+        created=request.created,
+        total_s=total_s,
+    )
+
+
+def _chunk(types: Any, request: _Request, step: _Step) -> Completion:
+    choice = types.CompletionChoice.model_construct(
+        index=0, text=step.token.text, finish_reason=step.token.finish_reason, logprobs=None
+    )
+    chunk: Completion = types.Completion.model_construct(
+        id=_completion_id(step.plan),
+        object="text_completion",
+        created=request.created,
+        model=step.plan.model,
+        choices=[choice],
+    )
+    return chunk
