@@ -1,0 +1,355 @@
+"""Split execution served end to end: the same request mix all-ordinary, then by split clients.
+
+One `adaptivellm serve --split-execution` server (embedded model). The mix: `--requests`
+requests with ShareGPT-shaped prompt lengths (bench/workloads/sharegpt_lengths.json, seeded,
+clipped to `--max-prompt`), `--max-tokens` greedy output tokens each (ignore_eos), sent by
+`--concurrency` closed-loop workers.
+
+1. all ordinary: the real `openai` client, `/v1/completions` with the token ids;
+2. split mix: the same requests by `SplitClient`s (one per worker, the real client library).
+   Each client declares a device class to the planner (laptop, desktop or phone: FLOP/s and
+   link below), and each request's SLA is `--sla-factor` x its own latency in run 1 ("split
+   may not make a request more than F times slower than serving it whole, under the same
+   load"). The server's planner picks k per request.
+
+Server compute is read from the server's own counters (`/metrics` deltas over each run): the
+wall time of the model's forward passes (`adaptivellm_split_forward_seconds_total`) and the
+decoder-layer passes over tokens (`adaptivellm_split_token_layers_total{kind="computed"}`).
+Clients and server share this machine's cores, so client compute slows the server's forward
+passes in run 2: the measured ratio is pessimistic for split. Greedy outputs of the two runs
+are compared token for token.
+
+    python bench/split_serving.py            # writes bench/results/split_serving.json + .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import queue
+import shlex
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+from tqdm import tqdm
+
+from adaptivellm import __version__
+from adaptivellm.compat import installed_vllm
+from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
+from adaptivellm.model import ensure_model
+from adaptivellm.split_client.protocol import ClientSpec
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+LENGTHS = ROOT / "workloads" / "sharegpt_lengths.json"
+
+#: Device classes the split clients declare (FLOP/s, uplink and downlink bits/s, RTT s).
+DEVICES: dict[str, tuple[float, float, float, float]] = {
+    "desktop": (200e9, 1e9, 1e9, 0.002),
+    "laptop": (50e9, 200e6, 200e6, 0.01),
+    "phone": (5e9, 20e6, 50e6, 0.04),
+}
+
+
+DEVICE_FIELDS = ("flops_per_s", "uplink_bps", "downlink_bps", "rtt_s")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of the mix."""
+
+    index: int
+    prompt: list[int]
+    max_tokens: int
+    device: str
+
+
+def workload(n: int, max_prompt: int, max_tokens: int, seed: int) -> list[Item]:
+    """Seeded requests: ShareGPT prompt lengths, random token ids, a device per request."""
+    rng = np.random.default_rng(seed)
+    pairs = json.loads(LENGTHS.read_text())["pairs"]
+    picks = rng.choice(len(pairs), size=n)
+    devices = list(DEVICES)
+    items = []
+    for i, pick in enumerate(picks):
+        length = int(min(max(4, pairs[pick][0]), max_prompt))
+        prompt = rng.integers(10, 4000, size=length).tolist()
+        items.append(Item(i, prompt, max_tokens, devices[i % len(devices)]))
+    return items
+
+
+def run_pool(
+    items: list[Item], workers: int, make: Callable[[], Any], call: Callable[..., dict], label: str
+) -> tuple[list[dict], float]:
+    """Closed loop: `workers` threads, each with its own client from `make()`."""
+    todo: queue.Queue[Item] = queue.Queue()
+    for item in items:
+        todo.put(item)
+    results: list[dict] = []
+    lock = threading.Lock()
+    bar = tqdm(total=len(items), desc=label, unit="req")
+
+    def worker() -> None:
+        client = make()
+        while True:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            result = call(client, item)
+            with lock:
+                results.append(result)
+                bar.update(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    return sorted(results, key=lambda r: r["index"]), time.perf_counter() - began
+
+
+def counters(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {
+        "forward_s": metric_value(text, "adaptivellm_split_forward_seconds_total") or 0.0,
+        "token_layers": metric_value(
+            text, "adaptivellm_split_token_layers_total", 'kind="computed"'
+        )
+        or 0.0,
+        "saved_token_layers": metric_value(
+            text, "adaptivellm_split_token_layers_total", 'kind="saved"'
+        )
+        or 0.0,
+        "forward_passes": metric_value(text, "adaptivellm_split_forward_passes_total") or 0.0,
+        "mixed_passes": metric_value(
+            text, "adaptivellm_split_forward_passes_total", 'batch="mixed"'
+        )
+        or 0.0,
+    }
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def ordinary_call(base_url: str, model: str) -> Callable[..., dict]:
+    def call(client: openai.OpenAI, item: Item) -> dict:
+        began = time.perf_counter()
+        out = client.completions.create(
+            model=model,
+            prompt=item.prompt,
+            max_tokens=item.max_tokens,
+            temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        latency = time.perf_counter() - began
+        choice = out.choices[0]
+        ids = getattr(choice, "token_ids", None) or []
+        return {"index": item.index, "latency_s": latency, "token_ids": list(ids)}
+
+    return call
+
+
+def split_call(sla: dict[int, float]) -> Callable[..., dict]:
+    def call(clients: dict[str, Any], item: Item) -> dict:
+        began = time.perf_counter()
+        out = clients[item.device].generate(
+            item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=sla[item.index]
+        )
+        latency = time.perf_counter() - began
+        return {
+            "index": item.index,
+            "latency_s": latency,
+            "token_ids": out.token_ids,
+            "layer": out.layer,
+            "predicted_latency_s": out.plan.predicted_latency_s,
+            "sla_s": sla[item.index],
+            "met_sla": latency <= sla[item.index],
+            "client_compute_s": sum(t.client_compute_s for t in out.timings),
+        }
+
+    return call
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from adaptivellm.split_client.client import SplitClient
+
+    torch.set_num_threads(1)  # the clients share 2 cores with the server
+    model_path = ensure_model()
+    items = workload(args.requests, args.max_prompt, args.max_tokens, args.seed)
+    port = free_port()
+    flags = ["--enforce-eager", "--max-model-len", "2048", "--split-execution",
+             "--split-max-sessions", str(args.concurrency * 2)]  # fmt: skip
+    command = adaptivellm_command(None, port, flags)
+    log = RESULTS / "logs" / "split_serving.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with running_server(command, port, log) as server:
+        base = server.base_url
+        model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+
+        def make_openai() -> openai.OpenAI:
+            return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+
+        def make_split() -> dict[str, SplitClient]:
+            """One client per device class: each declares its class to the planner."""
+            return {
+                name: SplitClient(base, model_path, client_spec=ClientSpec(*spec), timeout_s=300)
+                for name, spec in DEVICES.items()
+            }
+
+        warm = items[: args.concurrency]
+        run_pool(warm, args.concurrency, make_openai, ordinary_call(base, model), "warm-up")
+        warm_sla = {i.index: 1e6 for i in warm}
+        run_pool(warm, args.concurrency, make_split, split_call(warm_sla), "warm-up split")
+
+        before = counters(base)
+        ordinary, ordinary_wall = run_pool(
+            items, args.concurrency, make_openai, ordinary_call(base, model), "all ordinary"
+        )
+        middle = counters(base)
+        sla = {r["index"]: args.sla_factor * r["latency_s"] for r in ordinary}
+        split, split_wall = run_pool(
+            items, args.concurrency, make_split, split_call(sla), "split mix"
+        )
+        after = counters(base)
+    return report(args, command, items, ordinary, split, ordinary_wall, split_wall,
+                  delta(middle, before), delta(after, middle))  # fmt: skip
+
+
+def report(
+    args: argparse.Namespace,
+    command: list[str],
+    items: list[Item],
+    ordinary: list[dict],
+    split: list[dict],
+    ordinary_wall: float,
+    split_wall: float,
+    ordinary_counters: dict[str, float],
+    split_counters: dict[str, float],
+) -> dict[str, Any]:
+    n = len(items)
+    per_request = {
+        "ordinary": {k: v / n for k, v in ordinary_counters.items()},
+        "split": {k: v / n for k, v in split_counters.items()},
+    }
+    matches = [o["token_ids"] == s["token_ids"] for o, s in zip(ordinary, split, strict=True)]
+    layers = [s["layer"] for s in split]
+    found = installed_vllm()
+    return {
+        "benchmark": "split_serving",
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "server_command": shlex.join(command),
+        "server_compute_per_request_ratio": _ratio(
+            per_request["split"]["forward_s"], per_request["ordinary"]["forward_s"]
+        ),
+        "server_token_layers_per_request_ratio": _ratio(
+            per_request["split"]["token_layers"], per_request["ordinary"]["token_layers"]
+        ),
+        "throughput_ratio": _ratio(n / split_wall, n / ordinary_wall),
+        "sla_attainment": sum(s["met_sla"] for s in split) / n,
+        "greedy_token_match": sum(matches) / n,
+        "targets": {"server_compute_per_request_ratio": 0.6, "sla_attainment": 0.99},
+        "requests": n,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "sla_factor": args.sla_factor,
+        "devices": {k: dict(zip(DEVICE_FIELDS, v, strict=True)) for k, v in DEVICES.items()},
+        "chosen_layers": {str(k): layers.count(k) for k in sorted(set(layers))},
+        "mean_layer": statistics.fmean(layers),
+        "throughput_requests_per_s": {"ordinary": n / ordinary_wall, "split": n / split_wall},
+        "latency_s": {
+            "ordinary_mean": statistics.fmean(o["latency_s"] for o in ordinary),
+            "split_mean": statistics.fmean(s["latency_s"] for s in split),
+        },
+        "per_request_server": per_request,
+        "split_requests": split,
+        "ordinary_latencies_s": [o["latency_s"] for o in ordinary],
+        "machine": {"platform": platform.platform(), "cpus": _cpus()},
+        "versions": {"adaptivellm": __version__, "vllm": found[1] if found else None},
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = result["chosen_layers"]
+    left.bar(list(layers), list(layers.values()), color="tab:blue")
+    left.set_xlabel("split layer k chosen by the planner (client runs [0, k))")
+    left.set_ylabel("requests")
+    left.set_title("k per request")
+    ordinary = sorted(result["ordinary_latencies_s"])
+    split = sorted(s["latency_s"] for s in result["split_requests"])
+    for values, label in ((ordinary, "all ordinary"), (split, "split mix")):
+        right.plot(values, np.linspace(0, 1, len(values)), label=label)
+    right.set_xlabel("end-to-end latency (s)")
+    right.set_ylabel("fraction of requests")
+    right.set_title(
+        f"compute/request x{result['server_compute_per_request_ratio']:.2f}, "
+        f"SLA met {result['sla_attainment']:.0%}"
+    )
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--sla-factor", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
+    parser.add_argument("--quick", action="store_true", help="12 requests, 16 tokens")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.max_tokens = 12, 16
+    result = measure(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    keys = (
+        "server_compute_per_request_ratio",
+        "server_token_layers_per_request_ratio",
+        "throughput_ratio",
+        "sla_attainment",
+        "greedy_token_match",
+        "chosen_layers",
+    )
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0 if all(math.isfinite(result[k] or math.nan) for k in keys[:4]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

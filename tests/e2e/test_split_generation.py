@@ -1,0 +1,186 @@
+"""Split execution end to end with the real client library: greedy split generation equals
+unsplit generation token for token, for k = 0, a middle layer, N-1 and N, with split and
+ordinary requests in the same batches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import torch
+
+from adaptivellm.launch import metric_value
+from adaptivellm.model import ensure_model
+from adaptivellm.split_client.client import SplitClient, SplitError
+from adaptivellm.split_client.protocol import ClientSpec
+from tests.support import API_KEY, Server
+
+NUM_LAYERS = 6
+PROMPTS = ("the quick brown fox jumps over the lazy dog", "a b c d e f g h i j k l m n o p")
+MAX_TOKENS = 12
+SPEC = ClientSpec(flops_per_s=5e10, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001)
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api_url, api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def split(server: Server) -> Iterator[SplitClient]:
+    # The client computes in this process while the server's worker spins its OpenMP threads on
+    # the same 2 cores: more than one torch thread here makes both crawl (oversubscription).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with SplitClient(server.base_url, ensure_model(), api_key=API_KEY, client_spec=SPEC) as c:
+        yield c
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(split: SplitClient, openai_client: openai.OpenAI, server: Server) -> dict:
+    """Unsplit greedy generations through the ordinary API, alone on the server."""
+    out = {}
+    for prompt in PROMPTS:
+        ids = split.encode(prompt)
+        done = openai_client.completions.create(
+            model=server.model, prompt=ids, max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        out[prompt] = (list(done.choices[0].token_ids or []), done.choices[0].text)
+        assert len(out[prompt][0]) == MAX_TOKENS
+    return out
+
+
+def metrics(server: Server) -> str:
+    return httpx.get(f"{server.base_url}/metrics", timeout=30).text
+
+
+class Background:
+    """Ordinary requests running on the server the whole time (the split ones join their
+    batches)."""
+
+    def __init__(self, server: Server, client: openai.OpenAI) -> None:
+        self.server, self.client = server, client
+        self.stop = threading.Event()
+        self.done = 0
+        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            out = self.client.completions.create(
+                model=self.server.model, prompt="keep the batch busy", max_tokens=200,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert out.usage is not None and out.usage.completion_tokens == 200
+            self.done += 1
+
+    def __enter__(self) -> Background:
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while (metric_value(metrics(self.server), "vllm:num_requests_running") or 0) < 2:
+            assert time.monotonic() < deadline, "background requests did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=300)
+
+
+@pytest.mark.parametrize("layer", [0, 3, NUM_LAYERS - 1, NUM_LAYERS])
+def test_split_greedy_equals_unsplit_in_mixed_batches(
+    layer: int, split: SplitClient, reference: dict, server: Server, openai_client: openai.OpenAI
+) -> None:
+    before = metrics(server)
+    with Background(server, openai_client) as background:
+        results = {p: split.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, layer=layer)
+                   for p in PROMPTS}  # fmt: skip
+    assert background.done >= 1
+    for prompt, result in results.items():
+        assert result.layer == layer and result.plan.planned_by == "client"
+        assert result.token_ids == reference[prompt][0], prompt
+        assert result.text == reference[prompt][1]
+        assert result.finish_reason == "length"
+    after = metrics(server)
+    saved = 'kind="saved"'
+    name = "adaptivellm_split_token_layers_total"
+    gained = (metric_value(after, name, saved) or 0) - (metric_value(before, name, saved) or 0)
+    if layer == 0:
+        assert gained == 0  # k = 0: the server runs every layer
+    else:
+        # Each generated token (prompt tokens too) skipped `layer` layers on the server.
+        prompt_tokens = sum(len(split.encode(p)) for p in PROMPTS)
+        assert gained == layer * (prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1))
+        mixed = 'batch="mixed"'
+        passes = "adaptivellm_split_forward_passes_total"
+        assert (metric_value(after, passes, mixed) or 0) > (
+            metric_value(before, passes, mixed) or 0
+        )
+
+
+def test_planner_chooses_k_and_output_still_matches(split: SplitClient, reference: dict) -> None:
+    prompt = PROMPTS[0]
+    result = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, sla_s=120.0)
+    assert result.plan.planned_by == "planner"
+    assert 0 <= result.layer <= NUM_LAYERS
+    assert result.token_ids == reference[prompt][0]
+
+
+def test_stream_is_shaped_like_openai_and_matches(split: SplitClient, reference: dict) -> None:
+    prompt = PROMPTS[1]
+    chunks = list(split.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=2))
+    assert len(chunks) == MAX_TOKENS
+    assert all(isinstance(c, openai.types.Completion) for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == reference[prompt][1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_eos_stops_a_split_generation(split: SplitClient, reference: dict) -> None:
+    """Without ignore_eos the session ends at the first EOS or at max_tokens."""
+    result = split.generate(PROMPTS[0], max_tokens=MAX_TOKENS, layer=3)
+    assert result.finish_reason in ("stop", "length")
+    expected = reference[PROMPTS[0]][0]
+    assert result.token_ids == expected[: len(result.token_ids)]
+
+
+def test_abandoned_stream_frees_its_session(split: SplitClient, server: Server) -> None:
+    stream = split.stream(PROMPTS[0], max_tokens=40, ignore_eos=True, layer=3)
+    next(stream)
+    next(stream)
+    stream.close()  # the client walks away mid-decode
+    deadline_text = metrics(server)
+    assert metric_value(deadline_text, "adaptivellm_split_sessions_total") is not None
+    # A new session right away works (the old one's slot and KV cache are given back).
+    again = split.generate(PROMPTS[1], max_tokens=3, ignore_eos=True, layer=3)
+    assert len(again.token_ids) == 3
+
+
+def test_wrong_key_is_a_clear_client_error(server: Server) -> None:
+    client = SplitClient(server.base_url, ensure_model(), api_key="wrong", client_spec=SPEC)
+    with client, pytest.raises(SplitError) as err:
+        client.generate("x", max_tokens=2)
+    assert err.value.code == "unauthorized"
+
+
+def test_cli_prints_the_same_text(server: Server, reference: dict) -> None:
+    prompt = PROMPTS[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "adaptivellm.cli", "split-client", "--url", server.base_url,
+         "--api-key", API_KEY, "--layer", "4", "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+         "--json", prompt],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["text"] == reference[prompt][1]
+    assert report["layer"] == 4
