@@ -61,6 +61,9 @@ from adaptivellm.split_client.protocol import (
 from adaptivellm.split_config import SPLIT_PLUGIN_NAME, SplitConfig
 
 logger = logging.getLogger(__name__)
+#: Planner's per-step overhead before any split step was observed, and the EWMA weight.
+INITIAL_STEP_S = 0.01
+STEP_EWMA_WEIGHT = 0.05
 #: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
 _CLOSE_CODES = {"too_many_sessions": 1013, "engine_error": 1011}
 
@@ -77,6 +80,13 @@ class SplitService:
     max_model_len: int
     server: ServerProfile
     open_sessions: set[str] = field(default_factory=set)
+    #: Exponentially weighted mean of observed decode steps (frame in to token out): the
+    #: planner's per-step overhead, so predictions follow the server's real load.
+    step_estimate_s: float = INITIAL_STEP_S
+
+    def observe_step(self, seconds: float) -> None:
+        """Fold one observed decode step into the estimate."""
+        self.step_estimate_s += STEP_EWMA_WEIGHT * (seconds - self.step_estimate_s)
 
     def can_open(self) -> bool:
         return len(self.open_sessions) < self.config.max_sessions
@@ -97,7 +107,9 @@ class SplitService:
 
     def plan(self, request: Open) -> tuple[int, float | None, Literal["planner", "client"]]:
         """(k, predicted end-to-end latency, who chose k) for an Open, at the current load."""
-        server = replace(self.server, decode_batch=max(1, self.load() + 1))
+        server = replace(
+            self.server, decode_batch=max(1, self.load() + 1), step_overhead_s=self.step_estimate_s
+        )
         client = ClientProfile(
             flops_per_s=request.client.flops_per_s,
             uplink_bps=request.client.uplink_bps,
@@ -319,6 +331,8 @@ class Session:
             finish = self._finish_reason(token_id, index, opened)
             step_s = time.monotonic() - step_began
             metrics.step_seconds.labels(kind=kind).observe(step_s)
+            if kind == "decode":
+                self.service.observe_step(step_s)
             await self.websocket.send_text(
                 encode_message(Token(index, token_id, text, finish, step_s))
             )

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -326,15 +327,49 @@ def measure_client_spec(
     downlink_bps: float = DEFAULT_DOWNLINK_BPS,
     rtt_s: float = DEFAULT_RTT_S,
 ) -> ClientSpec:
-    """Describe this machine: FLOP/s from a timed float32 matmul (about 50 ms) and memory
-    bandwidth from a timed 32 MiB copy; the link figures are given, not measured."""
+    """Describe this machine: FLOP/s from a timed float32 matmul (about 50 ms), memory
+    bandwidth from a timed 32 MiB copy, and the fixed time of one decoder layer's forward pass
+    (eager PyTorch: dozens of small kernels, which dominates a decode step of a small model);
+    the link figures are given, not measured."""
     return ClientSpec(
         flops_per_s=measure_flops(),
         uplink_bps=uplink_bps,
         downlink_bps=downlink_bps,
         rtt_s=rtt_s,
         mem_bytes_per_s=measure_memory_bandwidth(),
+        layer_overhead_s=measure_layer_overhead(),
     )
+
+
+@torch.no_grad()
+def measure_layer_overhead(repeats: int = 30) -> float:
+    """Seconds of one decode step (one token) through a tiny Llama decoder layer with a KV
+    cache: the per-layer cost that FLOPs and bytes do not account for. Median of `repeats`."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+        num_hidden_layers=1, vocab_size=16,
+    )  # fmt: skip
+    layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    rotary = LlamaRotaryEmbedding(config)
+    cache = DynamicCache()
+    times = []
+    for step in range(repeats + 1):
+        hidden = torch.randn(1, 1, 64)
+        positions = torch.tensor([[step]])
+        began = time.perf_counter()
+        layer(
+            hidden,
+            attention_mask=None,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=rotary(hidden, position_ids=positions),
+        )
+        times.append(time.perf_counter() - began)
+    return float(np.median(times[1:]))  # the first call pays one-off set-up
 
 
 @torch.no_grad()

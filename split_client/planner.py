@@ -299,12 +299,16 @@ class ServerProfile:
     mem_bytes_per_s: float = 2.5e12
     decode_batch: int = 32
     layer_overhead_s: float = 0.0
+    #: Fixed time per forward pass on the serving path whatever the placement: the engine's
+    #: scheduling and batching wait, the API server, framing. A live server measures it.
+    step_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_real("flops_per_s", self.flops_per_s, positive=True)
         _check_real("mem_bytes_per_s", self.mem_bytes_per_s, positive=True)
         _check_int("decode_batch", self.decode_batch)
         _check_real("layer_overhead_s", self.layer_overhead_s, finite=True)
+        _check_real("step_overhead_s", self.step_overhead_s, finite=True)
 
 
 @dataclass(frozen=True)
@@ -468,7 +472,7 @@ def _lm_head(shape: ModelShape, server: ServerProfile, steps: int) -> tuple[floa
     time = float(_roofline(flops, weights, f, m)) + steps * float(
         _roofline(b * flops, weights, f, m)
     )
-    return time, flops * (1 + steps)
+    return time + (1 + steps) * server.step_overhead_s, flops * (1 + steps)
 
 
 def build_costs(

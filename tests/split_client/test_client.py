@@ -494,6 +494,7 @@ def test_client_spec_is_measured_once_with_documented_link_defaults(
     first, second = (message.client for message in fake.opens)
     assert first is not None and first == second
     assert first.flops_per_s > 1e6 and first.mem_bytes_per_s > 1e6
+    assert 0 < first.layer_overhead_s < 1.0  # eager per-layer time, measured
     assert (first.uplink_bps, first.rtt_s) == (DEFAULT_UPLINK_BPS, DEFAULT_RTT_S)
 
 

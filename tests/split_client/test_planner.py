@@ -524,3 +524,26 @@ def test_planner_imports_neither_vllm_nor_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_step_overhead_adds_the_same_time_to_every_placement() -> None:
+    """A fixed per-step time on the serving path (scheduling, API) costs every placement
+    (1 + decode steps) x overhead, so it never changes which placement is fastest but can make
+    an SLA infeasible."""
+    shape, masks = PRESETS["llama3-8b"], prefix_masks(32)
+    unbounded = Request(256, 33, math.inf)
+    quiet = build_costs(shape, LAPTOP, ServerProfile(), unbounded)
+    busy = build_costs(shape, LAPTOP, ServerProfile(step_overhead_s=0.05), unbounded)
+    before, _ = evaluate_placements(quiet, masks)
+    after, _ = evaluate_placements(busy, masks)
+    np.testing.assert_allclose(after - before, 33 * 0.05)
+    # An SLA 1 s above the fastest placement: met when idle, not with 1.65 s of overhead.
+    request = Request(256, 33, float(before.min()) + 1.0)
+    assert choose_split_layer(shape, LAPTOP, ServerProfile(), request) >= 0
+    with pytest.raises(InfeasibleSLAError):
+        choose_split_layer(shape, LAPTOP, ServerProfile(step_overhead_s=0.05), request)
+
+
+def test_negative_step_overhead_is_refused() -> None:
+    with pytest.raises(ValueError, match="step_overhead_s"):
+        ServerProfile(step_overhead_s=-1.0)
