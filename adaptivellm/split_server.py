@@ -146,6 +146,13 @@ class SplitService:
 _DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
 
 
+def torch_tensor(array: np.ndarray) -> Any:
+    """A float32 torch tensor holding a copy of `array` (the engine keeps it)."""
+    import torch
+
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
 def _latency(costs: Any, layer: int) -> float | None:
     on_server = np.arange(costs.num_layers) >= layer
     latency, _ = evaluate_placements(costs, on_server[None, :])
@@ -313,9 +320,51 @@ class Session:
             sla_s=opened.sla_s,
             running_requests=self.service.load(),
             planned_by=planned_by,
+            server_decodes=self.layer == 0,
         )
         await self.websocket.send_text(encode_message(plan))
         began = time.monotonic()
+        if self.layer == 0:
+            await self._serve_whole(opened)
+        else:
+            await self._serve_split(opened)
+        await self._finish()
+        if opened.sla_s is not None:
+            met = time.monotonic() - began <= opened.sla_s
+            metrics.sla_met.labels(met=str(met).lower()).inc()
+        return "finished"
+
+    async def _serve_whole(self, opened: Open) -> None:
+        """k = 0: an ordinary request on the prompt's embeddings; the engine decodes on its own
+        and every token streams to the client."""
+        from vllm.inputs.engine import embeds_input
+
+        prompt = await self._receive_prefill(opened.prompt_tokens)
+        began = time.monotonic()
+        params = self._sampling(opened)
+        params.max_tokens, params.extra_args = opened.max_tokens, None
+        embeds = torch_tensor(prompt).to(self.service.engine.model_config.dtype)
+        self.outputs = self.service.engine.generate(embeds_input(embeds), params, self.request_id)
+        index = 0
+        async for output in self.outputs:
+            completion = output.outputs[0]
+            ids = list(completion.token_ids)
+            for n, token_id in enumerate(ids):
+                last = n == len(ids) - 1
+                finish = completion.finish_reason if last and output.finished else None
+                if finish not in (None, "stop", "length"):
+                    raise ProtocolError("engine_error", f"generation ended: {finish}")
+                text = completion.text if last else ""
+                step_s = time.monotonic() - began
+                await self.websocket.send_text(
+                    encode_message(Token(index, int(token_id), text, finish, step_s))
+                )
+                began, index = time.monotonic(), index + 1
+        self.finished = True
+
+    async def _serve_split(self, opened: Open) -> None:
+        """k > 0: a streaming-input session, one chunk (hidden states at layer k) per token."""
+        metrics = SplitServerMetrics.get()
         self.outputs = self.service.engine.generate(
             self._input_stream(), self._sampling(opened), self.request_id
         )
@@ -338,11 +387,6 @@ class Session:
             )
             if finish is not None:
                 break
-        await self._finish()
-        if opened.sla_s is not None:
-            met = time.monotonic() - began <= opened.sla_s
-            metrics.sla_met.labels(met=str(met).lower()).inc()
-        return "finished"
 
     async def _receive_open(self) -> Open:
         message = await self._receive()
@@ -465,7 +509,7 @@ class Session:
     async def _finish(self) -> None:
         """End the input stream, let the engine close the session, then close the socket."""
         await self.inputs.put(None)
-        if self.outputs is not None:
+        if self.outputs is not None and not self.finished:
             with contextlib.suppress(StopAsyncIteration, TimeoutError):
                 while True:
                     await asyncio.wait_for(self.outputs.__anext__(), timeout=5.0)

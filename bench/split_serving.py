@@ -6,11 +6,11 @@ clipped to `--max-prompt`), `--max-tokens` greedy output tokens each (ignore_eos
 `--concurrency` closed-loop workers.
 
 1. all ordinary: the real `openai` client, `/v1/completions` with the token ids;
-2. split mix: the same requests by `SplitClient`s (one per worker, the real client library).
-   Each client declares a device class to the planner (laptop, desktop or phone: FLOP/s and
-   link below), and each request's SLA is `--sla-factor` x its own latency in run 1 ("split
-   may not make a request more than F times slower than serving it whole, under the same
-   load"). The server's planner picks k per request.
+2. split mix: the same requests by `SplitClient`s (one per worker, the real client library),
+   each declaring this machine as measured by the client (`measure_client_spec`) and an
+   interactive SLA of `--sla-first-s` + `--sla-per-token-s` x (max_tokens - 1) seconds (by
+   default 1 s + 100 ms per further token: 10 tokens/s, faster than people read). The server's
+   planner picks k per request within that SLA.
 
 Server compute is read from the server's own counters (`/metrics` deltas over each run): the
 wall time of the model's forward passes (`adaptivellm_split_forward_seconds_total`) and the
@@ -25,6 +25,7 @@ are compared token for token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -48,21 +49,11 @@ from adaptivellm import __version__
 from adaptivellm.compat import installed_vllm
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
 from adaptivellm.model import ensure_model
-from adaptivellm.split_client.protocol import ClientSpec
+from adaptivellm.split_client.client import measure_client_spec
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 LENGTHS = ROOT / "workloads" / "sharegpt_lengths.json"
-
-#: Device classes the split clients declare (FLOP/s, uplink and downlink bits/s, RTT s).
-DEVICES: dict[str, tuple[float, float, float, float]] = {
-    "desktop": (200e9, 1e9, 1e9, 0.002),
-    "laptop": (50e9, 200e6, 200e6, 0.01),
-    "phone": (5e9, 20e6, 50e6, 0.04),
-}
-
-
-DEVICE_FIELDS = ("flops_per_s", "uplink_bps", "downlink_bps", "rtt_s")
 
 
 @dataclass(frozen=True)
@@ -72,20 +63,18 @@ class Item:
     index: int
     prompt: list[int]
     max_tokens: int
-    device: str
 
 
 def workload(n: int, max_prompt: int, max_tokens: int, seed: int) -> list[Item]:
-    """Seeded requests: ShareGPT prompt lengths, random token ids, a device per request."""
+    """Seeded requests: ShareGPT prompt lengths, random token ids."""
     rng = np.random.default_rng(seed)
     pairs = json.loads(LENGTHS.read_text())["pairs"]
     picks = rng.choice(len(pairs), size=n)
-    devices = list(DEVICES)
     items = []
     for i, pick in enumerate(picks):
         length = int(min(max(4, pairs[pick][0]), max_prompt))
         prompt = rng.integers(10, 4000, size=length).tolist()
-        items.append(Item(i, prompt, max_tokens, devices[i % len(devices)]))
+        items.append(Item(i, prompt, max_tokens))
     return items
 
 
@@ -165,9 +154,9 @@ def ordinary_call(base_url: str, model: str) -> Callable[..., dict]:
 
 
 def split_call(sla: dict[int, float]) -> Callable[..., dict]:
-    def call(clients: dict[str, Any], item: Item) -> dict:
+    def call(client: Any, item: Item) -> dict:
         began = time.perf_counter()
-        out = clients[item.device].generate(
+        out = client.generate(
             item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=sla[item.index]
         )
         latency = time.perf_counter() - began
@@ -178,6 +167,11 @@ def split_call(sla: dict[int, float]) -> Callable[..., dict]:
             "layer": out.layer,
             "predicted_latency_s": out.plan.predicted_latency_s,
             "sla_s": sla[item.index],
+            "prediction_error": (
+                (out.plan.predicted_latency_s - latency) / latency
+                if out.plan.predicted_latency_s is not None
+                else None
+            ),
             "met_sla": latency <= sla[item.index],
             "client_compute_s": sum(t.client_compute_s for t in out.timings),
         }
@@ -191,6 +185,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from adaptivellm.split_client.client import SplitClient
 
     torch.set_num_threads(1)  # the clients share 2 cores with the server
+    spec = measure_client_spec()  # what every client declares: this machine, honestly
     model_path = ensure_model()
     items = workload(args.requests, args.max_prompt, args.max_tokens, args.seed)
     port = free_port()
@@ -206,12 +201,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         def make_openai() -> openai.OpenAI:
             return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
-        def make_split() -> dict[str, SplitClient]:
-            """One client per device class: each declares its class to the planner."""
-            return {
-                name: SplitClient(base, model_path, client_spec=ClientSpec(*spec), timeout_s=300)
-                for name, spec in DEVICES.items()
-            }
+        def make_split() -> SplitClient:
+            return SplitClient(base, model_path, client_spec=spec, timeout_s=300)
 
         warm = items[: args.concurrency]
         run_pool(warm, args.concurrency, make_openai, ordinary_call(base, model), "warm-up")
@@ -223,13 +214,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             items, args.concurrency, make_openai, ordinary_call(base, model), "all ordinary"
         )
         middle = counters(base)
-        sla = {r["index"]: args.sla_factor * r["latency_s"] for r in ordinary}
+        sla = {i.index: args.sla_first_s + args.sla_per_token_s * (i.max_tokens - 1)
+               for i in items}  # fmt: skip
         split, split_wall = run_pool(
             items, args.concurrency, make_split, split_call(sla), "split mix"
         )
         after = counters(base)
-    return report(args, command, items, ordinary, split, ordinary_wall, split_wall,
-                  delta(middle, before), delta(after, middle))  # fmt: skip
+    result = report(args, command, items, ordinary, split, ordinary_wall, split_wall,
+                    delta(middle, before), delta(after, middle))  # fmt: skip
+    result["client_spec"] = dataclasses.asdict(spec)
+    return result
 
 
 def report(
@@ -268,8 +262,7 @@ def report(
         "requests": n,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
-        "sla_factor": args.sla_factor,
-        "devices": {k: dict(zip(DEVICE_FIELDS, v, strict=True)) for k, v in DEVICES.items()},
+        "sla": {"first_s": args.sla_first_s, "per_token_s": args.sla_per_token_s},
         "chosen_layers": {str(k): layers.count(k) for k in sorted(set(layers))},
         "mean_layer": statistics.fmean(layers),
         "throughput_requests_per_s": {"ordinary": n / ordinary_wall, "split": n / split_wall},
@@ -325,10 +318,11 @@ def plot(result: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=512)
-    parser.add_argument("--sla-factor", type=float, default=2.0)
+    parser.add_argument("--sla-first-s", type=float, default=1.0)
+    parser.add_argument("--sla-per-token-s", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
     parser.add_argument("--quick", action="store_true", help="12 requests, 16 tokens")

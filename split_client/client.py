@@ -23,6 +23,7 @@ not thread-safe: use one per thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -47,6 +48,8 @@ from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from adaptivellm.split_client import protocol
+from adaptivellm.split_client.planner import ClientProfile, ModelShape, ServerProfile, build_costs
+from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import (
     DTYPE_BYTES,
     INFO_PATH,
@@ -250,6 +253,8 @@ class ClientModel:
         self.rotary = LlamaRotaryEmbedding(config=self.config)
         self.embed: nn.Embedding | None = None
         self.layers = nn.ModuleList()
+        #: The planner's view of the model (what the calibration prices).
+        self.shape = ModelShape.from_hf_config(folder)
 
     @property
     def num_layers(self) -> int:
@@ -320,6 +325,33 @@ class ClientModel:
 
 
 # --------------------------------------------------------------------------- measuring
+
+#: Weight of each generation in the client's calibration (running mean).
+CALIBRATION_WEIGHT = 0.3
+
+
+def scaled_spec(spec: ClientSpec, slowdown: float) -> ClientSpec:
+    """`spec` for a machine `slowdown` times slower than declared."""
+    return dataclasses.replace(
+        spec,
+        flops_per_s=spec.flops_per_s / slowdown,
+        mem_bytes_per_s=spec.mem_bytes_per_s / slowdown,
+        layer_overhead_s=spec.layer_overhead_s * slowdown,
+    )
+
+
+def predicted_client_s(
+    shape: ModelShape, spec: ClientSpec, prompt_tokens: int, done: SplitCompletion
+) -> float:
+    """The planner's prediction of the client's time for a finished generation."""
+    profile = ClientProfile(
+        spec.flops_per_s, spec.uplink_bps, spec.downlink_bps, spec.rtt_s,
+        spec.mem_bytes_per_s, spec.layer_overhead_s,
+    )  # fmt: skip
+    request = PlannerRequest(prompt_tokens, len(done.token_ids), math.inf)
+    costs = build_costs(shape, profile, ServerProfile(), request)
+    # The client runs layers [0, k) for the prompt and every token but the last.
+    return float(costs.client_time[: done.layer].sum())
 
 
 def measure_client_spec(
@@ -442,6 +474,12 @@ class SplitClient:
     A prompt whose hidden states exceed the server's frame limit goes in several prefill frames;
     `max_frame_bytes` None asks the server once (`GET /v1/split/info`, falling back to
     `DEFAULT_MAX_FRAME_BYTES` if it does not answer).
+
+    With `calibrate` (default), each finished `generate()` compares the time this client's
+    layers really took with what the planner's cost model predicts from the declared spec, and
+    scales the declared FLOP/s, memory bandwidth and per-layer overhead by a running mean of
+    that ratio (`calibration`): a client slowed by other work on its machine stops promising
+    speed it does not have, so the server's plans keep meeting their SLAs.
     """
 
     def __init__(
@@ -457,6 +495,7 @@ class SplitClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         model: str | None = None,
         max_frame_bytes: int | None = None,
+        calibrate: bool = True,
     ) -> None:
         self.url = session_url(url)
         self.info_url = self.url.replace("ws", "http", 1).removesuffix(SESSION_PATH) + INFO_PATH
@@ -470,13 +509,29 @@ class SplitClient:
         self._spec = client_spec
         self._max_frame_bytes = max_frame_bytes
         self._open: list[ClientConnection] = []
+        self.calibrate = calibrate
+        #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
+        self.calibration = 1.0
 
     @property
     def client_spec(self) -> ClientSpec:
-        """What this client declares to the planner (measured once if not given)."""
+        """What this client declares to the planner: given or measured once, then scaled by
+        `calibration`."""
         if self._spec is None:
             self._spec = measure_client_spec()
-        return self._spec
+        return scaled_spec(self._spec, self.calibration)
+
+    def _calibrate(self, done: SplitCompletion) -> None:
+        """Fold one generation's measured client time into `calibration`."""
+        if not self.calibrate or done.layer == 0 or not done.token_ids:
+            return
+        measured = sum(t.client_compute_s for t in done.timings)
+        predicted = predicted_client_s(
+            self.model.shape, self.client_spec, len(done.prompt_token_ids), done
+        )
+        if predicted > 0 and math.isfinite(measured / predicted):
+            ratio = self.calibration * measured / predicted
+            self.calibration += CALIBRATION_WEIGHT * (ratio - self.calibration)
 
     def info(self) -> dict[str, Any]:
         """The server's `GET /v1/split/info`: model, layers, dtype and limits such as
@@ -549,7 +604,9 @@ class SplitClient:
                 steps.append(step)
                 if on_token is not None:
                     on_token(step.token)
-        return _completion(request, steps, time.perf_counter() - start)
+        done = _completion(request, steps, time.perf_counter() - start)
+        self._calibrate(done)
+        return done
 
     def stream(
         self,
@@ -644,6 +701,9 @@ class SplitClient:
             yield _Step(plan, token, timing)
             if token.finish_reason is not None:
                 return
+            if plan.server_decodes:  # k = 0: the server streams the rest, nothing to send
+                yield from _server_stream(connection, plan, self.timeout_s)
+                return
             kind, ids = "decode", [token.token_id]
         raise SplitError(
             "protocol_error", f"the server sent {plan.max_tokens} tokens without finishing"
@@ -725,6 +785,20 @@ def _closed_error(exc: ConnectionClosed) -> SplitConnectionError:
         detail = "no close frame"
     return SplitConnectionError(
         "connection_closed", f"the server closed the session before it finished ({detail})"
+    )
+
+
+def _server_stream(connection: ClientConnection, plan: Plan, timeout_s: float) -> Iterator[_Step]:
+    """Tokens the server decodes on its own (k = 0), until the one with a finish reason."""
+    for _ in range(plan.max_tokens - 1):
+        start = time.perf_counter()
+        token = _expect(connection, Token, timeout_s)
+        timing = StepTiming(token.index, 0.0, time.perf_counter() - start, token.server_step_s)
+        yield _Step(plan, token, timing)
+        if token.finish_reason is not None:
+            return
+    raise SplitError(
+        "protocol_error", f"the server sent {plan.max_tokens} tokens without finishing"
     )
 
 

@@ -163,6 +163,9 @@ class Plan:
     sla_s: float | None
     running_requests: int
     planned_by: Literal["planner", "client"]
+    #: True for k = 0: the server runs every layer, so after the prefill it decodes on its own
+    #: and streams every token; the client sends no decode frames (no round trip per token).
+    server_decodes: bool = False
     version: int = PROTOCOL_VERSION
     type: Literal["plan"] = "plan"
 
@@ -287,8 +290,8 @@ def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
             not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
         ):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be a number")
-        if name == "ignore_eos" and not isinstance(value, bool):
-            raise ProtocolError("bad_request", "sampling.ignore_eos must be true or false")
+        if name in ("ignore_eos", "server_decodes") and not isinstance(value, bool):
+            raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be true or false")
 
 
 # --------------------------------------------------------------------------- tensor frames

@@ -108,6 +108,7 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
     assert background.done >= 1
     for prompt, result in results.items():
         assert result.layer == layer and result.plan.planned_by == "client"
+        assert result.plan.server_decodes == (layer == 0)  # k = 0: no round trip per token
         assert result.token_ids == reference[prompt][0], prompt
         assert result.text == reference[prompt][1]
         assert result.finish_reason == "length"

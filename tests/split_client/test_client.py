@@ -488,7 +488,7 @@ def test_interleaved_streams_keep_separate_caches(fake: FakeSplitServer, model_p
 def test_client_spec_is_measured_once_with_documented_link_defaults(
     fake: FakeSplitServer, model_path: Path
 ) -> None:
-    with SplitClient(fake.url, model_path, timeout_s=10) as client:
+    with SplitClient(fake.url, model_path, timeout_s=10, calibrate=False) as client:
         client.generate(IDS, max_tokens=1)
         client.generate(IDS, max_tokens=1)
     first, second = (message.client for message in fake.opens)
@@ -670,3 +670,24 @@ def test_cli_reports_connection_errors(
     code, out, err = cli(argv, capsys)
     assert code == 1 and out == ""
     assert "adaptivellm split-client: error: connection refused" in err
+
+
+def test_calibration_scales_the_declared_spec_to_measured_speed(
+    fake: FakeSplitServer, model_path: Path
+) -> None:
+    """A client declaring an absurdly fast machine learns after a generation that its layers
+    are slower, and declares less next time; calibrate=False keeps the spec as given."""
+    fast = ClientSpec(flops_per_s=1e18, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001,
+                      mem_bytes_per_s=1e18, layer_overhead_s=1e-9)  # fmt: skip
+    with SplitClient(fake.url, model_path, client_spec=fast, layer=3, timeout_s=10) as client:
+        client.generate(IDS, max_tokens=3, ignore_eos=True)
+        assert client.calibration > 10
+        declared = client.client_spec
+        assert declared.flops_per_s < fast.flops_per_s / 10
+        assert declared.layer_overhead_s > fast.layer_overhead_s * 10
+        client.generate(IDS, max_tokens=2, ignore_eos=True)
+    assert fake.opens[-1].client == declared
+    with SplitClient(fake.url, model_path, client_spec=fast, layer=3, timeout_s=10,
+                     calibrate=False) as fixed:  # fmt: skip
+        fixed.generate(IDS, max_tokens=2, ignore_eos=True)
+        assert fixed.calibration == 1.0 and fixed.client_spec == fast
