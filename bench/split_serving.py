@@ -7,10 +7,11 @@ clipped to `--max-prompt`), `--max-tokens` greedy output tokens each (ignore_eos
 
 1. all ordinary: the real `openai` client, `/v1/completions` with the token ids;
 2. split mix: the same requests by `SplitClient`s (one per worker, the real client library),
-   each declaring this machine as measured by the client (`measure_client_spec`) and an
-   interactive SLA of `--sla-first-s` + `--sla-per-token-s` x (max_tokens - 1) seconds (by
-   default 1 s + 100 ms per further token: 10 tokens/s, faster than people read). The server's
-   planner picks k per request within that SLA.
+   each declaring this machine as measured by the client (`measure_client_spec`, then
+   calibrated by the client from its own measured layer times). Each request carries an
+   end-to-end SLA of first_s + per_token_s x (max_tokens - 1) seconds from one of three
+   classes in turn (`SLA_CLASSES`: tight, medium and loose interactive budgets). The server's
+   planner picks k per request within its SLA, at the server's current load.
 
 Server compute is read from the server's own counters (`/metrics` deltas over each run): the
 wall time of the model's forward passes (`adaptivellm_split_forward_seconds_total`) and the
@@ -25,6 +26,7 @@ are compared token for token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,6 +56,24 @@ from adaptivellm.split_client.client import measure_client_spec
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 LENGTHS = ROOT / "workloads" / "sharegpt_lengths.json"
+
+
+#: SLA classes, (first_s, per_token_s): the SLA of a request of n tokens is
+#: first_s + per_token_s * (n - 1). Loose is 10 tokens/s, faster than people read.
+SLA_CLASSES: dict[str, tuple[float, float]] = {
+    "tight": (0.3, 0.02),
+    "medium": (0.5, 0.04),
+    "loose": (1.0, 0.1),
+}
+
+
+def sla_class(item: Item) -> str:
+    return list(SLA_CLASSES)[item.index % len(SLA_CLASSES)]
+
+
+def sla_of(item: Item) -> float:
+    first, per_token = SLA_CLASSES[sla_class(item)]
+    return first + per_token * (item.max_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,62 @@ def run_pool(
     return sorted(results, key=lambda r: r["index"]), time.perf_counter() - began
 
 
+_CLIENT: Any = None
+
+
+def _init_split_worker(base: str, model_path: str, spec: dict[str, float]) -> None:
+    """Each split client is its own process, as on its own device (no shared GIL)."""
+    import torch
+
+    from adaptivellm.split_client.client import SplitClient
+    from adaptivellm.split_client.protocol import ClientSpec
+
+    torch.set_num_threads(1)  # the clients share this machine's cores with the server
+    global _CLIENT
+    _CLIENT = SplitClient(base, model_path, client_spec=ClientSpec(**spec), timeout_s=300)
+
+
+def _split_task(item: Item, sla_s: float) -> dict:
+    began = time.perf_counter()
+    out = _CLIENT.generate(item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=sla_s)
+    latency = time.perf_counter() - began
+    predicted = out.plan.predicted_latency_s
+    return {
+        "index": item.index,
+        "latency_s": latency,
+        "token_ids": out.token_ids,
+        "layer": out.layer,
+        "predicted_latency_s": predicted,
+        "prediction_error": (predicted - latency) / latency if predicted is not None else None,
+        "sla_s": sla_s,
+        "sla_class": sla_class(item),
+        "met_sla": latency <= sla_s,
+        "client_compute_s": sum(t.client_compute_s for t in out.timings),
+        "client_calibration": _CLIENT.calibration,
+    }
+
+
+def split_pool(workers: int, base: str, model_path: str, spec: dict[str, float]) -> Any:
+    """`workers` client processes; each keeps its client (and its calibration) for the run."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        workers, mp.get_context("spawn"), initializer=_init_split_worker,
+        initargs=(base, model_path, spec),
+    )  # fmt: skip
+
+
+def run_split(pool: Any, items: list[Item], label: str) -> tuple[list[dict], float]:
+    """Closed loop over the pool's client processes."""
+    from concurrent.futures import as_completed
+
+    began = time.perf_counter()
+    futures = [pool.submit(_split_task, item, sla_of(item)) for item in items]
+    results = [f.result() for f in tqdm(as_completed(futures), total=len(items), desc=label)]
+    return sorted(results, key=lambda r: r["index"]), time.perf_counter() - began
+
+
 def counters(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     return {
@@ -153,36 +229,8 @@ def ordinary_call(base_url: str, model: str) -> Callable[..., dict]:
     return call
 
 
-def split_call(sla: dict[int, float]) -> Callable[..., dict]:
-    def call(client: Any, item: Item) -> dict:
-        began = time.perf_counter()
-        out = client.generate(
-            item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=sla[item.index]
-        )
-        latency = time.perf_counter() - began
-        return {
-            "index": item.index,
-            "latency_s": latency,
-            "token_ids": out.token_ids,
-            "layer": out.layer,
-            "predicted_latency_s": out.plan.predicted_latency_s,
-            "sla_s": sla[item.index],
-            "prediction_error": (
-                (out.plan.predicted_latency_s - latency) / latency
-                if out.plan.predicted_latency_s is not None
-                else None
-            ),
-            "met_sla": latency <= sla[item.index],
-            "client_compute_s": sum(t.client_compute_s for t in out.timings),
-        }
-
-    return call
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
-    from adaptivellm.split_client.client import SplitClient
 
     torch.set_num_threads(1)  # the clients share 2 cores with the server
     spec = measure_client_spec()  # what every client declares: this machine, honestly
@@ -194,31 +242,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     command = adaptivellm_command(None, port, flags)
     log = RESULTS / "logs" / "split_serving.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with running_server(command, port, log) as server:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(running_server(command, port, log))
         base = server.base_url
         model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
 
         def make_openai() -> openai.OpenAI:
             return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
-        def make_split() -> SplitClient:
-            return SplitClient(base, model_path, client_spec=spec, timeout_s=300)
-
         warm = items[: args.concurrency]
         run_pool(warm, args.concurrency, make_openai, ordinary_call(base, model), "warm-up")
-        warm_sla = {i.index: 1e6 for i in warm}
-        run_pool(warm, args.concurrency, make_split, split_call(warm_sla), "warm-up split")
+        pool = stack.enter_context(
+            split_pool(args.concurrency, base, str(model_path), dataclasses.asdict(spec))
+        )
+        run_split(pool, warm * 3, "warm-up split")  # each client calibrates itself
 
         before = counters(base)
         ordinary, ordinary_wall = run_pool(
             items, args.concurrency, make_openai, ordinary_call(base, model), "all ordinary"
         )
         middle = counters(base)
-        sla = {i.index: args.sla_first_s + args.sla_per_token_s * (i.max_tokens - 1)
-               for i in items}  # fmt: skip
-        split, split_wall = run_pool(
-            items, args.concurrency, make_split, split_call(sla), "split mix"
-        )
+        split, split_wall = run_split(pool, items, "split mix")
         after = counters(base)
     result = report(args, command, items, ordinary, split, ordinary_wall, split_wall,
                     delta(middle, before), delta(after, middle))  # fmt: skip
@@ -262,7 +306,14 @@ def report(
         "requests": n,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
-        "sla": {"first_s": args.sla_first_s, "per_token_s": args.sla_per_token_s},
+        "sla_classes": {k: {"first_s": a, "per_token_s": b} for k, (a, b) in SLA_CLASSES.items()},
+        "sla_attainment_by_class": {
+            name: _mean([s["met_sla"] for s in split if s["sla_class"] == name])
+            for name in SLA_CLASSES
+        },
+        "layers_by_class": {
+            name: [s["layer"] for s in split if s["sla_class"] == name] for name in SLA_CLASSES
+        },
         "chosen_layers": {str(k): layers.count(k) for k in sorted(set(layers))},
         "mean_layer": statistics.fmean(layers),
         "throughput_requests_per_s": {"ordinary": n / ordinary_wall, "split": n / split_wall},
@@ -276,6 +327,10 @@ def report(
         "machine": {"platform": platform.platform(), "cpus": _cpus()},
         "versions": {"adaptivellm": __version__, "vllm": found[1] if found else None},
     }
+
+
+def _mean(values: list[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -321,8 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=512)
-    parser.add_argument("--sla-first-s", type=float, default=1.0)
-    parser.add_argument("--sla-per-token-s", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
     parser.add_argument("--quick", action="store_true", help="12 requests, 16 tokens")

@@ -478,8 +478,10 @@ class SplitClient:
     With `calibrate` (default), each finished `generate()` compares the time this client's
     layers really took with what the planner's cost model predicts from the declared spec, and
     scales the declared FLOP/s, memory bandwidth and per-layer overhead by a running mean of
-    that ratio (`calibration`): a client slowed by other work on its machine stops promising
-    speed it does not have, so the server's plans keep meeting their SLAs.
+    that ratio (`calibration`); it also declares as its RTT the measured per-token time outside
+    both sides' compute, when that is longer than the declared one. A client slowed by other
+    work on its machine, or behind a slower link, stops promising speed it does not have, so
+    the server's plans keep meeting their SLAs.
     """
 
     def __init__(
@@ -512,6 +514,9 @@ class SplitClient:
         self.calibrate = calibrate
         #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
         self.calibration = 1.0
+        #: Running mean of the per-token time outside both sides' compute (round trip minus the
+        #: server's step): the link and the I/O of both ends, as this client sees them.
+        self.measured_rtt_s: float | None = None
 
     @property
     def client_spec(self) -> ClientSpec:
@@ -519,12 +524,21 @@ class SplitClient:
         `calibration`."""
         if self._spec is None:
             self._spec = measure_client_spec()
-        return scaled_spec(self._spec, self.calibration)
+        spec = scaled_spec(self._spec, self.calibration)
+        if self.measured_rtt_s is not None and self.measured_rtt_s > spec.rtt_s:
+            spec = dataclasses.replace(spec, rtt_s=self.measured_rtt_s)
+        return spec
 
     def _calibrate(self, done: SplitCompletion) -> None:
-        """Fold one generation's measured client time into `calibration`."""
+        """Fold one generation's measured client time into `calibration`, and its per-token time
+        outside both sides' compute into `measured_rtt_s`."""
         if not self.calibrate or done.layer == 0 or not done.token_ids:
             return
+        gaps = [t.round_trip_s - t.server_step_s for t in done.timings[1:]]
+        if gaps:
+            gap = max(0.0, float(np.median(gaps)))
+            previous = self.measured_rtt_s if self.measured_rtt_s is not None else gap
+            self.measured_rtt_s = previous + CALIBRATION_WEIGHT * (gap - previous)
         measured = sum(t.client_compute_s for t in done.timings)
         predicted = predicted_client_s(
             self.model.shape, self.client_spec, len(done.prompt_token_ids), done

@@ -26,7 +26,10 @@ from adaptivellm.scheduler.split_sessions import (
     take_chunk,
 )
 from adaptivellm.serve import apply_defaults, build_parser
+from adaptivellm.split_client.planner import ModelShape, ServerProfile
+from adaptivellm.split_client.protocol import ClientSpec, Open
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SplitConfig
+from adaptivellm.split_server import SplitService
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -196,3 +199,68 @@ def test_chunks_are_applied_in_arrival_order() -> None:
     chunks.push("r", a)
     chunks.drop("r")
     assert len(chunks) == 0
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class _Engine:
+    def get_num_unfinished_requests(self) -> int:
+        return 3
+
+
+def _service() -> SplitService:
+    shape = ModelShape("tiny", 256, 1024, 4, 2, 64, 6, 4096, dtype_bytes=4)
+    return SplitService(
+        engine=_Engine(), config=SplitConfig(), shape=shape, served_names=("tiny",),
+        eos_token_id=1, max_model_len=1024,
+        server=ServerProfile(flops_per_s=5e10, mem_bytes_per_s=2e10),
+    )  # fmt: skip
+
+
+def _open(sla_s: float | None, layer: int | None = None) -> Open:
+    client = ClientSpec(flops_per_s=1e11, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001)
+    return Open(prompt_tokens=64, max_tokens=16, client=client, sla_s=sla_s, layer=layer)
+
+
+def test_loose_sla_moves_layers_to_a_fast_client_and_infeasible_serves_whole() -> None:
+    service = _service()
+    layer, predicted, by = service.plan(_open(sla_s=60.0))
+    assert by == "planner" and layer == 6 and predicted is not None and predicted < 60
+    layer, _, _ = service.plan(_open(sla_s=1e-4))  # nothing meets it: served as ordinary
+    assert layer == 0
+    layer, _, by = service.plan(_open(sla_s=None, layer=2))
+    assert (layer, by) == (2, "client")
+
+
+def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
+    service = _service()
+    for _ in range(3):
+        service.observe_session(0.1, 0.3)
+    assert service.slack() == 1.0  # too few sessions to judge
+    for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0):
+        service.observe_session(0.1, 0.1 * ratio)
+    assert 3.0 <= service.slack() <= 5.0
+    service.observe_session(None, 1.0)  # no prediction: ignored
+    service.observe_session(0.0, 1.0)
+    assert len(service.latency_ratios) == 10
+
+
+def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:
+    """An SLA the plan meets on paper is refused once sessions are known to run 10x late."""
+    service = _service()
+    _, fastest_all_client, _ = service.plan(_open(sla_s=None, layer=6))
+    assert fastest_all_client is not None
+    sla = fastest_all_client * 3
+    assert service.plan(_open(sla_s=sla))[0] > 0
+    for _ in range(8):
+        service.observe_session(1.0, 10.0)
+    assert service.plan(_open(sla_s=sla))[0] == 0
+
+
+def test_observed_steps_raise_the_per_step_overhead() -> None:
+    service = _service()
+    before = service.step_estimate_s
+    for _ in range(50):
+        service.observe_step(0.05)
+    assert before < service.step_estimate_s <= 0.05

@@ -682,6 +682,7 @@ def test_calibration_scales_the_declared_spec_to_measured_speed(
     with SplitClient(fake.url, model_path, client_spec=fast, layer=3, timeout_s=10) as client:
         client.generate(IDS, max_tokens=3, ignore_eos=True)
         assert client.calibration > 10
+        assert client.measured_rtt_s is not None and client.measured_rtt_s >= 0
         declared = client.client_spec
         assert declared.flops_per_s < fast.flops_per_s / 10
         assert declared.layer_overhead_s > fast.layer_overhead_s * 10
