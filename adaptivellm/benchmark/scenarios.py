@@ -16,6 +16,18 @@ _SHAREGPT = WorkloadSpec(
 _SHAREGPT_QUICK = _SHAREGPT.replace(num_requests=40, length_scale=0.25)
 
 
+_LONG_DECODE = WorkloadSpec(
+    num_requests=48,
+    arrival="closed",
+    concurrency=16,
+    max_model_len=2048,
+    long_fraction=1.0,
+    long_prompt_range=(0.1, 0.25),
+    fixed_output_tokens=1024,
+    max_output_tokens=1024,
+)
+
+
 def _flags(max_model_len: int, kv_bytes: int, *extra: str) -> tuple[str, ...]:
     return ("--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes), *extra)
 
@@ -69,6 +81,17 @@ SCENARIOS: dict[str, Scenario] = {
             # 12 MiB holds ~2000 tokens of the tiny model (6 layers x 2 x 2 KV heads x 64 x 4 B
             # = 6 KiB per token): more than one max-length request, far less than 24 in flight.
             _flags(1024, 12 * MiB, "--max-num-seqs", "64"),
+        ),
+        Scenario(
+            "long-decode",
+            "closed loop of 16 clients, prompts 10-25% of a 2048-token context and "
+            "1024-token outputs, over a KV cache of ~5000 tokens: admitted requests outgrow "
+            "the cache while they decode, so running requests are preempted with long contexts",
+            _LONG_DECODE,
+            _LONG_DECODE.replace(num_requests=16),
+            # 30 MiB holds ~5100 tokens of the tiny model (6 KiB per token): about 4 of the 16
+            # requests at full length.
+            _flags(2048, 30 * MiB, "--max-num-seqs", "16"),
         ),
     )
 }
