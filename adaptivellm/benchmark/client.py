@@ -37,12 +37,11 @@ class Target:
 
 
 def _client(target: Target) -> Any:
-    import httpx
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, Timeout
 
     # A saturated 2-core server can take seconds to accept a connection (its event loop
     # shares the cores with the engine): the openai default of 5 s to connect is too short.
-    timeout = httpx.Timeout(900.0, connect=120.0)
+    timeout = Timeout(900.0, connect=120.0)
     return AsyncOpenAI(
         base_url=f"{target.base_url}/v1", api_key="none", max_retries=0, timeout=timeout
     )
