@@ -15,7 +15,7 @@ API_KEY = "test-key"
 #: Split-execution limits of the session server (small, so that tests can reach them).
 SPLIT_MAX_SESSIONS = 4
 SPLIT_MAX_FRAME_MB = 1.0
-SPLIT_IDLE_TIMEOUT_S = 8.0
+SPLIT_IDLE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ class Target:
     """Served model name."""
     vocab_size: int
     """Prompt token ids are drawn below this."""
+    api_key: str | None = None
+    """The server's --api-key, if it has one."""
 
 
 def _client(target: Target) -> Any:
@@ -43,7 +45,10 @@ def _client(target: Target) -> Any:
     # shares the cores with the engine): the openai default of 5 s to connect is too short.
     timeout = Timeout(900.0, connect=120.0)
     return AsyncOpenAI(
-        base_url=f"{target.base_url}/v1", api_key="none", max_retries=0, timeout=timeout
+        base_url=f"{target.base_url}/v1",
+        api_key=target.api_key or "none",
+        max_retries=0,
+        timeout=timeout,
     )
 
 

@@ -20,7 +20,7 @@ from adaptivellm.benchmark.plots import write_plots
 from adaptivellm.benchmark.report import build_report, markdown_table
 from adaptivellm.benchmark.workloads import WorkloadSpec, build_workload
 from adaptivellm.model import ModelSpec
-from tests.support import Server
+from tests.support import API_KEY, Server
 
 
 def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     spec = WorkloadSpec(num_requests=6, rate=20.0, tenants=2, length_scale=0.1,
                         max_model_len=server.max_model_len, max_output_tokens=12)  # fmt: skip
     requests = build_workload(spec)
-    target = Target(server.base_url, server.model, ModelSpec().vocab_size)
+    target = Target(server.base_url, server.model, ModelSpec().vocab_size, api_key=API_KEY)
     shapes = calibration_shapes(server.max_model_len)[:4]
     fit = fit_calibration(asyncio.run(solo_latencies(target, shapes, warmup=1)))
     assert fit.predict(16, 8) > 0

@@ -41,15 +41,15 @@ async def all_at_once(base_url: str, model: str) -> list:
                                            for p in prompts())))  # fmt: skip
 
 
-async def one_by_one(base_url: str, model: str) -> list:
-    async with httpx.AsyncClient() as client:
+async def one_by_one(base_url: str, model: str, headers: dict[str, str]) -> list:
+    async with httpx.AsyncClient(headers=headers) as client:
         return [await complete(base_url, model, p, client) for p in prompts()]
 
 
 @pytest.fixture(scope="module")
 def unpressured(server: Server) -> list:
     """The reference: each request alone on the session server (ample KV cache)."""
-    return asyncio.run(one_by_one(server.base_url, server.model))
+    return asyncio.run(one_by_one(server.base_url, server.model, server.headers))
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap", "adaptive"])
