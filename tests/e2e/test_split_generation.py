@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
+from transformers import DynamicCache
 
 from adaptivellm.launch import metric_value
 from adaptivellm.model import ensure_model
@@ -40,6 +41,10 @@ def split(server: Server) -> Iterator[SplitClient]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with SplitClient(server.base_url, ensure_model(), api_key=API_KEY, client_spec=SPEC) as c:
+        # Load and run every layer once before any session: first calls of a torch model pay
+        # one-off initialisation that, on 2 busy cores, can outlast the server's idle timeout.
+        c.model.ensure_layers(NUM_LAYERS)
+        c.model.hidden_states([5, 6, 7], NUM_LAYERS, DynamicCache())
         yield c
     torch.set_num_threads(threads)
 
