@@ -70,17 +70,20 @@ def metrics(server: Server) -> str:
 
 class Background:
     """Ordinary requests running on the server the whole time (the split ones join their
-    batches)."""
+    batches). Each thread has its own client; threads are daemons and always stopped."""
 
-    def __init__(self, server: Server, client: openai.OpenAI) -> None:
-        self.server, self.client = server, client
+    def __init__(self, server: Server) -> None:
+        self.server = server
         self.stop = threading.Event()
         self.done = 0
-        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
 
     def _run(self) -> None:
+        client = openai.OpenAI(
+            base_url=self.server.api_url, api_key=API_KEY, max_retries=0, timeout=300
+        )
         while not self.stop.is_set():
-            out = self.client.completions.create(
+            out = client.completions.create(
                 model=self.server.model, prompt="keep the batch busy", max_tokens=200,
                 extra_body={"ignore_eos": True},
             )  # fmt: skip
@@ -90,9 +93,11 @@ class Background:
     def __enter__(self) -> Background:
         for t in self.threads:
             t.start()
-        deadline = time.monotonic() + 60
-        while (metric_value(metrics(self.server), "vllm:num_requests_running") or 0) < 2:
-            assert time.monotonic() < deadline, "background requests did not start"
+        deadline = time.monotonic() + 120
+        while (metric_value(metrics(self.server), "vllm:num_requests_running") or 0) < 1:
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError("background requests did not start")
             time.sleep(0.05)
         return self
 
@@ -104,10 +109,10 @@ class Background:
 
 @pytest.mark.parametrize("layer", [0, 3, NUM_LAYERS - 1, NUM_LAYERS])
 def test_split_greedy_equals_unsplit_in_mixed_batches(
-    layer: int, split: SplitClient, reference: dict, server: Server, openai_client: openai.OpenAI
+    layer: int, split: SplitClient, reference: dict, server: Server
 ) -> None:
     before = metrics(server)
-    with Background(server, openai_client) as background:
+    with Background(server) as background:
         results = {p: split.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, layer=layer)
                    for p in PROMPTS}  # fmt: skip
     assert background.done >= 1
