@@ -35,7 +35,6 @@ from starlette.requests import Request as StarletteRequest
 from adaptivellm.metrics import SplitServerMetrics
 from adaptivellm.scheduler.split_sessions import EXTRA_KEY, pack
 from adaptivellm.split_client.planner import (
-    ClientProfile,
     InfeasibleSLAError,
     ModelShape,
     Request,
@@ -116,14 +115,7 @@ class SplitService:
         server = replace(
             self.server, decode_batch=max(1, self.load() + 1), step_overhead_s=self.step_estimate_s
         )
-        client = ClientProfile(
-            flops_per_s=request.client.flops_per_s,
-            uplink_bps=request.client.uplink_bps,
-            downlink_bps=request.client.downlink_bps,
-            rtt_s=request.client.rtt_s,
-            mem_bytes_per_s=request.client.mem_bytes_per_s,
-            layer_overhead_s=request.client.layer_overhead_s,
-        )
+        client = request.client.to_profile()
         # Plan against the SLA shrunk by how late sessions have run versus their predictions
         # (the tail of that ratio): a plan that only just fits the SLA on paper misses it.
         sla = (request.sla_s or math.inf) / self.slack()

@@ -48,7 +48,7 @@ from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from adaptivellm.split_client import protocol
-from adaptivellm.split_client.planner import ClientProfile, ModelShape, ServerProfile, build_costs
+from adaptivellm.split_client.planner import ModelShape, ServerProfile, build_costs
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import (
     DTYPE_BYTES,
@@ -344,10 +344,7 @@ def predicted_client_s(
     shape: ModelShape, spec: ClientSpec, prompt_tokens: int, done: SplitCompletion
 ) -> float:
     """The planner's prediction of the client's time for a finished generation."""
-    profile = ClientProfile(
-        spec.flops_per_s, spec.uplink_bps, spec.downlink_bps, spec.rtt_s,
-        spec.mem_bytes_per_s, spec.layer_overhead_s,
-    )  # fmt: skip
+    profile = spec.to_profile()
     request = PlannerRequest(prompt_tokens, len(done.token_ids), math.inf)
     costs = build_costs(shape, profile, ServerProfile(), request)
     # The client runs layers [0, k) for the prompt and every token but the last.

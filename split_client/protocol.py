@@ -42,6 +42,8 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from adaptivellm.split_client.planner import ClientProfile
+
 PROTOCOL_VERSION: Final = 1
 MAGIC: Final = b"ASPL"
 _PREFIX = struct.Struct("<4sBI")
@@ -98,6 +100,10 @@ class ClientSpec:
                 raise ProtocolError("bad_request", f"client.{f.name} must be >= 0")
         if self.flops_per_s <= 0:
             raise ProtocolError("bad_request", "client.flops_per_s must be > 0")
+
+    def to_profile(self) -> ClientProfile:
+        """This spec as the planner's `ClientProfile` (same fields, same units)."""
+        return ClientProfile(**asdict(self))
 
 
 @dataclass(frozen=True)
