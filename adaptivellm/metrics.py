@@ -121,7 +121,9 @@ class EngineMetrics:
             ),
             jain=Gauge(
                 f"{PREFIX}tenant_jain_index",
-                "Jain's fairness index over weight-normalised served tokens per tenant",
+                "Jain's fairness index over the weight-normalised tokens served, in the last "
+                "window of fairness_window_s, to the tenants backlogged all through it (1 when "
+                "fewer than two were)",
                 multiprocess_mode="mostrecent",
             ),
             swap_fallbacks=Counter(

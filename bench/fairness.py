@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "avg_weighted_turnaround": ("mean_weighted_turnaround",),
         "throughput_tokens_per_s": ("output_tokens_per_s",),
         "jain": ("jain_fairness",),
+        "jain_windows": ("jain_windows",),
         "p99_ttft_s": ("ttft_p99_s",),
     }
     for key, report in reports.items():

@@ -10,10 +10,16 @@ ratio next (HRRN) with weights: a waiting request's key is
     weight * (waited + S) / S        S = predicted service time (ServiceModel)
 
 so short requests go first (their ratio grows fastest), and every request's key grows without
-bound while it waits. On top of that a hard starvation bound: a request that has waited
-`max_wait_s` is *starved* and goes ahead of every non-starved request, oldest first. Hence no
-request waits longer than `max_wait_s` plus the time to serve the starved requests that arrived
-before it (a FIFO among starved requests): waiting is bounded. The seeded random stress test in
+bound while it waits. Across tenants it keeps VTC's fairness (below): the requests of the
+tenants with the least weight-normalised service so far (the smallest virtual token counter
+among tenants with a request in the queue) go before the requests of other tenants, and the
+response ratio orders them. A heavy tenant thus cannot crowd light tenants out, and within that
+constraint short requests still go first (every tenant has short requests of its own).
+
+On top of that a hard starvation bound: a request that has waited `max_wait_s` is *starved* and
+goes ahead of every non-starved request, oldest first, whatever its tenant. Hence no request
+waits longer than `max_wait_s` plus the time to serve the starved requests that arrived before
+it (a FIFO among starved requests): waiting is bounded. The seeded random stress test in
 tests/scheduler/ checks this.
 
 Preemption victims are chosen consistently: running requests are ranked by the same key (their
@@ -120,15 +126,23 @@ def order_by_turnaround(
     model: ServiceModel,
     out: OutputLengthEstimate,
     max_wait_s: float,
+    counters: Mapping[str, float] | None = None,
 ) -> list[RequestInfo]:
     """Requests in the order they should be served (first = most deserving). Ties keep arrival
-    order, so equal requests are served first come, first served."""
+    order, so equal requests are served first come, first served.
+
+    With `counters` (the tenants' virtual token counters), requests of the tenants whose counter
+    is the smallest among these requests' tenants go first (starved requests still go before
+    all); without, tenants are ignored."""
     ranked = sorted(infos, key=lambda i: i.arrival_time)
-    return sorted(
-        ranked,
-        key=lambda i: turnaround_key(i, now, predicted_service(i, model, out), max_wait_s),
-        reverse=True,
-    )
+    least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
+
+    def key(info: RequestInfo) -> tuple[int, int, float]:
+        starved, value = turnaround_key(info, now, predicted_service(info, model, out), max_wait_s)
+        owed = not counters or counters.get(info.tenant, 0.0) <= least
+        return (starved, int(owed or starved), value)
+
+    return sorted(ranked, key=key, reverse=True)
 
 
 # --- Virtual Token Counter -------------------------------------------------------------------
@@ -180,6 +194,18 @@ def jain_index(values: Iterable[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * square_sum)
 
 
-def weighted_service_jain(served: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """Jain's index over per-tenant served tokens divided by the tenant's weight."""
-    return jain_index(v / weights.get(t, 1.0) for t, v in served.items())
+def backlogged_jain(
+    backlogged: Iterable[str], served: Mapping[str, float], weights: Mapping[str, float]
+) -> float | None:
+    """Fairness of one time window: Jain's index over the weight-normalised tokens served in the
+    window to the tenants that were backlogged (had a request waiting) all through it.
+
+    Only those tenants could have used more service, so only their shares can be unfair: a
+    tenant that asked for less than its share and got all of it was treated fairly (max-min
+    fairness). Totals over a whole run say nothing: once every request has finished, each
+    tenant has been served exactly its demand. None when fewer than two tenants were backlogged
+    all through the window (no tenant waited while another was served)."""
+    tenants = sorted(set(backlogged))
+    if len(tenants) < 2:
+        return None
+    return jain_index(served.get(t, 0.0) / weights.get(t, 1.0) for t in tenants)

@@ -35,11 +35,11 @@ from adaptivellm.scheduler.config import ADDITIONAL_CONFIG_KEY, DEFAULT_TENANT, 
 from adaptivellm.scheduler.policies import (
     OutputLengthEstimate,
     RequestInfo,
+    backlogged_jain,
     order_by_turnaround,
     vtc_charge,
     vtc_lift,
     vtc_order,
-    weighted_service_jain,
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
 from adaptivellm.scheduler.split_sessions import (
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
 #: Tenants beyond this many share the metric label "other" (bounded label cardinality).
 MAX_TENANT_LABELS = 64
+#: Length of the windows over which the tenant Jain index gauge is computed, seconds.
+FAIRNESS_WINDOW_S = 5.0
 
 
 @dataclass
@@ -96,6 +98,10 @@ class AdaptiveScheduler(Scheduler):
         self.output_estimate = OutputLengthEstimate()
         self.vtc_counters: dict[str, float] = {}
         self.served_tokens: dict[str, float] = defaultdict(float)
+        #: The current fairness window: start, tenants backlogged at every step so far (None
+        #: before the first step), tokens served per tenant.
+        self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
+        EngineMetrics.get().jain.set(1.0)  # no tenant has waited for another yet
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
         additional = self.vllm_config.additional_config
@@ -124,7 +130,7 @@ class AdaptiveScheduler(Scheduler):
             info = request_info(request, self.fairness)
             predicted = self.output_estimate.predict(info.max_tokens)
             self.tracked[request.request_id] = Tracked(info, predicted)
-            if self.fairness.policy == "vtc":
+            if self.fairness.policy in ("vtc", "weighted-turnaround"):
                 active = {t.info.tenant for t in self.tracked.values()}
                 self.vtc_counters[info.tenant] = vtc_lift(self.vtc_counters, info.tenant, active)
         super().add_request(request)
@@ -139,7 +145,29 @@ class AdaptiveScheduler(Scheduler):
                 self.running[:] = self._order(self.running, now)
         output = super().schedule(throttle_prefills)
         self._account(output, now)
+        self._observe_fairness(output, now)
         return output
+
+    def _observe_fairness(self, output: SchedulerOutput, now: float) -> None:
+        """Advance the fairness window: which tenants were left waiting by this step, and what
+        each was served. A closed window sets the Jain index gauge."""
+        if self._window is None or now - self._window[0] >= FAIRNESS_WINDOW_S:
+            if self._window is not None:
+                _, backlogged, served = self._window
+                weights = {t: self.fairness.weight_of(t) for t in backlogged or ()}
+                jain = backlogged_jain(backlogged or (), served, weights)
+                EngineMetrics.get().jain.set(1.0 if jain is None else jain)
+            self._window = (now, None, defaultdict(float))
+        start, backlogged, served = self._window
+        waiting = {
+            t.info.tenant
+            for r in (*self.waiting, *self.kv_holding_waiting)
+            if (t := self.tracked.get(r.request_id)) is not None
+        }
+        self._window = (start, waiting if backlogged is None else backlogged & waiting, served)
+        for req_id, n in output.num_scheduled_tokens.items():
+            if (tracked := self.tracked.get(req_id)) is not None:
+                served[tracked.info.tenant] += n
 
     def _preemption_possible(self) -> bool:
         """True when this step may have to preempt: fewer free KV blocks than running requests
@@ -157,7 +185,12 @@ class AdaptiveScheduler(Scheduler):
             ranked = vtc_order(infos, self.vtc_counters)
         else:
             ranked = order_by_turnaround(
-                infos, now, self.fairness.service, self.output_estimate, self.fairness.max_wait_s
+                infos,
+                now,
+                self.fairness.service,
+                self.output_estimate,
+                self.fairness.max_wait_s,
+                self.vtc_counters,
             )
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.
@@ -198,7 +231,7 @@ class AdaptiveScheduler(Scheduler):
         EngineMetrics.get().tenant_tokens.labels(tenant=tenant_label).inc(
             input_tokens + output_tokens
         )
-        if self.fairness.policy == "vtc":
+        if self.fairness.policy in ("vtc", "weighted-turnaround"):
             counter = self.vtc_counters.get(info.tenant, 0.0)
             self.vtc_counters[info.tenant] = vtc_charge(
                 counter, input_tokens, output_tokens, info.weight, self.fairness.vtc
@@ -263,16 +296,14 @@ class AdaptiveScheduler(Scheduler):
         return super()._free_request(request, delay_free_blocks)
 
     def _record_finish(self, tracked: Tracked, request: Request) -> None:
-        """Weighted turnaround (service time predicted with the actual output length), output
-        length prediction error, and the tenants' Jain index."""
+        """Weighted turnaround (service time predicted with the actual output length) and output
+        length prediction error."""
         metrics = EngineMetrics.get()
         info, actual = tracked.info, request.num_output_tokens
         service = self.fairness.service.service_time(info.prompt_tokens, actual)
         metrics.weighted_turnaround.observe(max(0.0, self.clock() - info.arrival_time) / service)
         metrics.output_length_error.observe(abs(tracked.predicted_output - actual) / max(1, actual))
         self.output_estimate = self.output_estimate.update(info.max_tokens, actual)
-        weights = {t: self.fairness.weight_of(t) for t in self.served_tokens}
-        metrics.jain.set(weighted_service_jain(self.served_tokens, weights))
 
 
 def load_costs(vllm_config: Any) -> Callable[[int, int, int], tuple[float, float]]:

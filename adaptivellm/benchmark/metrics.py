@@ -4,7 +4,8 @@
 - TTFT, TPOT and end-to-end latency percentiles;
 - weighted turnaround: turnaround / service time, where service time is the request's latency
   alone on the idle server, predicted by a calibration fit latency = a + b*prompt + c*output;
-- per-tenant served tokens and Jain's fairness index over weight-normalised service;
+- per-tenant served tokens, and Jain's fairness index over weight-normalised service among
+  the tenants backlogged through each time window (`backlogged_jain`);
 - deltas of Prometheus counters read before and after the run.
 """
 
@@ -27,6 +28,8 @@ VLLM_COUNTERS = (
 )
 #: Floor of a predicted service time, seconds: a fit may go negative for tiny requests.
 MIN_SERVICE_S = 1e-3
+#: Length of the windows of the tenant fairness figure, seconds (as the server's gauge).
+JAIN_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class Summary:
     e2e_p99_s: float
     mean_weighted_turnaround: float
     jain_fairness: float
+    """Mean over windows of Jain's index among tenants backlogged through the window (1 when
+    no window had two): see backlogged_jain."""
+    jain_windows: int
+    """Windows in which at least two tenants were backlogged throughout."""
     tenants: dict[str, TenantSummary] = field(default_factory=dict)
 
     def figures(self) -> dict[str, float]:
@@ -158,6 +165,44 @@ def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit
     return CalibrationFit(a, b, c, r2, tuple((int(p), int(o), float(t)) for p, o, t in samples))
 
 
+def backlogged_jain(
+    results: Sequence[RequestResult],
+    weights: Mapping[str, float] | None = None,
+    window_s: float = JAIN_WINDOW_S,
+) -> tuple[float, int]:
+    """Tenant fairness as clients see it: (mean Jain index, number of windows it averages).
+
+    The run is cut into windows of `window_s`. A tenant is backlogged through a window when one
+    of its requests arrived before the window and got its first token only after it: it was
+    waiting all along, so it could have used more service. Per window with at least two such
+    tenants, Jain's index over their weight-normalised tokens received in the window (prompt
+    tokens at the first token, output tokens as they stream). Totals over a run cannot show
+    fairness: once every request has finished, each tenant has received exactly its demand.
+    No such window means no tenant ever waited while another was served: 1.0."""
+    weights = weights or {}
+    ok = [r for r in results if r.ok]
+    if not ok:
+        return 1.0, 0
+    start, end = min(r.arrival_s for r in ok), max(r.end_s for r in ok)
+    deliveries: list[tuple[float, str, float]] = []
+    for r in ok:
+        deliveries.append((r.first_token_s, r.tenant, float(r.prompt_tokens)))
+        per_chunk = r.output_tokens / len(r.token_times) if r.token_times else 0.0
+        deliveries.extend((t, r.tenant, per_chunk) for t in r.token_times)
+    values = []
+    for i in range(int((end - start) // window_s)):
+        lo, hi = start + i * window_s, start + (i + 1) * window_s
+        backlogged = {r.tenant for r in ok if r.arrival_s <= lo and r.first_token_s >= hi}
+        if len(backlogged) < 2:
+            continue
+        served = dict.fromkeys(backlogged, 0.0)
+        for t, tenant, n in deliveries:
+            if lo <= t < hi and tenant in served:
+                served[tenant] += n
+        values.append(jain_index([v / weights.get(k, 1.0) for k, v in served.items()]))
+    return (_mean(values) if values else 1.0), len(values)
+
+
 def weighted_turnarounds(results: Iterable[RequestResult], fit: CalibrationFit) -> list[float]:
     """Turnaround / predicted service time of each successful request."""
     return [r.latency_s / fit.predict(r.prompt_tokens, r.output_tokens) for r in results if r.ok]
@@ -185,13 +230,15 @@ def summarise(
     results: Sequence[RequestResult],
     fit: CalibrationFit,
     weights: Mapping[str, float] | None = None,
+    window_s: float = JAIN_WINDOW_S,
 ) -> Summary:
-    """The figures of one run."""
+    """The figures of one run (`window_s`: the windows of the fairness figure)."""
     ok = [r for r in results if r.ok]
     start = min((r.arrival_s for r in results), default=0.0)
     duration = max((r.end_s for r in results), default=0.0) - start
     tokens = sum(r.output_tokens for r in ok)
     tenants = tenant_summaries(results, fit, weights)
+    jain, windows = backlogged_jain(results, weights, window_s)
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
     return Summary(
         requests=len(results),
@@ -207,7 +254,8 @@ def summarise(
         e2e_p50_s=percentile((r.latency_s for r in ok), 50),
         e2e_p99_s=percentile((r.latency_s for r in ok), 99),
         mean_weighted_turnaround=_mean(weighted_turnarounds(ok, fit)),
-        jain_fairness=jain_index([t.normalised_service for t in tenants.values()] or [0.0]),
+        jain_fairness=jain,
+        jain_windows=windows,
         tenants=tenants,
     )
 

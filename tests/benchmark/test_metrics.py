@@ -10,6 +10,7 @@ from adaptivellm.benchmark.metrics import (
     MIN_SERVICE_S,
     CalibrationFit,
     RequestResult,
+    backlogged_jain,
     counter_deltas,
     fit_calibration,
     jain_index,
@@ -127,7 +128,8 @@ def test_summarise() -> None:
     assert s.e2e_p50_s == pytest.approx(1.4)
     assert s.tenants["a"].normalised_service == 220
     assert s.tenants["b"].normalised_service == 105  # 210 tokens / weight 2
-    assert s.jain_fairness == pytest.approx(jain_index([220.0, 105.0]))
+    # No tenant waited all through a 5-second window while another was served.
+    assert (s.jain_fairness, s.jain_windows) == (1.0, 0)
     # Turnarounds 1.4/0.3, 1.4/0.3, 2.0/0.4.
     assert s.mean_weighted_turnaround == pytest.approx((1.4 / 0.3 * 2 + 2.0 / 0.4) / 3)
     assert set(s.figures()) >= {"output_tokens_per_s", "ttft_p99_s", "jain_fairness"}
@@ -156,3 +158,22 @@ def test_service_over_time_is_cumulative_per_tenant() -> None:
     times, cumulative = curves["a"]
     assert times == sorted(times) and cumulative[-1] == pytest.approx(104)
     assert curves["b"][1][-1] == pytest.approx(52)
+
+
+def test_backlogged_jain_over_windows() -> None:
+    """Windows of 1 s. a and b both wait all through [1, 2) (a2 and b1 arrived at 0.5 and see
+    their first token after 2); in it a receives a1's 10 prompt and 4 output tokens, b nothing."""
+    a1 = RequestResult(0, "a", 10, 4, 0.0, 1.2, 1.8, True, "", (1.2, 1.4, 1.6, 1.8))
+    a2 = RequestResult(1, "a", 1, 1, 0.5, 2.5, 2.5, True, "", (2.5,))
+    b1 = RequestResult(2, "b", 1, 1, 0.5, 2.6, 2.6, True, "", (2.6,))
+    # [0, 1): only a is backlogged through it (a1 waits until 1.2) -- not counted.
+    assert backlogged_jain([a1, a2, b1], window_s=1.0) == (pytest.approx(0.5), 1)
+    # b also receives 14 tokens in [1, 2): even. b2 also makes b and a wait through [0, 1),
+    # in which nobody is served: even too.
+    b2 = RequestResult(3, "b", 13, 1, 0.0, 1.5, 1.5, True, "", (1.5,))
+    assert backlogged_jain([a1, a2, b1, b2], window_s=1.0) == (pytest.approx(1.0), 2)
+    # b weighs 2: entitled to twice a's share, it got the same.
+    jain, _ = backlogged_jain([a1, a2, b1, b2], {"b": 2.0}, window_s=1.0)
+    assert jain == pytest.approx((1.0 + jain_index([14.0, 7.0])) / 2)
+    # Failed requests are not service; no successful request: trivially fair.
+    assert backlogged_jain([result(ok=False)]) == (1.0, 0)

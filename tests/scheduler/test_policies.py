@@ -11,6 +11,7 @@ from adaptivellm.scheduler.policies import (
     RequestInfo,
     ServiceModel,
     VTCWeights,
+    backlogged_jain,
     jain_index,
     order_by_turnaround,
     response_ratio,
@@ -18,7 +19,6 @@ from adaptivellm.scheduler.policies import (
     vtc_charge,
     vtc_lift,
     vtc_order,
-    weighted_service_jain,
 )
 
 MODEL = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.01)
@@ -59,6 +59,29 @@ def test_starved_requests_go_first_oldest_first() -> None:
                                 max_wait_s=60)  # fmt: skip
     assert [r.request_id for r in order] == ["starved-early", "starved-late", "fresh-short"]
     assert turnaround_key(starved_early, 70.0, 100.0, 60)[0] == 1
+
+
+def test_tenant_with_least_service_goes_first_short_first_within() -> None:
+    heavy_short = info("heavy-short", 0.0, 5, tenant="heavy")
+    light_long = info("light-long", 0.0, 500, tenant="light")
+    light_short = info("light-short", 0.0, 50, tenant="light")
+    counters = {"heavy": 9000.0, "light": 100.0}
+    order = order_by_turnaround([heavy_short, light_long, light_short], 1.0, MODEL, EXACT, 60,
+                                counters)  # fmt: skip
+    assert [r.request_id for r in order] == ["light-short", "light-long", "heavy-short"]
+    # Without counters (or equal ones) the shortest goes first whatever its tenant.
+    for c in (None, {"heavy": 5.0, "light": 5.0}):
+        order = order_by_turnaround(
+            [light_long, light_short, heavy_short], 1.0, MODEL, EXACT, 60, c
+        )
+        assert order[0].request_id == "heavy-short"
+
+
+def test_starved_request_goes_first_whatever_its_tenants_service() -> None:
+    starved = info("starved", 0.0, 10, tenant="heavy")
+    fresh = info("fresh", 69.0, 10, tenant="light")
+    order = order_by_turnaround([fresh, starved], 70.0, MODEL, EXACT, 60, {"heavy": 1e9})
+    assert order[0].request_id == "starved"
 
 
 def test_ties_keep_arrival_order() -> None:
@@ -116,7 +139,15 @@ def test_jain_index_rejects_negative_and_nan() -> None:
         jain_index([math.nan])
 
 
-def test_weighted_service_jain_normalises_by_weight() -> None:
-    # gold weighs 2 and got twice the tokens: perfectly fair.
-    assert weighted_service_jain({"gold": 200, "free": 100}, {"gold": 2}) == pytest.approx(1.0)
-    assert weighted_service_jain({"gold": 100, "free": 100}, {"gold": 2}) < 1.0
+def test_backlogged_jain_counts_only_tenants_backlogged_and_normalises_by_weight() -> None:
+    # gold (weight 2) got twice free's tokens: fair. idle asked for little and is not backlogged.
+    served = {"gold": 200.0, "free": 100.0, "idle": 5.0}
+    assert backlogged_jain(["gold", "free"], served, {"gold": 2}) == pytest.approx(1.0)
+    assert backlogged_jain(["gold", "free"], served, {}) == pytest.approx(0.9)
+    # A backlogged tenant that got nothing in the window: as unfair as two tenants can be.
+    assert backlogged_jain(["gold", "free"], {"gold": 10.0}, {}) == pytest.approx(0.5)
+
+
+def test_backlogged_jain_is_none_without_two_backlogged_tenants() -> None:
+    assert backlogged_jain([], {"a": 1.0}, {}) is None
+    assert backlogged_jain(["a", "a"], {"a": 1.0, "b": 9.0}, {}) is None

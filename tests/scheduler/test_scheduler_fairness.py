@@ -83,8 +83,9 @@ def test_fcfs_victim_is_vllms_newest() -> None:
     assert set(run.preempted) == {"short"}  # vLLM FCFS preempts the last admitted
 
 
-def test_vtc_serves_a_light_tenant_ahead_of_a_heavy_backlog() -> None:
-    scheduler, clock = make_scheduler(FairnessConfig(policy="vtc"), num_blocks=40, max_num_seqs=1)
+@pytest.mark.parametrize("policy", ["vtc", "weighted-turnaround"])
+def test_light_tenant_is_served_ahead_of_a_heavy_backlog(policy: str) -> None:
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=40, max_num_seqs=1)
     run = Run(scheduler, clock)
     for i in range(6):
         scheduler.add_request(make_request(f"heavy-{i}", 32, 8, clock.now, tenant="heavy"))
@@ -152,3 +153,23 @@ def test_stress_no_starvation_no_leaks(seed: int) -> None:
         ahead = [x for x in run.order if became_starved <= run.first_scheduled[x] <
                  run.first_scheduled[r]]  # fmt: skip
         assert all(x in starved and waits[x] > max_wait for x in ahead), (r, ahead)
+
+
+@pytest.mark.parametrize(("policy", "low", "high"), [("fcfs", 0.0, 0.6), (WT.policy, 0.9, 1.0)])
+def test_jain_gauge_over_backlogged_tenants(policy: str, low: float, high: float) -> None:
+    """Both tenants keep requests waiting all through the first 5-second window. FCFS serves
+    heavy's earlier backlog alone in it (Jain 0.5); weighted-turnaround shares the server."""
+    from prometheus_client import REGISTRY
+
+    from adaptivellm.scheduler.scheduler import FAIRNESS_WINDOW_S
+
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=80, max_num_seqs=1)
+    for tenant in ("heavy", "light"):
+        for i in range(8):
+            scheduler.add_request(make_request(f"{tenant}-{i}", 16, 20, clock.now, tenant=tenant))
+            clock.now += 0.001
+    run, start = Run(scheduler, clock, step_s=0.1), clock.now
+    while clock.now < start + FAIRNESS_WINDOW_S + 0.5:  # one window closed, the next one under way
+        run.step()
+    jain = REGISTRY.get_sample_value("adaptivellm_tenant_jain_index")
+    assert jain is not None and low <= jain <= high
