@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from adaptivellm import __version__
+from adaptivellm.benchmark.scenarios import BENCH_MODEL, BENCH_MODEL_NAME
 from adaptivellm.compat import installed_vllm
 from adaptivellm.cpu import cpu_count
 from adaptivellm.launch import (
@@ -64,7 +65,9 @@ def prompts(n: int, length: int) -> list[str]:
     ]
 
 
-async def run_round(base_url: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def run_round(
+    base_url: str, texts: list[str], concurrency: int, max_tokens: int, served: str
+) -> dict:
     """Send every prompt, `concurrency` at a time; return tokens, seconds and tokens/s."""
     from openai import AsyncOpenAI
 
@@ -77,7 +80,7 @@ async def run_round(base_url: str, texts: list[str], concurrency: int, max_token
         while queue:
             prompt = queue.pop()
             out = await client.completions.create(
-                model=DEFAULT_MODEL_NAME,
+                model=served,
                 prompt=prompt,
                 max_tokens=max_tokens,
                 temperature=0.0,
@@ -112,7 +115,9 @@ def measure(systems: dict[str, tuple[list[str], dict]], args: argparse.Namespace
             for name, server in servers.items():
                 bar.set_description(f"{name}: {'warm-up' if i == 0 else f'round {i}'}")
                 result = asyncio.run(
-                    run_round(server.base_url, texts, args.concurrency, args.output_tokens)
+                    run_round(
+                        server.base_url, texts, args.concurrency, args.output_tokens, args.served
+                    )
                 )
                 if i:
                     rounds[name].append(result)
@@ -136,18 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    parser.add_argument("--model", default="tiny", help="tiny (embedded), bench or a folder")
+    parser.add_argument("--serve-args", default="", help="extra flags of adaptivellm serve only")
     args = parser.parse_args(argv)
 
-    model = str(ensure_model())
+    spec, name = ModelSpec(), DEFAULT_MODEL_NAME
+    if args.model == "bench":
+        spec, name = BENCH_MODEL, BENCH_MODEL_NAME
+    model = str(ensure_model(spec, name)) if args.model in ("tiny", "bench") else args.model
+    args.served = name
     common = [
-        "--served-model-name", DEFAULT_MODEL_NAME,
+        "--served-model-name", name,
         "--dtype", "float32",
         "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
         "--enforce-eager",
     ]  # fmt: skip
     systems = {
         "stock": (stock_vllm_command(model, free_port(), common), STOCK_ENV),
-        "adaptivellm": (adaptivellm_command(model, free_port(), common), {}),
+        "adaptivellm": (
+            adaptivellm_command(model, free_port(), [*common, *shlex.split(args.serve_args)]),
+            {},
+        ),
     }
     results = measure(systems, args)
     paired = [
@@ -164,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "paired_round_ratios": paired,
         "median_paired_ratio": statistics.median(paired),
         "target_ratio": 0.98,
-        "workload": {k: v for k, v in vars(args).items() if k != "out"},
-        "model": {"name": DEFAULT_MODEL_NAME, "path": model, **ModelSpec().__dict__},
+        "workload": {k: v for k, v in vars(args).items() if k not in ("out", "served")},
+        "model": {"name": name, "path": model, **spec.__dict__},
         "machine": {"platform": platform.platform(), "cpus": cpu_count(),
                     "processor": platform.processor()},
         "versions": {"adaptivellm": __version__, "vllm": found[1] if found else None},

@@ -15,7 +15,15 @@ stay and only the handling of the victims' KV cache differs from stock vLLM.
 where the mode the predictors choose is the one whose *measured* cost was lower. It is not
 measured per live preemption, where only the chosen mode ever runs.
 
-    python bench/preemption.py [--quick]     # writes bench/results/preemption.json
+The model matters. With the embedded tiny model (`--model tiny`) recomputing a 1000-token
+context costs a few milliseconds of CPU, so swapping has little to win. With the benchmarks'
+larger random-weight Llama (`--model bench`, the default: 8 layers, hidden 1024, about 130M
+parameters, see adaptivellm.benchmark.scenarios.BENCH_MODEL) recomputing costs what it costs on
+a real model, relative to copying the KV cache. The KV cache is sized in tokens (about 5100 under
+pressure), whatever the model's bytes per token.
+
+    python bench/preemption.py [--quick] [--model bench|tiny|PATH]
+                                             # writes bench/results/preemption.json
 """
 
 from __future__ import annotations
@@ -35,18 +43,40 @@ SYSTEMS = {
     "adaptive": "--preemption-mode adaptive --fairness fcfs",
 }
 SCENARIO = "long-decode"
-#: The no-pressure run: the same workload over a KV cache that holds all of it.
-AMPLE_KV = 512 << 20
+#: KV cache under pressure, in tokens: about 5 of the 16 requests at full length.
+PRESSURE_KV_TOKENS = 5120
+#: The no-pressure run: a KV cache that holds the whole workload (16 x 1524 tokens) twice over.
+AMPLE_KV_TOKENS = 50_000
 
 
-def run(stem: str, vllm_args: str, quick: bool) -> dict:
+def kv_bytes_per_token(model: Path) -> int:
+    """KV cache bytes per token of the model folder's config (float32)."""
+    config = json.loads((model / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    return int(config["num_hidden_layers"] * 2 * kv_heads * head_dim * 4)
+
+
+def model_path(choice: str) -> Path:
+    """`bench`, `tiny` or a model folder."""
+    from adaptivellm.benchmark.scenarios import bench_model
+    from adaptivellm.model import ensure_model
+
+    if choice == "bench":
+        return bench_model()
+    return ensure_model() if choice == "tiny" else Path(choice)
+
+
+def run(stem: str, vllm_args: str, quick: bool, model: Path) -> dict:
     """One harness run of the four systems; returns its report."""
     # Closed loop: 16 clients keep the server saturated, so throughput measures capacity and
     # the growing contexts overflow the small KV cache. One server at a time: two side by side
     # would split this machine's 2 cores between them.
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", SCENARIO,
                "--name", stem, "--vllm-args", vllm_args, "--max-servers", "1",
-               "--arrival", "closed", "--concurrency", "16"]  # fmt: skip
+               "--arrival", "closed", "--concurrency", "16", "--model", str(model),
+               "--served-model-name", model.name]  # fmt: skip
     for name, flags in SYSTEMS.items():
         command += ["--system", f"{name}={flags}" if flags else name]
     if quick:
@@ -66,15 +96,16 @@ def counters(report: dict) -> dict[str, dict]:
             for n in SYSTEMS}  # fmt: skip
 
 
-def predictor_quality() -> dict:
-    """MAPE and oracle agreement of the profile serve would load for the embedded model."""
-    from adaptivellm.model import ModelSpec
+def predictor_quality(model: Path) -> dict:
+    """MAPE and oracle agreement of the profile serve would load for `model` (none for the
+    analytic fallback: it has no measurements)."""
     from adaptivellm.predictors.features import ModelShape
     from adaptivellm.predictors.predictor import load_predictor, oracle_agreement
     from adaptivellm.predictors.store import ProfileKey
 
-    shape = ModelShape.from_spec(ModelSpec(), dtype="float32")
-    key = ProfileKey.for_shape(shape, device="cpu", dtype="float32", model="embedded")
+    config = json.loads((model / "config.json").read_text())
+    shape = ModelShape.from_hf_config(config, dtype="float32")
+    key = ProfileKey.for_shape(shape, device="cpu", dtype="float32", model=str(model))
     predictor = load_predictor(key)
     return {"source": predictor.source, **oracle_agreement(predictor)}
 
@@ -82,15 +113,22 @@ def predictor_quality() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="bench", help="bench, tiny or a model folder")
     args = parser.parse_args(argv)
-    pressure = run("preemption-pressure", "", args.quick)  # the scenario's own 30 MiB KV cache
-    ample = run("preemption-no-pressure", f"--kv-cache-memory-bytes {AMPLE_KV}", args.quick)
+    model = model_path(args.model)
+    per_token = kv_bytes_per_token(model)
+    kv = f"--kv-cache-memory-bytes {PRESSURE_KV_TOKENS * per_token}"
+    pressure = run("preemption-pressure", kv, args.quick, model)
+    kv = f"--kv-cache-memory-bytes {AMPLE_KV_TOKENS * per_token}"
+    ample = run("preemption-no-pressure", kv, args.quick, model)
     tput, tput_free = throughput(pressure), throughput(ample)
-    quality = predictor_quality()
+    quality = predictor_quality(model)
     best_static = max(tput["swap"], tput["recompute"])
     out = {
         "command": shlex.join(["python", *sys.argv]),
         "quick": args.quick,
+        "model": str(model),
+        "kv_cache_tokens": {"pressure": PRESSURE_KV_TOKENS, "no_pressure": AMPLE_KV_TOKENS},
         "throughput_tokens_per_s": tput,
         # The profile stores MAPE in percent; the issue's field is a fraction.
         "predictor_mape": {k: v / 100 for k, v in quality.get("mape", {}).items()},
