@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "avg_weighted_turnaround": ("mean_weighted_turnaround",),
         "throughput_tokens_per_s": ("output_tokens_per_s",),
         "jain": ("jain_fairness",),
+        "jain_contended": ("jain_contended",),
         "jain_windows": ("jain_windows",),
         "p99_ttft_s": ("ttft_p99_s",),
     }

@@ -117,10 +117,12 @@ class Summary:
     e2e_p99_s: float
     mean_weighted_turnaround: float
     jain_fairness: float
-    """Mean over windows of Jain's index among tenants backlogged through the window (1 when
-    no window had two): see backlogged_jain."""
+    """Mean over the run's windows of Jain's index among the tenants backlogged through the
+    window (1 for a window without two): see backlogged_jain."""
+    jain_contended: float
+    """The same mean over contended windows only (nan when none)."""
     jain_windows: int
-    """Windows in which at least two tenants were backlogged throughout."""
+    """Contended windows: at least two tenants backlogged throughout."""
     tenants: dict[str, TenantSummary] = field(default_factory=dict)
 
     def figures(self) -> dict[str, float]:
@@ -165,24 +167,39 @@ def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit
     return CalibrationFit(a, b, c, r2, tuple((int(p), int(o), float(t)) for p, o, t in samples))
 
 
+@dataclass(frozen=True)
+class WindowFairness:
+    """Tenant fairness over the windows of a run (see backlogged_jain)."""
+
+    jain: float
+    """Mean over all windows, a window without two backlogged tenants counting 1.0."""
+    contended_jain: float
+    """Mean over the contended windows only (nan when there were none)."""
+    contended_windows: int
+    """Windows in which at least two tenants were backlogged throughout."""
+    windows: int
+    """All windows of the run."""
+
+
 def backlogged_jain(
     results: Sequence[RequestResult],
     weights: Mapping[str, float] | None = None,
     window_s: float = JAIN_WINDOW_S,
-) -> tuple[float, int]:
-    """Tenant fairness as clients see it: (mean Jain index, number of windows it averages).
+) -> WindowFairness:
+    """Tenant fairness as clients see it, over windows of `window_s` seconds.
 
-    The run is cut into windows of `window_s`. A tenant is backlogged through a window when one
-    of its requests arrived before the window and got its first token only after it: it was
-    waiting all along, so it could have used more service. Per window with at least two such
-    tenants, Jain's index over their weight-normalised tokens received in the window (prompt
-    tokens at the first token, output tokens as they stream). Totals over a run cannot show
-    fairness: once every request has finished, each tenant has received exactly its demand.
-    No such window means no tenant ever waited while another was served: 1.0."""
+    A tenant is backlogged through a window when one of its requests arrived before the window
+    and got its first token only after it: it was waiting all along, so it could have used more
+    service. In a window with at least two such tenants (contended), fairness is Jain's index
+    over their weight-normalised tokens received in the window (prompt tokens at the first
+    token, output tokens as they stream). In any other window no tenant waited while another
+    was served, which is fair (max-min fairness: a tenant that asked for less than its share got
+    all it asked for): 1.0. Totals over a run cannot show fairness: once every request has
+    finished, each tenant has received exactly its demand."""
     weights = weights or {}
     ok = [r for r in results if r.ok]
     if not ok:
-        return 1.0, 0
+        return WindowFairness(1.0, math.nan, 0, 0)
     start, end = min(r.arrival_s for r in ok), max(r.end_s for r in ok)
     deliveries: list[tuple[float, str, float]] = []
     for r in ok:
@@ -190,7 +207,8 @@ def backlogged_jain(
         per_chunk = r.output_tokens / len(r.token_times) if r.token_times else 0.0
         deliveries.extend((t, r.tenant, per_chunk) for t in r.token_times)
     values = []
-    for i in range(int((end - start) // window_s)):
+    windows = int((end - start) // window_s)
+    for i in range(windows):
         lo, hi = start + i * window_s, start + (i + 1) * window_s
         backlogged = {r.tenant for r in ok if r.arrival_s <= lo and r.first_token_s >= hi}
         if len(backlogged) < 2:
@@ -200,7 +218,8 @@ def backlogged_jain(
             if lo <= t < hi and tenant in served:
                 served[tenant] += n
         values.append(jain_index([v / weights.get(k, 1.0) for k, v in served.items()]))
-    return (_mean(values) if values else 1.0), len(values)
+    overall = (sum(values) + (windows - len(values))) / windows if windows else 1.0
+    return WindowFairness(overall, _mean(values), len(values), windows)
 
 
 def weighted_turnarounds(results: Iterable[RequestResult], fit: CalibrationFit) -> list[float]:
@@ -238,7 +257,7 @@ def summarise(
     duration = max((r.end_s for r in results), default=0.0) - start
     tokens = sum(r.output_tokens for r in ok)
     tenants = tenant_summaries(results, fit, weights)
-    jain, windows = backlogged_jain(results, weights, window_s)
+    fairness = backlogged_jain(results, weights, window_s)
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
     return Summary(
         requests=len(results),
@@ -254,8 +273,9 @@ def summarise(
         e2e_p50_s=percentile((r.latency_s for r in ok), 50),
         e2e_p99_s=percentile((r.latency_s for r in ok), 99),
         mean_weighted_turnaround=_mean(weighted_turnarounds(ok, fit)),
-        jain_fairness=jain,
-        jain_windows=windows,
+        jain_fairness=fairness.jain,
+        jain_contended=fairness.contended_jain,
+        jain_windows=fairness.contended_windows,
         tenants=tenants,
     )
 
