@@ -71,11 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.3, help="requests/s offered")
     parser.add_argument("--num-requests", type=int, help="default 120 (30 with --quick)")
     parser.add_argument("--model", help="model folder (default: BENCH_MODEL, built if missing)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="no run: aggregate the existing harness reports"
+    )
     args = parser.parse_args(argv)
     args.model = args.model or str(bench_model())
     args.num_requests = args.num_requests or (30 if args.quick else 120)
-    reports = {key: run_scenario(sc, f"fairness-{sc}", args) for key, sc in SCENARIOS.items()}
-    out: dict = {"command": shlex.join(["python", *sys.argv]), "quick": args.quick,
+    if args.reuse:  # aggregate the harness reports of an earlier run again
+        reports = {k: json.loads((RESULTS / f"fairness-{sc}.json").read_text())
+                   for k, sc in SCENARIOS.items()}  # fmt: skip
+    else:
+        reports = {k: run_scenario(sc, f"fairness-{sc}", args) for k, sc in SCENARIOS.items()}
+    command = shlex.join(["python", *sys.argv])
+    if args.reuse:
+        command = json.loads((RESULTS / "fairness.json").read_text())["command"]
+    out: dict = {"command": command, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
                  "num_requests": args.num_requests, "model": args.model,
                  "scenarios": {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}}  # fmt: skip
@@ -105,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     out.update({f: out["multi_tenant"][f] for f in fields})
     out["targets"] = {"weighted_turnaround_ratio_max": 0.2, "throughput_ratio_min": 0.98,
                       "jain_min_multi_tenant": 0.95}  # fmt: skip
+    if args.reuse:
+        out["aggregated_again_by"] = shlex.join(["python", *sys.argv])
     path = RESULTS / "fairness.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: out[k]["adaptive_vs_fcfs"] for k in SCENARIOS}, indent=2))
