@@ -39,6 +39,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("fcfs", "priority", "vtc", "weighted-turnaround")
+#: Length of the windows over which tenant fairness is measured (server gauge and benchmarks).
+FAIRNESS_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from vllm.v1.request import Request
 from adaptivellm.metrics import EngineMetrics
 from adaptivellm.scheduler.config import ADDITIONAL_CONFIG_KEY, DEFAULT_TENANT, FairnessConfig
 from adaptivellm.scheduler.policies import (
+    FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
     RequestInfo,
     backlogged_jain,
@@ -56,8 +57,6 @@ logger = logging.getLogger(__name__)
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
 #: Tenants beyond this many share the metric label "other" (bounded label cardinality).
 MAX_TENANT_LABELS = 64
-#: Length of the windows over which the tenant Jain index gauge is computed, seconds.
-FAIRNESS_WINDOW_S = 5.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from adaptivellm.launch import metric_value
+from adaptivellm.scheduler.policies import FAIRNESS_WINDOW_S
 
 #: vLLM counters always read from /metrics (adaptivellm_*_total counters are found by name).
 VLLM_COUNTERS = (
@@ -28,8 +29,6 @@ VLLM_COUNTERS = (
 )
 #: Floor of a predicted service time, seconds: a fit may go negative for tiny requests.
 MIN_SERVICE_S = 1e-3
-#: Length of the windows of the tenant fairness figure, seconds (as the server's gauge).
-JAIN_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ class WindowFairness:
 def backlogged_jain(
     results: Sequence[RequestResult],
     weights: Mapping[str, float] | None = None,
-    window_s: float = JAIN_WINDOW_S,
+    window_s: float = FAIRNESS_WINDOW_S,
 ) -> WindowFairness:
     """Tenant fairness as clients see it, over windows of `window_s` seconds.
 
@@ -249,7 +248,7 @@ def summarise(
     results: Sequence[RequestResult],
     fit: CalibrationFit,
     weights: Mapping[str, float] | None = None,
-    window_s: float = JAIN_WINDOW_S,
+    window_s: float = FAIRNESS_WINDOW_S,
 ) -> Summary:
     """The figures of one run (`window_s`: the windows of the fairness figure)."""
     ok = [r for r in results if r.ok]

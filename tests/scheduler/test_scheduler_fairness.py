@@ -161,7 +161,7 @@ def test_jain_gauge_over_backlogged_tenants(policy: str, low: float, high: float
     heavy's earlier backlog alone in it (Jain 0.5); weighted-turnaround shares the server."""
     from prometheus_client import REGISTRY
 
-    from adaptivellm.scheduler.scheduler import FAIRNESS_WINDOW_S
+    from adaptivellm.scheduler.policies import FAIRNESS_WINDOW_S
 
     scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=80, max_num_seqs=1)
     for tenant in ("heavy", "light"):
