@@ -71,6 +71,7 @@ class EngineMetrics:
 
     scheduler_steps: Counter
     preemptions: Counter
+    turnaround_preemptions: Counter
     queue_wait: Histogram
     weighted_turnaround: Histogram
     output_length_error: Histogram
@@ -95,8 +96,14 @@ class EngineMetrics:
             ),
             preemptions=Counter(
                 f"{PREFIX}preemptions",
-                "Requests preempted for lack of KV cache blocks, by how their KV cache was handled",
+                "Requests preempted (for lack of KV cache blocks, or for a waiting request: "
+                "adaptivellm_turnaround_preemptions), by how their KV cache was handled",
                 labelnames=["mode"],
+            ),
+            turnaround_preemptions=Counter(
+                f"{PREFIX}turnaround_preemptions",
+                "Running requests preempted by weighted-turnaround for a shorter waiting request "
+                "while every batch slot was taken (--fairness-preemption)",
             ),
             queue_wait=Histogram(
                 f"{PREFIX}queue_wait_seconds",

@@ -29,7 +29,7 @@ from adaptivellm.scheduler.config import (
     FairnessConfig,
     load_tenant_weights,
 )
-from adaptivellm.scheduler.policies import POLICIES
+from adaptivellm.scheduler.policies import POLICIES, TurnaroundPreemption
 from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
 from adaptivellm.split_config import (
     ARCHITECTURE,
@@ -109,6 +109,24 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         default=FairnessConfig.max_wait_s,
         help="Starvation bound of weighted-turnaround: a request waiting this long goes ahead "
         "of all others that have not (default: %(default)s).",
+    )
+    group.add_argument(
+        "--fairness-preemption",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weighted-turnaround only: when every batch slot (--max-num-seqs) is taken, preempt "
+        "a long running request for a short waiting one when that lowers the weighted turnaround "
+        "by more than --fairness-preemption-margin times what it costs the victim (its KV cache "
+        "is kept as --preemption-mode says). A request loses its slot this way at most twice, "
+        "and never once starved. Default: on.",
+    )
+    group.add_argument(
+        "--fairness-preemption-margin",
+        type=float,
+        default=TurnaroundPreemption.margin,
+        metavar="X",
+        help="How many times the waiting request's gain must exceed the victim's loss "
+        "(default: %(default)s; >= 1).",
     )
     group.add_argument(
         "--preemption-mode",
@@ -296,6 +314,9 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
             max_wait_s=args.max_queue_wait_s,
             tenant_weights=weights,
             strict_tenants=args.strict_tenants,
+            preemption=TurnaroundPreemption(
+                enabled=args.fairness_preemption, margin=args.fairness_preemption_margin
+            ),
         )
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: error: {exc}") from exc

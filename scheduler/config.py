@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptivellm.scheduler.policies import POLICIES, ServiceModel, VTCWeights
+from adaptivellm.scheduler.policies import (
+    POLICIES,
+    ServiceModel,
+    TurnaroundPreemption,
+    VTCWeights,
+)
 
 ADDITIONAL_CONFIG_KEY = "adaptivellm"
 DEFAULT_TENANT = "default"
@@ -38,6 +43,8 @@ class FairnessConfig:
     """Predicts a request's latency alone on the idle server (weighted-turnaround's S)."""
     vtc: VTCWeights = field(default_factory=VTCWeights)
     """Token costs of the VTC counter."""
+    preemption: TurnaroundPreemption = field(default_factory=TurnaroundPreemption)
+    """When weighted-turnaround preempts a running request for a waiting one."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -64,7 +71,8 @@ class FairnessConfig:
         data = dict(data)
         service = ServiceModel(**data.pop("service", {}))
         vtc = VTCWeights(**data.pop("vtc", {}))
-        return FairnessConfig(service=service, vtc=vtc, **data)
+        preemption = TurnaroundPreemption(**data.pop("preemption", {}))
+        return FairnessConfig(service=service, vtc=vtc, preemption=preemption, **data)
 
     @staticmethod
     def from_additional_config(additional: Any) -> FairnessConfig:

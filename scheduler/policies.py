@@ -23,7 +23,12 @@ it (a FIFO among starved requests): waiting is bounded. The seeded random stress
 tests/scheduler/ checks this.
 
 Preemption victims are chosen consistently: running requests are ranked by the same key (their
-"waited" being the time since arrival), and the lowest-ranked one is preempted first.
+"waited" being the time since arrival), and the lowest-ranked one is preempted first when vLLM
+must free KV blocks. weighted-turnaround also preempts when every batch slot is taken and the
+most deserving waiting request would gain much more than a running one loses
+(choose_turnaround_victim: weighted shortest-remaining-time-first with hysteresis); starved
+requests are never chosen, and a request is chosen at most `max_per_request` times, so the
+starvation bound stands.
 
 `vtc` is the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et al.,
 OSDI 2024): each tenant has a counter of weighted service received (input and output tokens,
@@ -145,6 +150,101 @@ def order_by_turnaround(
         return (starved, int(owed or starved), value)
 
     return sorted(ranked, key=key, reverse=True)
+
+
+# --- Preemption for turnaround -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningInfo:
+    """A running request, as the preemption rule sees it."""
+
+    info: RequestInfo
+    output_tokens: int
+    """Tokens generated so far."""
+    computed_tokens: int
+    """Tokens whose KV cache it holds (prompt + output), to be restored if it is preempted."""
+    preemptions: int = 0
+    """Times it was already preempted for a waiting request (see choose_turnaround_victim)."""
+
+
+@dataclass(frozen=True)
+class TurnaroundPreemption:
+    """When weighted-turnaround preempts a running request for a waiting one, with every batch
+    slot taken (`--max-num-seqs`): see choose_turnaround_victim."""
+
+    enabled: bool = True
+    margin: float = 2.0
+    """The candidate's gain must exceed the victim's loss this many times (hysteresis)."""
+    max_per_request: int = 2
+    """A request is preempted for others at most this many times."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin) and self.margin >= 1):
+            raise ValueError(f"preemption margin must be a number >= 1, got {self.margin}")
+        if isinstance(self.max_per_request, bool) or not isinstance(self.max_per_request, int):
+            raise ValueError(f"max_per_request must be an integer, got {self.max_per_request!r}")
+        if self.max_per_request < 0:
+            raise ValueError(f"max_per_request must be >= 0, got {self.max_per_request}")
+
+
+def remaining_service(r: RunningInfo, model: ServiceModel, out: OutputLengthEstimate) -> float:
+    """Predicted seconds until a running request finishes: its predicted output tokens not yet
+    generated (at least one, at most what max_tokens still allows), at the decode rate."""
+    predicted = out.predict(r.info.max_tokens)
+    allowed = max(1, r.info.max_tokens - r.output_tokens)
+    return model.decode_s_per_token * min(allowed, max(1.0, predicted - r.output_tokens))
+
+
+def choose_turnaround_victim(
+    candidate: RequestInfo,
+    running: Sequence[RunningInfo],
+    now: float,
+    model: ServiceModel,
+    out: OutputLengthEstimate,
+    rule: TurnaroundPreemption,
+    max_wait_s: float,
+    counters: Mapping[str, float] | None = None,
+) -> RequestInfo | None:
+    """The running request to preempt so that `candidate` (the most deserving waiting request)
+    can start now, or None to let it wait for a free slot.
+
+    With every slot taken, the candidate waits until the first running request finishes, about
+    W = the smallest remaining service among `running`. Preempting a victim v lets it start now
+    and delays v by about the candidate's service S_c plus the time to restore v's KV cache R_v
+    (predicted as a prefill of its computed tokens; prefix caching usually makes it cheaper).
+    In weighted turnaround that is
+
+        gain = w_c * W / S_c        loss = w_v * (S_c + R_v) / S_v
+
+    (S = predicted service time alone on the idle server). The victim is the eligible request
+    with the smallest loss, if gain > margin * loss and gain >= 1 (waiting would at least
+    double the candidate's turnaround; smaller gains are not worth a preemption's overhead):
+    shortest-remaining-time-first, weighted, with hysteresis. Eligible: not starved
+    (waited < max_wait_s), preempted for others fewer than `rule.max_per_request` times, and,
+    with VTC `counters`, of a tenant that has received at least the candidate tenant's service
+    (a light tenant is never preempted for a heavier one).
+    Hence the starvation bound still holds: starved requests are never victims, and a request
+    can lose its slot to this rule only a bounded number of times."""
+    if not rule.enabled or not running:
+        return None
+    service_c = predicted_service(candidate, model, out)
+    wait = min(remaining_service(r, model, out) for r in running)
+    gain = candidate.weight * wait / service_c
+    if gain < 1.0:
+        return None
+    own = counters.get(candidate.tenant, 0.0) if counters else 0.0
+    best: tuple[float, RequestInfo] | None = None
+    for r in running:
+        if r.preemptions >= rule.max_per_request or now - r.info.arrival_time >= max_wait_s:
+            continue
+        if counters and counters.get(r.info.tenant, 0.0) < own:
+            continue
+        restore = model.prefill_s_per_token * r.computed_tokens
+        loss = r.info.weight * (service_c + restore) / predicted_service(r.info, model, out)
+        if gain > rule.margin * loss and (best is None or loss < best[0]):
+            best = (loss, r.info)
+    return None if best is None else best[1]
 
 
 # --- Virtual Token Counter -------------------------------------------------------------------

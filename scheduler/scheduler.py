@@ -28,7 +28,7 @@ from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from adaptivellm.metrics import EngineMetrics
 from adaptivellm.scheduler.config import ADDITIONAL_CONFIG_KEY, DEFAULT_TENANT, FairnessConfig
@@ -36,7 +36,9 @@ from adaptivellm.scheduler.policies import (
     FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
     RequestInfo,
+    RunningInfo,
     backlogged_jain,
+    choose_turnaround_victim,
     order_by_turnaround,
     vtc_charge,
     vtc_lift,
@@ -66,6 +68,8 @@ class Tracked:
     info: RequestInfo
     predicted_output: float
     first_scheduled: float | None = None
+    preempted: int = 0
+    """Times preempted by weighted-turnaround for a waiting request."""
 
 
 def request_info(request: Request, config: FairnessConfig) -> RequestInfo:
@@ -140,6 +144,8 @@ class AdaptiveScheduler(Scheduler):
         now = self.clock()
         if self.fairness.policy in ("weighted-turnaround", "vtc"):
             self._reorder(self.waiting, now)
+            if self.fairness.policy == "weighted-turnaround":
+                self._preempt_for_turnaround(now)
             if self._preemption_possible():
                 self.running[:] = self._order(self.running, now)
         output = super().schedule(throttle_prefills)
@@ -167,6 +173,63 @@ class AdaptiveScheduler(Scheduler):
         for req_id, n in output.num_scheduled_tokens.items():
             if (tracked := self.tracked.get(req_id)) is not None:
                 served[tracked.info.tenant] += n
+
+    def _preempt_for_turnaround(self, now: float) -> bool:
+        """With every batch slot taken, preempt the running request that choose_turnaround_victim
+        names for the most deserving waiting request (which then takes its slot this step).
+        The victim's KV cache is swapped or recomputed like any victim's (_preempt_request).
+        True if a request was preempted."""
+        rule = self.fairness.preemption
+        if not rule.enabled or not self.waiting or len(self.running) < self.max_num_active_reqs:
+            return False
+        candidate = self.waiting.peek_request()
+        tracked = self.tracked.get(candidate.request_id)
+        if tracked is None or candidate.status not in (
+            RequestStatus.WAITING,
+            RequestStatus.PREEMPTED,
+        ):
+            return False
+        by_id: dict[str, Request] = {}
+        running: list[RunningInfo] = []
+        for r in self.running:
+            info = self.tracked.get(r.request_id)
+            # Only requests past their prompt, with no split-execution session, whose blocks can
+            # be freed now.
+            if (
+                info is None
+                or r.resumable
+                or r.num_computed_tokens < r.num_prompt_tokens
+                or not self._request_blocks_can_be_freed(r)
+            ):
+                continue
+            by_id[r.request_id] = r
+            running.append(
+                RunningInfo(info.info, r.num_output_tokens, r.num_computed_tokens, info.preempted)
+            )
+        victim_info = choose_turnaround_victim(
+            tracked.info,
+            running,
+            now,
+            self.fairness.service,
+            self.output_estimate,
+            rule,
+            self.fairness.max_wait_s,
+            self.vtc_counters,
+        )
+        if victim_info is None:
+            return False
+        victim = by_id[victim_info.request_id]
+        self.running.remove(victim)
+        self._preempt_request(victim, time.monotonic(), drop_stale_output=self.requires_kv_delivery)
+        # It is not running in this step: the model runner must be sent its state again when it
+        # resumes (as vLLM's reset_prefix_cache does for the requests it preempts).
+        self.prev_step_scheduled_req_ids.discard(victim.request_id)
+        self.tracked[victim.request_id].preempted += 1
+        # The victim was put at the head of the queue: the candidate goes first, into its slot.
+        self.waiting.remove_request(candidate)
+        self.waiting.prepend_request(candidate)
+        EngineMetrics.get().turnaround_preemptions.inc()
+        return True
 
     def _preemption_possible(self) -> bool:
         """True when this step may have to preempt: fewer free KV blocks than running requests

@@ -80,7 +80,8 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--tenant-weights", "@/nonexistent.json"], "cannot read tenant weights file"),
      (["--scheduling-policy", "priority", "--fairness", "vtc"], "conflicts"),
      (["--strict-tenants"], "need tenant weights"),
-     (["--max-queue-wait-s", "-1"], "max_wait_s")],
+     (["--max-queue-wait-s", "-1"], "max_wait_s"),
+     (["--fairness-preemption-margin", "0.5"], "preemption margin")],
 )  # fmt: skip
 def test_bad_fairness_flags_fail_before_the_engine_starts(
     tmp_path: Path, flags: list[str], message: str

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 
 from adaptivellm.scheduler.config import FairnessConfig, load_tenant_weights
+from adaptivellm.scheduler.policies import TurnaroundPreemption
 
 
 def test_round_trip_through_additional_config() -> None:
-    config = FairnessConfig(policy="vtc", max_wait_s=5, tenant_weights={"gold": 2.0})
+    config = FairnessConfig(
+        policy="vtc",
+        max_wait_s=5,
+        tenant_weights={"gold": 2.0},
+        preemption=TurnaroundPreemption(enabled=False, margin=3.0, max_per_request=1),
+    )
     back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})
     assert back == config
     assert FairnessConfig.from_additional_config({}) == FairnessConfig()
@@ -25,6 +31,19 @@ def test_round_trip_through_additional_config() -> None:
 def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FairnessConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"margin": 0.5}, "margin"), ({"margin": float("nan")}, "margin"),
+     ({"max_per_request": -1}, ">= 0"), ({"max_per_request": 1.5}, "integer"),
+     ({"max_per_request": True}, "integer")],
+)  # fmt: skip
+def test_bad_preemption_rule_is_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TurnaroundPreemption(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        FairnessConfig.from_dict({"preemption": kwargs})
 
 
 def test_weights_from_flag() -> None:

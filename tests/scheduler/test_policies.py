@@ -9,11 +9,15 @@ import pytest
 from adaptivellm.scheduler.policies import (
     OutputLengthEstimate,
     RequestInfo,
+    RunningInfo,
     ServiceModel,
+    TurnaroundPreemption,
     VTCWeights,
     backlogged_jain,
+    choose_turnaround_victim,
     jain_index,
     order_by_turnaround,
+    remaining_service,
     response_ratio,
     turnaround_key,
     vtc_charge,
@@ -151,3 +155,75 @@ def test_backlogged_jain_counts_only_tenants_backlogged_and_normalises_by_weight
 def test_backlogged_jain_is_none_without_two_backlogged_tenants() -> None:
     assert backlogged_jain([], {"a": 1.0}, {}) is None
     assert backlogged_jain(["a", "a"], {"a": 1.0, "b": 9.0}, {}) is None
+
+
+# --- preemption for turnaround ----------------------------------------------------------------
+
+RULE = TurnaroundPreemption()
+
+
+def running(rid: str, max_tokens: int, done: int, tenant: str = "t", preemptions: int = 0,
+            arrival: float = 0.0, weight: float = 1.0) -> RunningInfo:  # fmt: skip
+    return RunningInfo(info(rid, arrival, max_tokens, tenant, weight), done, 10 + done, preemptions)
+
+
+def victim(
+    candidate: RequestInfo,
+    batch: list[RunningInfo],
+    now: float = 1.0,
+    counters: dict[str, float] | None = None,
+    rule: TurnaroundPreemption = RULE,
+) -> str | None:
+    found = choose_turnaround_victim(candidate, batch, now, MODEL, EXACT, rule, 60.0, counters)
+    return None if found is None else found.request_id
+
+
+def test_remaining_service_counts_tokens_still_to_generate() -> None:
+    assert remaining_service(running("a", 100, 30), MODEL, EXACT) == pytest.approx(0.70)
+    # Past its prediction: at least one token, at most what max_tokens still allows.
+    half = OutputLengthEstimate(ratio=0.5)
+    assert remaining_service(running("a", 100, 80), MODEL, half) == pytest.approx(0.01)
+    assert remaining_service(running("a", 100, 100), MODEL, EXACT) == pytest.approx(0.01)
+
+
+def test_a_short_request_preempts_the_long_request_with_most_work_left() -> None:
+    # Slot wait 1.0 s (the 100-token request has 100 left), candidate service 0.05 s: gain 20.
+    batch = [running("long", 1000, 100), running("mid", 200, 100)]
+    assert victim(info("short", 1.0, 5), batch) == "long"
+
+
+def test_no_preemption_when_a_slot_frees_soon_or_the_candidate_is_long() -> None:
+    assert victim(info("short", 1.0, 5), [running("long", 1000, 100), running("end", 200, 199)]) \
+        is None  # fmt: skip
+    assert victim(info("long2", 1.0, 900), [running("long", 1000, 100)]) is None
+    assert victim(info("short", 1.0, 5), []) is None
+
+
+def test_margin_is_the_hysteresis() -> None:
+    # gain = 0.5 / 0.1 = 5; loss = (0.1 + 0) / 1.0 = 0.1: a ratio of 50.
+    batch = [running("long", 100, 50)]
+    assert victim(info("c", 1.0, 10), batch, rule=TurnaroundPreemption(margin=49.0)) == "long"
+    assert victim(info("c", 1.0, 10), batch, rule=TurnaroundPreemption(margin=51.0)) is None
+    assert victim(info("c", 1.0, 10), batch, rule=TurnaroundPreemption(enabled=False)) is None
+
+
+def test_starved_and_often_preempted_requests_are_never_victims() -> None:
+    candidate = info("short", 100.0, 5)
+    assert victim(candidate, [running("long", 1000, 100, arrival=30.0)], now=100.0) is None
+    assert victim(candidate, [running("long", 1000, 100, arrival=50.0)], now=100.0) == "long"
+    assert victim(candidate, [running("long", 1000, 100, preemptions=2)]) is None
+    assert victim(candidate, [running("long", 1000, 100, preemptions=1)]) == "long"
+
+
+def test_a_light_tenant_is_never_preempted_for_a_heavier_one() -> None:
+    batch = [running("light-long", 1000, 100, tenant="light")]
+    counters = {"light": 10.0, "heavy": 500.0}
+    assert victim(info("heavy-short", 1.0, 5, tenant="heavy"), batch, counters=counters) is None
+    assert victim(info("light-short", 1.0, 5, tenant="light"), batch, counters=counters) \
+        == "light-long"  # fmt: skip
+
+
+def test_weights_scale_gain_and_loss() -> None:
+    batch = [running("gold-long", 100, 50, weight=100.0)]
+    assert victim(info("c", 1.0, 10), batch) is None  # loss 100 * 0.1 = 10 > gain 5 / 2
+    assert victim(info("c", 1.0, 10, weight=100.0), batch) == "gold-long"

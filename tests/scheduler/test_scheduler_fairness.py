@@ -8,6 +8,8 @@ import random
 import pytest
 
 from adaptivellm.scheduler.config import FairnessConfig
+from adaptivellm.scheduler.policies import TurnaroundPreemption
+from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 from tests.scheduler.sim import Run, check_no_leaks, make_request, make_scheduler
 
 WT = FairnessConfig(policy="weighted-turnaround")
@@ -173,3 +175,46 @@ def test_jain_gauge_over_backlogged_tenants(policy: str, low: float, high: float
         run.step()
     jain = REGISTRY.get_sample_value("adaptivellm_tenant_jain_index")
     assert jain is not None and low <= jain <= high
+
+
+def preempt_for_short(
+    config: FairnessConfig, shorts: int = 1, mode: str = "recompute"
+) -> tuple[Run, AdaptiveScheduler]:
+    """One batch slot; a long request runs 20 steps, then short requests arrive one by one,
+    each as soon as the previous one has finished."""
+    scheduler, clock = make_scheduler(config, num_blocks=40, max_num_seqs=1, preemption=mode,
+                                      swap_slots=40 if mode != "recompute" else 0)  # fmt: skip
+    scheduler.add_request(make_request("long", 16, 200, clock.now))
+    run = Run(scheduler, clock)
+    for _ in range(20):
+        run.step()
+    for i in range(shorts):
+        scheduler.add_request(make_request(f"short{i}", 16, 4, clock.now))
+        while f"short{i}" not in run.finished and scheduler.has_requests():
+            run.step()
+    run.until_idle()
+    check_no_leaks(scheduler, 40)
+    return run, scheduler
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_a_short_request_preempts_a_long_one_when_every_slot_is_taken(mode: str) -> None:
+    run, scheduler = preempt_for_short(WT, mode=mode)
+    assert run.preempted == ["long"]
+    assert run.finished["short0"] < run.finished["long"]
+    assert [d.mode for d in scheduler.decisions] == ([mode] if mode == "swap" else [])
+
+
+def test_fairness_preemption_can_be_turned_off_and_fcfs_never_does_it() -> None:
+    for config in (FairnessConfig(preemption=TurnaroundPreemption(enabled=False)),
+                   FairnessConfig(policy="fcfs")):  # fmt: skip
+        run, _ = preempt_for_short(config)
+        assert not run.preempted
+        assert run.finished["short0"] > run.finished["long"]
+
+
+def test_a_request_loses_its_slot_at_most_max_per_request_times() -> None:
+    run, _ = preempt_for_short(WT, shorts=5)
+    assert run.preempted == ["long", "long"]
+    assert all(run.finished[f"short{i}"] < run.finished["long"] for i in range(2))
+    assert all(run.finished[f"short{i}"] > run.finished["long"] for i in range(2, 5))

@@ -1,0 +1,101 @@
+"""weighted-turnaround's preemption for a waiting request, through a real server: with every batch
+slot taken by long requests, a short request preempts one of them, finishes first, and every
+output is still identical token for token to the same request alone (greedy)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
+from tests.support import Server
+
+LONG_TOKENS = 600
+SHORT_TOKENS = 4
+FLAGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "2",
+         "--kv-cache-memory-bytes", str(64 << 20), "--swap-space", "0.25"]  # fmt: skip
+# Long prompts: the victim holds whole KV blocks (16 tokens) worth swapping.
+PROMPTS = {
+    "long0": "the river runs past the old mill " * 15,
+    "long1": "a letter from the city market garden " * 15,
+    "short": "music at night",
+}
+#: The short request arrives once both long ones have streamed this many chunks.
+HEAD_START = 40
+
+
+def body(model: str, name: str, stream: bool) -> dict:
+    tokens = SHORT_TOKENS if name == "short" else LONG_TOKENS
+    return {"model": model, "prompt": PROMPTS[name], "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+
+
+async def alone(base_url: str, model: str, headers: dict[str, str]) -> dict[str, str]:
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        out = {}
+        for name in PROMPTS:
+            r = await client.post(f"{base_url}/v1/completions", json=body(model, name, False))
+            r.raise_for_status()
+            out[name] = r.json()["choices"][0]["text"]
+        return out
+
+
+async def contended(base_url: str, model: str) -> tuple[dict[str, str], dict[str, float]]:
+    """Two long requests take both slots; once both have streamed HEAD_START chunks, the short
+    one arrives."""
+    texts: dict[str, str] = {}
+    finished: dict[str, float] = {}
+    started = {name: asyncio.Event() for name in ("long0", "long1")}
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def long(name: str) -> None:
+            parts = []
+            url = f"{base_url}/v1/completions"
+            async with client.stream("POST", url, json=body(model, name, True)) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        parts.append(_chunk_text(line))
+                        if len(parts) >= HEAD_START:
+                            started[name].set()
+            texts[name], finished[name] = "".join(parts), time.monotonic()
+
+        async def short() -> None:
+            await asyncio.gather(*(e.wait() for e in started.values()))
+            r = await client.post(f"{base_url}/v1/completions", json=body(model, "short", False))
+            r.raise_for_status()
+            texts["short"], finished["short"] = r.json()["choices"][0]["text"], time.monotonic()
+
+        await asyncio.gather(long("long0"), long("long1"), short())
+    return texts, finished
+
+
+def _chunk_text(line: str) -> str:
+    import json
+
+    return str(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+
+
+@pytest.fixture(scope="module")
+def reference(server: Server) -> dict[str, str]:
+    return asyncio.run(alone(server.base_url, server.model, server.headers))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_short_request_preempts_a_long_one_outputs_unchanged(
+    mode: str, reference: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    flags = [*FLAGS, "--preemption-mode", mode]
+    with running_server(adaptivellm_command(None, port, flags), port, tmp_path / "log") as s:
+        texts, finished = asyncio.run(contended(s.base_url, "adaptivellm-tiny-llama"))
+        metrics = httpx.get(f"{s.base_url}/metrics").text
+    assert (metric_value(metrics, "adaptivellm_turnaround_preemptions_total") or 0) >= 1
+    assert finished["short"] < min(finished["long0"], finished["long1"])
+    if mode == "swap":
+        assert (metric_value(metrics, "adaptivellm_preemptions_total", 'mode="swap"') or 0) >= 1
+    assert texts == reference
