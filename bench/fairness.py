@@ -15,6 +15,11 @@ client and the server agree on TTFT.
 The harness's weighted turnaround uses one service-time model for every system (fitted on stock
 vLLM alone on its idle server).
 
+All four servers are up at once (`--max-servers 4`) and replay the workload in turn, round by
+round, so that drift in this machine's speed hits every system alike; an idle vLLM server takes
+no CPU worth measuring. (Run two at a time, the AdaptiveLLM pair ran minutes after the stock pair
+and their throughputs moved together.)
+
     python bench/fairness.py [--quick]      # writes bench/results/fairness.json
 """
 
@@ -44,7 +49,8 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
     """Run the harness for one scenario with the four systems; return its report."""
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", scenario,
                "--name", stem, "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
-               "--rate", str(args.rate), "--max-servers", "2", "--model", args.model,
+               "--rate", str(args.rate), "--max-servers", str(args.max_servers),
+               "--rounds", str(args.rounds), "--model", args.model,
                "--served-model-name", BENCH_MODEL_NAME]  # fmt: skip
     if args.num_requests:
         command += ["--num-requests", str(args.num_requests)]
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1.3, help="requests/s offered")
     parser.add_argument("--num-requests", type=int, help="default 120 (30 with --quick)")
+    parser.add_argument("--rounds", type=int, default=1, help="replays per system")
+    parser.add_argument("--max-servers", type=int, default=4, help="servers up at once")
     parser.add_argument("--model", help="model folder (default: BENCH_MODEL, built if missing)")
     parser.add_argument(
         "--reuse", action="store_true", help="no run: aggregate the existing harness reports"
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         command = json.loads((RESULTS / "fairness.json").read_text())["command"]
     out: dict = {"command": command, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
+                 "rounds": args.rounds, "max_servers": args.max_servers,
                  "num_requests": args.num_requests, "model": args.model,
                  "scenarios": {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}}  # fmt: skip
     fields = {

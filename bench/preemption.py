@@ -7,6 +7,13 @@ regression). vLLM 0.32 admits a request only when its whole prompt fits, so a wo
 prompts and short outputs (the `long-context` mix) barely preempts at all; contexts that grow
 while decoding are what makes vLLM preempt.
 
+All four servers are up at once and replay the workload in turn, round by round (`--rounds`,
+default 2, in the harness's alternating order), so that drift in this machine's speed hits every system alike; an idle vLLM server
+takes no CPU worth measuring. Besides each system's pooled throughput (all its rounds), the
+ratios are also given per round (`paired`): a system's round against stock's round of the same
+turn, minutes apart at most. With the four run one after the other, the same AdaptiveLLM
+configuration read 0.90x and 1.21x stock in two runs: sequential runs drift by about 20% here.
+
 AdaptiveLLM runs with `--fairness fcfs` here, so that vLLM's own admission and victim choice
 stay and only the handling of the victims' KV cache differs from stock vLLM.
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +53,10 @@ SYSTEMS = {
 SCENARIO = "long-decode"
 #: KV cache under pressure, in tokens: about 5 of the 16 requests at full length.
 PRESSURE_KV_TOKENS = 5120
+#: The ceiling under pressure: stock vLLM with as many sequences as the small KV cache holds at
+#: full length (3 x 1524 tokens <= 5120), so that nothing is ever preempted. No preemption mode
+#: can do much better than no preemption cost at all at about this batch size.
+CEILING = ("stock-no-preemption", "--max-num-seqs 3")
 #: The no-pressure run: a KV cache that holds the whole workload (16 x 1524 tokens) twice over.
 AMPLE_KV_TOKENS = 50_000
 
@@ -68,17 +80,22 @@ def model_path(choice: str) -> Path:
     return ensure_model() if choice == "tiny" else Path(choice)
 
 
-def run(stem: str, vllm_args: str, quick: bool, model: Path) -> dict:
-    """One harness run of the four systems; returns its report."""
+def run(
+    stem: str, vllm_args: str, quick: bool, model: Path, rounds: int, ceiling: bool = False
+) -> dict:
+    """One harness run of the four systems (and the ceiling), taking turns round by round;
+    returns its report."""
     # Closed loop: 16 clients keep the server saturated, so throughput measures capacity and
-    # the growing contexts overflow the small KV cache. One server at a time: two side by side
-    # would split this machine's 2 cores between them.
+    # the growing contexts overflow the small KV cache. All four servers up at once; only one
+    # replays at a time, so none shares the machine's 2 cores with another's work.
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", SCENARIO,
-               "--name", stem, "--vllm-args", vllm_args, "--max-servers", "1",
-               "--arrival", "closed", "--concurrency", "16", "--model", str(model),
-               "--served-model-name", model.name]  # fmt: skip
+               "--name", stem, "--vllm-args", vllm_args, "--max-servers", "5",
+               "--rounds", str(rounds), "--arrival", "closed", "--concurrency", "16",
+               "--model", str(model), "--served-model-name", model.name]  # fmt: skip
     for name, flags in SYSTEMS.items():
         command += ["--system", f"{name}={flags}" if flags else name]
+    if ceiling:
+        command += ["--system", "=".join(CEILING)]
     if quick:
         command.append("--quick")
     subprocess.run(command, check=True)
@@ -86,7 +103,25 @@ def run(stem: str, vllm_args: str, quick: bool, model: Path) -> dict:
 
 
 def throughput(report: dict) -> dict[str, float]:
+    """Each system's output tokens/s over all its rounds."""
     return {n: report["systems"][n]["figures"]["output_tokens_per_s"] for n in SYSTEMS}
+
+
+def round_throughput(report: dict) -> dict[str, list[float]]:
+    """Each system's output tokens/s per round. Every round replays the same requests with fixed
+    output lengths (ignore_eos), so a round's tokens are the total over the number of rounds."""
+    out = {}
+    for name, system in report["systems"].items():
+        durations = system["round_durations_s"]
+        tokens = system["figures"]["output_tokens"] / len(durations)
+        out[name] = [tokens / d for d in durations]
+    return out
+
+
+def paired(per_round: dict[str, list[float]], name: str, against: str) -> dict:
+    """`name`'s throughput over `against`'s, round by round, and their median."""
+    ratios = [a / b for a, b in zip(per_round[name], per_round[against], strict=True)]
+    return {"per_round": ratios, "median": statistics.median(ratios)}
 
 
 def counters(report: dict) -> dict[str, dict]:
@@ -114,14 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="bench", help="bench, tiny or a model folder")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="replays per system under pressure (default 2)"
+    )
+    parser.add_argument(
+        "--no-pressure-rounds",
+        type=int,
+        default=1,
+        help="replays per system with no pressure (default 1; bench/overhead.py measures "
+        "overhead with no pressure more precisely)",
+    )
     args = parser.parse_args(argv)
     model = model_path(args.model)
     per_token = kv_bytes_per_token(model)
     kv = f"--kv-cache-memory-bytes {PRESSURE_KV_TOKENS * per_token}"
-    pressure = run("preemption-pressure", kv, args.quick, model)
+    pressure = run("preemption-pressure", kv, args.quick, model, args.rounds, ceiling=True)
     kv = f"--kv-cache-memory-bytes {AMPLE_KV_TOKENS * per_token}"
-    ample = run("preemption-no-pressure", kv, args.quick, model)
+    ample = run("preemption-no-pressure", kv, args.quick, model, args.no_pressure_rounds)
     tput, tput_free = throughput(pressure), throughput(ample)
+    rounds, rounds_free = round_throughput(pressure), round_throughput(ample)
+    best = "swap" if tput["swap"] >= tput["recompute"] else "recompute"
     quality = predictor_quality(model)
     best_static = max(tput["swap"], tput["recompute"])
     out = {
@@ -139,6 +186,25 @@ def main(argv: list[str] | None = None) -> int:
             "adaptive_vs_best_static": tput["adaptive"] / best_static,
             "no_pressure_adaptive_vs_stock": tput_free["adaptive"] / tput_free["stock"],
         },
+        "ceiling": {
+            "system": f"stock vLLM {CEILING[1]}: never preempts under the same KV cache",
+            "throughput_tokens_per_s": pressure["systems"][CEILING[0]]["figures"][
+                "output_tokens_per_s"
+            ],
+            "preemptions": pressure["systems"][CEILING[0]]["counters"].get(
+                "vllm:num_preemptions_total"
+            ),
+        },
+        "paired": {
+            "adaptive_vs_stock": paired(rounds, "adaptive", "stock"),
+            "adaptive_vs_best_static": {"best_static": best, **paired(rounds, "adaptive", best)},
+            "swap_vs_recompute": paired(rounds, "swap", "recompute"),
+            "ceiling_vs_stock": paired(rounds, CEILING[0], "stock"),
+            "no_pressure_adaptive_vs_stock": paired(rounds_free, "adaptive", "stock"),
+            "no_pressure_recompute_vs_stock": paired(rounds_free, "recompute", "stock"),
+        },
+        "rounds": {"pressure": args.rounds, "no_pressure": args.no_pressure_rounds},
+        "round_throughput_tokens_per_s": {"pressure": rounds, "no_pressure": rounds_free},
         "no_pressure_throughput_tokens_per_s": tput_free,
         "counters": counters(pressure),
         "reports": ["preemption-pressure.json", "preemption-no-pressure.json"],
@@ -151,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     (RESULTS / "preemption.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out["ratios"], indent=2))
+    print(json.dumps({"pooled": out["ratios"], "paired": out["paired"]}, indent=2))
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Up to `max_servers` systems are up at once and take turns: each is warmed up and calibrated
 (solo requests on the idle server), then the systems replay the same workload one after the
-other, round by round, so that drift in the machine's speed hits every system alike. Counters
+other, round by round, so that drift in the machine's speed hits every system alike. Odd rounds
+go in reverse order (A B C D, D C B A, ...: `round_order`), so that over an even number of
+rounds every system has the same mean position in the turn: a linear drift, or an advantage of
+going first, cancels out. Counters
 are read from /metrics just before and after each replay.
 """
 
@@ -139,10 +142,17 @@ def _run_group(
             on_stage(f"calibrating {name}")
             runs[name].calibration = calibrate(_target(config, server), config)
         for round_ in range(config.rounds):
-            for name, server in servers.items():
+            for name in round_order(list(servers), round_):
+                server = servers[name]
                 on_stage(f"{name}: round {round_ + 1}/{config.rounds}")
                 _replay_round(config, runs[name], server, requests, round_, on_result)
     return runs
+
+
+def round_order(names: Sequence[str], round_: int) -> list[str]:
+    """The order in which the systems replay in round `round_` (from 0): as given in even
+    rounds, reversed in odd ones."""
+    return list(names) if round_ % 2 == 0 else list(reversed(names))
 
 
 def calibrate(target: Target, config: BenchConfig) -> CalibrationFit:

@@ -181,3 +181,13 @@ def test_backlogged_jain_over_windows() -> None:
     # Failed requests are not service; no successful request: trivially fair.
     f = backlogged_jain([result(ok=False)])
     assert (f.jain, f.contended_windows, f.windows) == (1.0, 0, 0)
+
+
+def test_rounds_alternate_direction_so_positions_balance() -> None:
+    from adaptivellm.benchmark.harness import round_order
+
+    names = ["stock", "a", "b", "c"]
+    orders = [round_order(names, r) for r in range(4)]
+    assert orders[0] == names and orders[1] == names[::-1] and orders[2] == names
+    # Over an even number of rounds every system's mean position is the same.
+    assert len({sum(o.index(n) for o in orders) for n in names}) == 1
