@@ -8,8 +8,8 @@ prompts and short outputs (the `long-context` mix) barely preempts at all; conte
 while decoding are what makes vLLM preempt.
 
 All four servers are up at once and replay the workload in turn, round by round (`--rounds`,
-default 2, in the harness's alternating order), so that drift in this machine's speed hits every system alike; an idle vLLM server
-takes no CPU worth measuring. Besides each system's pooled throughput (all its rounds), the
+default 2, in the harness's alternating order), so that drift in this machine's speed hits every
+system alike; an idle vLLM server takes no CPU worth measuring. Besides each system's pooled throughput (all its rounds), the
 ratios are also given per round (`paired`): a system's round against stock's round of the same
 turn, minutes apart at most. With the four run one after the other, the same AdaptiveLLM
 configuration read 0.90x and 1.21x stock in two runs: sequential runs drift by about 20% here.
