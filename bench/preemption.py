@@ -7,12 +7,17 @@ regression). vLLM 0.32 admits a request only when its whole prompt fits, so a wo
 prompts and short outputs (the `long-context` mix) barely preempts at all; contexts that grow
 while decoding are what makes vLLM preempt.
 
-All four servers are up at once and replay the workload in turn, round by round (`--rounds`,
-default 2, in the harness's alternating order), so that drift in this machine's speed hits every
-system alike; an idle vLLM server takes no CPU worth measuring. Besides each system's pooled throughput (all its rounds), the
-ratios are also given per round (`paired`): a system's round against stock's round of the same
-turn, minutes apart at most. With the four run one after the other, the same AdaptiveLLM
-configuration read 0.90x and 1.21x stock in two runs: sequential runs drift by about 20% here.
+All systems' servers are up at once and replay the workload in turn, round by round
+(`--rounds`, default 2, in the harness's alternating order), so that drift in this machine's
+speed hits every system alike; an idle vLLM server takes no CPU worth measuring. Besides each
+system's pooled throughput (all its rounds), the ratios are also given per round (`paired`): a
+system's round against stock's round of the same turn. With the four run one after the other,
+the same AdaptiveLLM configuration read 0.90x and 1.21x stock in two runs: sequential runs drift
+by about 20% here.
+
+Under pressure a fifth system gives the ceiling: stock vLLM with `--max-num-seqs 3`, as many
+requests as the small KV cache holds at full length, so nothing is ever preempted. Swapping
+can save the cost of recomputing, not the smaller batch that the small cache forces.
 
 AdaptiveLLM runs with `--fairness fcfs` here, so that vLLM's own admission and victim choice
 stay and only the handling of the victims' KV cache differs from stock vLLM.
