@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_vllm_bench_command_matches_the_scenario() -> None:
 
     args = argparse.Namespace(prompt_tokens=128, output_tokens=64, requests=64, concurrency=4)
     cmd = crosscheck.vllm_bench_command(Target("http://h:1", "m", 10), args, Path("/tmp/x"), 3)
-    pairs = dict(zip(cmd[::1], cmd[1::1], strict=False))
+    pairs = dict(itertools.pairwise(cmd))
     assert pairs["--random-input-len"] == "128" and pairs["--random-output-len"] == "64"
     assert pairs["--max-concurrency"] == "4" and pairs["--num-prompts"] == "64"
     assert pairs["--random-range-ratio"] == "0" and "--ignore-eos" in cmd
