@@ -166,6 +166,9 @@ class RunningInfo:
     """Tokens whose KV cache it holds (prompt + output), to be restored if it is preempted."""
     preemptions: int = 0
     """Times it was already preempted for a waiting request (see choose_turnaround_victim)."""
+    preemptible: bool = True
+    """False for a request that cannot be preempted now (still in its prompt, say): it counts
+    for when a slot frees, but is never a victim."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,9 @@ def choose_turnaround_victim(
     own = counters.get(candidate.tenant, 0.0) if counters else 0.0
     best: tuple[float, RequestInfo] | None = None
     for r in running:
-        if r.preemptions >= rule.max_per_request or now - r.info.arrival_time >= max_wait_s:
+        if not r.preemptible or r.preemptions >= rule.max_per_request:
+            continue
+        if now - r.info.arrival_time >= max_wait_s:
             continue
         if counters and counters.get(r.info.tenant, 0.0) < own:
             continue

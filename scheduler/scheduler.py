@@ -189,23 +189,20 @@ class AdaptiveScheduler(Scheduler):
             RequestStatus.PREEMPTED,
         ):
             return False
-        by_id: dict[str, Request] = {}
+        by_id = {r.request_id: r for r in self.running}
         running: list[RunningInfo] = []
         for r in self.running:
-            info = self.tracked.get(r.request_id)
-            # Only requests past their prompt, with no split-execution session, whose blocks can
-            # be freed now.
-            if (
-                info is None
-                or r.resumable
-                or r.num_computed_tokens < r.num_prompt_tokens
-                or not self._request_blocks_can_be_freed(r)
-            ):
+            if (info := self.tracked.get(r.request_id)) is None:
                 continue
-            by_id[r.request_id] = r
-            running.append(
-                RunningInfo(info.info, r.num_output_tokens, r.num_computed_tokens, info.preempted)
+            # Victims only among requests past their prompt, with no split-execution session,
+            # whose blocks can be freed now.
+            preemptible = (
+                not r.resumable
+                and r.num_computed_tokens >= r.num_prompt_tokens
+                and self._request_blocks_can_be_freed(r)
             )
+            running.append(RunningInfo(info.info, r.num_output_tokens, r.num_computed_tokens,
+                                       info.preempted, preemptible))  # fmt: skip
         victim_info = choose_turnaround_victim(
             tracked.info,
             running,

@@ -207,6 +207,14 @@ def test_margin_is_the_hysteresis() -> None:
     assert victim(info("c", 1.0, 10), batch, rule=TurnaroundPreemption(enabled=False)) is None
 
 
+def test_unpreemptible_requests_count_for_the_slot_wait_but_are_never_victims() -> None:
+    ending = RunningInfo(info("ending", 0.0, 200), 199, 209, preemptible=False)
+    assert victim(info("short", 1.0, 5), [running("long", 1000, 100), ending]) is None
+    in_prompt = RunningInfo(info("in-prompt", 0.0, 1000), 0, 5, preemptible=False)
+    assert victim(info("short", 1.0, 5), [in_prompt]) is None
+    assert victim(info("short", 1.0, 5), [in_prompt, running("long", 1000, 100)]) == "long"
+
+
 def test_starved_and_often_preempted_requests_are_never_victims() -> None:
     candidate = info("short", 100.0, 5)
     assert victim(candidate, [running("long", 1000, 100, arrival=30.0)], now=100.0) is None
