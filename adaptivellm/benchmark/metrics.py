@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -153,17 +154,39 @@ def jain_index(values: Sequence[float]) -> float:
 
 
 def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit:
-    """Least-squares fit of latency = a + b*prompt + c*output to (prompt, output, latency)."""
+    """Least-squares fit of latency = a + b*prompt + c*output to (prompt, output, latency), with
+    a, b, c >= 0: a fixed overhead, a cost per prompt token and one per output token cannot be
+    negative. An unconstrained fit of noisy solo latencies can give a negative intercept, which
+    predicts a near-zero service time for short requests and lets a handful of them dominate
+    the mean weighted turnaround (a run read stock vLLM's at 138.6 that way)."""
     if len(samples) < 3:
         raise ValueError(f"a calibration fit needs >= 3 samples, got {len(samples)}")
     x = np.array([[1.0, p, o] for p, o, _ in samples])
     y = np.array([t for _, _, t in samples])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    coef = _nonnegative_lstsq(x, y)
     residual = float(np.sum((y - x @ coef) ** 2))
     total = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - residual / total if total > 0 else 1.0
     a, b, c = (float(v) for v in coef)
     return CalibrationFit(a, b, c, r2, tuple((int(p), int(o), float(t)) for p, o, t in samples))
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin |x c - y| subject to c >= 0, for a few columns: the best least-squares fit over
+    every subset of columns whose own fit is non-negative (exact for the 3 columns used here)."""
+    best: tuple[float, np.ndarray] | None = None
+    columns = range(x.shape[1])
+    for size in range(len(columns), 0, -1):
+        for subset in itertools.combinations(columns, size):
+            sub, *_ = np.linalg.lstsq(x[:, subset], y, rcond=None)
+            if np.any(sub < 0):
+                continue
+            coef = np.zeros(x.shape[1])
+            coef[list(subset)] = sub
+            residual = float(np.sum((y - x @ coef) ** 2))
+            if best is None or residual < best[0]:
+                best = (residual, coef)
+    return best[1] if best is not None else np.zeros(x.shape[1])
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ SCHEMA_VERSION = 1
 REFERENCE = "stock"
 
 
+#: Columns of a report's per-request records (`requests`); times in seconds on the run's time
+#: line (rounds laid end to end).
+REQUEST_FIELDS = ("index", "tenant", "prompt_tokens", "output_tokens", "arrival_s",
+                  "first_token_s", "end_s", "ok")  # fmt: skip
+
+
 def service_model(runs: Mapping[str, SystemRun]) -> tuple[str, CalibrationFit]:
     """The calibration every system's service times come from: stock vLLM's when it ran (one
     denominator for all systems), else the first system's."""
@@ -51,6 +57,22 @@ def system_report(
         "counters": run.counters,
         "round_durations_s": run.round_durations_s,
         "errors": failures[:5],
+        # Every request, so that figures can be computed again later (another service model,
+        # another window) without a new run.
+        "request_fields": list(REQUEST_FIELDS),
+        "requests": [
+            [
+                r.index,
+                r.tenant,
+                r.prompt_tokens,
+                r.output_tokens,
+                round(r.arrival_s, 4),
+                round(r.first_token_s, 4),
+                round(r.end_s, 4),
+                r.ok,
+            ]
+            for r in run.results
+        ],
     }
 
 

@@ -111,6 +111,26 @@ def test_calibration_fit_with_noise_and_too_few_samples() -> None:
         fit_calibration(noisy[:2])
 
 
+def test_calibration_fit_never_has_a_negative_coefficient() -> None:
+    # The stock calibration of a real run: unconstrained least squares gives a = -0.155 s, so
+    # a request of 16 prompt and 2 output tokens would be predicted at the 1 ms floor.
+    samples = [(16, 8, 0.193), (16, 64, 1.926), (256, 8, 0.740), (256, 64, 2.417),
+               (1536, 8, 3.513), (1536, 64, 5.544), (16, 8, 0.284), (16, 64, 2.015),
+               (256, 8, 0.608), (256, 64, 1.846), (1536, 8, 3.057), (1536, 64, 5.138)]  # fmt: skip
+    fit = fit_calibration(samples)
+    assert min(fit.a, fit.b, fit.c) >= 0
+    assert fit.predict(16, 2) > 0.05
+    assert fit.r2 > 0.9
+
+    # Its residual is the smallest among non-negative fits: nudging a coefficient makes it worse.
+    def sse(a: float, b: float, c: float) -> float:
+        return sum((a + b * p + c * o - t) ** 2 for p, o, t in samples)
+
+    best = sse(fit.a, fit.b, fit.c)
+    for da, db, dc in [(0.01, 0, 0), (0, 1e-5, 0), (0, -1e-5, 0), (0, 0, 1e-4), (0, 0, -1e-4)]:
+        assert sse(max(0.0, fit.a + da), fit.b + db, fit.c + dc) >= best
+
+
 def test_summarise() -> None:
     """Two tenants; run from 0 to 4 s; 30 output tokens over 4 s; one failure."""
     rs = [
