@@ -85,7 +85,11 @@ def reference(server: Server) -> dict[str, str]:
     return asyncio.run(alone(server.base_url, server.model, server.headers))
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap"])
+# Recompute only: with the swap connector configured, vLLM defers block frees until the step
+# that last scheduled a request is processed, and a running request is often not preemptible
+# at the start of a step, so whether the short request gets to preempt is timing-dependent
+# there (a CI run saw none). The hand-driven scheduler test covers the swap path.
+@pytest.mark.parametrize("mode", ["recompute"])
 def test_short_request_preempts_a_long_one_outputs_unchanged(
     mode: str, reference: dict[str, str], tmp_path: Path
 ) -> None:
