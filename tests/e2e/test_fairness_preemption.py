@@ -18,14 +18,18 @@ LONG_TOKENS = 600
 SHORT_TOKENS = 4
 FLAGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "2",
          "--kv-cache-memory-bytes", str(64 << 20), "--swap-space", "0.25"]  # fmt: skip
-# Long prompts: the victim holds whole KV blocks (16 tokens) worth swapping.
+# Long prompts (about 300 tokens each): whichever is the victim holds whole KV blocks (128 tokens
+# on CPU) to swap.
 PROMPTS = {
-    "long0": "the river runs past the old mill " * 15,
-    "long1": "a letter from the city market garden " * 15,
+    "long0": "the river runs past the old mill " * 20,
+    "long1": "a letter from the city market garden " * 40,
     "short": "music at night",
 }
-#: The short request arrives once both long ones have streamed this many chunks.
-HEAD_START = 40
+#: The short request arrives once both long ones have streamed this many chunks: both are past
+#: their prompts (preemptible) with hundreds of tokens to go. The tiny model decodes a token in
+#: about 2 ms, and the streaming client may lag the engine on a busy machine, so the head start
+#: is kept small.
+HEAD_START = 3
 
 
 def body(model: str, name: str, stream: bool) -> dict:
@@ -85,11 +89,7 @@ def reference(server: Server) -> dict[str, str]:
     return asyncio.run(alone(server.base_url, server.model, server.headers))
 
 
-# Recompute only: with the swap connector configured, vLLM defers block frees until the step
-# that last scheduled a request is processed, and a running request is often not preemptible
-# at the start of a step, so whether the short request gets to preempt is timing-dependent
-# there (a CI run saw none). The hand-driven scheduler test covers the swap path.
-@pytest.mark.parametrize("mode", ["recompute"])
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_short_request_preempts_a_long_one_outputs_unchanged(
     mode: str, reference: dict[str, str], tmp_path: Path
 ) -> None:
