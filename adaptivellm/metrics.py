@@ -82,6 +82,7 @@ class EngineMetrics:
     swap_seconds: Histogram
     swap_blocks: Counter
     predicted_cost: Histogram
+    service_model: Gauge
 
     @staticmethod
     @cache
@@ -160,6 +161,14 @@ class EngineMetrics:
                 "recompute: prefill of the same tokens)",
                 labelnames=["mode"],
                 buckets=(1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            ),
+            service_model=Gauge(
+                f"{PREFIX}service_model_seconds_per_token",
+                "The service-time model weighted-turnaround ranks requests with, by term "
+                "(prefill: per prompt token; decode: per output token), learned from the "
+                "engine's steps unless --no-learn-service-time",
+                labelnames=["term"],
+                multiprocess_mode="mostrecent",
             ),
         )
 

@@ -121,6 +121,15 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "and never once starved. Default: on.",
     )
     group.add_argument(
+        "--learn-service-time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weighted-turnaround and fairness preemption rank requests by their predicted "
+        "service time; learn its per-token prefill and decode costs from the engine's own "
+        "steps (on /metrics: adaptivellm_service_model_seconds_per_token). "
+        "--no-learn-service-time keeps the fixed defaults. Default: on.",
+    )
+    group.add_argument(
         "--fairness-preemption-margin",
         type=float,
         default=TurnaroundPreemption.margin,
@@ -314,6 +323,7 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
             max_wait_s=args.max_queue_wait_s,
             tenant_weights=weights,
             strict_tenants=args.strict_tenants,
+            learn_service=args.learn_service_time,
             preemption=TurnaroundPreemption(
                 enabled=args.fairness_preemption, margin=args.fairness_preemption_margin
             ),

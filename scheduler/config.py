@@ -40,7 +40,10 @@ class FairnessConfig:
     strict_tenants: bool = False
     """Reject requests naming a tenant that is not in tenant_weights."""
     service: ServiceModel = field(default_factory=ServiceModel)
-    """Predicts a request's latency alone on the idle server (weighted-turnaround's S)."""
+    """Predicts a request's latency alone on the idle server (weighted-turnaround's S); the
+    prior of the learned model when learn_service is on."""
+    learn_service: bool = True
+    """Learn the service model's per-token costs from the engine's steps (service_fit)."""
     vtc: VTCWeights = field(default_factory=VTCWeights)
     """Token costs of the VTC counter."""
     preemption: TurnaroundPreemption = field(default_factory=TurnaroundPreemption)

@@ -63,7 +63,8 @@ class RequestInfo:
 @dataclass(frozen=True)
 class ServiceModel:
     """Predicted latency of a request alone on the idle server:
-    overhead + prefill_s_per_token * prompt + decode_s_per_token * predicted output."""
+    overhead + prefill_s_per_token * prompt + decode_s_per_token * predicted output. The defaults
+    are a prior: the scheduler learns the per-token costs from its steps (service_fit)."""
 
     overhead_s: float = 0.02
     prefill_s_per_token: float = 0.0002

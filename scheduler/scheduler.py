@@ -28,6 +28,8 @@ from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from adaptivellm.metrics import EngineMetrics
@@ -37,6 +39,7 @@ from adaptivellm.scheduler.policies import (
     OutputLengthEstimate,
     RequestInfo,
     RunningInfo,
+    ServiceModel,
     backlogged_jain,
     choose_turnaround_victim,
     order_by_turnaround,
@@ -45,6 +48,7 @@ from adaptivellm.scheduler.policies import (
     vtc_order,
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
+from adaptivellm.scheduler.service_fit import ServiceFit
 from adaptivellm.scheduler.split_sessions import (
     SplitChunks,
     extend_session,
@@ -120,6 +124,13 @@ class AdaptiveScheduler(Scheduler):
         self.decisions: list[Decision] = []
         self._warned_costs = False
         self.split_chunks = SplitChunks()
+        self.service_fit = ServiceFit(self.fairness.service)
+        #: Times the model's steps for service_fit; tests substitute a simulated one.
+        self.step_timer: Callable[[], float] = time.perf_counter
+        #: The step being executed: its output, when schedule() returned, prompt tokens and
+        #: decoding requests in it (timed for service_fit in update_from_output).
+        self._step: tuple[SchedulerOutput, float, int, int] | None = None
+        self._publish_service_model()
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -149,9 +160,32 @@ class AdaptiveScheduler(Scheduler):
             if self._preemption_possible():
                 self.running[:] = self._order(self.running, now)
         output = super().schedule(throttle_prefills)
-        self._account(output, now)
+        prefill, decode = self._account(output, now)
         self._observe_fairness(output, now)
+        self._step = (output, self.step_timer(), prefill, decode)
         return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        step, self._step = self._step, None
+        if step is not None and step[0] is scheduler_output and self.fairness.learn_service:
+            _, started, prefill, decode = step
+            before = self.service_fit.model
+            self.service_fit.observe(self.step_timer() - started, prefill, decode)
+            if self.service_fit.model is not before:
+                self._publish_service_model()
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    @property
+    def service(self) -> ServiceModel:
+        """The service model requests are ranked with: learned, or the configured one."""
+        return self.service_fit.model if self.fairness.learn_service else self.fairness.service
+
+    def _publish_service_model(self) -> None:
+        gauge = EngineMetrics.get().service_model
+        gauge.labels(term="prefill").set(self.service.prefill_s_per_token)
+        gauge.labels(term="decode").set(self.service.decode_s_per_token)
 
     def _observe_fairness(self, output: SchedulerOutput, now: float) -> None:
         """Advance the fairness window: which tenants were left waiting by this step, and what
@@ -207,7 +241,7 @@ class AdaptiveScheduler(Scheduler):
             tracked.info,
             running,
             now,
-            self.fairness.service,
+            self.service,
             self.output_estimate,
             rule,
             self.fairness.max_wait_s,
@@ -246,7 +280,7 @@ class AdaptiveScheduler(Scheduler):
             ranked = order_by_turnaround(
                 infos,
                 now,
-                self.fairness.service,
+                self.service,
                 self.output_estimate,
                 self.fairness.max_wait_s,
                 self.vtc_counters,
@@ -263,24 +297,33 @@ class AdaptiveScheduler(Scheduler):
             queue.clear()
             queue.extend(ordered)
 
-    def _account(self, output: SchedulerOutput, now: float) -> None:
-        """Charge scheduled tokens to tenants; count steps; note first-scheduled times."""
+    def _account(self, output: SchedulerOutput, now: float) -> tuple[int, int]:
+        """Charge scheduled tokens to tenants; count steps; note first-scheduled times. Returns
+        the step's prompt tokens and decoding requests."""
         metrics = EngineMetrics.get()
         if output.total_num_scheduled_tokens:
             metrics.scheduler_steps.inc()
         if self.swap is not None:
             metrics.swap_space_bytes.set(self.swap.space.used * self.swap.bytes_per_block)
+        prefill = decode = 0
         for req_id, n in output.num_scheduled_tokens.items():
-            tracked, request = self.tracked.get(req_id), self.requests.get(req_id)
-            if tracked is None or request is None:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            # num_computed_tokens already includes this step's n tokens. Tokens recomputed
+            # after a preemption count as prompt: they cost what prompt tokens cost.
+            before = request.num_computed_tokens - n
+            prompt_part = max(0, min(n, request.num_tokens - 1 - before))
+            prefill += prompt_part
+            decode += n > prompt_part
+            if (tracked := self.tracked.get(req_id)) is None:
                 continue
             if tracked.first_scheduled is None:
                 tracked.first_scheduled = now
                 metrics.queue_wait.observe(max(0.0, now - tracked.info.arrival_time))
-            # num_computed_tokens already includes this step's n tokens.
-            before = request.num_computed_tokens - n
-            prompt_part = max(0, min(n, request.num_prompt_tokens - before))
-            self._charge(tracked.info, prompt_part, n - prompt_part)
+            charged = max(0, min(n, request.num_prompt_tokens - before))
+            self._charge(tracked.info, charged, n - charged)
+        return prefill, decode
 
     def _charge(self, info: RequestInfo, input_tokens: int, output_tokens: int) -> None:
         tenant_label = info.tenant
@@ -359,7 +402,7 @@ class AdaptiveScheduler(Scheduler):
         length prediction error."""
         metrics = EngineMetrics.get()
         info, actual = tracked.info, request.num_output_tokens
-        service = self.fairness.service.service_time(info.prompt_tokens, actual)
+        service = self.service.service_time(info.prompt_tokens, actual)
         metrics.weighted_turnaround.observe(max(0.0, self.clock() - info.arrival_time) / service)
         metrics.output_length_error.observe(abs(tracked.predicted_output - actual) / max(1, actual))
         self.output_estimate = self.output_estimate.update(info.max_tokens, actual)

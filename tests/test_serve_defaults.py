@@ -94,3 +94,12 @@ def test_custom_scheduler_is_kept(parser: argparse.ArgumentParser, model: str) -
     args = parse(parser, *argv)
     apply_defaults(args, False, is_cpu=False)
     assert args.scheduler_cls == "my.Scheduler"
+
+
+@pytest.mark.parametrize(("flag", "learn"), [((), True), (("--no-learn-service-time",), False)])
+def test_learn_service_time_flag_reaches_the_engine_config(
+    parser: argparse.ArgumentParser, model: str, flag: tuple[str, ...], learn: bool
+) -> None:
+    args = parse(parser, model, *flag)
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["fairness"]["learn_service"] is learn

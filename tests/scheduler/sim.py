@@ -3,6 +3,7 @@ outputs (the way vLLM's own scheduler tests work), on a simulated clock."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -127,10 +128,20 @@ class Run:
     finished: dict[str, float] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    step_cost: Callable[[SchedulerOutput], float] | None = None
+    """If given: the simulated duration of a step's model execution, read by the scheduler's
+    step timer (which otherwise times real, near-instant steps)."""
+    timer: Clock = field(default_factory=lambda: Clock(0.0))
+
+    def __post_init__(self) -> None:
+        if self.step_cost is not None:
+            self.scheduler.step_timer = self.timer
 
     def step(self) -> SchedulerOutput:
         """One engine step: schedule, sample one token for every request past its prompt."""
         out = self.scheduler.schedule()
+        if self.step_cost is not None:
+            self.timer.now += self.step_cost(out)
         for new in out.scheduled_new_reqs:
             if new.req_id not in self.first_scheduled:
                 self.first_scheduled[new.req_id] = self.clock.now

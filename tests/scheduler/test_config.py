@@ -16,6 +16,7 @@ def test_round_trip_through_additional_config() -> None:
         policy="vtc",
         max_wait_s=5,
         tenant_weights={"gold": 2.0},
+        learn_service=False,
         preemption=TurnaroundPreemption(enabled=False, margin=3.0, max_per_request=1),
     )
     back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})

@@ -1,0 +1,104 @@
+"""Learn the service-time model from the engine's own steps.
+
+weighted-turnaround ranks requests by their predicted service time S (their latency alone on
+the idle server, `ServiceModel`). Its default coefficients are a guess; the real ones depend on
+the model, the device and the batch. This fit learns them while serving, from every step the
+scheduler times (model execution, between `schedule` and `update_from_output`):
+
+    step seconds = c0 + c_prefill * prompt tokens in the step + c_decode * decoding requests
+
+by least squares with coefficients >= 0, over an exponentially weighted window of recent steps
+(`half_life_steps`). Alone on an idle server a request costs one step for its prompt and one
+per further output token, so
+
+    S = c_prefill * prompt + (c0 + c_decode) * output
+
+(`ServiceModel(overhead_s, prefill_s_per_token=c_prefill, decode_s_per_token=c0 + c_decode)`,
+with the configured overhead). Until the window holds `min_steps` steps, with both steps that
+prefill and steps that only decode, the configured model stands. Pure Python and numpy: no vLLM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from adaptivellm.scheduler.policies import ServiceModel
+
+
+@dataclass
+class ServiceFit:
+    """Running least-squares fit of step time on (1, prefill tokens, decoding requests)."""
+
+    prior: ServiceModel
+    half_life_steps: float = 2000.0
+    min_steps: int = 50
+    refit_every: int = 25
+    xtx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+    xty: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_only_steps: int = 0
+    coefficients: tuple[float, float, float] | None = None
+    """(c0, c_prefill, c_decode) of the last fit, None before the first."""
+    model: ServiceModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.prior
+        self._decay = 0.5 ** (1.0 / self.half_life_steps)
+
+    def observe(self, seconds: float, prefill_tokens: int, decode_requests: int) -> None:
+        """One executed step: its duration and what it computed. Non-finite or negative
+        durations and empty steps are ignored."""
+        if not (math.isfinite(seconds) and seconds >= 0) or prefill_tokens + decode_requests <= 0:
+            return
+        x = np.array([1.0, float(prefill_tokens), float(decode_requests)])
+        self.xtx = self._decay * self.xtx + np.outer(x, x)
+        self.xty = self._decay * self.xty + seconds * x
+        self.steps += 1
+        if prefill_tokens > 0:
+            self.prefill_steps += 1
+        else:
+            self.decode_only_steps += 1
+        if self.steps >= self.min_steps and self.steps % self.refit_every == 0:
+            self.refit()
+
+    def refit(self) -> None:
+        """Solve the fit and update `model` (kept when the data cannot identify it yet)."""
+        if self.prefill_steps < 5 or self.decode_only_steps < 5:
+            return
+        c0, c_prefill, c_decode = nonnegative_normal_solve(self.xtx, self.xty)
+        if c_prefill <= 0 or c0 + c_decode <= 0:
+            return
+        self.coefficients = (c0, c_prefill, c_decode)
+        self.model = replace(
+            self.prior, prefill_s_per_token=c_prefill, decode_s_per_token=c0 + c_decode
+        )
+
+
+def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, float, float]:
+    """argmin ||X b - y||^2 subject to b >= 0, from the normal equations (X'X, X'y) of three
+    columns: every subset of free coefficients is tried (7 small solves) and the feasible one of
+    least residual kept."""
+    best: tuple[float, np.ndarray] | None = None
+    n = len(xty)
+    for size in range(1, n + 1):
+        for free in itertools.combinations(range(n), size):
+            idx = list(free)
+            sub = xtx[np.ix_(idx, idx)]
+            if abs(np.linalg.det(sub)) < 1e-12 * max(1.0, float(np.abs(sub).max()) ** size):
+                continue
+            b_free = np.linalg.solve(sub, xty[idx])
+            if (b_free < 0).any():
+                continue
+            b = np.zeros(n)
+            b[idx] = b_free
+            # ||Xb - y||^2 up to the constant y'y.
+            loss = float(b @ xtx @ b - 2 * b @ xty)
+            if best is None or loss < best[0]:
+                best = (loss, b)
+    b = best[1] if best is not None else np.zeros(n)
+    return float(b[0]), float(b[1]), float(b[2])
