@@ -141,3 +141,19 @@ def test_bad_tenant_or_priority_is_rejected(server: Server, extra: dict, fragmen
     r = httpx.post(f"{server.api_url}/completions", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 400, r.text
     assert fragment in r.text
+
+
+def test_service_model_is_learned_from_the_engines_steps(
+    client: openai.OpenAI, server: Server
+) -> None:
+    """After requests of several prompt lengths, the decode and prefill costs on /metrics are
+    the ones fitted to this engine's steps, not the fixed defaults (0.2 ms per prompt token,
+    8 ms per output token: the tiny model is much faster)."""
+    for i in range(12):
+        client.completions.create(model=server.model, prompt="a story about a boat " * (1 + 4 * i),
+                                  max_tokens=12, extra_body={"ignore_eos": True})  # fmt: skip
+    text = httpx.get(f"{server.base_url}/metrics").text
+    name = "adaptivellm_service_model_seconds_per_token"
+    decode, prefill = metric(text, name, 'term="decode"'), metric(text, name, 'term="prefill"')
+    assert 0 < decode < 0.008 and decode != pytest.approx(0.008)
+    assert 0 < prefill != pytest.approx(0.0002)
