@@ -1,11 +1,19 @@
 """Preemption benchmark: stock vLLM (recompute only) and AdaptiveLLM with --preemption-mode swap,
-recompute and adaptive, side by side through the benchmark harness, on the `long-decode`
-scenario under KV pressure (16 clients; prompts of 200-500 tokens that each decode 1024 tokens
-over a KV cache of ~5000 tokens: requests are admitted, then outgrow the cache, so running
-requests with long contexts are preempted), and again with an ample KV cache (no pressure: no
-regression). vLLM 0.32 admits a request only when its whole prompt fits, so a workload of long
-prompts and short outputs (the `long-context` mix) barely preempts at all; contexts that grow
-while decoding are what makes vLLM preempt.
+recompute and adaptive, side by side through the benchmark harness, under KV pressure, and again
+with an ample KV cache (no pressure: no regression).
+
+The default workload is the `long-prompt-pressure` scenario, a long-context mix: 16 closed-loop
+clients, prompts of 717-1024 tokens that each decode 1024 tokens, over a KV cache of 8192 tokens
+(4 requests at full length). vLLM 0.32 admits a request only when its whole prompt fits, so the
+prompts fill the cache and their decodes overflow it; every victim then holds 700-1000 tokens of
+context, which recompute must prefill again and swap copies out and back. `--scenario
+long-decode` is the earlier mix (prompts of 205-512 tokens, 1024-token outputs, a 5120-token
+cache): more preemptions, of shorter contexts.
+
+How much swapping can win is bounded by the share of the run that stock vLLM spends
+recomputing. The number of preemptions follows from how far the decodes overflow the cache,
+not from the victims' size: about 14 per 16 requests here, whether the cache holds 8192 or 5120
+tokens (one-round explorations: swap/stock 1.09 and 1.09).
 
 All systems' servers are up at once and replay the workload in turn, round by round
 (`--rounds`, default 2, in the harness's alternating order), so that drift in this machine's
@@ -15,10 +23,11 @@ system's round against stock's round of the same turn. With the four run one aft
 the same AdaptiveLLM configuration read 0.90x and 1.21x stock in two runs: sequential runs drift
 by about 20% here.
 
-Under pressure a fifth system runs stock vLLM with `--max-num-seqs 3`: as many requests as the
-small KV cache holds at full length, so nothing is ever preempted (reported as `ceiling`, the
-name it was given before it ran). It is not a ceiling: it read 0.76x stock, because preempting
-lets more requests share the batch while their contexts are still short.
+Under pressure a fifth system runs stock vLLM with `--max-num-seqs` as many requests as the
+small KV cache holds at full length (4; 3 for long-decode), so nothing is ever preempted
+(reported as `ceiling`, the name it was given before it ran). It is not a ceiling: on
+long-decode it read 0.76x stock, because preempting lets more requests share the batch while
+their contexts are still short.
 
 AdaptiveLLM runs with `--fairness fcfs` here, so that vLLM's own admission and victim choice
 stay and only the handling of the victims' KV cache differs from stock vLLM.
@@ -32,10 +41,10 @@ The model matters. With the embedded tiny model (`--model tiny`) recomputing a 1
 context costs a few milliseconds of CPU, so swapping has little to win. With the benchmarks'
 larger random-weight Llama (`--model bench`, the default: 8 layers, hidden 1024, about 130M
 parameters, see adaptivellm.benchmark.scenarios.BENCH_MODEL) recomputing costs what it costs on
-a real model, relative to copying the KV cache. The KV cache is sized in tokens (about 5100 under
-pressure), whatever the model's bytes per token.
+a real model, relative to copying the KV cache. The KV cache is sized in tokens, whatever the
+model's bytes per token.
 
-    python bench/preemption.py [--quick] [--model bench|tiny|PATH]
+    python bench/preemption.py [--quick] [--model bench|tiny|PATH] [--scenario NAME]
                                              # writes bench/results/preemption.json
 """
 
@@ -56,14 +65,19 @@ SYSTEMS = {
     "recompute": "--preemption-mode recompute --fairness fcfs",
     "adaptive": "--preemption-mode adaptive --fairness fcfs",
 }
-SCENARIO = "long-decode"
-#: KV cache under pressure, in tokens: about 5 of the 16 requests at full length.
-PRESSURE_KV_TOKENS = 5120
-#: Stock vLLM with as many sequences as the small KV cache holds at full length
-#: (3 x 1524 tokens <= 5120), so that nothing is ever preempted: the no-preemption baseline
-#: (reported as "ceiling"; it is not one, see the module docstring).
-CEILING = ("stock-no-preemption", "--max-num-seqs 3")
-#: The no-pressure run: a KV cache that holds the whole workload (16 x 1524 tokens) twice over.
+#: Scenario -> (KV cache in tokens under pressure, --max-num-seqs of the no-preemption system:
+#: as many requests as that cache holds at full length).
+PRESSURE = {
+    # Prompts of 717-1024 tokens, 1024-token outputs: 4 requests at full length (<= 2048).
+    "long-prompt-pressure": (8192, 4),
+    # Prompts of 205-512 tokens, 1024-token outputs: 3 x 1524 tokens <= 5120.
+    "long-decode": (5120, 3),
+}
+SCENARIO = "long-prompt-pressure"
+#: Stock vLLM with as many sequences as the small KV cache holds at full length, so that nothing
+#: is ever preempted: the no-preemption baseline (reported as "ceiling"; see the docstring).
+CEILING = "stock-no-preemption"
+#: The no-pressure run: a KV cache that holds the whole workload (16 x 2048 tokens) and more.
 AMPLE_KV_TOKENS = 50_000
 
 
@@ -87,21 +101,27 @@ def model_path(choice: str) -> Path:
 
 
 def run(
-    stem: str, vllm_args: str, quick: bool, model: Path, rounds: int, ceiling: bool = False
+    stem: str,
+    vllm_args: str,
+    quick: bool,
+    model: Path,
+    rounds: int,
+    scenario: str,
+    ceiling: int | None = None,
 ) -> dict:
     """One harness run of the four systems (and the ceiling), taking turns round by round;
     returns its report."""
     # Closed loop: 16 clients keep the server saturated, so throughput measures capacity and
     # the growing contexts overflow the small KV cache. All four servers up at once; only one
     # replays at a time, so none shares the machine's 2 cores with another's work.
-    command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", SCENARIO,
+    command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", scenario,
                "--name", stem, "--vllm-args", vllm_args, "--max-servers", "5",
                "--rounds", str(rounds), "--arrival", "closed", "--concurrency", "16",
                "--model", str(model), "--served-model-name", model.name]  # fmt: skip
     for name, flags in SYSTEMS.items():
         command += ["--system", f"{name}={flags}" if flags else name]
     if ceiling:
-        command += ["--system", "=".join(CEILING)]
+        command += ["--system", f"{CEILING}=--max-num-seqs {ceiling}"]
     if quick:
         command.append("--quick")
     subprocess.run(command, check=True)
@@ -165,13 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         help="replays per system with no pressure (default 1; bench/overhead.py measures "
         "overhead with no pressure more precisely)",
     )
+    parser.add_argument(
+        "--scenario",
+        default=SCENARIO,
+        choices=sorted(PRESSURE),
+        help=f"workload (default {SCENARIO})",
+    )
     args = parser.parse_args(argv)
     model = model_path(args.model)
     per_token = kv_bytes_per_token(model)
-    kv = f"--kv-cache-memory-bytes {PRESSURE_KV_TOKENS * per_token}"
-    pressure = run("preemption-pressure", kv, args.quick, model, args.rounds, ceiling=True)
+    kv_tokens, ceiling = PRESSURE[args.scenario]
+    kv = f"--kv-cache-memory-bytes {kv_tokens * per_token}"
+    pressure = run("preemption-pressure", kv, args.quick, model, args.rounds, args.scenario,
+                   ceiling)  # fmt: skip
     kv = f"--kv-cache-memory-bytes {AMPLE_KV_TOKENS * per_token}"
-    ample = run("preemption-no-pressure", kv, args.quick, model, args.no_pressure_rounds)
+    ample = run("preemption-no-pressure", kv, args.quick, model, args.no_pressure_rounds,
+                args.scenario)  # fmt: skip
     tput, tput_free = throughput(pressure), throughput(ample)
     rounds, rounds_free = round_throughput(pressure), round_throughput(ample)
     best = "swap" if tput["swap"] >= tput["recompute"] else "recompute"
@@ -181,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", *sys.argv]),
         "quick": args.quick,
         "model": str(model),
-        "kv_cache_tokens": {"pressure": PRESSURE_KV_TOKENS, "no_pressure": AMPLE_KV_TOKENS},
+        "scenario": args.scenario,
+        "kv_cache_tokens": {"pressure": kv_tokens, "no_pressure": AMPLE_KV_TOKENS},
         "throughput_tokens_per_s": tput,
         # The profile stores MAPE in percent; the issue's field is a fraction.
         "predictor_mape": {k: v / 100 for k, v in quality.get("mape", {}).items()},
@@ -193,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             "no_pressure_adaptive_vs_stock": tput_free["adaptive"] / tput_free["stock"],
         },
         "ceiling": {
-            "system": f"stock vLLM {CEILING[1]}: never preempts under the same KV cache",
-            "throughput_tokens_per_s": pressure["systems"][CEILING[0]]["figures"][
+            "system": f"stock vLLM --max-num-seqs {ceiling}: never preempts under the same KV "
+            "cache",
+            "throughput_tokens_per_s": pressure["systems"][CEILING]["figures"][
                 "output_tokens_per_s"
             ],
-            "preemptions": pressure["systems"][CEILING[0]]["counters"].get(
+            "preemptions": pressure["systems"][CEILING]["counters"].get(
                 "vllm:num_preemptions_total"
             ),
         },
@@ -205,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             "adaptive_vs_stock": paired(rounds, "adaptive", "stock"),
             "adaptive_vs_best_static": {"best_static": best, **paired(rounds, "adaptive", best)},
             "swap_vs_recompute": paired(rounds, "swap", "recompute"),
-            "ceiling_vs_stock": paired(rounds, CEILING[0], "stock"),
+            "ceiling_vs_stock": paired(rounds, CEILING, "stock"),
             "no_pressure_adaptive_vs_stock": paired(rounds_free, "adaptive", "stock"),
             "no_pressure_recompute_vs_stock": paired(rounds_free, "recompute", "stock"),
         },

@@ -47,6 +47,19 @@ _LONG_DECODE = WorkloadSpec(
 )
 
 
+#: Long prompts that still grow: a victim holds a long context, so recomputing it is costly.
+_LONG_PROMPT_PRESSURE = WorkloadSpec(
+    num_requests=32,
+    arrival="closed",
+    concurrency=16,
+    max_model_len=2048,
+    long_fraction=1.0,
+    long_prompt_range=(0.35, 0.5),
+    fixed_output_tokens=1024,
+    max_output_tokens=1024,
+)
+
+
 def _flags(max_model_len: int, kv_bytes: int, *extra: str) -> tuple[str, ...]:
     return ("--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes), *extra)
 
@@ -111,6 +124,16 @@ SCENARIOS: dict[str, Scenario] = {
             # 30 MiB holds ~5100 tokens of the tiny model (6 KiB per token): about 4 of the 16
             # requests at full length.
             _flags(2048, 30 * MiB, "--max-num-seqs", "16"),
+        ),
+        Scenario(
+            "long-prompt-pressure",
+            "closed loop of 16 clients, prompts 35-50% of a 2048-token context and 1024-token "
+            "outputs, over a KV cache of ~8000 tokens: the prompts fill the cache, their "
+            "decodes overflow it, and every victim holds a long context (700-1000 tokens)",
+            _LONG_PROMPT_PRESSURE,
+            _LONG_PROMPT_PRESSURE.replace(num_requests=16),
+            # 48 MiB holds 8192 tokens of the tiny model: 4 requests at full length.
+            _flags(2048, 48 * MiB, "--max-num-seqs", "16"),
         ),
     )
 }
