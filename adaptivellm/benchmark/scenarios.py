@@ -48,16 +48,7 @@ _LONG_DECODE = WorkloadSpec(
 
 
 #: Long prompts that still grow: a victim holds a long context, so recomputing it is costly.
-_LONG_PROMPT_PRESSURE = WorkloadSpec(
-    num_requests=32,
-    arrival="closed",
-    concurrency=16,
-    max_model_len=2048,
-    long_fraction=1.0,
-    long_prompt_range=(0.35, 0.5),
-    fixed_output_tokens=1024,
-    max_output_tokens=1024,
-)
+_LONG_PROMPT_PRESSURE = _LONG_DECODE.replace(num_requests=32, long_prompt_range=(0.35, 0.5))
 
 
 def _flags(max_model_len: int, kv_bytes: int, *extra: str) -> tuple[str, ...]:
