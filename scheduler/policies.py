@@ -170,6 +170,9 @@ class RunningInfo:
     preemptible: bool = True
     """False for a request that cannot be preempted now (still in its prompt, say): it counts
     for when a slot frees, but is never a victim."""
+    kept_tokens: int = 0
+    """Computed tokens whose KV cache a preemption would keep (swapped to host memory and
+    copied back in milliseconds); only the rest would be recomputed."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ def choose_turnaround_victim(
     With every slot taken, the candidate waits until the first running request finishes, about
     W = the smallest remaining service among `running`. Preempting a victim v lets it start now
     and delays v by about the candidate's service S_c plus the time to restore v's KV cache R_v
-    (predicted as a prefill of its computed tokens; prefix caching usually makes it cheaper).
+    (predicted as a prefill of its computed tokens that a swap would not keep; prefix caching
+    usually makes it cheaper).
     In weighted turnaround that is
 
         gain = w_c * W / S_c        loss = w_v * (S_c + R_v) / S_v
@@ -246,7 +250,7 @@ def choose_turnaround_victim(
             continue
         if counters and counters.get(r.info.tenant, 0.0) < own:
             continue
-        restore = model.prefill_s_per_token * r.computed_tokens
+        restore = model.prefill_s_per_token * max(0, r.computed_tokens - r.kept_tokens)
         loss = r.info.weight * (service_c + restore) / predicted_service(r.info, model, out)
         if gain > rule.margin * loss and (best is None or loss < best[0]):
             best = (loss, r.info)

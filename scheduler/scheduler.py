@@ -130,6 +130,7 @@ class AdaptiveScheduler(Scheduler):
         #: The step being executed: its output, when schedule() returned, prompt tokens and
         #: decoding requests in it (timed for service_fit in update_from_output).
         self._step: tuple[SchedulerOutput, float, int, int] | None = None
+        self._logged_service: ServiceModel | None = None
         self._publish_service_model()
 
     # --- inputs -------------------------------------------------------------------------
@@ -183,9 +184,26 @@ class AdaptiveScheduler(Scheduler):
         return self.service_fit.model if self.fairness.learn_service else self.fairness.service
 
     def _publish_service_model(self) -> None:
+        """Set the gauges; log the learned model when it first appears or moves by > 25%."""
+        model = self.service
         gauge = EngineMetrics.get().service_model
-        gauge.labels(term="prefill").set(self.service.prefill_s_per_token)
-        gauge.labels(term="decode").set(self.service.decode_s_per_token)
+        gauge.labels(term="prefill").set(model.prefill_s_per_token)
+        gauge.labels(term="decode").set(model.decode_s_per_token)
+        logged = self._logged_service
+        if self.service_fit.coefficients is None or (
+            logged is not None
+            and abs(model.decode_s_per_token / logged.decode_s_per_token - 1) <= 0.25
+            and abs(model.prefill_s_per_token / logged.prefill_s_per_token - 1) <= 0.25
+        ):
+            return
+        self._logged_service = model
+        logger.info(
+            "Service-time model learned from %d steps: %.3g ms per prompt token, %.3g ms per "
+            "output token",
+            self.service_fit.steps,
+            1e3 * model.prefill_s_per_token,
+            1e3 * model.decode_s_per_token,
+        )
 
     def _observe_fairness(self, output: SchedulerOutput, now: float) -> None:
         """Advance the fairness window: which tenants were left waiting by this step, and what
@@ -235,8 +253,16 @@ class AdaptiveScheduler(Scheduler):
                 and r.num_computed_tokens >= r.num_prompt_tokens
                 and self._request_blocks_can_be_freed(r)
             )
-            running.append(RunningInfo(info.info, r.num_output_tokens, r.num_computed_tokens,
-                                       info.preempted, preemptible))  # fmt: skip
+            running.append(
+                RunningInfo(
+                    info.info,
+                    r.num_output_tokens,
+                    r.num_computed_tokens,
+                    info.preempted,
+                    preemptible,
+                    self._kept_tokens(r) if preemptible else 0,
+                )
+            )
         victim_info = choose_turnaround_victim(
             tracked.info,
             running,
@@ -261,6 +287,14 @@ class AdaptiveScheduler(Scheduler):
         self.waiting.prepend_request(candidate)
         EngineMetrics.get().turnaround_preemptions.inc()
         return True
+
+    def _kept_tokens(self, request: Request) -> int:
+        """Computed tokens of `request` that a preemption now would swap out rather than drop
+        (0 under --preemption-mode recompute, or when the swap space has no room)."""
+        if self.swap is None or self.preemption.mode == "recompute":
+            return 0
+        blocks = self.swap.swappable_blocks(request, request.num_computed_tokens)
+        return blocks * self.swap.block_size if self.swap.space.can_swap_out(blocks) else 0
 
     def _preemption_possible(self) -> bool:
         """True when this step may have to preempt: fewer free KV blocks than running requests

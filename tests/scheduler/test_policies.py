@@ -231,6 +231,18 @@ def test_a_light_tenant_is_never_preempted_for_a_heavier_one() -> None:
         == "light-long"  # fmt: skip
 
 
+def test_kv_a_swap_keeps_is_not_counted_as_restore_cost() -> None:
+    """loss = (S_c + R_v) / S_v, R_v = prefill of the computed tokens a swap would not keep."""
+    prefill = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.01, decode_s_per_token=0.01)
+    # Candidate S 0.15 s (10-token prompt, 5 out), slot wait 0.5 s: gain 3.3. Victim S 1.1 s,
+    # 400 computed tokens: R_v 4 s, loss 3.8 > gain / 2. With 384 swapped: R_v 0.16 s, loss 0.28.
+    dropped = RunningInfo(info("long", 0.0, 100), 50, 400)
+    kept = RunningInfo(info("long", 0.0, 100), 50, 400, kept_tokens=384)
+    for batch, expected in (([dropped], None), ([kept], "long")):
+        found = choose_turnaround_victim(info("c", 1.0, 5), batch, 1.0, prefill, EXACT, RULE, 60.0)
+        assert (None if found is None else found.request_id) == expected
+
+
 def test_weights_scale_gain_and_loss() -> None:
     batch = [running("gold-long", 100, 50, weight=100.0)]
     assert victim(info("c", 1.0, 10), batch) is None  # loss 100 * 0.1 = 10 > gain 5 / 2

@@ -3,6 +3,7 @@ the fit on synthetic steps, its guards, and the scheduler learning it from timed
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -104,7 +105,10 @@ def step_cost(
 
 
 @pytest.mark.parametrize("learn", [True, False])
-def test_the_scheduler_learns_the_service_model_from_timed_steps(learn: bool) -> None:
+def test_the_scheduler_learns_the_service_model_from_timed_steps(
+    learn: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="adaptivellm.scheduler.scheduler")
     config = FairnessConfig(learn_service=learn)
     scheduler, clock = make_scheduler(config, num_blocks=200, max_num_seqs=4)
     run = Run(scheduler, clock, step_cost=step_cost)
@@ -123,3 +127,5 @@ def test_the_scheduler_learns_the_service_model_from_timed_steps(learn: bool) ->
     else:
         assert scheduler.service == config.service
     assert decode == pytest.approx(scheduler.service.decode_s_per_token)
+    logged = [r.getMessage() for r in caplog.records if "Service-time model" in r.getMessage()]
+    assert bool(logged) is learn
