@@ -11,6 +11,9 @@ untouched:
   (`running.pop()`, the last one) takes the least deserving request. Otherwise `running` keeps
   vLLM's order, so that the model runner's persistent batch is not reshuffled every step.
 
+It also times each model step (from `schedule` returning to `update_from_output`) to learn the
+service-time model the policies rank with (adaptivellm.scheduler.service_fit).
+
 The order is fixed for the whole step, so peek and pop always agree. `fcfs` and `priority`
 leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side metrics reach
 `/metrics` through prometheus_client's multi-process mode (see adaptivellm.metrics).

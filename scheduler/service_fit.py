@@ -70,7 +70,7 @@ class ServiceFit:
         """Solve the fit and update `model` (kept when the data cannot identify it yet)."""
         if self.prefill_steps < 5 or self.decode_only_steps < 5:
             return
-        c0, c_prefill, c_decode = nonnegative_normal_solve(self.xtx, self.xty)
+        c0, c_prefill, c_decode = (float(v) for v in nonnegative_normal_solve(self.xtx, self.xty))
         if c_prefill <= 0 or c0 + c_decode <= 0:
             return
         self.coefficients = (c0, c_prefill, c_decode)
@@ -79,10 +79,10 @@ class ServiceFit:
         )
 
 
-def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, float, float]:
-    """argmin ||X b - y||^2 subject to b >= 0, from the normal equations (X'X, X'y) of three
-    columns: every subset of free coefficients is tried (7 small solves) and the feasible one of
-    least residual kept."""
+def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """argmin ||X b - y||^2 subject to b >= 0, from the normal equations (X'X, X'y) of a few
+    columns: every subset of free coefficients is tried (2^n - 1 small solves) and the feasible
+    one of least residual kept (exact for the 3 columns used here)."""
     best: tuple[float, np.ndarray] | None = None
     n = len(xty)
     for size in range(1, n + 1):
@@ -100,5 +100,4 @@ def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, f
             loss = float(b @ xtx @ b - 2 * b @ xty)
             if best is None or loss < best[0]:
                 best = (loss, b)
-    b = best[1] if best is not None else np.zeros(n)
-    return float(b[0]), float(b[1]), float(b[2])
+    return best[1] if best is not None else np.zeros(n)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 
 from adaptivellm.launch import metric_value
 from adaptivellm.scheduler.policies import FAIRNESS_WINDOW_S
+from adaptivellm.scheduler.service_fit import nonnegative_normal_solve
 
 #: vLLM counters always read from /metrics (adaptivellm_*_total counters are found by name).
 VLLM_COUNTERS = (
@@ -163,30 +163,12 @@ def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit
         raise ValueError(f"a calibration fit needs >= 3 samples, got {len(samples)}")
     x = np.array([[1.0, p, o] for p, o, _ in samples])
     y = np.array([t for _, _, t in samples])
-    coef = _nonnegative_lstsq(x, y)
+    coef = nonnegative_normal_solve(x.T @ x, x.T @ y)
     residual = float(np.sum((y - x @ coef) ** 2))
     total = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - residual / total if total > 0 else 1.0
     a, b, c = (float(v) for v in coef)
     return CalibrationFit(a, b, c, r2, tuple((int(p), int(o), float(t)) for p, o, t in samples))
-
-
-def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """argmin |x c - y| subject to c >= 0, for a few columns: the best least-squares fit over
-    every subset of columns whose own fit is non-negative (exact for the 3 columns used here)."""
-    best: tuple[float, np.ndarray] | None = None
-    columns = range(x.shape[1])
-    for size in range(len(columns), 0, -1):
-        for subset in itertools.combinations(columns, size):
-            sub, *_ = np.linalg.lstsq(x[:, subset], y, rcond=None)
-            if np.any(sub < 0):
-                continue
-            coef = np.zeros(x.shape[1])
-            coef[list(subset)] = sub
-            residual = float(np.sum((y - x @ coef) ** 2))
-            if best is None or residual < best[0]:
-                best = (residual, coef)
-    return best[1] if best is not None else np.zeros(x.shape[1])
 
 
 @dataclass(frozen=True)
