@@ -130,6 +130,28 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-learn-service-time keeps the fixed defaults. Default: on.",
     )
     group.add_argument(
+        "--tenant-slack-tokens",
+        type=float,
+        default=FairnessConfig.tenant_slack_tokens,
+        metavar="N",
+        help="weighted-turnaround only: the least-served tenant's requests go first, but a "
+        "request of another tenant may go too when serving it leaves its tenant at most N "
+        "counter units (VTC-weighted tokens / tenant weight) ahead, so a tenant's very short "
+        "requests need not wait behind another's long ones. 0 = strict VTC order across tenants "
+        "(default: %(default)s).",
+    )
+    group.add_argument(
+        "--max-step-s",
+        type=float,
+        default=FairnessConfig.max_step_s,
+        metavar="S",
+        help="weighted-turnaround only: cap each engine step at about S seconds of prefill (by "
+        "the learned per-token cost), so that long prompts are prefilled in chunks and a "
+        "request arriving meanwhile waits one short step for a free slot rather than the whole "
+        "prefill. Needs chunked prefill (vLLM's default); 0 keeps vLLM's --max-num-batched-tokens "
+        "budget every step (default: %(default)s).",
+    )
+    group.add_argument(
         "--fairness-preemption-margin",
         type=float,
         default=TurnaroundPreemption.margin,
@@ -324,6 +346,8 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
             tenant_weights=weights,
             strict_tenants=args.strict_tenants,
             learn_service=args.learn_service_time,
+            tenant_slack_tokens=args.tenant_slack_tokens,
+            max_step_s=args.max_step_s,
             preemption=TurnaroundPreemption(
                 enabled=args.fairness_preemption, margin=args.fairness_preemption_margin
             ),

@@ -48,6 +48,14 @@ class FairnessConfig:
     """Token costs of the VTC counter."""
     preemption: TurnaroundPreemption = field(default_factory=TurnaroundPreemption)
     """When weighted-turnaround preempts a running request for a waiting one."""
+    tenant_slack_tokens: float = 256.0
+    """weighted-turnaround: a request of a tenant ahead of the least-served one may still go
+    first when its predicted cost would leave its tenant's counter at most this many counter
+    units (VTC-weighted tokens / weight) above the least (policies.order_by_turnaround)."""
+    max_step_s: float = 0.25
+    """weighted-turnaround: cap each step's scheduled tokens at about this many seconds of
+    prefill (by the service model), so a request arriving during a long prompt's prefill waits
+    about one short step, not the whole prefill. 0 = vLLM's token budget unchanged."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +63,12 @@ class FairnessConfig:
         if not (math.isfinite(self.max_wait_s) and self.max_wait_s > 0):
             raise ValueError(f"max_wait_s must be a positive number, got {self.max_wait_s}")
         check_weights(self.tenant_weights)
+        for name in ("tenant_slack_tokens", "max_step_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.strict_tenants and not self.tenant_weights:
             raise ValueError("strict tenants need tenant weights (the list of known tenants)")
 

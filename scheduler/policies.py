@@ -14,7 +14,11 @@ bound while it waits. Across tenants it keeps VTC's fairness (below): the reques
 tenants with the least weight-normalised service so far (the smallest virtual token counter
 among tenants with a request in the queue) go before the requests of other tenants, and the
 response ratio orders them. A heavy tenant thus cannot crowd light tenants out, and within that
-constraint short requests still go first (every tenant has short requests of its own).
+constraint short requests still go first (every tenant has short requests of its own). A small
+slack (`--tenant-slack-tokens`) also lets a request through whose cost would leave its tenant's
+counter at most that far above the least: a heavy tenant's very short requests need not wait
+behind a light tenant's long ones, and the counters stay within slack plus one request's cost
+of each other.
 
 On top of that a hard starvation bound: a request that has waited `max_wait_s` is *starved* and
 goes ahead of every non-starved request, oldest first, whatever its tenant. Hence no request
@@ -86,6 +90,14 @@ class ServiceModel:
 
 
 @dataclass(frozen=True)
+class VTCWeights:
+    """Cost of a token in VTC's counter (the paper's w_p and w_q)."""
+
+    input_token: float = 1.0
+    output_token: float = 2.0
+
+
+@dataclass(frozen=True)
 class OutputLengthEstimate:
     """Predicted output length = ratio * max_tokens, ratio an exponentially weighted mean of
     (actual output / max_tokens) over finished requests. A documented estimate, not a learned
@@ -135,19 +147,37 @@ def order_by_turnaround(
     out: OutputLengthEstimate,
     max_wait_s: float,
     counters: Mapping[str, float] | None = None,
+    slack: float = 0.0,
+    costs: VTCWeights | None = None,
 ) -> list[RequestInfo]:
     """Requests in the order they should be served (first = most deserving). Ties keep arrival
     order, so equal requests are served first come, first served.
 
-    With `counters` (the tenants' virtual token counters), requests of the tenants whose counter
-    is the smallest among these requests' tenants go first (starved requests still go before
-    all); without, tenants are ignored."""
+    With `counters` (the tenants' virtual token counters), the requests of the tenants with the
+    smallest counter among these requests' tenants are *owed*: owed requests go first (starved
+    requests still go before all), the response ratio orders them. With slack 0 that is VTC's
+    rule. A slack also makes a request of a tenant ahead owed when it is cheaper than every
+    request the least-served tenants wait with and serving it leaves its tenant's counter at
+    most `slack` above the least (costs in counter units, `vtc_cost`, priced with `costs`):
+    a short request of a tenant slightly ahead goes before the long ones of the tenant behind,
+    requests of equal size still alternate between tenants, and the counters stay within slack
+    plus one request's cost of each other (the order of VTC's own bound). Without counters,
+    tenants are ignored."""
     ranked = sorted(infos, key=lambda i: i.arrival_time)
     least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
+    prices = costs or VTCWeights()
+    behind = [i for i in ranked if counters and counters.get(i.tenant, 0.0) <= least]
+    cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
 
     def key(info: RequestInfo) -> tuple[int, int, float]:
         starved, value = turnaround_key(info, now, predicted_service(info, model, out), max_wait_s)
-        owed = not counters or counters.get(info.tenant, 0.0) <= least
+        counter = counters.get(info.tenant, 0.0) if counters else 0.0
+        cost = vtc_cost(info, out, prices) if counters and counter > least else 0.0
+        owed = (
+            not counters
+            or counter <= least
+            or (cost < cheapest and counter + cost <= least + slack)
+        )
         return (starved, int(owed or starved), value)
 
     return sorted(ranked, key=key, reverse=True)
@@ -212,6 +242,7 @@ def choose_turnaround_victim(
     rule: TurnaroundPreemption,
     max_wait_s: float,
     counters: Mapping[str, float] | None = None,
+    slack: float = 0.0,
 ) -> RequestInfo | None:
     """The running request to preempt so that `candidate` (the most deserving waiting request)
     can start now, or None to let it wait for a free slot.
@@ -230,8 +261,9 @@ def choose_turnaround_victim(
     double the candidate's turnaround; smaller gains are not worth a preemption's overhead):
     shortest-remaining-time-first, weighted, with hysteresis. Eligible: not starved
     (waited < max_wait_s), preempted for others fewer than `rule.max_per_request` times, and,
-    with VTC `counters`, of a tenant that has received at least the candidate tenant's service
-    (a light tenant is never preempted for a heavier one).
+    with VTC `counters`, of a tenant whose counter is at most `slack` below the candidate
+    tenant's (a tenant further behind is never preempted for one ahead; order_by_turnaround's
+    slack).
     Hence the starvation bound still holds: starved requests are never victims, and a request
     can lose its slot to this rule only a bounded number of times."""
     if not rule.enabled or not running:
@@ -248,7 +280,7 @@ def choose_turnaround_victim(
             continue
         if now - r.info.arrival_time >= max_wait_s:
             continue
-        if counters and counters.get(r.info.tenant, 0.0) < own:
+        if counters and counters.get(r.info.tenant, 0.0) + slack < own:
             continue
         restore = model.prefill_s_per_token * max(0, r.computed_tokens - r.kept_tokens)
         loss = r.info.weight * (service_c + restore) / predicted_service(r.info, model, out)
@@ -260,12 +292,10 @@ def choose_turnaround_victim(
 # --- Virtual Token Counter -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VTCWeights:
-    """Cost of a token in VTC's counter (the paper's w_p and w_q)."""
-
-    input_token: float = 1.0
-    output_token: float = 2.0
+def vtc_cost(info: RequestInfo, out: OutputLengthEstimate, costs: VTCWeights) -> float:
+    """Predicted cost of serving a request, in its tenant's counter units (vtc_charge)."""
+    predicted = out.predict(info.max_tokens)
+    return (costs.input_token * info.prompt_tokens + costs.output_token * predicted) / info.weight
 
 
 def vtc_order(infos: Sequence[RequestInfo], counters: Mapping[str, float]) -> list[RequestInfo]:

@@ -9,7 +9,10 @@ untouched:
 - victim choice: when a step may have to preempt (fewer free KV blocks than running requests),
   `self.running` is re-ordered most-deserving-first, so vLLM's FCFS preemption
   (`running.pop()`, the last one) takes the least deserving request. Otherwise `running` keeps
-  vLLM's order, so that the model runner's persistent batch is not reshuffled every step.
+  vLLM's order, so that the model runner's persistent batch is not reshuffled every step;
+- step budget: under weighted-turnaround, `max_num_scheduled_tokens` (the token budget vLLM
+  reads at the start of `schedule`) is lowered for the step to about --max-step-s of prefill
+  and restored right after, so long prompts go in chunks (`_step_token_budget`).
 
 It also times each model step (from `schedule` returning to `update_from_output`) to learn the
 service-time model the policies rank with (adaptivellm.scheduler.service_fit).
@@ -66,6 +69,10 @@ logger = logging.getLogger(__name__)
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
 #: Tenants beyond this many share the metric label "other" (bounded label cardinality).
 MAX_TENANT_LABELS = 64
+#: The fewest prompt tokens a step capped by --max-step-s may schedule.
+MIN_STEP_TOKENS = 64
+#: How many of the first waiting requests may preempt for turnaround (_preempt_for_turnaround).
+PREEMPTION_CANDIDATES = 8
 
 
 @dataclass
@@ -163,11 +170,52 @@ class AdaptiveScheduler(Scheduler):
                 self._preempt_for_turnaround(now)
             if self._preemption_possible():
                 self.running[:] = self._order(self.running, now)
-        output = super().schedule(throttle_prefills)
+        full_budget = self.max_num_scheduled_tokens
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        budget, chunk = self._step_token_budget(full_budget)
+        self.max_num_scheduled_tokens = budget
+        if chunk:
+            self.scheduler_config.long_prefill_token_threshold = min(chunk, threshold or chunk)
+        try:
+            output = super().schedule(throttle_prefills)
+        finally:
+            self.max_num_scheduled_tokens = full_budget
+            self.scheduler_config.long_prefill_token_threshold = threshold
         prefill, decode = self._account(output, now)
         self._observe_fairness(output, now)
         self._step = (output, self.step_timer(), prefill, decode)
         return output
+
+    def _step_token_budget(self, full: int) -> tuple[int, int]:
+        """This step's token budget and the most prompt tokens one request may take in it (0:
+        vLLM's own --long-prefill-token-threshold).
+
+        vLLM's (`full`, 0), except under weighted-turnaround with max_step_s when chunked
+        prefill is on and at least two requests are in the engine: then the budget is about
+        max_step_s of prefill by the service model (never below MIN_STEP_TOKENS plus one token
+        per running request, for their decodes), so a long prompt goes in chunks while the
+        running requests keep decoding. vLLM schedules running requests first, so when two or
+        more requests have prompt tokens to compute (waiting, or running in their prompt), one
+        request's chunk is held to half the budget: a long prompt being prefilled leaves the
+        other half to admit the waiting requests (a short prompt in full) this step, not after
+        it. On a fast device the cap is above vLLM's budget, which then stands unchanged."""
+        limit = self.fairness.max_step_s
+        if (
+            self.fairness.policy != "weighted-turnaround"
+            or limit <= 0
+            or not self.scheduler_config.enable_chunked_prefill
+            or sum(self.get_request_counts()) < 2
+        ):
+            return full, 0
+        per_token = self.service.prefill_s_per_token
+        budget = max(int(limit / per_token) if per_token > 0 else full,
+                     MIN_STEP_TOKENS + len(self.running))  # fmt: skip
+        if budget >= full:
+            return full, 0
+        prefilling = len(self.waiting) + sum(
+            r.num_computed_tokens < r.num_prompt_tokens for r in self.running
+        )
+        return budget, (budget // 2 if prefilling >= 2 else 0)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
@@ -229,21 +277,17 @@ class AdaptiveScheduler(Scheduler):
             if (tracked := self.tracked.get(req_id)) is not None:
                 served[tracked.info.tenant] += n
 
-    def _preempt_for_turnaround(self, now: float) -> bool:
+    def _preempt_for_turnaround(self, now: float) -> None:
         """With every batch slot taken, preempt the running request that choose_turnaround_victim
-        names for the most deserving waiting request (which then takes its slot this step).
-        The victim's KV cache is swapped or recomputed like any victim's (_preempt_request).
-        True if a request was preempted."""
+        names for a waiting request (which then takes its slot this step). The candidates are
+        the first PREEMPTION_CANDIDATES waiting requests in the policy's order, tried in turn:
+        the head may be a long request that would not gain enough, while a short one behind it
+        would. A short request that preempts does not delay the head, which waits for the next
+        slot to free either way. The victim's KV cache is swapped or recomputed like any
+        victim's (_preempt_request)."""
         rule = self.fairness.preemption
         if not rule.enabled or not self.waiting or len(self.running) < self.max_num_active_reqs:
-            return False
-        candidate = self.waiting.peek_request()
-        tracked = self.tracked.get(candidate.request_id)
-        if tracked is None or candidate.status not in (
-            RequestStatus.WAITING,
-            RequestStatus.PREEMPTED,
-        ):
-            return False
+            return
         by_id = {r.request_id: r for r in self.running}
         running: list[RunningInfo] = []
         for r in self.running:
@@ -266,19 +310,30 @@ class AdaptiveScheduler(Scheduler):
                     self._kept_tokens(r) if preemptible else 0,
                 )
             )
-        victim_info = choose_turnaround_victim(
-            tracked.info,
-            running,
-            now,
-            self.service,
-            self.output_estimate,
-            rule,
-            self.fairness.max_wait_s,
-            self.vtc_counters,
-        )
-        if victim_info is None:
-            return False
-        victim = by_id[victim_info.request_id]
+        for candidate in list(self.waiting)[:PREEMPTION_CANDIDATES]:
+            tracked = self.tracked.get(candidate.request_id)
+            if tracked is None or candidate.status not in (
+                RequestStatus.WAITING,
+                RequestStatus.PREEMPTED,
+            ):
+                continue
+            victim_info = choose_turnaround_victim(
+                tracked.info,
+                running,
+                now,
+                self.service,
+                self.output_estimate,
+                rule,
+                self.fairness.max_wait_s,
+                self.vtc_counters,
+                self.fairness.tenant_slack_tokens,
+            )
+            if victim_info is not None:
+                self._preempt_for(candidate, by_id[victim_info.request_id])
+                return
+
+    def _preempt_for(self, candidate: Request, victim: Request) -> None:
+        """Preempt `victim` and put `candidate` at the head of the waiting queue, into its slot."""
         self.running.remove(victim)
         self._preempt_request(victim, time.monotonic(), drop_stale_output=self.requires_kv_delivery)
         # It is not running in this step: the model runner must be sent its state again when it
@@ -289,7 +344,6 @@ class AdaptiveScheduler(Scheduler):
         self.waiting.remove_request(candidate)
         self.waiting.prepend_request(candidate)
         EngineMetrics.get().turnaround_preemptions.inc()
-        return True
 
     def _kept_tokens(self, request: Request) -> int:
         """Computed tokens of `request` that a preemption now would swap out rather than drop
@@ -321,6 +375,8 @@ class AdaptiveScheduler(Scheduler):
                 self.output_estimate,
                 self.fairness.max_wait_s,
                 self.vtc_counters,
+                self.fairness.tenant_slack_tokens,
+                self.fairness.vtc,
             )
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.

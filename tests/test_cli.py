@@ -81,7 +81,9 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--scheduling-policy", "priority", "--fairness", "vtc"], "conflicts"),
      (["--strict-tenants"], "need tenant weights"),
      (["--max-queue-wait-s", "-1"], "max_wait_s"),
-     (["--fairness-preemption-margin", "0.5"], "preemption margin")],
+     (["--fairness-preemption-margin", "0.5"], "preemption margin"),
+     (["--tenant-slack-tokens", "-5"], "tenant_slack_tokens"),
+     (["--max-step-s", "nan"], "max_step_s")],
 )  # fmt: skip
 def test_bad_fairness_flags_fail_before_the_engine_starts(
     tmp_path: Path, flags: list[str], message: str

@@ -103,3 +103,12 @@ def test_learn_service_time_flag_reaches_the_engine_config(
     args = parse(parser, model, *flag)
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["fairness"]["learn_service"] is learn
+
+
+def test_tenant_slack_and_step_cap_flags_reach_the_engine_config(
+    parser: argparse.ArgumentParser, model: str
+) -> None:
+    args = parse(parser, model, "--tenant-slack-tokens", "0", "--max-step-s", "0.1")
+    apply_defaults(args, False, is_cpu=True)
+    fairness = args.additional_config["adaptivellm"]["fairness"]
+    assert (fairness["tenant_slack_tokens"], fairness["max_step_s"]) == (0.0, 0.1)

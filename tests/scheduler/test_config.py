@@ -17,6 +17,8 @@ def test_round_trip_through_additional_config() -> None:
         max_wait_s=5,
         tenant_weights={"gold": 2.0},
         learn_service=False,
+        tenant_slack_tokens=100.0,
+        max_step_s=0.5,
         preemption=TurnaroundPreemption(enabled=False, margin=3.0, max_per_request=1),
     )
     back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})
@@ -27,7 +29,11 @@ def test_round_trip_through_additional_config() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"policy": "sjf"}, "unknown fairness policy"), ({"max_wait_s": 0}, "max_wait_s"),
-     ({"tenant_weights": {"a": -1}}, "must be > 0"), ({"strict_tenants": True}, "need tenant")],
+     ({"tenant_weights": {"a": -1}}, "must be > 0"), ({"strict_tenants": True}, "need tenant"),
+     ({"tenant_slack_tokens": -1.0}, "tenant_slack_tokens"),
+     ({"tenant_slack_tokens": float("inf")}, "tenant_slack_tokens"),
+     ({"max_step_s": float("nan")}, "max_step_s"), ({"max_step_s": True}, "max_step_s"),
+     ({"max_step_s": "0.5"}, "max_step_s")],
 )  # fmt: skip
 def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -21,6 +21,7 @@ from adaptivellm.scheduler.policies import (
     response_ratio,
     turnaround_key,
     vtc_charge,
+    vtc_cost,
     vtc_lift,
     vtc_order,
 )
@@ -79,6 +80,34 @@ def test_tenant_with_least_service_goes_first_short_first_within() -> None:
             [light_long, light_short, heavy_short], 1.0, MODEL, EXACT, 60, c
         )
         assert order[0].request_id == "heavy-short"
+
+
+def test_tenant_slack_lets_a_short_request_of_a_tenant_slightly_ahead_through() -> None:
+    heavy_short = info("heavy-short", 0.0, 5, tenant="heavy")  # costs 10 + 2 * 5 = 20
+    heavy_long = info("heavy-long", 0.0, 500, tenant="heavy")  # costs 1010
+    light_long = info("light-long", 0.0, 400, tenant="light")
+    counters = {"heavy": 1100.0, "light": 1000.0}
+    reqs = [heavy_long, light_long, heavy_short]
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, slack=150.0)
+    # heavy-short would leave heavy 120 ahead (<= 150): owed, and shortest. heavy-long is not.
+    assert [r.request_id for r in order] == ["heavy-short", "light-long", "heavy-long"]
+    # No slack: VTC's strict rule, the least-served tenant first.
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, slack=0.0)
+    assert [r.request_id for r in order] == ["light-long", "heavy-short", "heavy-long"]
+    # Just too little slack: 1100 + 20 > 1000 + 119.
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, slack=119.0)
+    assert order[0].request_id == "light-long"
+    # The cost is priced with the configured token costs: 10 + 0.5 * 5 = 12.5.
+    cheap = VTCWeights(input_token=1.0, output_token=0.5)
+    for slack, first in ((112.5, "heavy-short"), (112.0, "light-long")):
+        order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, slack, cheap)
+        assert order[0].request_id == first
+    # A request no cheaper than what the tenant behind waits with is not let through: requests
+    # of equal size alternate between tenants.
+    light_short = info("light-short", 0.5, 5, tenant="light")
+    order = order_by_turnaround([heavy_short, light_short], 1.0, MODEL, EXACT, 60, counters, 1e6)
+    assert [r.request_id for r in order] == ["light-short", "heavy-short"]
+    assert vtc_cost(info("w", 0.0, 5, weight=2.0), EXACT, VTCWeights()) == 10.0
 
 
 def test_starved_request_goes_first_whatever_its_tenants_service() -> None:
@@ -229,6 +258,13 @@ def test_a_light_tenant_is_never_preempted_for_a_heavier_one() -> None:
     assert victim(info("heavy-short", 1.0, 5, tenant="heavy"), batch, counters=counters) is None
     assert victim(info("light-short", 1.0, 5, tenant="light"), batch, counters=counters) \
         == "light-long"  # fmt: skip
+    # Within the tenant slack the heavier tenant's short request may preempt; beyond, not.
+    heavy_short = info("heavy-short", 1.0, 5, tenant="heavy")
+    rule = TurnaroundPreemption()
+    for slack, expected in ((490.0, "light-long"), (489.0, None)):
+        found = choose_turnaround_victim(heavy_short, batch, 1.0, MODEL, EXACT, rule, 60.0,
+                                         counters, slack)  # fmt: skip
+        assert (found and found.request_id) == expected
 
 
 def test_kv_a_swap_keeps_is_not_counted_as_restore_cost() -> None:

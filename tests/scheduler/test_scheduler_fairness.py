@@ -8,7 +8,7 @@ import random
 import pytest
 
 from adaptivellm.scheduler.config import FairnessConfig
-from adaptivellm.scheduler.policies import TurnaroundPreemption
+from adaptivellm.scheduler.policies import ServiceModel, TurnaroundPreemption
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 from tests.scheduler.sim import Run, check_no_leaks, make_request, make_scheduler
 
@@ -89,7 +89,8 @@ def test_fcfs_victim_is_vllms_newest() -> None:
 def test_light_tenant_is_served_ahead_of_a_heavy_backlog(policy: str) -> None:
     scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=40, max_num_seqs=1)
     run = Run(scheduler, clock)
-    for i in range(6):
+    # 12 requests of 48 counter units each: more than the default tenant slack (256) ahead.
+    for i in range(12):
         scheduler.add_request(make_request(f"heavy-{i}", 32, 8, clock.now, tenant="heavy"))
     for _ in range(20):  # heavy is being served and accumulates service
         run.step()
@@ -218,3 +219,76 @@ def test_a_request_loses_its_slot_at_most_max_per_request_times() -> None:
     assert run.preempted == ["long", "long"]
     assert all(run.finished[f"short{i}"] < run.finished["long"] for i in range(2))
     assert all(run.finished[f"short{i}"] > run.finished["long"] for i in range(2, 5))
+
+
+def prefill_steps(config: FairnessConfig, alone: bool = False) -> tuple[list[dict[str, int]], Run]:
+    """A decoding request runs (unless `alone`); a 240-token prompt arrives, and an 8-token one
+    one step later. Returns the tokens scheduled per request in each step until the long
+    prompt is computed."""
+    scheduler, clock = make_scheduler(config, num_blocks=60, max_num_seqs=4)
+    run = Run(scheduler, clock)
+    if not alone:
+        scheduler.add_request(make_request("decoder", 16, 40, clock.now))
+        run.step()
+    scheduler.add_request(make_request("long", 240, 2, clock.now))
+    steps = [dict(run.step().num_scheduled_tokens)]
+    scheduler.add_request(make_request("short", 8, 2, clock.now))
+    while scheduler.requests["long"].num_computed_tokens < 240:
+        steps.append(dict(run.step().num_scheduled_tokens))
+    run.until_idle()
+    check_no_leaks(scheduler, 60)
+    return steps, run
+
+
+#: 1 ms per prompt token: --max-step-s 0.1 allows 100 tokens a step.
+SLOW_PREFILL = ServiceModel(prefill_s_per_token=0.001)
+
+
+def test_max_step_s_prefills_a_long_prompt_in_chunks_and_lets_a_newcomer_in() -> None:
+    config = FairnessConfig(learn_service=False, service=SLOW_PREFILL, max_step_s=0.1)
+    steps, _ = prefill_steps(config)
+    assert all(sum(step.values()) <= 100 for step in steps)
+    assert len(steps) >= 3
+    assert all("decoder" in step for step in steps)  # its decode goes on meanwhile
+    # The newcomer is admitted, its prompt in full, in the first step after it arrived: the
+    # long prompt's chunk is held to half the step while it waits.
+    assert steps[1].get("short") == 8 and steps[1]["long"] <= 50
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FairnessConfig(learn_service=False, service=SLOW_PREFILL, max_step_s=0.0),
+     FairnessConfig(policy="fcfs", learn_service=False, service=SLOW_PREFILL, max_step_s=0.1)],
+)  # fmt: skip
+def test_without_the_step_cap_the_long_prompt_takes_one_step(config: FairnessConfig) -> None:
+    steps, _ = prefill_steps(config)
+    assert len(steps) == 1 and steps[0]["long"] == 240
+
+
+def test_a_request_alone_is_not_capped() -> None:
+    config = FairnessConfig(learn_service=False, service=SLOW_PREFILL, max_step_s=0.1)
+    steps, _ = prefill_steps(config, alone=True)
+    assert steps == [{"long": 240}]
+
+
+def test_a_short_request_behind_a_long_head_of_queue_may_preempt() -> None:
+    """The head (a long request that has waited longest) would not gain enough from a
+    preemption; the short request behind it does, and takes the running long one's slot
+    at once. The head keeps its place for the next slot to free."""
+    scheduler, clock = make_scheduler(FairnessConfig(learn_service=False), num_blocks=40,
+                                      max_num_seqs=1)  # fmt: skip
+    scheduler.add_request(make_request("long", 16, 200, clock.now))
+    run = Run(scheduler, clock)
+    for _ in range(20):
+        run.step()
+    scheduler.add_request(make_request("waiting-long", 16, 300, clock.now - 0.5))
+    scheduler.add_request(make_request("short", 16, 4, clock.now))
+    assert [r.request_id for r in scheduler.waiting] == ["waiting-long", "short"]
+    scheduler._reorder(scheduler.waiting, clock.now)
+    assert scheduler.waiting.peek_request().request_id == "waiting-long"  # the head
+    out = run.step()
+    assert list(out.preempted_req_ids or ()) == ["long"]
+    assert "short" in out.num_scheduled_tokens
+    run.until_idle()
+    check_no_leaks(scheduler, 40)
+    assert run.finished["short"] < run.finished["long"]
