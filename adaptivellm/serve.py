@@ -130,6 +130,14 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-learn-service-time keeps the fixed defaults. Default: on.",
     )
     group.add_argument(
+        "--fairness-preemption-candidates",
+        type=int,
+        default=TurnaroundPreemption.candidates,
+        metavar="N",
+        help="How many of the first waiting requests may preempt for turnaround, tried in turn "
+        "(default: %(default)s, the head of the queue only).",
+    )
+    group.add_argument(
         "--tenant-slack-tokens",
         type=float,
         default=FairnessConfig.tenant_slack_tokens,
@@ -349,7 +357,9 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
             tenant_slack_tokens=args.tenant_slack_tokens,
             max_step_s=args.max_step_s,
             preemption=TurnaroundPreemption(
-                enabled=args.fairness_preemption, margin=args.fairness_preemption_margin
+                enabled=args.fairness_preemption,
+                margin=args.fairness_preemption_margin,
+                candidates=args.fairness_preemption_candidates,
             ),
         )
     except ValueError as exc:

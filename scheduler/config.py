@@ -52,7 +52,7 @@ class FairnessConfig:
     """weighted-turnaround: a request of a tenant ahead of the least-served one may still go
     first when its predicted cost would leave its tenant's counter at most this many counter
     units (VTC-weighted tokens / weight) above the least (policies.order_by_turnaround)."""
-    max_step_s: float = 0.25
+    max_step_s: float = 0.5
     """weighted-turnaround: cap each step's scheduled tokens at about this many seconds of
     prefill (by the service model), so a request arriving during a long prompt's prefill waits
     about one short step, not the whole prefill. 0 = vLLM's token budget unchanged."""

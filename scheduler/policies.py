@@ -215,6 +215,9 @@ class TurnaroundPreemption:
     """The candidate's gain must exceed the victim's loss this many times (hysteresis)."""
     max_per_request: int = 2
     """A request is preempted for others at most this many times."""
+    candidates: int = 1
+    """How many of the first waiting requests (in the policy's order) may preempt, tried in
+    turn: with 1 only the head; more lets a short request behind a long head preempt."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin) and self.margin >= 1):
@@ -223,6 +226,10 @@ class TurnaroundPreemption:
             raise ValueError(f"max_per_request must be an integer, got {self.max_per_request!r}")
         if self.max_per_request < 0:
             raise ValueError(f"max_per_request must be >= 0, got {self.max_per_request}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int):
+            raise ValueError(f"candidates must be an integer, got {self.candidates!r}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
 
 
 def remaining_service(r: RunningInfo, model: ServiceModel, out: OutputLengthEstimate) -> float:

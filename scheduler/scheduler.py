@@ -71,8 +71,6 @@ QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
 MAX_TENANT_LABELS = 64
 #: The fewest prompt tokens a step capped by --max-step-s may schedule.
 MIN_STEP_TOKENS = 64
-#: How many of the first waiting requests may preempt for turnaround (_preempt_for_turnaround).
-PREEMPTION_CANDIDATES = 8
 
 
 @dataclass
@@ -280,9 +278,9 @@ class AdaptiveScheduler(Scheduler):
     def _preempt_for_turnaround(self, now: float) -> None:
         """With every batch slot taken, preempt the running request that choose_turnaround_victim
         names for a waiting request (which then takes its slot this step). The candidates are
-        the first PREEMPTION_CANDIDATES waiting requests in the policy's order, tried in turn:
-        the head may be a long request that would not gain enough, while a short one behind it
-        would. A short request that preempts does not delay the head, which waits for the next
+        the first `rule.candidates` waiting requests in the policy's order (default: the head
+        only), tried in turn: the head may be a long request that would not gain enough, while
+        a short one behind it would; that one does not delay the head, which waits for the next
         slot to free either way. The victim's KV cache is swapped or recomputed like any
         victim's (_preempt_request)."""
         rule = self.fairness.preemption
@@ -310,7 +308,7 @@ class AdaptiveScheduler(Scheduler):
                     self._kept_tokens(r) if preemptible else 0,
                 )
             )
-        for candidate in list(self.waiting)[:PREEMPTION_CANDIDATES]:
+        for candidate in list(self.waiting)[: rule.candidates]:
             tracked = self.tracked.get(candidate.request_id)
             if tracked is None or candidate.status not in (
                 RequestStatus.WAITING,

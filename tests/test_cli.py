@@ -83,7 +83,8 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--max-queue-wait-s", "-1"], "max_wait_s"),
      (["--fairness-preemption-margin", "0.5"], "preemption margin"),
      (["--tenant-slack-tokens", "-5"], "tenant_slack_tokens"),
-     (["--max-step-s", "nan"], "max_step_s")],
+     (["--max-step-s", "nan"], "max_step_s"),
+     (["--fairness-preemption-candidates", "0"], "candidates must be >= 1")],
 )  # fmt: skip
 def test_bad_fairness_flags_fail_before_the_engine_starts(
     tmp_path: Path, flags: list[str], message: str

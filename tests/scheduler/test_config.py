@@ -44,7 +44,8 @@ def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
     ("kwargs", "message"),
     [({"margin": 0.5}, "margin"), ({"margin": float("nan")}, "margin"),
      ({"max_per_request": -1}, ">= 0"), ({"max_per_request": 1.5}, "integer"),
-     ({"max_per_request": True}, "integer")],
+     ({"max_per_request": True}, "integer"), ({"candidates": 0}, ">= 1"),
+     ({"candidates": 2.0}, "integer")],
 )  # fmt: skip
 def test_bad_preemption_rule_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

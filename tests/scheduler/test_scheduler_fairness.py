@@ -271,12 +271,15 @@ def test_a_request_alone_is_not_capped() -> None:
     assert steps == [{"long": 240}]
 
 
-def test_a_short_request_behind_a_long_head_of_queue_may_preempt() -> None:
+@pytest.mark.parametrize("candidates", [1, 2])
+def test_a_short_request_behind_a_long_head_of_queue_may_preempt(candidates: int) -> None:
     """The head (a long request that has waited longest) would not gain enough from a
-    preemption; the short request behind it does, and takes the running long one's slot
-    at once. The head keeps its place for the next slot to free."""
-    scheduler, clock = make_scheduler(FairnessConfig(learn_service=False), num_blocks=40,
-                                      max_num_seqs=1)  # fmt: skip
+    preemption; with two candidates the short request behind it does, and takes the running
+    long one's slot at once (the head keeps its place for the next slot to free). With the
+    head alone as candidate (the default) nothing is preempted."""
+    rule = TurnaroundPreemption(candidates=candidates)
+    scheduler, clock = make_scheduler(FairnessConfig(learn_service=False, preemption=rule),
+                                      num_blocks=40, max_num_seqs=1)  # fmt: skip
     scheduler.add_request(make_request("long", 16, 200, clock.now))
     run = Run(scheduler, clock)
     for _ in range(20):
@@ -287,6 +290,9 @@ def test_a_short_request_behind_a_long_head_of_queue_may_preempt() -> None:
     scheduler._reorder(scheduler.waiting, clock.now)
     assert scheduler.waiting.peek_request().request_id == "waiting-long"  # the head
     out = run.step()
+    if candidates == 1:
+        assert not out.preempted_req_ids and "short" not in out.num_scheduled_tokens
+        return
     assert list(out.preempted_req_ids or ()) == ["long"]
     assert "short" in out.num_scheduled_tokens
     run.until_idle()
