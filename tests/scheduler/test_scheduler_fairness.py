@@ -250,6 +250,8 @@ def test_max_step_s_prefills_a_long_prompt_in_chunks_and_lets_a_newcomer_in() ->
     assert all(sum(step.values()) <= 100 for step in steps)
     assert len(steps) >= 3
     assert all("decoder" in step for step in steps)  # its decode goes on meanwhile
+    # Alone with its prompt, the long request takes the whole capped step (the decode 1).
+    assert steps[0]["long"] == 99
     # The newcomer is admitted, its prompt in full, in the first step after it arrived: the
     # long prompt's chunk is held to half the step while it waits.
     assert steps[1].get("short") == 8 and steps[1]["long"] <= 50

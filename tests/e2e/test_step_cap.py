@@ -1,0 +1,87 @@
+"""weighted-turnaround's step cap (--max-step-s) through a real server: while a request decodes,
+two long prompts arrive; they are prefilled in small chunks beside its decode, not in one big
+step, and every output is identical token for token to the same request alone (greedy)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
+from tests.support import Server
+
+#: --max-step-s 0.001 at the prior's 0.2 ms per prompt token (--no-learn-service-time) caps a
+#: step at the floor: 64 tokens plus one per running request.
+FLAGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
+         "--kv-cache-memory-bytes", str(64 << 20), "--max-step-s", "0.001",
+         "--no-learn-service-time"]  # fmt: skip
+PROMPTS = {
+    "first": "the river runs past the old mill " * 40,
+    "a": "a letter from the city market garden " * 40,
+    "b": "music at night under the bridge lamps " * 40,
+}
+MAX_TOKENS = {"first": 64, "a": 16, "b": 16}
+
+
+def body(model: str, name: str, stream: bool) -> dict:
+    return {"model": model, "prompt": PROMPTS[name], "max_tokens": MAX_TOKENS[name],
+            "temperature": 0, "ignore_eos": True, "stream": stream}  # fmt: skip
+
+
+async def alone(base_url: str, model: str, headers: dict[str, str]) -> dict[str, str]:
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        out = {}
+        for name in PROMPTS:
+            r = await client.post(f"{base_url}/v1/completions", json=body(model, name, False))
+            r.raise_for_status()
+            out[name] = r.json()["choices"][0]["text"]
+        return out
+
+
+async def overlapping(base_url: str, model: str) -> dict[str, str]:
+    """`first` streams; after its third chunk `a` and `b` arrive together."""
+    texts: dict[str, str] = {}
+    decoding = asyncio.Event()
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def first() -> None:
+            import json
+
+            parts = []
+            url = f"{base_url}/v1/completions"
+            async with client.stream("POST", url, json=body(model, "first", True)) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        parts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+                        if len(parts) >= 3:
+                            decoding.set()
+            texts["first"] = "".join(parts)
+
+        async def later(name: str) -> None:
+            await decoding.wait()
+            r = await client.post(f"{base_url}/v1/completions", json=body(model, name, False))
+            r.raise_for_status()
+            texts[name] = r.json()["choices"][0]["text"]
+
+        await asyncio.gather(first(), later("a"), later("b"))
+    return texts
+
+
+def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
+    server: Server, tmp_path: Path
+) -> None:
+    reference = asyncio.run(alone(server.base_url, server.model, server.headers))
+    port = free_port()
+    with running_server(adaptivellm_command(None, port, FLAGS), port, tmp_path / "log") as s:
+        texts = asyncio.run(overlapping(s.base_url, "adaptivellm-tiny-llama"))
+        metrics = httpx.get(f"{s.base_url}/metrics").text
+    steps = metric_value(metrics, "vllm:iteration_tokens_total_count") or 0
+    small = metric_value(metrics, "vllm:iteration_tokens_total_bucket", 'le="128.0"') or 0
+    prompt_tokens = metric_value(metrics, "vllm:prompt_tokens_total") or 0
+    assert prompt_tokens > 3 * 200  # three long prompts went through
+    # Only `first`'s prompt, alone in the engine, was computed in a step of more than 128 tokens.
+    assert steps - small <= 1, (steps, small)
+    assert texts == reference
