@@ -70,6 +70,7 @@ class EngineMetrics:
     """Metrics recorded in the engine-core process."""
 
     scheduler_steps: Counter
+    step_tokens: Histogram
     preemptions: Counter
     turnaround_preemptions: Counter
     queue_wait: Histogram
@@ -94,6 +95,12 @@ class EngineMetrics:
             scheduler_steps=Counter(
                 f"{PREFIX}scheduler_steps",
                 "Engine steps that scheduled at least one token (counted in the engine core)",
+            ),
+            step_tokens=Histogram(
+                f"{PREFIX}step_tokens",
+                "Tokens scheduled in an engine step (prompt chunks and decodes; --max-step-s "
+                "caps it under weighted-turnaround)",
+                buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
             ),
             preemptions=Counter(
                 f"{PREFIX}preemptions",

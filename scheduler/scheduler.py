@@ -394,6 +394,7 @@ class AdaptiveScheduler(Scheduler):
         metrics = EngineMetrics.get()
         if output.total_num_scheduled_tokens:
             metrics.scheduler_steps.inc()
+            metrics.step_tokens.observe(output.total_num_scheduled_tokens)
         if self.swap is not None:
             metrics.swap_space_bytes.set(self.swap.space.used * self.swap.bytes_per_block)
         prefill = decode = 0
