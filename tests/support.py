@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from adaptivellm.launch import ServerProcess
 
@@ -39,3 +41,19 @@ class Server:
     def headers(self) -> dict[str, str]:
         """The Authorization header the server's --api-key asks for."""
         return {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def texts_alone(
+    base_url: str, bodies: Mapping[str, dict[str, Any]], headers: dict[str, str]
+) -> dict[str, str]:
+    """Each completion request of `bodies` (name -> JSON body) sent alone, one after the other:
+    the reference outputs of tests that run the same requests contended."""
+    import httpx
+
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        out = {}
+        for name, body in bodies.items():
+            r = await client.post(f"{base_url}/v1/completions", json=body)
+            r.raise_for_status()
+            out[name] = r.json()["choices"][0]["text"]
+        return out

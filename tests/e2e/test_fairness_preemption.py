@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
-from tests.support import Server
+from tests.support import Server, texts_alone
 
 LONG_TOKENS = 600
 SHORT_TOKENS = 4
@@ -36,16 +36,6 @@ def body(model: str, name: str, stream: bool) -> dict:
     tokens = SHORT_TOKENS if name == "short" else LONG_TOKENS
     return {"model": model, "prompt": PROMPTS[name], "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": stream}  # fmt: skip
-
-
-async def alone(base_url: str, model: str, headers: dict[str, str]) -> dict[str, str]:
-    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
-        out = {}
-        for name in PROMPTS:
-            r = await client.post(f"{base_url}/v1/completions", json=body(model, name, False))
-            r.raise_for_status()
-            out[name] = r.json()["choices"][0]["text"]
-        return out
 
 
 async def contended(base_url: str, model: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -86,7 +76,8 @@ def _chunk_text(line: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(server: Server) -> dict[str, str]:
-    return asyncio.run(alone(server.base_url, server.model, server.headers))
+    bodies = {name: body(server.model, name, False) for name in PROMPTS}
+    return asyncio.run(texts_alone(server.base_url, bodies, server.headers))
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
-from tests.support import Server
+from tests.support import Server, texts_alone
 
 #: --max-step-s 0.001 at the prior's 0.2 ms per prompt token (--no-learn-service-time) caps a
 #: step at the floor: 64 tokens plus one per running request.
@@ -30,16 +30,6 @@ MAX_TOKENS = {"first": 600, "a": 16, "b": 16}
 def body(model: str, name: str, stream: bool) -> dict:
     return {"model": model, "prompt": PROMPTS[name], "max_tokens": MAX_TOKENS[name],
             "temperature": 0, "ignore_eos": True, "stream": stream}  # fmt: skip
-
-
-async def alone(base_url: str, model: str, headers: dict[str, str]) -> dict[str, str]:
-    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
-        out = {}
-        for name in PROMPTS:
-            r = await client.post(f"{base_url}/v1/completions", json=body(model, name, False))
-            r.raise_for_status()
-            out[name] = r.json()["choices"][0]["text"]
-        return out
 
 
 async def overlapping(base_url: str, model: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -77,7 +67,8 @@ async def overlapping(base_url: str, model: str) -> tuple[dict[str, str], dict[s
 def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
     server: Server, tmp_path: Path
 ) -> None:
-    reference = asyncio.run(alone(server.base_url, server.model, server.headers))
+    bodies = {name: body(server.model, name, False) for name in PROMPTS}
+    reference = asyncio.run(texts_alone(server.base_url, bodies, server.headers))
     port = free_port()
     with running_server(adaptivellm_command(None, port, FLAGS), port, tmp_path / "log") as s:
         texts, finished = asyncio.run(overlapping(s.base_url, "adaptivellm-tiny-llama"))
