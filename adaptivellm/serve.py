@@ -149,6 +149,17 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s).",
     )
     group.add_argument(
+        "--service-time-exponent",
+        type=float,
+        default=FairnessConfig.service_exponent,
+        metavar="A",
+        help="weighted-turnaround only: rank waiting requests by weight x (waited + S) / S^A, S "
+        "their predicted service time. 1 = highest response ratio next (every request's "
+        "turnaround ratio evened out); 2 = Smith's rule with response-ratio aging (short "
+        "requests first, lower mean weighted turnaround, longer waits for the longest "
+        "requests, capped by --max-queue-wait-s). Between 1 and 4 (default: %(default)s).",
+    )
+    group.add_argument(
         "--max-step-s",
         type=float,
         default=FairnessConfig.max_step_s,
@@ -356,6 +367,7 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
             learn_service=args.learn_service_time,
             tenant_slack_tokens=args.tenant_slack_tokens,
             max_step_s=args.max_step_s,
+            service_exponent=args.service_time_exponent,
             preemption=TurnaroundPreemption(
                 enabled=args.fairness_preemption,
                 margin=args.fairness_preemption_margin,

@@ -56,6 +56,10 @@ class FairnessConfig:
     """weighted-turnaround: cap each step's scheduled tokens at about this many seconds of
     prefill (by the service model), so a request arriving during a long prompt's prefill waits
     about one short step, not the whole prefill. 0 = vLLM's token budget unchanged."""
+    service_exponent: float = 2.0
+    """weighted-turnaround ranks waiting requests by weight * (waited + S) / S ** this
+    (policies.turnaround_key): 1 = highest response ratio next, 2 = Smith's rule with
+    response-ratio aging; larger favours short requests more. Between 1 and 4."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -69,6 +73,11 @@ class FairnessConfig:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        exponent = self.service_exponent
+        if isinstance(exponent, bool) or not isinstance(exponent, int | float):
+            raise ValueError(f"service_exponent must be a number, got {exponent!r}")
+        if not 1 <= exponent <= 4:  # also rejects NaN
+            raise ValueError(f"service_exponent must be between 1 and 4, got {exponent}")
         if self.strict_tenants and not self.tenant_weights:
             raise ValueError("strict tenants need tenant weights (the list of known tenants)")
 

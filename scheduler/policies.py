@@ -4,13 +4,23 @@ The scheduler (adaptivellm.scheduler.scheduler) gathers a `RequestInfo` per requ
 functions and applies the answer; nothing here touches vLLM.
 
 Weighted turnaround of a request = (finish - arrival) / service time, where service time is its
-latency alone on an idle server. The default policy, `weighted-turnaround`, is highest response
-ratio next (HRRN) with weights: a waiting request's key is
+latency alone on an idle server. The default policy, `weighted-turnaround`, ranks a waiting
+request by
 
-    weight * (waited + S) / S        S = predicted service time (ServiceModel)
+    weight * (waited + S) / S ** a     S = predicted service time (ServiceModel), a = exponent
 
-so short requests go first (their ratio grows fastest), and every request's key grows without
-bound while it waits. Across tenants it keeps VTC's fairness (below): the requests of the
+that is, its weighted response ratio (waited + S) / S divided by S ** (a - 1). With a = 1 it is
+highest response ratio next (HRRN): every request's ratio grows while it waits, short ones
+fastest. With a = 2 (the default, `--service-time-exponent`) it is Smith's ratio rule with the
+response ratio as aging: each second a request waits adds weight / S to the sum of weighted
+turnarounds, and serving it takes S seconds of the engine, so the order that minimises the sum
+serves the largest weight / S ** 2 first (shortest first among equal weights); the factor
+(waited + S) still makes every key grow without bound while it waits. HRRN evens the
+turnaround ratio out across lengths; under overload that leaves short requests waiting several
+times their service behind long ones that have waited long. Measured on the benchmark's
+overloaded mixes, a = 2 roughly halves the gap to the target (bench/results/fairness.json), at
+the cost of longer waits for the longest requests, which the starvation bound below caps.
+Across tenants it keeps VTC's fairness (below): the requests of the
 tenants with the least weight-normalised service so far (the smallest virtual token counter
 among tenants with a request in the queue) go before the requests of other tenants, and the
 response ratio orders them. A heavy tenant thus cannot crowd light tenants out, and within that
@@ -131,14 +141,15 @@ def response_ratio(info: RequestInfo, now: float, service: float) -> float:
 
 
 def turnaround_key(
-    info: RequestInfo, now: float, service: float, max_wait_s: float
+    info: RequestInfo, now: float, service: float, max_wait_s: float, exponent: float = 1.0
 ) -> tuple[int, float]:
     """Sort key, larger = goes first: starved requests (waited >= max_wait_s) before all others,
-    oldest first among them; the response ratio among the rest."""
+    oldest first among them; among the rest the weighted response ratio divided by
+    service ** (exponent - 1) (1: HRRN; 2: Smith's rule with response-ratio aging)."""
     waited = now - info.arrival_time
     if waited >= max_wait_s:
         return (1, waited)
-    return (0, response_ratio(info, now, service))
+    return (0, response_ratio(info, now, service) / service ** (exponent - 1.0))
 
 
 def order_by_turnaround(
@@ -150,9 +161,11 @@ def order_by_turnaround(
     counters: Mapping[str, float] | None = None,
     slack: float = 0.0,
     costs: VTCWeights | None = None,
+    exponent: float = 1.0,
 ) -> list[RequestInfo]:
-    """Requests in the order they should be served (first = most deserving). Ties keep arrival
-    order, so equal requests are served first come, first served.
+    """Requests in the order they should be served (first = most deserving): turnaround_key
+    with `exponent`. Ties keep arrival order, so equal requests are served first come, first
+    served.
 
     With `counters` (the tenants' virtual token counters), the requests of the tenants with the
     smallest counter among these requests' tenants are *owed*: owed requests go first (starved
@@ -171,7 +184,8 @@ def order_by_turnaround(
     cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
 
     def key(info: RequestInfo) -> tuple[int, int, float]:
-        starved, value = turnaround_key(info, now, predicted_service(info, model, out), max_wait_s)
+        service = predicted_service(info, model, out)
+        starved, value = turnaround_key(info, now, service, max_wait_s, exponent)
         counter = counters.get(info.tenant, 0.0) if counters else 0.0
         cost = vtc_cost(info, out, prices) if counters and counter > least else 0.0
         owed = (

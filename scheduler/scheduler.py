@@ -375,6 +375,7 @@ class AdaptiveScheduler(Scheduler):
                 self.vtc_counters,
                 self.fairness.tenant_slack_tokens,
                 self.fairness.vtc,
+                self.fairness.service_exponent,
             )
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.

@@ -84,6 +84,7 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--fairness-preemption-margin", "0.5"], "preemption margin"),
      (["--tenant-slack-tokens", "-5"], "tenant_slack_tokens"),
      (["--max-step-s", "nan"], "max_step_s"),
+     (["--service-time-exponent", "5"], "service_exponent must be between 1 and 4"),
      (["--fairness-preemption-candidates", "0"], "candidates must be >= 1")],
 )  # fmt: skip
 def test_bad_fairness_flags_fail_before_the_engine_starts(

@@ -108,7 +108,18 @@ def test_learn_service_time_flag_reaches_the_engine_config(
 def test_tenant_slack_and_step_cap_flags_reach_the_engine_config(
     parser: argparse.ArgumentParser, model: str
 ) -> None:
-    args = parse(parser, model, "--tenant-slack-tokens", "0", "--max-step-s", "0.1")
-    apply_defaults(args, False, is_cpu=True)
-    fairness = args.additional_config["adaptivellm"]["fairness"]
+    fairness = args_fairness(parser, model)
+    assert fairness["service_exponent"] == 2.0  # the default
+    fairness = args_fairness(
+        parser, model, "--tenant-slack-tokens", "0", "--max-step-s", "0.1",
+        "--service-time-exponent", "1",
+    )  # fmt: skip
     assert (fairness["tenant_slack_tokens"], fairness["max_step_s"]) == (0.0, 0.1)
+    assert fairness["service_exponent"] == 1.0
+
+
+def args_fairness(parser: argparse.ArgumentParser, model: str, *flags: str) -> dict:
+    """The fairness section of the engine config that `flags` make."""
+    args = parse(parser, model, *flags)
+    apply_defaults(args, False, is_cpu=True)
+    return args.additional_config["adaptivellm"]["fairness"]

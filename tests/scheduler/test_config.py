@@ -19,6 +19,7 @@ def test_round_trip_through_additional_config() -> None:
         learn_service=False,
         tenant_slack_tokens=100.0,
         max_step_s=0.5,
+        service_exponent=1.5,
         preemption=TurnaroundPreemption(enabled=False, margin=3.0, max_per_request=1),
     )
     back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})
@@ -33,7 +34,9 @@ def test_round_trip_through_additional_config() -> None:
      ({"tenant_slack_tokens": -1.0}, "tenant_slack_tokens"),
      ({"tenant_slack_tokens": float("inf")}, "tenant_slack_tokens"),
      ({"max_step_s": float("nan")}, "max_step_s"), ({"max_step_s": True}, "max_step_s"),
-     ({"max_step_s": "0.5"}, "max_step_s")],
+     ({"max_step_s": "0.5"}, "max_step_s"), ({"service_exponent": 0.5}, "between 1 and 4"),
+     ({"service_exponent": float("nan")}, "between 1 and 4"),
+     ({"service_exponent": "2"}, "service_exponent must be a number")],
 )  # fmt: skip
 def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

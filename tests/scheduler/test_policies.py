@@ -56,6 +56,27 @@ def test_long_wait_overtakes_short_service() -> None:
     assert order[0].request_id == "old-long"
 
 
+def test_service_exponent_2_keeps_short_requests_ahead_until_the_starvation_bound() -> None:
+    old_long = info("old-long", arrival=0.0, max_tokens=1000)  # S = 10 s
+    new_short = info("new-short", arrival=29.9, max_tokens=10)  # S = 0.1 s
+    # Keys (waited + S) / S^2: old-long 40 / 100 = 0.4, new-short 0.2 / 0.01 = 20.
+    assert turnaround_key(old_long, 30.0, 10.0, 60, exponent=2.0) == (0, pytest.approx(0.4))
+    assert turnaround_key(new_short, 30.0, 0.1, 60, exponent=2.0) == (0, pytest.approx(20.0))
+    order = order_by_turnaround([old_long, new_short], 30.0, MODEL, EXACT, 60, exponent=2.0)
+    assert [r.request_id for r in order] == ["new-short", "old-long"]
+    # Once old-long has waited max_wait_s it is starved and goes first whatever the exponent.
+    later = info("later-short", arrival=59.9, max_tokens=10)
+    order = order_by_turnaround([later, old_long], 60.0, MODEL, EXACT, 60, exponent=4.0)
+    assert [r.request_id for r in order] == ["old-long", "later-short"]
+    # The weight still scales the key, on arrival weight / S: a 0.5 s request of weight 1 has
+    # 2, a 1 s request of weight 1.5 has 1.5 (goes second), of weight 3 has 3 (goes first).
+    mid = info("mid", 0.0, 50)
+    for weight, first in ((1.5, "mid"), (3.0, "heavy")):
+        heavy = info("heavy", 0.0, 100, weight=weight)
+        order = order_by_turnaround([heavy, mid], 0.0, MODEL, EXACT, 60, exponent=2.0)
+        assert order[0].request_id == first
+
+
 def test_starved_requests_go_first_oldest_first() -> None:
     starved_late = info("starved-late", arrival=5.0, max_tokens=10_000)
     starved_early = info("starved-early", arrival=0.0, max_tokens=10_000)

@@ -116,17 +116,19 @@ def test_aborted_requests_are_forgotten() -> None:
     check_no_leaks(scheduler, 20)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stress_no_starvation_no_leaks(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "exponent"), [(0, 2.0), (1, 1.0), (2, 4.0)])
+def test_stress_no_starvation_no_leaks(seed: int, exponent: float) -> None:
     """Seeded random overload: 150 requests (lengths mixed 1:10) arrive in 3 s of simulated
     time onto a server that needs far longer to serve them, with KV blocks for only a few at
     once (preemptions happen). With a 2 s starvation bound every request is admitted within the
     bound plus the time to serve the requests that were already starved before it; and all
-    finish, with every KV block returned."""
+    finish, with every KV block returned. Whatever the service-time exponent (the default 2,
+    HRRN's 1, the most short-biased 4)."""
     rng = random.Random(seed)
     max_wait = 2.0
-    scheduler, clock = make_scheduler(FairnessConfig(max_wait_s=max_wait), num_blocks=30,
-                                      max_num_seqs=6, max_num_batched_tokens=128)  # fmt: skip
+    config = FairnessConfig(max_wait_s=max_wait, service_exponent=exponent)
+    scheduler, clock = make_scheduler(config, num_blocks=30, max_num_seqs=6,
+                                      max_num_batched_tokens=128)  # fmt: skip
     run = Run(scheduler, clock, step_s=0.01)
     arrivals = sorted(rng.uniform(0, 3.0) for _ in range(150))
     start = clock.now
@@ -215,10 +217,19 @@ def test_fairness_preemption_can_be_turned_off_and_fcfs_never_does_it() -> None:
 
 
 def test_a_request_loses_its_slot_at_most_max_per_request_times() -> None:
-    run, _ = preempt_for_short(WT, shorts=5)
+    # HRRN's key (exponent 1): the preempted long request resumes whenever a short one finishes,
+    # so each new short one must preempt it again. (With the default exponent 2 the shorts
+    # simply go first from the queue, one preemption in all: see the next test.)
+    run, _ = preempt_for_short(FairnessConfig(service_exponent=1.0), shorts=5)
     assert run.preempted == ["long", "long"]
     assert all(run.finished[f"short{i}"] < run.finished["long"] for i in range(2))
     assert all(run.finished[f"short{i}"] > run.finished["long"] for i in range(2, 5))
+
+
+def test_with_the_default_exponent_short_requests_go_before_a_preempted_long_one() -> None:
+    run, _ = preempt_for_short(WT, shorts=5)
+    assert run.preempted == ["long"]
+    assert all(run.finished[f"short{i}"] < run.finished["long"] for i in range(5))
 
 
 def prefill_steps(config: FairnessConfig, alone: bool = False) -> tuple[list[dict[str, int]], Run]:
@@ -280,8 +291,9 @@ def test_a_short_request_behind_a_long_head_of_queue_may_preempt(candidates: int
     long one's slot at once (the head keeps its place for the next slot to free). With the
     head alone as candidate (the default) nothing is preempted."""
     rule = TurnaroundPreemption(candidates=candidates)
-    scheduler, clock = make_scheduler(FairnessConfig(learn_service=False, preemption=rule),
-                                      num_blocks=40, max_num_seqs=1)  # fmt: skip
+    # HRRN's key (exponent 1), under which the long request that waited longer is the head.
+    config = FairnessConfig(learn_service=False, preemption=rule, service_exponent=1.0)
+    scheduler, clock = make_scheduler(config, num_blocks=40, max_num_seqs=1)
     scheduler.add_request(make_request("long", 16, 200, clock.now))
     run = Run(scheduler, clock)
     for _ in range(20):
