@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from adaptivellm.launch import metric_value
+from adaptivellm.scheduler import policies
 from adaptivellm.scheduler.policies import FAIRNESS_WINDOW_S
 from adaptivellm.scheduler.service_fit import nonnegative_normal_solve
 
@@ -138,21 +139,6 @@ def percentile(values: Iterable[float], q: float) -> float:
     return float(np.percentile(finite, q))
 
 
-def jain_index(values: Sequence[float]) -> float:
-    """Jain's fairness index (Σx)² / (n Σx²): 1 when all equal, 1/n when one gets everything.
-
-    All zeros count as perfectly fair (1.0). Raises ValueError on no values or a negative one.
-    """
-    if not values:
-        raise ValueError("Jain's index needs at least one value")
-    if any(v < 0 for v in values):
-        raise ValueError("Jain's index is defined for non-negative values")
-    squares = sum(v * v for v in values)
-    if squares == 0:
-        return 1.0
-    return sum(values) ** 2 / (len(values) * squares)
-
-
 def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit:
     """Least-squares fit of latency = a + b*prompt + c*output to (prompt, output, latency), with
     a, b, c >= 0: a fixed overhead, a cost per prompt token and one per output token cannot be
@@ -215,13 +201,13 @@ def backlogged_jain(
     for i in range(windows):
         lo, hi = start + i * window_s, start + (i + 1) * window_s
         backlogged = {r.tenant for r in ok if r.arrival_s <= lo and r.first_token_s >= hi}
-        if len(backlogged) < 2:
-            continue
         served = dict.fromkeys(backlogged, 0.0)
         for t, tenant, n in deliveries:
             if lo <= t < hi and tenant in served:
                 served[tenant] += n
-        values.append(jain_index([v / weights.get(k, 1.0) for k, v in served.items()]))
+        # The server's Jain gauge uses the same function (None: fewer than two backlogged).
+        if (jain := policies.backlogged_jain(backlogged, served, weights)) is not None:
+            values.append(jain)
     overall = (sum(values) + (windows - len(values))) / windows if windows else 1.0
     return WindowFairness(overall, _mean(values), len(values), windows)
 

@@ -13,13 +13,13 @@ from adaptivellm.benchmark.metrics import (
     backlogged_jain,
     counter_deltas,
     fit_calibration,
-    jain_index,
     percentile,
     ratios,
     summarise,
     weighted_turnarounds,
 )
 from adaptivellm.benchmark.plots import service_over_time
+from adaptivellm.scheduler.policies import jain_index
 
 #: Service time = 0.1 + 0.001 * prompt + 0.01 * output.
 FIT = CalibrationFit(a=0.1, b=0.001, c=0.01, r2=1.0)
@@ -54,31 +54,6 @@ def test_weighted_turnaround() -> None:
 def test_service_time_floor() -> None:
     fit = CalibrationFit(a=-1.0, b=0.0, c=0.0, r2=1.0)
     assert fit.predict(10, 10) == MIN_SERVICE_S
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"),
-    [
-        ([1.0, 1.0, 1.0, 1.0], 1.0),
-        ([5.0], 1.0),
-        ([1.0, 0.0, 0.0, 0.0], 0.25),  # one tenant gets everything: 1/n
-        ([0.0, 0.0], 1.0),  # nobody served: equal
-        ([1.0, 3.0], 16 / 20),  # (1+3)^2 / (2 * (1+9))
-    ],
-)
-def test_jain_index(values: list[float], expected: float) -> None:
-    assert jain_index(values) == pytest.approx(expected)
-
-
-def test_jain_index_rejects_empty_and_negative() -> None:
-    with pytest.raises(ValueError):
-        jain_index([])
-    with pytest.raises(ValueError):
-        jain_index([1.0, -1.0])
-
-
-def test_jain_scale_invariant() -> None:
-    assert jain_index([2.0, 6.0, 1.0]) == pytest.approx(jain_index([20.0, 60.0, 10.0]))
 
 
 def test_percentile() -> None:

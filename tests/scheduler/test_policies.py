@@ -186,6 +186,10 @@ def test_jain_index(values: list[float], expected: float) -> None:
     assert jain_index(values) == pytest.approx(expected)
 
 
+def test_jain_index_is_scale_invariant() -> None:
+    assert jain_index([2.0, 6.0, 1.0]) == pytest.approx(jain_index([20.0, 60.0, 10.0]))
+
+
 def test_jain_index_rejects_negative_and_nan() -> None:
     with pytest.raises(ValueError):
         jain_index([1, -1])
