@@ -139,14 +139,15 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tenant-slack-tokens",
-        type=float,
+        type=slack_tokens,
         default=FairnessConfig.tenant_slack_tokens,
-        metavar="N",
+        metavar="N|auto",
         help="weighted-turnaround only: the least-served tenant's requests go first, but a "
-        "request of another tenant may go too when serving it leaves its tenant at most N "
-        "counter units (VTC-weighted tokens / tenant weight) ahead, so a tenant's very short "
-        "requests need not wait behind another's long ones. 0 = strict VTC order across tenants "
-        "(default: %(default)s).",
+        "cheaper request of another tenant may go too when serving it leaves its tenant at most "
+        "N counter units (VTC-weighted tokens / tenant weight) ahead, so a tenant's short "
+        "requests need not wait behind another's long ones. auto (the default): the cost of "
+        "one request at --max-model-len, which keeps the tenants within VTC's own bound of each "
+        "other; 0 = strict VTC order across tenants.",
     )
     group.add_argument(
         "--service-time-exponent",
@@ -233,6 +234,17 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         help="Keep vLLM's own defaults on CPU (dtype auto, KV cache from "
         "VLLM_CPU_KVCACHE_SPACE/92%% of the node) instead of AdaptiveLLM's.",
     )
+
+
+def slack_tokens(value: str) -> float | None:
+    """`--tenant-slack-tokens`: a number of counter units, or 'auto' (None: FairnessConfig
+    resolves it from the model's length). The range is checked by FairnessConfig."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
 
 
 def with_model(argv: list[str]) -> tuple[list[str], bool]:

@@ -48,10 +48,12 @@ class FairnessConfig:
     """Token costs of the VTC counter."""
     preemption: TurnaroundPreemption = field(default_factory=TurnaroundPreemption)
     """When weighted-turnaround preempts a running request for a waiting one."""
-    tenant_slack_tokens: float = 256.0
+    tenant_slack_tokens: float | None = None
     """weighted-turnaround: a request of a tenant ahead of the least-served one may still go
     first when its predicted cost would leave its tenant's counter at most this many counter
-    units (VTC-weighted tokens / weight) above the least (policies.order_by_turnaround)."""
+    units (VTC-weighted tokens / weight) above the least (policies.order_by_turnaround).
+    None (the default): the cost of one request at the model's full length
+    (`auto_tenant_slack`), so the counters stay within VTC's own bound."""
     max_step_s: float = 0.5
     """weighted-turnaround: cap each step's scheduled tokens at about this many seconds of
     prefill (by the service model), so a request arriving during a long prompt's prefill waits
@@ -69,6 +71,8 @@ class FairnessConfig:
         check_weights(self.tenant_weights)
         for name in ("tenant_slack_tokens", "max_step_s"):
             value = getattr(self, name)
+            if value is None and name == "tenant_slack_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value >= 0):
@@ -80,6 +84,12 @@ class FairnessConfig:
             raise ValueError(f"service_exponent must be between 1 and 4, got {exponent}")
         if self.strict_tenants and not self.tenant_weights:
             raise ValueError("strict tenants need tenant weights (the list of known tenants)")
+
+    def tenant_slack(self, max_model_len: int) -> float:
+        """The tenant slack in counter units: the configured one, or auto_tenant_slack."""
+        if self.tenant_slack_tokens is not None:
+            return float(self.tenant_slack_tokens)
+        return auto_tenant_slack(max_model_len, self.vtc)
 
     def weight_of(self, tenant: str) -> float:
         """The tenant's weight (1 for tenants not listed)."""
@@ -105,6 +115,15 @@ class FairnessConfig:
         """Read from vLLM's additional_config (defaults when absent)."""
         section = additional.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
         return FairnessConfig.from_dict(section.get("fairness", {}))
+
+
+def auto_tenant_slack(max_model_len: int, costs: VTCWeights) -> float:
+    """The default tenant slack: the VTC cost U of the costliest request the model can take
+    (`max_model_len` tokens, all priced at the dearer of the input and output token costs).
+    VTC itself (Sheng et al., OSDI 2024) keeps two backlogged tenants' counters within 2U of
+    each other; the slack keeps them within slack + one request's cost, hence within 2U too,
+    while a heavy tenant's short requests need not wait behind a light tenant's long ones."""
+    return float(max_model_len) * max(costs.input_token, costs.output_token)
 
 
 def check_weights(weights: Mapping[str, Any]) -> None:

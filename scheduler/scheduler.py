@@ -109,6 +109,8 @@ class AdaptiveScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        #: Counter units a tenant ahead may still be served within (policies.order_by_turnaround).
+        self.tenant_slack = self.fairness.tenant_slack(self.vllm_config.model_config.max_model_len)
         self.tracked: dict[str, Tracked] = {}
         self.output_estimate = OutputLengthEstimate()
         self.vtc_counters: dict[str, float] = {}
@@ -324,7 +326,7 @@ class AdaptiveScheduler(Scheduler):
                 rule,
                 self.fairness.max_wait_s,
                 self.vtc_counters,
-                self.fairness.tenant_slack_tokens,
+                self.tenant_slack,
             )
             if victim_info is not None:
                 self._preempt_for(candidate, by_id[victim_info.request_id])
@@ -373,7 +375,7 @@ class AdaptiveScheduler(Scheduler):
                 self.output_estimate,
                 self.fairness.max_wait_s,
                 self.vtc_counters,
-                self.fairness.tenant_slack_tokens,
+                self.tenant_slack,
                 self.fairness.vtc,
                 self.fairness.service_exponent,
             )

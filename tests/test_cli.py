@@ -83,6 +83,7 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--max-queue-wait-s", "-1"], "max_wait_s"),
      (["--fairness-preemption-margin", "0.5"], "preemption margin"),
      (["--tenant-slack-tokens", "-5"], "tenant_slack_tokens"),
+     (["--tenant-slack-tokens", "lots"], "expected a number or 'auto'"),
      (["--max-step-s", "nan"], "max_step_s"),
      (["--service-time-exponent", "5"], "service_exponent must be between 1 and 4"),
      (["--fairness-preemption-candidates", "0"], "candidates must be >= 1")],

@@ -110,6 +110,10 @@ def test_tenant_slack_and_step_cap_flags_reach_the_engine_config(
 ) -> None:
     fairness = args_fairness(parser, model)
     assert fairness["service_exponent"] == 2.0  # the default
+    assert fairness["tenant_slack_tokens"] is None  # auto: from the model's length
+    assert (
+        args_fairness(parser, model, "--tenant-slack-tokens", "AUTO")["tenant_slack_tokens"] is None
+    )
     fairness = args_fairness(
         parser, model, "--tenant-slack-tokens", "0", "--max-step-s", "0.1",
         "--service-time-exponent", "1",

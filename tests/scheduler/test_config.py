@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adaptivellm.scheduler.config import FairnessConfig, load_tenant_weights
-from adaptivellm.scheduler.policies import TurnaroundPreemption
+from adaptivellm.scheduler.policies import TurnaroundPreemption, VTCWeights
 
 
 def test_round_trip_through_additional_config() -> None:
@@ -55,6 +55,15 @@ def test_bad_preemption_rule_is_rejected(kwargs: dict, message: str) -> None:
         TurnaroundPreemption(**kwargs)
     with pytest.raises(ValueError, match=message):
         FairnessConfig.from_dict({"preemption": kwargs})
+
+
+def test_tenant_slack_is_one_full_length_request_unless_set() -> None:
+    # VTC prices an output token 2, an input token 1: the costliest request of a 2048-token
+    # model costs 4096.
+    assert FairnessConfig().tenant_slack(2048) == 4096.0
+    assert FairnessConfig(vtc=VTCWeights(1.0, 0.5)).tenant_slack(2048) == 2048.0
+    assert FairnessConfig(tenant_slack_tokens=0.0).tenant_slack(2048) == 0.0
+    assert FairnessConfig(tenant_slack_tokens=300).tenant_slack(2048) == 300.0
 
 
 def test_weights_from_flag() -> None:

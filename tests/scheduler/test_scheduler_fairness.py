@@ -89,7 +89,9 @@ def test_fcfs_victim_is_vllms_newest() -> None:
 def test_light_tenant_is_served_ahead_of_a_heavy_backlog(policy: str) -> None:
     scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=40, max_num_seqs=1)
     run = Run(scheduler, clock)
-    # 12 requests of 48 counter units each: more than the default tenant slack (256) ahead.
+    # Requests of equal cost: the slack (2048 here, one 1024-token request) lets no heavy
+    # request ahead of a light one that costs the same, so they alternate.
+    assert scheduler.tenant_slack == 2048.0
     for i in range(12):
         scheduler.add_request(make_request(f"heavy-{i}", 32, 8, clock.now, tenant="heavy"))
     for _ in range(20):  # heavy is being served and accumulates service
