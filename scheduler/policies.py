@@ -24,12 +24,13 @@ Across tenants it keeps VTC's fairness (below): the requests of the
 tenants with the least weight-normalised service so far (the smallest virtual token counter
 among tenants with a request in the queue) go before the requests of other tenants, and the
 response ratio orders them. A heavy tenant thus cannot crowd light tenants out, and within that
-constraint short requests still go first (every tenant has short requests of its own). A small
+constraint short requests still go first (every tenant has short requests of its own). A
 slack (`--tenant-slack-tokens`) also lets a request through that is cheaper than everything the
 least-served tenant waits with and whose cost would leave its tenant's counter at most that far
-above the least: a heavy tenant's very short requests need not wait behind a light tenant's
-long ones, equal requests still alternate, and the counters stay within slack plus one
-request's cost of each other.
+above the least: a heavy tenant's short requests need not wait behind a light tenant's long
+ones, equal requests still alternate, and the counters stay within slack plus one request's
+cost of each other (with the default slack, one full-length request's cost U, within VTC's own
+bound 2U: config.auto_tenant_slack).
 
 On top of that a hard starvation bound: a request that has waited `max_wait_s` is *starved* and
 goes ahead of every non-starved request, oldest first, whatever its tenant. Hence no request

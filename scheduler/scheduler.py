@@ -142,6 +142,16 @@ class AdaptiveScheduler(Scheduler):
         self._step: tuple[SchedulerOutput, float, int, int] | None = None
         self._logged_service: ServiceModel | None = None
         self._publish_service_model()
+        if self.fairness.policy == "weighted-turnaround":
+            logger.info(
+                "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
+                "starvation bound %g s, step cap %g s",
+                self.fairness.service_exponent,
+                self.tenant_slack,
+                " (auto)" if self.fairness.tenant_slack_tokens is None else "",
+                self.fairness.max_wait_s,
+                self.fairness.max_step_s,
+            )
 
     # --- inputs -------------------------------------------------------------------------
 
