@@ -69,10 +69,10 @@ class FairnessConfig:
         if not (math.isfinite(self.max_wait_s) and self.max_wait_s > 0):
             raise ValueError(f"max_wait_s must be a positive number, got {self.max_wait_s}")
         check_weights(self.tenant_weights)
-        for name in ("tenant_slack_tokens", "max_step_s"):
-            value = getattr(self, name)
-            if value is None and name == "tenant_slack_tokens":
-                continue
+        numbers = {"max_step_s": self.max_step_s}
+        if self.tenant_slack_tokens is not None:  # None: auto_tenant_slack
+            numbers["tenant_slack_tokens"] = self.tenant_slack_tokens
+        for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value >= 0):

@@ -17,9 +17,10 @@ turnarounds, and serving it takes S seconds of the engine, so the order that min
 serves the largest weight / S ** 2 first (shortest first among equal weights); the factor
 (waited + S) still makes every key grow without bound while it waits. HRRN evens the
 turnaround ratio out across lengths; under overload that leaves short requests waiting several
-times their service behind long ones that have waited long. Measured on the benchmark's
-overloaded mixes, a = 2 roughly halves the gap to the target (bench/results/fairness.json), at
-the cost of longer waits for the longest requests, which the starvation bound below caps.
+times their service behind long ones that have waited long. On the benchmark's overloaded
+mixes a = 2 measured 0.17-0.18x FCFS's mean weighted turnaround against HRRN's 0.21-0.28x in
+the same run (bench/results/fairness.json), at the cost of longer waits for the longest
+requests, which the starvation bound below caps.
 Across tenants it keeps VTC's fairness (below): the requests of the
 tenants with the least weight-normalised service so far (the smallest virtual token counter
 among tenants with a request in the queue) go before the requests of other tenants, and the
