@@ -49,6 +49,8 @@ SYSTEMS = {
     ),
 }
 SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
+#: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`).
+COMPARED = ("adaptive", "adaptive_hrrn")
 
 
 def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         fcfs = section["avg_weighted_turnaround"]["fcfs"]
         tput = section["throughput_tokens_per_s"]["fcfs"]
-        for name in ("adaptive", "adaptive_hrrn"):
+        for name in COMPARED:
             section[f"{name}_vs_fcfs"] = {
                 "weighted_turnaround_ratio": _ratio(section["avg_weighted_turnaround"][name], fcfs),
                 "throughput_ratio": _ratio(section["throughput_tokens_per_s"][name], tput),
@@ -133,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         out["aggregated_again_by"] = shlex.join(["python", *sys.argv])
     path = RESULTS / "fairness.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
-    summary = {k: {n: out[k][f"{n}_vs_fcfs"] for n in ("adaptive", "adaptive_hrrn")}
-               for k in SCENARIOS}  # fmt: skip
+    summary = {k: {n: out[k][f"{n}_vs_fcfs"] for n in COMPARED} for k in SCENARIOS}
     print(json.dumps(summary, indent=2))
     return 0
 
