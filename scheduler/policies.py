@@ -28,10 +28,13 @@ response ratio orders them. A heavy tenant thus cannot crowd light tenants out, 
 constraint short requests still go first (every tenant has short requests of its own). A
 slack (`--tenant-slack-tokens`) also lets a request through that is cheaper than everything the
 least-served tenant waits with and whose cost would leave its tenant's counter at most that far
-above the least: a heavy tenant's short requests need not wait behind a light tenant's long
-ones, equal requests still alternate, and the counters stay within slack plus one request's
-cost of each other (with the default slack, one full-length request's cost U, within VTC's own
-bound 2U: config.auto_tenant_slack).
+above the least (counting the predicted cost of the work each tenant already has running):
+a heavy tenant's short requests need not wait behind a light tenant's long ones, equal
+requests still alternate, and the counters stay within slack plus one request's cost of each
+other (with the default slack, one full-length request's cost U, within VTC's own bound 2U:
+config.auto_tenant_slack). A tenant's counter is lifted to the least active one when it
+becomes active (its first live request), never while it waits: idle time banks no credit, a
+deficit earned while waiting is kept.
 
 On top of that a hard starvation bound: a request that has waited `max_wait_s` is *starved* and
 goes ahead of every non-starved request, oldest first, whatever its tenant. Hence no request
@@ -164,6 +167,7 @@ def order_by_turnaround(
     slack: float = 0.0,
     costs: VTCWeights | None = None,
     exponent: float = 1.0,
+    committed: Mapping[str, float] | None = None,
 ) -> list[RequestInfo]:
     """Requests in the order they should be served (first = most deserving): turnaround_key
     with `exponent`. Ties keep arrival order, so equal requests are served first come, first
@@ -178,12 +182,24 @@ def order_by_turnaround(
     a short request of a tenant slightly ahead goes before the long ones of the tenant behind,
     requests of equal size still alternate between tenants, and the counters stay within slack
     plus one request's cost of each other (the order of VTC's own bound). Without counters,
-    tenants are ignored."""
+    tenants are ignored.
+
+    `committed` (tenant -> committed_cost of its running requests) counts the work a tenant
+    has already been given but not yet been charged for (counters are charged as tokens are
+    computed): the slack test compares counters plus committed work, so a tenant whose running
+    requests will take it past the slack gets no more through. Without it, a tenant could fill
+    every batch slot with requests that each looked within the slack when admitted."""
     ranked = sorted(infos, key=lambda i: i.arrival_time)
     least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
     prices = costs or VTCWeights()
     behind = [i for i in ranked if counters and counters.get(i.tenant, 0.0) <= least]
     cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
+    pending = committed or {}
+
+    def projected(tenant: str) -> float:
+        return (counters.get(tenant, 0.0) if counters else 0.0) + pending.get(tenant, 0.0)
+
+    floor = min((projected(i.tenant) for i in behind), default=least)
 
     def key(info: RequestInfo) -> tuple[int, int, float]:
         service = predicted_service(info, model, out)
@@ -193,7 +209,7 @@ def order_by_turnaround(
         owed = (
             not counters
             or counter <= least
-            or (cost < cheapest and counter + cost <= least + slack)
+            or (cost < cheapest and projected(info.tenant) + cost <= floor + slack)
         )
         return (starved, int(owed or starved), value)
 
@@ -320,6 +336,21 @@ def vtc_cost(info: RequestInfo, out: OutputLengthEstimate, costs: VTCWeights) ->
     """Predicted cost of serving a request, in its tenant's counter units (vtc_charge)."""
     predicted = out.predict(info.max_tokens)
     return (costs.input_token * info.prompt_tokens + costs.output_token * predicted) / info.weight
+
+
+def committed_cost(
+    info: RequestInfo,
+    computed_tokens: int,
+    output_tokens: int,
+    out: OutputLengthEstimate,
+    costs: VTCWeights,
+) -> float:
+    """Predicted cost still to be charged for a running request, in its tenant's counter units:
+    its prompt tokens not yet computed and its predicted output not yet generated (at least
+    nothing once it has outrun the prediction)."""
+    prompt_left = max(0, info.prompt_tokens - computed_tokens)
+    output_left = max(0.0, out.predict(info.max_tokens) - output_tokens)
+    return (costs.input_token * prompt_left + costs.output_token * output_left) / info.weight
 
 
 def vtc_order(infos: Sequence[RequestInfo], counters: Mapping[str, float]) -> list[RequestInfo]:

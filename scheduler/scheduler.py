@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from adaptivellm.scheduler.policies import (
     ServiceModel,
     backlogged_jain,
     choose_turnaround_victim,
+    committed_cost,
     order_by_turnaround,
     vtc_charge,
     vtc_lift,
@@ -164,9 +165,11 @@ class AdaptiveScheduler(Scheduler):
         if request.request_id not in self.requests:
             info = request_info(request, self.fairness)
             predicted = self.output_estimate.predict(info.max_tokens)
+            active = {t.info.tenant for t in self.tracked.values()}
             self.tracked[request.request_id] = Tracked(info, predicted)
-            if self.fairness.policy in ("vtc", "weighted-turnaround"):
-                active = {t.info.tenant for t in self.tracked.values()}
+            # VTC lifts a tenant's counter when it becomes active (its first live request), so
+            # idle time banks no credit; a tenant that is already waiting keeps its deficit.
+            if self.fairness.policy in ("vtc", "weighted-turnaround") and info.tenant not in active:
                 self.vtc_counters[info.tenant] = vtc_lift(self.vtc_counters, info.tenant, active)
         super().add_request(request)
 
@@ -388,11 +391,29 @@ class AdaptiveScheduler(Scheduler):
                 self.tenant_slack,
                 self.fairness.vtc,
                 self.fairness.service_exponent,
+                self._committed(exclude=by_id),
             )
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.
         ordered += [r for i, r in by_id.items() if i not in self.tracked]
         return ordered
+
+    def _committed(self, exclude: Container[str]) -> dict[str, float]:
+        """Per tenant, the predicted cost still to be charged for its running requests but
+        those in `exclude` (the requests being ordered): see order_by_turnaround."""
+        pending: dict[str, float] = defaultdict(float)
+        for request in self.running:
+            if request.request_id in exclude:
+                continue
+            if (tracked := self.tracked.get(request.request_id)) is not None:
+                pending[tracked.info.tenant] += committed_cost(
+                    tracked.info,
+                    request.num_computed_tokens,
+                    request.num_output_tokens,
+                    self.output_estimate,
+                    self.fairness.vtc,
+                )
+        return pending
 
     def _reorder(self, queue: Any, now: float) -> None:
         """Re-order vLLM's FCFS waiting deque in place."""

@@ -15,6 +15,7 @@ from adaptivellm.scheduler.policies import (
     VTCWeights,
     backlogged_jain,
     choose_turnaround_victim,
+    committed_cost,
     jain_index,
     order_by_turnaround,
     remaining_service,
@@ -129,6 +130,34 @@ def test_tenant_slack_lets_a_short_request_of_a_tenant_slightly_ahead_through() 
     order = order_by_turnaround([heavy_short, light_short], 1.0, MODEL, EXACT, 60, counters, 1e6)
     assert [r.request_id for r in order] == ["light-short", "heavy-short"]
     assert vtc_cost(info("w", 0.0, 5, weight=2.0), EXACT, VTCWeights()) == 10.0
+
+
+def test_slack_counts_the_work_a_tenant_already_has_running() -> None:
+    heavy_short = info("heavy-short", 0.0, 5, tenant="heavy")  # costs 20
+    light_long = info("light-long", 0.0, 400, tenant="light")
+    counters = {"heavy": 1100.0, "light": 1000.0}
+    reqs = [light_long, heavy_short]
+    # Nothing running: 1100 + 20 <= 1000 + 150, heavy-short is let through.
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, 150.0, committed={})
+    assert order[0].request_id == "heavy-short"
+    # heavy already has 40 units of work running: 1100 + 40 + 20 > 1150, light goes first.
+    committed = {"heavy": 40.0}
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, 150.0, committed=committed)
+    assert [r.request_id for r in order] == ["light-long", "heavy-short"]
+    # Work running for the tenant behind counts for it too: 1160 <= 1040 + 150.
+    committed = {"heavy": 40.0, "light": 40.0}
+    order = order_by_turnaround(reqs, 1.0, MODEL, EXACT, 60, counters, 150.0, committed=committed)
+    assert order[0].request_id == "heavy-short"
+
+
+def test_committed_cost_is_what_a_running_request_has_left() -> None:
+    r = info("r", 0.0, 50)  # 10 prompt tokens, 50 predicted output tokens (EXACT)
+    assert committed_cost(r, 0, 0, EXACT, VTCWeights()) == 10 + 2 * 50
+    assert committed_cost(r, 4, 0, EXACT, VTCWeights()) == 6 + 2 * 50  # prompt part-computed
+    assert committed_cost(r, 30, 20, EXACT, VTCWeights()) == 2 * 30
+    assert committed_cost(r, 70, 60, EXACT, VTCWeights()) == 0.0  # outran its prediction
+    heavy = info("h", 0.0, 50, weight=2.0)
+    assert committed_cost(heavy, 10, 0, EXACT, VTCWeights(1.0, 0.5)) == 0.5 * 50 / 2
 
 
 def test_starved_request_goes_first_whatever_its_tenants_service() -> None:

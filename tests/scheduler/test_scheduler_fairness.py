@@ -104,6 +104,42 @@ def test_light_tenant_is_served_ahead_of_a_heavy_backlog(policy: str) -> None:
     assert scheduler.served_tokens["light"] > 0
 
 
+@pytest.mark.parametrize("policy", ["vtc", "weighted-turnaround"])
+def test_counter_is_lifted_when_a_tenant_becomes_active_not_while_it_waits(policy: str) -> None:
+    from vllm.v1.request import RequestStatus
+
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=40, max_num_seqs=1)
+    scheduler.add_request(make_request("heavy-a", 32, 8, clock.now, tenant="heavy"))
+    scheduler.add_request(make_request("light-a", 32, 8, clock.now, tenant="light"))
+    scheduler.vtc_counters.update(heavy=100.0, light=10.0)  # light is behind, and waiting
+    scheduler.add_request(make_request("light-b", 32, 8, clock.now, tenant="light"))
+    assert scheduler.vtc_counters["light"] == 10.0  # a second request keeps the deficit
+    scheduler.finish_requests(["light-a", "light-b"], RequestStatus.FINISHED_ABORTED)
+    scheduler.add_request(make_request("light-c", 32, 8, clock.now, tenant="light"))
+    assert scheduler.vtc_counters["light"] == 100.0  # idle, then active again: no banked credit
+
+
+def test_a_tenants_running_work_counts_against_its_slack() -> None:
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=2)
+    scheduler.add_request(make_request("a", 20, 30, clock.now, tenant="x"))
+    scheduler.add_request(make_request("b", 10, 10, clock.now, tenant="y"))
+    scheduler.add_request(make_request("c", 10, 10, clock.now, tenant="x"))
+    run = Run(scheduler, clock)
+    run.step()
+    running = {r.request_id for r in scheduler.running}
+    assert running == {"b", "c"}  # the shorter two, one per tenant; "a" waits
+    committed = scheduler._committed(exclude=())
+    out, costs = scheduler.output_estimate, scheduler.fairness.vtc
+    for rid in running:
+        request = scheduler.requests[rid]
+        assert request.num_output_tokens == 1  # prompt computed, first token sampled
+        expected = (out.predict(request.max_tokens) - 1) * costs.output_token
+        assert committed[scheduler.tracked[rid].info.tenant] == pytest.approx(expected)
+    assert scheduler._committed(exclude=running) == {}  # ordering the running: none counted
+    run.until_idle()
+    assert scheduler._committed(exclude=()) == {}
+
+
 def test_aborted_requests_are_forgotten() -> None:
     from vllm.v1.request import RequestStatus
 
