@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse", action="store_true", help="no run: aggregate the existing harness reports"
     )
     args = parser.parse_args(argv)
+    invocation = shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     args.model = args.model or str(bench_model())
     args.num_requests = args.num_requests or (30 if args.quick else 120)
     if args.reuse:  # aggregate the harness reports of an earlier run again
@@ -98,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                    for k, sc in SCENARIOS.items()}  # fmt: skip
     else:
         reports = {k: run_scenario(sc, f"fairness-{sc}", args) for k, sc in SCENARIOS.items()}
-    command = shlex.join(["python", *sys.argv])
-    if args.reuse:
-        command = json.loads((RESULTS / "fairness.json").read_text())["command"]
-    out: dict = {"command": command, "quick": args.quick,
+    out: dict = {"command": invocation, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
                  "rounds": args.rounds, "max_servers": args.max_servers,
-                 "num_requests": args.num_requests, "model": args.model,
-                 "scenarios": {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}}  # fmt: skip
+                 "num_requests": args.num_requests, "model": args.model}  # fmt: skip
+    if args.reuse:  # the command and settings of the run that made the reports, not these
+        previous = json.loads((RESULTS / "fairness.json").read_text())
+        out = {k: previous.get(k, v) for k, v in out.items()}
+    out["scenarios"] = {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}
     fields = {
         "avg_weighted_turnaround": ("mean_weighted_turnaround",),
         "throughput_tokens_per_s": ("output_tokens_per_s",),
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     out["targets"] = {"weighted_turnaround_ratio_max": 0.2, "throughput_ratio_min": 0.98,
                       "jain_min_multi_tenant": 0.95}  # fmt: skip
     if args.reuse:
-        out["aggregated_again_by"] = shlex.join(["python", *sys.argv])
+        out["aggregated_again_by"] = invocation
     path = RESULTS / "fairness.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     summary = {k: {n: out[k][f"{n}_vs_fcfs"] for n in COMPARED} for k in SCENARIOS}
