@@ -20,7 +20,12 @@ turnaround ratio out across lengths; under overload that leaves short requests w
 times their service behind long ones that have waited long. On the benchmark's overloaded
 mixes a = 2 measured 0.17-0.18x FCFS's mean weighted turnaround against HRRN's 0.21-0.28x in
 the same run (bench/results/fairness.json), at the cost of longer waits for the longest
-requests, which the starvation bound below caps.
+requests, which the starvation bound below caps. A request already part-served (preempted,
+or running when victims are chosen) divides by R ** (a - 1) instead, R the service it has left
+(service_left): Smith's rule on the remaining work, weighted shortest remaining time first,
+so a victim preempted near its end resumes ahead of fresh requests longer than what it has
+left. With a = 1 nothing changes.
+
 Across tenants it keeps VTC's fairness (below): the requests of the
 tenants with the least weight-normalised service so far (the smallest virtual token counter
 among tenants with a request in the queue) go before the requests of other tenants, and the
@@ -146,15 +151,40 @@ def response_ratio(info: RequestInfo, now: float, service: float) -> float:
 
 
 def turnaround_key(
-    info: RequestInfo, now: float, service: float, max_wait_s: float, exponent: float = 1.0
+    info: RequestInfo,
+    now: float,
+    service: float,
+    max_wait_s: float,
+    exponent: float = 1.0,
+    left: float | None = None,
 ) -> tuple[int, float]:
     """Sort key, larger = goes first: starved requests (waited >= max_wait_s) before all others,
     oldest first among them; among the rest the weighted response ratio divided by
-    service ** (exponent - 1) (1: HRRN; 2: Smith's rule with response-ratio aging)."""
+    left ** (exponent - 1) (1: HRRN; 2: Smith's rule with response-ratio aging). `left` is the
+    service still to be given (service_left; default all of it): a request preempted part-way
+    needs less than a fresh one of the same size, and Smith's rule orders by what is left
+    (weighted shortest remaining time first)."""
     waited = now - info.arrival_time
     if waited >= max_wait_s:
         return (1, waited)
-    return (0, response_ratio(info, now, service) / service ** (exponent - 1.0))
+    rest = service if left is None else max(1e-6, min(left, service))
+    return (0, response_ratio(info, now, service) / rest ** (exponent - 1.0))
+
+
+def service_left(
+    info: RequestInfo,
+    generated: int,
+    computed: int,
+    model: ServiceModel,
+    out: OutputLengthEstimate,
+) -> float:
+    """Predicted seconds of service a request still needs, `generated` output tokens in and
+    holding the KV cache of `computed` tokens: the prefill of the tokens whose KV cache it does
+    not hold (a preempted request's whole context: it is recomputed, or swapped back in, which
+    is cheaper) and the decode of its predicted output not yet generated (at least one token)."""
+    context = info.prompt_tokens + generated
+    remaining = max(1.0, out.predict(info.max_tokens) - generated)
+    return model.service_time(max(0, context - computed), remaining)
 
 
 def order_by_turnaround(
@@ -168,10 +198,13 @@ def order_by_turnaround(
     costs: VTCWeights | None = None,
     exponent: float = 1.0,
     committed: Mapping[str, float] | None = None,
+    progress: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[RequestInfo]:
     """Requests in the order they should be served (first = most deserving): turnaround_key
     with `exponent`. Ties keep arrival order, so equal requests are served first come, first
-    served.
+    served. `progress` (request id -> output tokens generated, tokens whose KV cache it holds)
+    gives the service left of requests already part-served (service_left); others have all of
+    theirs left.
 
     With `counters` (the tenants' virtual token counters), the requests of the tenants with the
     smallest counter among these requests' tenants are *owed*: owed requests go first (starved
@@ -203,7 +236,9 @@ def order_by_turnaround(
 
     def key(info: RequestInfo) -> tuple[int, int, float]:
         service = predicted_service(info, model, out)
-        starved, value = turnaround_key(info, now, service, max_wait_s, exponent)
+        done = progress.get(info.request_id) if progress else None
+        left = None if done is None else service_left(info, *done, model, out)
+        starved, value = turnaround_key(info, now, service, max_wait_s, exponent, left)
         counter = counters.get(info.tenant, 0.0) if counters else 0.0
         cost = vtc_cost(info, out, prices) if counters and counter > least else 0.0
         owed = (

@@ -392,6 +392,11 @@ class AdaptiveScheduler(Scheduler):
                 self.fairness.vtc,
                 self.fairness.service_exponent,
                 self._committed(exclude=by_id),
+                {
+                    i: (r.num_output_tokens, r.num_computed_tokens)
+                    for i, r in by_id.items()
+                    if r.num_output_tokens or r.num_computed_tokens
+                },
             )
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.

@@ -20,6 +20,7 @@ from adaptivellm.scheduler.policies import (
     order_by_turnaround,
     remaining_service,
     response_ratio,
+    service_left,
     turnaround_key,
     vtc_charge,
     vtc_cost,
@@ -130,6 +131,35 @@ def test_tenant_slack_lets_a_short_request_of_a_tenant_slightly_ahead_through() 
     order = order_by_turnaround([heavy_short, light_short], 1.0, MODEL, EXACT, 60, counters, 1e6)
     assert [r.request_id for r in order] == ["light-short", "heavy-short"]
     assert vtc_cost(info("w", 0.0, 5, weight=2.0), EXACT, VTCWeights()) == 10.0
+
+
+def test_service_left_after_part_of_the_work() -> None:
+    model = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.001, decode_s_per_token=0.01)
+    r = info("r", 0.0, 100)  # 10 prompt tokens, 100 output tokens predicted: 0.01 + 1.0 s
+    assert service_left(r, 0, 0, model, EXACT) == pytest.approx(1.01)
+    # Preempted 60 tokens in, KV cache dropped: 70 tokens to prefill again, 40 to decode.
+    assert service_left(r, 60, 0, model, EXACT) == pytest.approx(0.07 + 0.40)
+    # Running 60 tokens in, holding the KV cache of all but the last sampled token.
+    assert service_left(r, 60, 69, model, EXACT) == pytest.approx(0.001 + 0.40)
+    # Past its prediction: one more token.
+    assert service_left(r, 150, 159, model, EXACT) == pytest.approx(0.001 + 0.01)
+
+
+def test_a_part_served_request_is_ranked_by_what_it_has_left() -> None:
+    # Exponent 2: the key divides the response ratio by the service left.
+    r = info("r", 0.0, 100)
+    assert turnaround_key(r, 1.0, 1.0, 60, 2.0, left=0.25) == (0, pytest.approx(2.0 / 0.25))
+    assert turnaround_key(r, 1.0, 1.0, 60, 2.0) == turnaround_key(r, 1.0, 1.0, 60, 2.0, left=1.0)
+    assert turnaround_key(r, 1.0, 1.0, 60, 1.0, left=0.25) == (0, pytest.approx(2.0))  # HRRN
+    # A long request preempted 90% through goes before a fresh one half its size.
+    long_done = info("long", 0.0, 200)
+    mid = info("mid", 0.0, 100)
+    progress = {"long": (180, 0)}
+    order = order_by_turnaround([mid, long_done], 1.0, MODEL, EXACT, 60, exponent=2.0,
+                                progress=progress)  # fmt: skip
+    assert [r.request_id for r in order] == ["long", "mid"]
+    order = order_by_turnaround([mid, long_done], 1.0, MODEL, EXACT, 60, exponent=2.0)
+    assert [r.request_id for r in order] == ["mid", "long"]
 
 
 def test_slack_counts_the_work_a_tenant_already_has_running() -> None:
