@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from adaptivellm.launch import ServerProcess
@@ -57,3 +61,14 @@ async def texts_alone(
             r.raise_for_status()
             out[name] = r.json()["choices"][0]["text"]
         return out
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """One of bench/'s scripts (not a package) as a module, e.g. load_bench_script("fairness")."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

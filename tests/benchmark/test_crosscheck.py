@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "crosscheck.py"
-_SPEC = importlib.util.spec_from_file_location("bench_crosscheck", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-crosscheck = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_crosscheck"] = crosscheck
-_SPEC.loader.exec_module(crosscheck)
+from tests.support import load_bench_script
+
+crosscheck = load_bench_script("crosscheck")
 
 
 def test_vllm_bench_figures_the_harness_way_failed_requests_left_out() -> None:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "fairness.py"
-_SPEC = importlib.util.spec_from_file_location("bench_fairness", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-fairness = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_fairness"] = fairness
-_SPEC.loader.exec_module(fairness)
+from tests.support import load_bench_script
+
+fairness = load_bench_script("fairness")
 
 
 def report(scale: float) -> dict:
