@@ -369,22 +369,22 @@ def choose_turnaround_victim(
 
 def vtc_cost(info: RequestInfo, out: OutputLengthEstimate, costs: VTCWeights) -> float:
     """Predicted cost of serving a request, in its tenant's counter units (vtc_charge)."""
-    predicted = out.predict(info.max_tokens)
-    return (costs.input_token * info.prompt_tokens + costs.output_token * predicted) / info.weight
+    return committed_cost(info, 0, 0, out, costs)
 
 
 def committed_cost(
     info: RequestInfo,
-    computed_tokens: int,
-    output_tokens: int,
+    generated: int,
+    computed: int,
     out: OutputLengthEstimate,
     costs: VTCWeights,
 ) -> float:
-    """Predicted cost still to be charged for a running request, in its tenant's counter units:
-    its prompt tokens not yet computed and its predicted output not yet generated (at least
-    nothing once it has outrun the prediction)."""
-    prompt_left = max(0, info.prompt_tokens - computed_tokens)
-    output_left = max(0.0, out.predict(info.max_tokens) - output_tokens)
+    """Predicted cost still to be charged for a request `generated` output tokens in and with
+    `computed` tokens computed, in its tenant's counter units: its prompt tokens not yet
+    computed and its predicted output not yet generated (nothing once it has outrun the
+    prediction)."""
+    prompt_left = max(0, info.prompt_tokens - computed)
+    output_left = max(0.0, out.predict(info.max_tokens) - generated)
     return (costs.input_token * prompt_left + costs.output_token * output_left) / info.weight
 
 

@@ -413,8 +413,8 @@ class AdaptiveScheduler(Scheduler):
             if (tracked := self.tracked.get(request.request_id)) is not None:
                 pending[tracked.info.tenant] += committed_cost(
                     tracked.info,
-                    request.num_computed_tokens,
                     request.num_output_tokens,
+                    request.num_computed_tokens,
                     self.output_estimate,
                     self.fairness.vtc,
                 )

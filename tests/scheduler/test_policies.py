@@ -182,12 +182,16 @@ def test_slack_counts_the_work_a_tenant_already_has_running() -> None:
 
 def test_committed_cost_is_what_a_running_request_has_left() -> None:
     r = info("r", 0.0, 50)  # 10 prompt tokens, 50 predicted output tokens (EXACT)
-    assert committed_cost(r, 0, 0, EXACT, VTCWeights()) == 10 + 2 * 50
-    assert committed_cost(r, 4, 0, EXACT, VTCWeights()) == 6 + 2 * 50  # prompt part-computed
-    assert committed_cost(r, 30, 20, EXACT, VTCWeights()) == 2 * 30
-    assert committed_cost(r, 70, 60, EXACT, VTCWeights()) == 0.0  # outran its prediction
+    assert (
+        committed_cost(r, 0, 0, EXACT, VTCWeights())
+        == 10 + 2 * 50
+        == vtc_cost(r, EXACT, VTCWeights())
+    )
+    assert committed_cost(r, 0, 4, EXACT, VTCWeights()) == 6 + 2 * 50  # prompt part-computed
+    assert committed_cost(r, 20, 30, EXACT, VTCWeights()) == 2 * 30
+    assert committed_cost(r, 60, 70, EXACT, VTCWeights()) == 0.0  # outran its prediction
     heavy = info("h", 0.0, 50, weight=2.0)
-    assert committed_cost(heavy, 10, 0, EXACT, VTCWeights(1.0, 0.5)) == 0.5 * 50 / 2
+    assert committed_cost(heavy, 0, 10, EXACT, VTCWeights(1.0, 0.5)) == 0.5 * 50 / 2
 
 
 def test_starved_request_goes_first_whatever_its_tenants_service() -> None:
