@@ -208,10 +208,11 @@ class AdaptiveScheduler(Scheduler):
         max_step_s of prefill by the service model (never below MIN_STEP_TOKENS plus one token
         per running request, for their decodes), so a long prompt goes in chunks while the
         running requests keep decoding. vLLM schedules running requests first, so when two or
-        more requests have prompt tokens to compute (waiting, or running in their prompt), one
-        request's chunk is held to half the budget: a long prompt being prefilled leaves the
-        other half to admit the waiting requests (a short prompt in full) this step, not after
-        it. On a fast device the cap is above vLLM's budget, which then stands unchanged."""
+        more requests have prompt tokens to compute (waiting with a free batch slot to go to, or
+        running in their prompt), one request's chunk is held to half the budget: a long prompt
+        being prefilled leaves the other half to admit the waiting requests (a short prompt in
+        full) this step, not after it. On a fast device the cap is above vLLM's budget, which
+        then stands unchanged."""
         limit = self.fairness.max_step_s
         if (
             self.fairness.policy != "weighted-turnaround"
@@ -225,7 +226,11 @@ class AdaptiveScheduler(Scheduler):
                      MIN_STEP_TOKENS + len(self.running))  # fmt: skip
         if budget >= full:
             return full, 0
-        prefilling = len(self.waiting) + sum(
+        # Waiting requests count only as many as there are free batch slots: with every slot
+        # taken none is admitted this step, and halving a running prompt's chunk for them
+        # would only prefill it in more steps.
+        free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        prefilling = min(len(self.waiting), max(0, free)) + sum(
             r.num_computed_tokens < r.num_prompt_tokens for r in self.running
         )
         return budget, (budget // 2 if prefilling >= 2 else 0)

@@ -270,11 +270,13 @@ def test_with_the_default_exponent_short_requests_go_before_a_preempted_long_one
     assert all(run.finished[f"short{i}"] < run.finished["long"] for i in range(5))
 
 
-def prefill_steps(config: FairnessConfig, alone: bool = False) -> tuple[list[dict[str, int]], Run]:
+def prefill_steps(
+    config: FairnessConfig, alone: bool = False, max_num_seqs: int = 4
+) -> tuple[list[dict[str, int]], Run]:
     """A decoding request runs (unless `alone`); a 240-token prompt arrives, and an 8-token one
     one step later. Returns the tokens scheduled per request in each step until the long
     prompt is computed."""
-    scheduler, clock = make_scheduler(config, num_blocks=60, max_num_seqs=4)
+    scheduler, clock = make_scheduler(config, num_blocks=60, max_num_seqs=max_num_seqs)
     run = Run(scheduler, clock)
     if not alone:
         scheduler.add_request(make_request("decoder", 16, 40, clock.now))
@@ -304,6 +306,21 @@ def test_max_step_s_prefills_a_long_prompt_in_chunks_and_lets_a_newcomer_in() ->
     # The newcomer is admitted, its prompt in full, in the first step after it arrived: the
     # long prompt's chunk is held to half the step while it waits.
     assert steps[1].get("short") == 8 and steps[1]["long"] <= 50
+
+
+def test_with_no_free_slot_the_long_prompt_keeps_the_whole_capped_step() -> None:
+    """Every batch slot is taken (the decoder and the long request, --max-num-seqs 2): the
+    newcomer cannot be admitted, so the long prompt's chunk is not halved for it."""
+    config = FairnessConfig(
+        learn_service=False,
+        service=SLOW_PREFILL,
+        max_step_s=0.1,
+        preemption=TurnaroundPreemption(enabled=False),
+    )
+    steps, run = prefill_steps(config, max_num_seqs=2)
+    assert all(step.get("long") == 99 for step in steps[:-1])  # 99 + the decode = 100
+    assert all("short" not in step for step in steps)
+    assert run.order.index("short") > run.order.index("long")
 
 
 @pytest.mark.parametrize(
