@@ -107,21 +107,35 @@ class Background:
             t.join(timeout=300)
 
 
+MIXED_PASSES = ("adaptivellm_split_forward_passes_total", 'batch="mixed"')
+
+
 @pytest.mark.parametrize("layer", [0, 3, NUM_LAYERS - 1, NUM_LAYERS])
 def test_split_greedy_equals_unsplit_in_mixed_batches(
     layer: int, split: SplitClient, reference: dict, server: Server
 ) -> None:
     before = metrics(server)
+    mixed_before = metric_value(before, *MIXED_PASSES) or 0
+    rounds = 0
     with Background(server) as background:
-        results = {p: split.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, layer=layer)
-                   for p in PROMPTS}  # fmt: skip
+        # Whether a split token lands in the same forward pass as a background token is up to
+        # timing on 2 busy cores: the split prompts are generated again (each time checked)
+        # until one did, within a deadline, and the check below still fails if none ever did.
+        deadline = time.monotonic() + 120
+        while True:
+            results = {p: split.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, layer=layer)
+                       for p in PROMPTS}  # fmt: skip
+            rounds += 1
+            for prompt, result in results.items():
+                assert result.layer == layer and result.plan.planned_by == "client"
+                assert result.plan.server_decodes == (layer == 0)  # k = 0: no round trip per token
+                assert result.token_ids == reference[prompt][0], prompt
+                assert result.text == reference[prompt][1]
+                assert result.finish_reason == "length"
+            mixed = metric_value(metrics(server), *MIXED_PASSES) or 0
+            if layer == 0 or mixed > mixed_before or time.monotonic() > deadline:
+                break
     assert background.done >= 1
-    for prompt, result in results.items():
-        assert result.layer == layer and result.plan.planned_by == "client"
-        assert result.plan.server_decodes == (layer == 0)  # k = 0: no round trip per token
-        assert result.token_ids == reference[prompt][0], prompt
-        assert result.text == reference[prompt][1]
-        assert result.finish_reason == "length"
     after = metrics(server)
     saved = 'kind="saved"'
     name = "adaptivellm_split_token_layers_total"
@@ -131,12 +145,9 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
     else:
         # Each generated token (prompt tokens too) skipped `layer` layers on the server.
         prompt_tokens = sum(len(split.encode(p)) for p in PROMPTS)
-        assert gained == layer * (prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1))
-        mixed = 'batch="mixed"'
-        passes = "adaptivellm_split_forward_passes_total"
-        assert (metric_value(after, passes, mixed) or 0) > (
-            metric_value(before, passes, mixed) or 0
-        )
+        assert gained == rounds * layer * (prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1))
+        # Split and ordinary tokens shared a forward pass.
+        assert (metric_value(after, *MIXED_PASSES) or 0) > mixed_before
 
 
 def test_planner_chooses_k_and_output_still_matches(split: SplitClient, reference: dict) -> None:
