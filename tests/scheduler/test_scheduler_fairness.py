@@ -317,10 +317,10 @@ def test_with_no_free_slot_the_long_prompt_keeps_the_whole_capped_step() -> None
         max_step_s=0.1,
         preemption=TurnaroundPreemption(enabled=False),
     )
-    steps, run = prefill_steps(config, max_num_seqs=2)
+    steps, _ = prefill_steps(config, max_num_seqs=2)
+    assert len(steps) == 3  # 99 + 99 + 42 prompt tokens
     assert all(step.get("long") == 99 for step in steps[:-1])  # 99 + the decode = 100
     assert all("short" not in step for step in steps)
-    assert run.order.index("short") > run.order.index("long")
 
 
 @pytest.mark.parametrize(
