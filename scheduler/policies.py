@@ -18,8 +18,8 @@ serves the largest weight / S ** 2 first (shortest first among equal weights); t
 (waited + S) still makes every key grow without bound while it waits. HRRN evens the
 turnaround ratio out across lengths; under overload that leaves short requests waiting several
 times their service behind long ones that have waited long. On the benchmark's overloaded
-mixes a = 2 measured 0.17-0.24x FCFS's mean weighted turnaround against HRRN's 0.21-0.39x in
-the same runs (four runs; bench/results/fairness.json), at the cost of longer waits for the longest
+mixes a = 2 measured 0.17-0.26x FCFS's mean weighted turnaround against HRRN's 0.21-0.39x in
+the same runs (five runs; bench/results/fairness.json), at the cost of longer waits for the longest
 requests, which the starvation bound below caps. A request already part-served (preempted,
 or running when victims are chosen) divides by R ** (a - 1) instead, R the service it has left
 (service_left): Smith's rule on the remaining work, weighted shortest remaining time first,
