@@ -59,7 +59,9 @@ starvation bound stands.
 OSDI 2024): each tenant has a counter of weighted service received (input and output tokens,
 divided by the tenant's weight); the waiting request of the tenant with the smallest counter goes
 next (FCFS within a tenant); a tenant that becomes active again is lifted to the smallest counter
-among active tenants so it cannot bank credit while idle.
+among active tenants (with none active, to the counter of the tenant that left last) so it cannot
+bank credit while idle. The counters of idle tenants at or below that floor are then the same as
+none and are dropped (idle_counters_to_drop), so they do not pile up per tenant name.
 """
 
 from __future__ import annotations
@@ -394,12 +396,36 @@ def vtc_order(infos: Sequence[RequestInfo], counters: Mapping[str, float]) -> li
     return sorted(infos, key=lambda i: (counters.get(i.tenant, 0.0), i.arrival_time))
 
 
-def vtc_lift(counters: Mapping[str, float], tenant: str, active: Iterable[str]) -> float:
+def vtc_lift(
+    counters: Mapping[str, float], tenant: str, active: Iterable[str], last_left: float = 0.0
+) -> float:
     """Counter of `tenant` when it becomes active: at least the smallest counter among the
-    other active tenants, so that idle time earns no credit."""
+    other active tenants, so that idle time earns no credit. With no other tenant active, at
+    least `last_left`, the counter of the tenant that went idle last (VTC's rule for an empty
+    queue): a tenant that was behind before everyone went idle does not keep that credit."""
     others = [counters.get(t, 0.0) for t in set(active) if t != tenant]
     own = counters.get(tenant, 0.0)
-    return max(own, min(others)) if others else own
+    return max(own, min(others) if others else last_left)
+
+
+def vtc_floor(counters: Mapping[str, float], active: Iterable[str], last_left: float) -> float:
+    """The least counter vtc_lift can give a tenant that becomes active from now on: the
+    smallest counter of an active tenant, or `last_left` when none is active. It never falls:
+    counters only grow, a tenant joins at the floor or above, and the last to leave was active.
+    """
+    return min((counters.get(t, 0.0) for t in active), default=last_left)
+
+
+def idle_counters_to_drop(
+    counters: Mapping[str, float], active: Iterable[str], last_left: float
+) -> list[str]:
+    """Idle tenants whose counters can be forgotten without changing any decision: a counter at
+    or below vtc_floor is lifted to at least the floor when its tenant becomes active again,
+    so 0 gives the same lift, and only active tenants' counters order requests. Dropping them
+    keeps the counters from growing with every tenant name ever seen."""
+    live = set(active)
+    floor = vtc_floor(counters, live, last_left)
+    return [t for t, c in counters.items() if t not in live and c <= floor]
 
 
 def vtc_charge(

@@ -49,6 +49,7 @@ from adaptivellm.scheduler.policies import (
     backlogged_jain,
     choose_turnaround_victim,
     committed_cost,
+    idle_counters_to_drop,
     order_by_turnaround,
     vtc_charge,
     vtc_lift,
@@ -115,6 +116,10 @@ class AdaptiveScheduler(Scheduler):
         self.tracked: dict[str, Tracked] = {}
         self.output_estimate = OutputLengthEstimate()
         self.vtc_counters: dict[str, float] = {}
+        #: Live (tracked) requests per active tenant; a tenant with none is idle.
+        self.live_requests: dict[str, int] = defaultdict(int)
+        #: Counter of the tenant that went idle last (vtc_lift's floor with no tenant active).
+        self._last_left = 0.0
         self.served_tokens: dict[str, float] = defaultdict(float)
         #: The current fairness window: start, tenants backlogged at every step so far (None
         #: before the first step), tokens served per tenant.
@@ -165,12 +170,14 @@ class AdaptiveScheduler(Scheduler):
         if request.request_id not in self.requests:
             info = request_info(request, self.fairness)
             predicted = self.output_estimate.predict(info.max_tokens)
-            active = {t.info.tenant for t in self.tracked.values()}
             self.tracked[request.request_id] = Tracked(info, predicted)
+            self.live_requests[info.tenant] += 1
             # VTC lifts a tenant's counter when it becomes active (its first live request), so
             # idle time banks no credit; a tenant that is already waiting keeps its deficit.
-            if self.fairness.policy in ("vtc", "weighted-turnaround") and info.tenant not in active:
-                self.vtc_counters[info.tenant] = vtc_lift(self.vtc_counters, info.tenant, active)
+            if self._uses_counters() and self.live_requests[info.tenant] == 1:
+                self.vtc_counters[info.tenant] = vtc_lift(
+                    self.vtc_counters, info.tenant, self.live_requests, self._last_left
+                )
         super().add_request(request)
 
     # --- the step -----------------------------------------------------------------------
@@ -529,9 +536,27 @@ class AdaptiveScheduler(Scheduler):
         tracked = self.tracked.pop(request.request_id, None)
         if tracked is not None:
             self._record_finish(tracked, request)
+            self._leave(tracked.info.tenant)
         if self.swap is not None:
             self.swap.release(request.request_id)
         return super()._free_request(request, delay_free_blocks)
+
+    def _uses_counters(self) -> bool:
+        return self.fairness.policy in ("vtc", "weighted-turnaround")
+
+    def _leave(self, tenant: str) -> None:
+        """One live request of `tenant` is gone; when it was the last, the tenant goes idle and
+        the idle counters that no longer matter are dropped (idle_counters_to_drop)."""
+        self.live_requests[tenant] -= 1
+        if self.live_requests[tenant] > 0:
+            return
+        del self.live_requests[tenant]
+        if self._uses_counters():
+            self._last_left = self.vtc_counters.get(tenant, 0.0)
+            for idle in idle_counters_to_drop(
+                self.vtc_counters, self.live_requests, self._last_left
+            ):
+                del self.vtc_counters[idle]
 
     def _record_finish(self, tracked: Tracked, request: Request) -> None:
         """Weighted turnaround (service time predicted with the actual output length) and output

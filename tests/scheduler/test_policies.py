@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 
 import pytest
 
@@ -16,6 +18,7 @@ from adaptivellm.scheduler.policies import (
     backlogged_jain,
     choose_turnaround_victim,
     committed_cost,
+    idle_counters_to_drop,
     jain_index,
     order_by_turnaround,
     remaining_service,
@@ -24,6 +27,7 @@ from adaptivellm.scheduler.policies import (
     turnaround_key,
     vtc_charge,
     vtc_cost,
+    vtc_floor,
     vtc_lift,
     vtc_order,
 )
@@ -238,6 +242,9 @@ def test_vtc_lift_and_charge() -> None:
     assert vtc_lift(counters, "idle", active=["a", "b", "idle"]) == 40.0  # no banked credit
     assert vtc_lift(counters, "a", active=["a", "b"]) == 100.0  # never lowered
     assert vtc_lift({}, "new", active=["new"]) == 0.0
+    # With nobody else active: at least the counter of the tenant that left last (VTC's rule).
+    assert vtc_lift(counters, "idle", active=[], last_left=70.0) == 70.0
+    assert vtc_lift(counters, "a", active=[], last_left=70.0) == 100.0
     assert vtc_charge(0.0, 10, 5, weight=2.0, costs=VTCWeights(1.0, 2.0)) == 10.0
 
 
@@ -371,3 +378,60 @@ def test_weights_scale_gain_and_loss() -> None:
     batch = [running("gold-long", 100, 50, weight=100.0)]
     assert victim(info("c", 1.0, 10), batch) is None  # loss 100 * 0.1 = 10 > gain 5 / 2
     assert victim(info("c", 1.0, 10, weight=100.0), batch) == "gold-long"
+
+
+def test_idle_counters_at_or_below_the_floor_are_dropped() -> None:
+    counters = {"a": 50.0, "b": 80.0, "gone-behind": 10.0, "gone-equal": 50.0, "gone-ahead": 90.0}
+    assert vtc_floor(counters, ["a", "b"], last_left=0.0) == 50.0
+    dropped = idle_counters_to_drop(counters, ["a", "b"], last_left=0.0)
+    assert sorted(dropped) == ["gone-behind", "gone-equal"]  # never an active one, nor one ahead
+    assert vtc_floor(counters, [], last_left=85.0) == 85.0
+    assert sorted(idle_counters_to_drop(counters, [], last_left=85.0)) == [
+        "a", "b", "gone-behind", "gone-equal"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dropping_idle_counters_changes_no_counter_an_active_tenant_has(seed: int) -> None:
+    """Random arrivals, departures and charges over 40 tenants, replayed on counters that keep
+    every tenant and on counters that drop idle_counters_to_drop whenever a tenant goes idle:
+    every active tenant's counter is the same in both after every event, and fewer are kept.
+    Everyone goes idle now and then (the empty-queue case of vtc_lift)."""
+    rng = random.Random(seed)
+    full: dict[str, float] = {}
+    pruned: dict[str, float] = {}
+    live: Counter[str] = Counter()
+    last_left = {"full": 0.0, "pruned": 0.0}
+    most_kept = 0
+    for step in range(3000):
+        tenant = f"t{rng.randrange(40)}"
+        if step % 400 == 399:  # everyone leaves
+            events = [("leave", t) for t in list(live.elements())]
+        elif live and rng.random() < 0.45:
+            events = [("leave", rng.choice(sorted(live)))]
+        elif live and rng.random() < 0.5:
+            events = [("charge", rng.choice(sorted(live)))]
+        else:
+            events = [("arrive", tenant)]
+        for kind, t in events:
+            if kind == "arrive":
+                if live[t] == 0:
+                    full[t] = vtc_lift(full, t, +live, last_left["full"])
+                    pruned[t] = vtc_lift(pruned, t, +live, last_left["pruned"])
+                live[t] += 1
+            elif kind == "charge":
+                amount = rng.uniform(1, 300)
+                full[t] += amount
+                pruned[t] += amount
+            else:
+                live[t] -= 1
+                if live[t] == 0:
+                    del live[t]
+                    last_left["full"] = full[t]
+                    last_left["pruned"] = pruned[t]
+                    for idle in idle_counters_to_drop(pruned, live, last_left["pruned"]):
+                        del pruned[idle]
+            assert {t: pruned[t] for t in live} == {t: full[t] for t in live}
+            most_kept = max(most_kept, len(pruned))
+    assert len(full) == 40
+    assert most_kept < 40

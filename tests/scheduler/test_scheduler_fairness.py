@@ -119,6 +119,33 @@ def test_counter_is_lifted_when_a_tenant_becomes_active_not_while_it_waits(polic
     assert scheduler.vtc_counters["light"] == 100.0  # idle, then active again: no banked credit
 
 
+@pytest.mark.parametrize("policy", ["vtc", "weighted-turnaround"])
+def test_counters_of_idle_tenants_do_not_pile_up(policy: str) -> None:
+    """60 tenants with one request each (as when every end user sends its own OpenAI `user`),
+    arriving one a step beside a steady tenant. A counter is dropped once its tenant is idle
+    at or below the least counter any tenant can be lifted to: once all is served, a couple of
+    counters are left, not one per name ever seen, and a tenant that comes back is lifted as
+    if its counter had been kept."""
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=80, max_num_seqs=2)
+    run = Run(scheduler, clock)
+    for i in range(30):
+        scheduler.add_request(make_request(f"steady-{i}", 16, 4, clock.now, tenant="steady"))
+    for i in range(60):
+        scheduler.add_request(make_request(f"u{i}", 16, 4, clock.now, tenant=f"user-{i}"))
+        run.step()
+    run.until_idle()
+    # Everyone is idle: what the last tenant to leave had is the floor a newcomer starts at,
+    # and only counters above it are kept.
+    floor = scheduler._last_left
+    assert floor > 0 and not scheduler.live_requests
+    assert len(scheduler.vtc_counters) <= 2, scheduler.vtc_counters
+    assert all(c > floor for c in scheduler.vtc_counters.values())
+    scheduler.add_request(make_request("again", 16, 4, clock.now, tenant="user-0"))
+    assert scheduler.vtc_counters["user-0"] == floor
+    run.until_idle()
+    check_no_leaks(scheduler, 80)
+
+
 def test_a_tenants_running_work_counts_against_its_slack() -> None:
     scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=2)
     scheduler.add_request(make_request("a", 20, 30, clock.now, tenant="x"))
