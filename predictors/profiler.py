@@ -52,8 +52,10 @@ class ProfileGrid:
     """Tokens per KV block (vLLM's default)."""
     reps: int = 7
     """Timings per point; the median is kept."""
-    min_run_s: float = 0.005
-    """A point faster than this is run several times per timing (up to 64) and averaged."""
+    min_run_s: float = 0.05
+    """A point faster than this is run several times per timing (up to 64) and averaged. At
+    5 ms the smallest CPU points (a few ms each) spread 15-26% from timing to timing; at 50 ms,
+    4-5% (tiny model, quick grid, 15 timings a point)."""
     statistic: str = "median"
     """How a point's timings are summarised: 'median', or 'min' (the run least disturbed by
     other load: steadier on a busy shared machine, but optimistic for a loaded server)."""

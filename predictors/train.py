@@ -32,7 +32,11 @@ XGB_PARAMS = {
     "objective": "reg:squarederror",
     "max_depth": 2,
     "eta": 0.1,
-    "min_child_weight": 2.0,
+    # One sample a leaf: the grid is sparse (sizes 30% apart on the quick grid), and leaves of
+    # two samples averaged the corrections of neighbouring sizes away. Mean held-out recompute
+    # MAPE over 20 seeded splits, tiny model's quick grid: 2.48% -> 2.01% (5 ms timings),
+    # 2.37% -> 1.77% (50 ms).
+    "min_child_weight": 1.0,
     "nthread": 1,
 }
 XGB_ROUNDS = 150
