@@ -56,6 +56,23 @@ def test_profile_measures_the_grid(tiny_profile: Profile) -> None:
         assert cost.n_test >= 1 and cost.n_train + cost.n_test >= 5
 
 
+def test_swap_can_be_measured_at_its_own_sizes() -> None:
+    """Swap sizes default to the recompute sizes; the standard grids measure swap (cheap) at
+    three times as many sizes, the recompute sizes among them, so oracle_agreement still has
+    every recompute size to compare at."""
+    grid = ProfileGrid(num_tokens=(16, 64), batch_tokens=(0,), reps=1, swap_num_tokens=(16, 32, 64))
+    result = profile(TINY, "float32", "cpu", grid, progress=False, threads=1)
+    assert [s.features.num_tokens for s in result.swap] == [16, 32, 64]
+    assert [s.features.num_tokens for s in result.recompute] == [16, 64]
+    assert GRID.swap_sizes == GRID.num_tokens
+    for quick in (True, False):
+        default = ProfileGrid.default(quick=quick)
+        assert len(default.swap_sizes) == 3 * len(default.num_tokens) - 2
+        assert set(default.num_tokens) <= set(default.swap_sizes)
+    with pytest.raises(ValueError, match="swap_num_tokens"):
+        ProfileGrid(num_tokens=(16,), batch_tokens=(0,), swap_num_tokens=(0, 16))
+
+
 def test_round_trip_gives_same_predictions(tiny_profile: Profile, tmp_path: Path) -> None:
     path = save_profile(tiny_profile, profile_path(KEY, tmp_path))
     loaded = load_profile(path, expect=KEY)
