@@ -174,7 +174,7 @@ class AdaptiveScheduler(Scheduler):
             self.live_requests[info.tenant] += 1
             # VTC lifts a tenant's counter when it becomes active (its first live request), so
             # idle time banks no credit; a tenant that is already waiting keeps its deficit.
-            if self._uses_counters() and self.live_requests[info.tenant] == 1:
+            if self._own_policy() and self.live_requests[info.tenant] == 1:
                 self.vtc_counters[info.tenant] = vtc_lift(
                     self.vtc_counters, info.tenant, self.live_requests, self._last_left
                 )
@@ -184,7 +184,7 @@ class AdaptiveScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         now = self.clock()
-        if self.fairness.policy in ("weighted-turnaround", "vtc"):
+        if self._own_policy():
             self._reorder(self.waiting, now)
             if self.fairness.policy == "weighted-turnaround":
                 self._preempt_for_turnaround(now)
@@ -476,7 +476,7 @@ class AdaptiveScheduler(Scheduler):
         EngineMetrics.get().tenant_tokens.labels(tenant=tenant_label).inc(
             input_tokens + output_tokens
         )
-        if self.fairness.policy in ("vtc", "weighted-turnaround"):
+        if self._own_policy():
             counter = self.vtc_counters.get(info.tenant, 0.0)
             self.vtc_counters[info.tenant] = vtc_charge(
                 counter, input_tokens, output_tokens, info.weight, self.fairness.vtc
@@ -541,7 +541,9 @@ class AdaptiveScheduler(Scheduler):
             self.swap.release(request.request_id)
         return super()._free_request(request, delay_free_blocks)
 
-    def _uses_counters(self) -> bool:
+    def _own_policy(self) -> bool:
+        """vtc or weighted-turnaround: AdaptiveLLM's own policies, which re-order the queue and
+        keep per-tenant virtual token counters (fcfs and priority are vLLM's)."""
         return self.fairness.policy in ("vtc", "weighted-turnaround")
 
     def _leave(self, tenant: str) -> None:
@@ -551,7 +553,7 @@ class AdaptiveScheduler(Scheduler):
         if self.live_requests[tenant] > 0:
             return
         del self.live_requests[tenant]
-        if self._uses_counters():
+        if self._own_policy():
             self._last_left = self.vtc_counters.get(tenant, 0.0)
             for idle in idle_counters_to_drop(
                 self.vtc_counters, self.live_requests, self._last_left
