@@ -75,30 +75,39 @@ class Background:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.stop = threading.Event()
+        #: Set once a background request has streamed its first token: it is in the batch.
+        self.started = threading.Event()
         self.done = 0
+        self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
 
     def _run(self) -> None:
         client = openai.OpenAI(
             base_url=self.server.api_url, api_key=API_KEY, max_retries=0, timeout=300
         )
-        while not self.stop.is_set():
-            out = client.completions.create(
-                model=self.server.model, prompt="keep the batch busy", max_tokens=200,
-                extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            assert out.usage is not None and out.usage.completion_tokens == 200
-            self.done += 1
+        try:
+            while not self.stop.is_set():
+                finish = None
+                for chunk in client.completions.create(
+                    model=self.server.model, prompt="keep the batch busy", max_tokens=200,
+                    extra_body={"ignore_eos": True}, stream=True,
+                ):  # fmt: skip
+                    self.started.set()
+                    finish = chunk.choices[0].finish_reason if chunk.choices else finish
+                assert finish == "length", finish  # all 200 tokens (EOS is ignored)
+                self.done += 1
+        except BaseException as exc:  # reported by __enter__ / the test, never lost
+            self.errors.append(exc)
+            self.started.set()
 
     def __enter__(self) -> Background:
+        # The first streamed token, not a sample of the running-requests gauge: a 200-token
+        # request on the tiny model can start and finish between two samples.
         for t in self.threads:
             t.start()
-        deadline = time.monotonic() + 120
-        while (metric_value(metrics(self.server), "vllm:num_requests_running") or 0) < 1:
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise AssertionError("background requests did not start")
-            time.sleep(0.05)
+        if not self.started.wait(timeout=120) or self.errors:
+            self.__exit__()
+            raise AssertionError(f"background requests did not start: {self.errors!r}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,6 +144,7 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
             mixed = metric_value(metrics(server), *MIXED_PASSES) or 0
             if layer == 0 or mixed > mixed_before or time.monotonic() > deadline:
                 break
+    assert not background.errors, background.errors
     assert background.done >= 1
     after = metrics(server)
     saved = 'kind="saved"'
