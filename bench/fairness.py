@@ -5,7 +5,13 @@ multi-tenant mix and on a single-tenant mixed-length mix (ShareGPT-shaped length
 benchmark harness (adaptivellm.benchmark).
 
 Scheduling order only matters when requests queue *in the engine*, so every server gets
-`--max-num-seqs` (default 4) and the offered load is a little above what the engine can serve.
+`--max-num-seqs` (default 4) and the offered load is a little above what the engine can serve:
+`--load 1.1` (default) offers 1.1 times the capacity of stock vLLM (FCFS) on this machine,
+measured first on each scenario's workload (the harness's `--load`: a closed loop of 16
+clients, requests/s while all are busy). A fixed `--rate` meant a different overload on every
+machine: 1.3 requests/s, chosen on a machine where FCFS served about 101 tokens/s, was only
+just served (1.28 requests/s) on one that served 116, and FCFS's weighted turnaround moved from
+19.6 to 9.0 with it.
 The model is not the embedded 6-layer tiny model but a larger random-weight Llama built locally
 (adaptivellm.benchmark.scenarios.BENCH_MODEL: 8 layers, hidden 1024, about 130M parameters).
 With the tiny model, the HTTP front end and the load generator, not the engine, are the
@@ -57,11 +63,12 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
     """Run the harness for one scenario with every system; return its report."""
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", scenario,
                "--name", stem, "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
-               "--rate", str(args.rate), "--max-servers", str(args.max_servers),
+               "--max-servers", str(args.max_servers),
                "--rounds", str(args.rounds), "--model", args.model,
                "--served-model-name", BENCH_MODEL_NAME]  # fmt: skip
     if args.num_requests:
         command += ["--num-requests", str(args.num_requests)]
+    command += ["--rate", str(args.rate)] if args.rate else ["--load", str(args.load)]
     for name, flags in SYSTEMS.values():
         command += ["--system", f"{name}={flags}" if flags else name]
     if args.quick:
@@ -82,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the scenarios' small workloads")
     parser.add_argument("--max-num-seqs", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=1.3, help="requests/s offered")
+    parser.add_argument(
+        "--load", type=float, default=1.1,
+        help="offered load as a multiple of stock vLLM's measured capacity (default 1.1)",
+    )  # fmt: skip
+    parser.add_argument("--rate", type=float, help="requests/s offered (instead of --load)")
     parser.add_argument("--num-requests", type=int, help="default 120 (30 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="replays per system")
     parser.add_argument("--max-servers", type=int, default=5, help="servers up at once")
@@ -101,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         reports = {k: run_scenario(sc, f"fairness-{sc}", args) for k, sc in SCENARIOS.items()}
     out: dict = {"command": invocation, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
+                 "load": None if args.rate else args.load,
                  "rounds": args.rounds, "max_servers": args.max_servers,
                  "num_requests": args.num_requests, "model": args.model}  # fmt: skip
     if args.reuse:  # the command and settings of the run that made the reports, not these
         previous = json.loads((RESULTS / "fairness.json").read_text())
-        out = {k: previous.get(k, v) for k, v in out.items()}
+        out = {k: previous.get(k) for k in out}  # None: not recorded by that run
     out["scenarios"] = {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}
+    # The offered rate and the capacity it came from, per scenario (None with --rate).
+    out["offered"] = {k: r.get("workload", {}).get("load") for k, r in reports.items()}
     fields = {
         "avg_weighted_turnaround": ("mean_weighted_turnaround",),
         "throughput_tokens_per_s": ("output_tokens_per_s",),

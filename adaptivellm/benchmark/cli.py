@@ -6,11 +6,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adaptivellm.benchmark.scenarios import SCENARIOS
-from adaptivellm.benchmark.workloads import ARRIVALS, Scenario, WorkloadSpec, build_workload
+from adaptivellm.benchmark.workloads import (
+    ARRIVALS,
+    BenchRequest,
+    Scenario,
+    WorkloadSpec,
+    build_workload,
+)
+
+if TYPE_CHECKING:
+    from adaptivellm.benchmark.harness import BenchConfig
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 #: Workload flag -> WorkloadSpec field (None: keep the scenario's value).
@@ -43,6 +54,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             flag, type=kind, default=None, help=f"override the scenario's {name} (WorkloadSpec)",
             choices=ARRIVALS if name == "arrival" else None,
         )  # fmt: skip
+    parser.add_argument(
+        "--load", type=float, default=None, metavar="FACTOR",
+        help="offer FACTOR times the capacity of the first --system, measured first (closed "
+        "loop, saturated) on this machine, instead of the scenario's --rate: the same "
+        "overload on a fast machine and a slow one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--capacity-clients", type=int, default=16,
+        help="closed-loop clients of the --load capacity probe (more than the batch slots)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="workload replays per system")
     parser.add_argument(
         "--calibration-repeats", type=int, default=2, help="solo requests per calibration shape"
@@ -89,6 +110,7 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
 
     model = args.model or str(ensure_model())
     spec = workload_for(scenario, args)
+    check_load_arguments(args, spec)
     requests = build_workload(spec)
     systems = tuple(parse_system(s) for s in (args.system or ["stock", "adaptivellm"]))
     if len({s.name for s in systems}) != len(systems):
@@ -112,6 +134,8 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
         calibration_repeats=args.calibration_repeats,
         max_servers=max(1, args.max_servers),
     )
+    if args.load is not None:
+        config, requests = _set_load(config, requests, args.load, args.capacity_clients)
     total = len(systems) * args.rounds * len(requests)
     with tqdm(total=total, unit="req", desc=scenario.name) as bar:
 
@@ -135,6 +159,49 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
         plots = write_plots(args.out_dir, stem, {n: r.results for n, r in runs.items()}, report)
         print("plots: " + ", ".join(str(p) for p in plots))
     return int(any(s["figures"]["failed"] for s in report["systems"].values()))
+
+
+def check_load_arguments(args: argparse.Namespace, spec: WorkloadSpec) -> None:
+    """SystemExit when --load cannot apply: it replaces the rate of an open-loop workload."""
+    if args.load is None:
+        return
+    if args.rate is not None:
+        raise SystemExit("--load and --rate both set the offered rate: give one")
+    if spec.arrival == "closed":
+        raise SystemExit("--load sets an arrival rate; this workload is a closed loop")
+    if not args.load > 0 or not math.isfinite(args.load):
+        raise SystemExit(f"--load must be a positive factor, not {args.load}")
+    if args.capacity_clients < 1 or args.capacity_clients >= spec.num_requests:
+        raise SystemExit(
+            f"--capacity-clients must be at least 1 and fewer than the workload's "
+            f"{spec.num_requests} requests, not {args.capacity_clients}"
+        )
+
+
+def _set_load(
+    config: BenchConfig, requests: list[BenchRequest], load: float, clients: int
+) -> tuple[BenchConfig, list[BenchRequest]]:
+    """Probe the first system's capacity on `requests`; the config and workload that offer
+    `load` times it (same seed: the same requests, arrival gaps scaled)."""
+    from tqdm import tqdm
+
+    from adaptivellm.benchmark.harness import measure_capacity
+
+    system = config.systems[0]
+    with tqdm(total=len(requests), unit="req", desc=f"capacity of {system.name}") as bar:
+
+        def advance(_: object) -> None:
+            bar.update(1)
+
+        probe = measure_capacity(
+            config, system, requests, clients, on_stage=bar.set_description, on_result=advance
+        )
+    rate = load * probe.capacity_req_s
+    print(f"capacity of {system.name}: {probe.capacity_req_s:.3f} requests/s; offering "
+          f"{load:g}x = {rate:.3f} requests/s")  # fmt: skip
+    spec = dataclasses.replace(config.workload, rate=rate)
+    record = {"factor": load, "rate": rate, **dataclasses.asdict(probe)}
+    return dataclasses.replace(config, workload=spec, load=record), build_workload(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

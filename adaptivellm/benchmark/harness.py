@@ -79,6 +79,9 @@ class BenchConfig:
     calibration_repeats: int = 2
     max_servers: int = 2
     startup_timeout_s: float = 600.0
+    load: dict[str, object] | None = None
+    """How the offered rate was set from a capacity probe (`measure_capacity`), for the report;
+    None when the workload's rate was given."""
 
 
 @dataclass
@@ -147,6 +150,70 @@ def _run_group(
                 on_stage(f"{name}: round {round_ + 1}/{config.rounds}")
                 _replay_round(config, runs[name], server, requests, round_, on_result)
     return runs
+
+
+@dataclass(frozen=True)
+class CapacityProbe:
+    """What `measure_capacity` found."""
+
+    system: str
+    clients: int
+    requests: int
+    capacity_req_s: float
+    duration_s: float
+
+
+def measure_capacity(
+    config: BenchConfig,
+    system: SystemConfig,
+    requests: Sequence[BenchRequest],
+    clients: int,
+    on_stage: Callable[[str], None] | None = None,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> CapacityProbe:
+    """How many requests/s `system` serves when saturated: it is started alone, warmed up, and
+    sent `requests` in a closed loop by `clients` clients (more than its batch slots, so that
+    requests queue in the engine throughout). See saturated_rate. Raises RuntimeError when a
+    probe request fails."""
+    port = free_port()
+    env = STOCK_ENV if system.kind == "stock" else {}
+    log = config.log_dir / f"{system.name}-capacity.log"
+    server = ServerProcess(server_command(system, config, port), port, log, env)
+    try:
+        server.start()
+        if on_stage:
+            on_stage(f"capacity of {system.name}: starting")
+        server.wait_ready(config.startup_timeout_s)
+        calibrate(_target(config, server), replace(config, calibration_repeats=1))  # warm-up
+        if on_stage:
+            on_stage(f"capacity of {system.name}: {clients} clients")
+        results = replay_sync(_target(config, server), requests, clients, -1, on_result)
+    finally:
+        server.stop()
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"capacity probe: {len(failed)} requests failed: {failed[0].error}")
+    return CapacityProbe(
+        system.name,
+        clients,
+        len(results),
+        saturated_rate([r.end_s for r in results], clients),
+        max(r.end_s for r in results),
+    )
+
+
+def saturated_rate(end_times: Sequence[float], clients: int) -> float:
+    """Requests/s completed while every one of `clients` closed-loop clients was busy, from the
+    completion times of a replay that started at 0: each client sends its next request when one
+    completes, so all are busy until the workload runs out, at the (n - clients)th completion.
+    The drain after that (fewer requests than batch slots) is left out."""
+    n = len(end_times)
+    if clients < 1 or n <= clients:
+        raise ValueError(f"need more requests ({n}) than clients ({clients}), and a client")
+    last_busy = sorted(end_times)[n - clients - 1]
+    if not last_busy > 0:
+        raise ValueError("completion times must be after the start (0)")
+    return (n - clients) / last_busy
 
 
 def round_order(names: Sequence[str], round_: int) -> list[str]:

@@ -109,7 +109,8 @@ def build_report(
         "common_flags": list(config.common_flags),
         "rounds": config.rounds,
         "workload": {"spec": dataclasses.asdict(config.workload),
-                     "stats": workload_stats(list(requests)), "tenant_weights": dict(weights)},
+                     "stats": workload_stats(list(requests)), "tenant_weights": dict(weights),
+                     "load": config.load},
         "service_time_model": {"fit_on": ref_name, **_fit_dict(fit)},
         "systems": systems,
     })  # fmt: skip
