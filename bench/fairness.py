@@ -8,10 +8,10 @@ Scheduling order only matters when requests queue *in the engine*, so every serv
 `--max-num-seqs` (default 4) and the offered load is a little above what the engine can serve:
 `--load 1.1` (default) offers 1.1 times the capacity of stock vLLM (FCFS) on this machine,
 measured first on each scenario's workload (the harness's `--load`: a closed loop of 16
-clients, requests/s while all are busy). A fixed `--rate` meant a different overload on every
-machine: 1.3 requests/s, chosen on a machine where FCFS served about 101 tokens/s, was only
-just served (1.28 requests/s) on one that served 116, and FCFS's weighted turnaround moved from
-19.6 to 9.0 with it.
+clients, requests/s while all are busy). A fixed `--rate` meant a different load on every
+machine: the earlier default of 1.3 requests/s, chosen on a machine where FCFS served about 101
+tokens/s, was 0.79x the capacity (1.65 requests/s) of a later one that served 116, and FCFS's
+weighted turnaround moved from 19.6 to 9.0 with it.
 The model is not the embedded 6-layer tiny model but a larger random-weight Llama built locally
 (adaptivellm.benchmark.scenarios.BENCH_MODEL: 8 layers, hidden 1024, about 130M parameters).
 With the tiny model, the HTTP front end and the load generator, not the engine, are the
