@@ -107,6 +107,14 @@ def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list
     return adaptivellm_command(config.model_path, port, flags)
 
 
+def new_server(config: BenchConfig, system: SystemConfig, log_name: str) -> ServerProcess:
+    """A server for `system` on a free port (not started), logging to log_dir / log_name."""
+    port = free_port()
+    env = STOCK_ENV if system.kind == "stock" else {}
+    command = server_command(system, config, port)
+    return ServerProcess(command, port, config.log_dir / log_name, env)
+
+
 def run_benchmark(
     config: BenchConfig,
     requests: Sequence[BenchRequest],
@@ -131,11 +139,9 @@ def _run_group(
     with contextlib.ExitStack() as stack:
         servers, runs = {}, {}
         for system in group:
-            port = free_port()
-            env = STOCK_ENV if system.kind == "stock" else {}
-            runs[system.name] = SystemRun(system, server_command(system, config, port), env)
-            log = config.log_dir / f"{system.name}.log"
-            servers[system.name] = ServerProcess(runs[system.name].command, port, log, env)
+            server = new_server(config, system, f"{system.name}.log")
+            runs[system.name] = SystemRun(system, server.command, server.env)
+            servers[system.name] = server
             stack.callback(servers[system.name].stop)
             servers[system.name].start()  # start all first: their start-ups overlap
         for name, server in servers.items():
@@ -175,16 +181,14 @@ def measure_capacity(
     sent `requests` in a closed loop by `clients` clients (more than its batch slots, so that
     requests queue in the engine throughout). See saturated_rate. Raises RuntimeError when a
     probe request fails."""
-    port = free_port()
-    env = STOCK_ENV if system.kind == "stock" else {}
-    log = config.log_dir / f"{system.name}-capacity.log"
-    server = ServerProcess(server_command(system, config, port), port, log, env)
+    server = new_server(config, system, f"{system.name}-capacity.log")
     try:
         server.start()
         if on_stage:
             on_stage(f"capacity of {system.name}: starting")
         server.wait_ready(config.startup_timeout_s)
-        calibrate(_target(config, server), replace(config, calibration_repeats=1))  # warm-up
+        warm_up = calibration_shapes(config.workload.max_model_len)[:1]
+        asyncio.run(solo_latencies(_target(config, server), warm_up, repeats=0))
         if on_stage:
             on_stage(f"capacity of {system.name}: {clients} clients")
         results = replay_sync(_target(config, server), requests, clients, -1, on_result)
