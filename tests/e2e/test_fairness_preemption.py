@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
-from tests.support import Server, metric_delta, overlapping_attempts, texts_alone
+from tests.support import ON_TIME_S, Server, metric_delta, overlapping_attempts, texts_alone
 
 LONG_TOKENS = 600
 SHORT_TOKENS = 4
@@ -60,6 +60,7 @@ async def contended(base_url: str, model: str) -> tuple[dict[str, str], dict[str
 
         async def short() -> None:
             await asyncio.gather(*(e.wait() for e in started.values()))
+            finished["short_sent"] = time.monotonic()
             r = await client.post(f"{base_url}/v1/completions", json=body(model, "short", False))
             r.raise_for_status()
             texts["short"], finished["short"] = r.json()["choices"][0]["text"], time.monotonic()
@@ -90,13 +91,18 @@ def test_short_request_preempts_a_long_one_outputs_unchanged(
         finished, before, after = overlapping_attempts(
             s.base_url,
             lambda: asyncio.run(contended(s.base_url, "adaptivellm-tiny-llama")),
-            short_went_first,
+            sent_on_time,
             reference,
         )
     assert short_went_first(finished), finished
     assert metric_delta(before, after, "adaptivellm_turnaround_preemptions_total") >= 1
     if mode == "swap":
         assert metric_delta(before, after, "adaptivellm_preemptions_total", 'mode="swap"') >= 1
+
+
+def sent_on_time(times: dict[str, float]) -> bool:
+    """The long requests still streamed for ON_TIME_S after the short one was sent."""
+    return min(times["long0"], times["long1"]) - times["short_sent"] > ON_TIME_S
 
 
 def short_went_first(finished: dict[str, float]) -> bool:
