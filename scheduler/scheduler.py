@@ -375,8 +375,8 @@ class AdaptiveScheduler(Scheduler):
         (0 under --preemption-mode recompute, or when the swap space has no room)."""
         if self.swap is None or self.preemption.mode == "recompute":
             return 0
-        blocks = self.swap.swappable_blocks(request, request.num_computed_tokens)
-        return blocks * self.swap.block_size if self.swap.space.can_swap_out(blocks) else 0
+        tokens = self.swap.swappable_tokens(request, request.num_computed_tokens)
+        return tokens if self.swap.space.can_swap_out(self.swap.blocks_for(tokens)) else 0
 
     def _preemption_possible(self) -> bool:
         """True when this step may have to preempt: fewer free KV blocks than running requests
@@ -498,12 +498,13 @@ class AdaptiveScheduler(Scheduler):
         """Swap or recompute this victim; plans the swap-out with the connector."""
         if self.swap is None or self.costs is None:
             return Decision("recompute", "forced", math.nan, math.nan)
-        blocks = self.swap.swappable_blocks(request, request.num_computed_tokens)
-        if blocks == 0:  # preempted before a whole block was computed: nothing to swap
+        tokens = self.swap.swappable_tokens(request, request.num_computed_tokens)
+        blocks = self.swap.blocks_for(tokens)
+        if blocks == 0:  # preempted before any token was computed: nothing to swap
             return choose_mode(self.preemption.mode, math.nan, math.nan, 0, False)
         batch = sum(r.num_computed_tokens for r in self.running if r is not request)
         try:
-            swap_s, recompute_s = self.costs(blocks * self.swap.block_size, blocks, batch)
+            swap_s, recompute_s = self.costs(tokens, blocks, batch)
         except Exception:  # a predictor bug must cost a recompute, never the engine
             if not self._warned_costs:
                 logger.exception("Preemption cost prediction failed; recomputing victims")
@@ -513,7 +514,7 @@ class AdaptiveScheduler(Scheduler):
         decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
         if decision.mode == "swap":
             block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
-            if not self.swap.swap_out(request, list(block_ids), blocks):
+            if not self.swap.swap_out(request, list(block_ids), tokens):
                 decision = Decision("recompute", "swap-space-full", swap_s, recompute_s)
         EngineMetrics.get().predicted_cost.labels(mode="swap").observe(swap_s)
         EngineMetrics.get().predicted_cost.labels(mode="recompute").observe(recompute_s)

@@ -16,8 +16,11 @@ Stock vLLM V1 can only recompute a preempted request. With this connector (selec
   `[num_blocks, kv_heads, block_size, 2*head_dim]`) or second (CUDA flash-attention:
   `[2, num_blocks, ...]`) are handled.
 
-Only whole blocks are swapped (the tail of a partial block is recomputed), and never the last
-token of a request, which vLLM must compute to sample.
+A victim's computed tokens are swapped up to the end of its last, partly filled block (vLLM
+accepts a connector hit that ends inside a block; the unfilled slots of the copy are overwritten
+as the request goes on), but never the last token of a request, which vLLM must compute to
+sample. With the CPU backend's 128-token blocks, swapping only whole blocks left up to 127
+tokens per victim to recompute.
 """
 
 from __future__ import annotations
@@ -159,19 +162,23 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
 
     # --- scheduler side: called by AdaptiveScheduler --------------------------------------
 
-    def swappable_blocks(self, request: Request, num_computed_tokens: int) -> int:
-        """Whole blocks of computed KV worth swapping (never the request's last token)."""
-        tokens = min(num_computed_tokens, request.num_tokens - 1)
-        return max(0, tokens // self.block_size)
+    def swappable_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        """Computed tokens worth swapping: all of them but the request's last token."""
+        return max(0, min(num_computed_tokens, request.num_tokens - 1))
 
-    def swap_out(self, request: Request, block_ids: list[int], num_blocks: int) -> bool:
-        """Plan copying the victim's first `num_blocks` blocks to host; False when the swap
-        space is full (the caller recomputes instead)."""
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks holding `num_tokens` tokens (the last one possibly part-filled)."""
+        return -(-num_tokens // self.block_size)
+
+    def swap_out(self, request: Request, block_ids: list[int], num_tokens: int) -> bool:
+        """Plan copying the blocks of the victim's first `num_tokens` tokens to host; False when
+        the swap space is full (the caller recomputes instead)."""
         if self.space.get(request.request_id) is not None:
             return False  # its previous copy is being restored this very step
-        if not self.space.can_swap_out(num_blocks):
+        num_blocks = self.blocks_for(num_tokens)
+        if not 0 < num_blocks <= len(block_ids) or not self.space.can_swap_out(num_blocks):
             return False
-        kv = self.space.swap_out(request.request_id, num_blocks, num_blocks * self.block_size)
+        kv = self.space.swap_out(request.request_id, num_blocks, num_tokens)
         self._outs.append(BlockCopy(request.request_id, tuple(block_ids[:num_blocks]), kv.slots))
         return True
 
@@ -188,7 +195,7 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         kv = self.space.get(request.request_id)
         if kv is None:
             return 0, False
-        loadable = min(kv.num_tokens, (request.num_tokens - 1) // self.block_size * self.block_size)
+        loadable = min(kv.num_tokens, request.num_tokens - 1)
         if loadable <= num_computed_tokens:
             return 0, False
         self._load_from[request.request_id] = num_computed_tokens
@@ -204,7 +211,7 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
             return
         if num_external_tokens and local is not None:
             first = local // self.block_size
-            last = (local + num_external_tokens) // self.block_size
+            last = self.blocks_for(local + num_external_tokens)
             device = blocks.get_block_ids()[0]
             self._ins.append(BlockCopy(rid, tuple(device[first:last]), tuple(kv.slots[first:last])))
         # The host copy is consumed: copied back this step, or superseded by the prefix cache.

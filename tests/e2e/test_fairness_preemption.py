@@ -98,6 +98,10 @@ def test_short_request_preempts_a_long_one_outputs_unchanged(
     assert metric_delta(before, after, "adaptivellm_turnaround_preemptions_total") >= 1
     if mode == "swap":
         assert metric_delta(before, after, "adaptivellm_preemptions_total", 'mode="swap"') >= 1
+        # The victim's whole blocks come back from the prefix cache; its last, partly filled
+        # block (it was preempted mid-decode) is copied back from host, not recomputed.
+        swap_in = metric_delta(before, after, "adaptivellm_swap_blocks_total", 'direction="in"')
+        assert swap_in >= 1
 
 
 def sent_on_time(times: dict[str, float]) -> bool:

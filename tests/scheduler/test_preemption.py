@@ -123,18 +123,68 @@ def test_abort_while_swapped_frees_host_copy() -> None:
 
 
 @pytest.mark.parametrize("mode", ["swap", "adaptive"])
-@pytest.mark.parametrize("computed", [0, 5, 15])
-def test_victim_without_a_whole_block_is_recomputed(mode: str, computed: int) -> None:
-    """Regression: a victim preempted before one whole block of it was computed has nothing to
-    swap; pricing 0 tokens raised inside the engine core and killed it (long-context bench)."""
+def test_victim_without_a_computed_token_is_recomputed(mode: str) -> None:
+    """Regression: a victim preempted before any of it was computed has nothing to swap;
+    pricing 0 tokens raised inside the engine core and killed it (long-context bench)."""
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
                                       preemption=mode, swap_slots=100)  # fmt: skip
     request = make_request("r0", 40, 30, clock.now)
     scheduler.add_request(request)
-    request.num_computed_tokens = computed
     decision = scheduler._decide(request)
     assert (decision.mode, decision.reason) == ("recompute", "nothing-to-swap")
     assert scheduler.swap is not None and not scheduler.swap.space.swapped
+
+
+def test_partly_filled_last_block_is_swapped_and_nothing_but_the_last_token_recomputed() -> None:
+    """A victim's tokens in its last, partly filled block are swapped too (with the CPU
+    backend's 128-token blocks, swapping whole blocks only left up to 127 tokens a victim to
+    recompute): on resume the connector reports every swapped token as computed, and the
+    copy back covers the partial block."""
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption="swap", swap_slots=200)  # fmt: skip
+    swap = scheduler.swap
+    assert swap is not None
+    swapped: dict[str, int] = {}
+    restored: dict[str, tuple[int, int]] = {}
+    copied_in: list[tuple[str, int]] = []
+    swap_out, matched, after_alloc = (swap.swap_out, swap.get_num_new_matched_tokens,
+                                      swap.update_state_after_alloc)  # fmt: skip
+
+    def spy_swap_out(request, block_ids, num_tokens):  # type: ignore[no-untyped-def]
+        ok = swap_out(request, block_ids, num_tokens)
+        if ok:
+            swapped[request.request_id] = num_tokens
+        return ok
+
+    def spy_matched(request, num_computed_tokens):  # type: ignore[no-untyped-def]
+        tokens, asynchronous = matched(request, num_computed_tokens)
+        if tokens:
+            restored[request.request_id] = (num_computed_tokens, tokens)
+        return tokens, asynchronous
+
+    def spy_after_alloc(request, blocks, num_external_tokens):  # type: ignore[no-untyped-def]
+        after_alloc(request, blocks, num_external_tokens)
+        copied_in.extend((c.request_id, len(c.device_blocks)) for c in swap._ins)
+
+    swap.swap_out = spy_swap_out  # type: ignore[method-assign]
+    swap.get_num_new_matched_tokens = spy_matched  # type: ignore[method-assign]
+    swap.update_state_after_alloc = spy_after_alloc  # type: ignore[method-assign]
+    rng = random.Random(1)
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", rng.choice([64, 100, 150]),
+                                           rng.choice([40, 75]), clock.now))  # fmt: skip
+    run = Run(scheduler, clock)
+    while scheduler.has_requests():
+        run.step()
+        check_invariants(scheduler, 25)
+    check_no_leaks(scheduler, 25)
+    partial = {rid: n for rid, n in swapped.items() if n % 16}
+    assert partial, f"no victim was preempted inside a block: {swapped}"
+    for rid, tokens in partial.items():
+        local, loaded = restored[rid]  # no prefix caching here: all of it comes from host
+        assert (local, loaded) == (0, tokens)
+        assert (rid, -(-tokens // 16)) in copied_in
+    assert len(run.finished) == 12
 
 
 def test_failing_predictor_recomputes_instead_of_crashing() -> None:
