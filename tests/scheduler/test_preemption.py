@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.preemption import PreemptionConfig, choose_mode
+from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 from adaptivellm.scheduler.swap_connector import HostSwapSpace
 from tests.scheduler.sim import Run, check_invariants, check_no_leaks, make_request, make_scheduler
 
@@ -57,12 +59,20 @@ def test_host_swap_space_check_then_do() -> None:
     assert space.used == 0
 
 
-def pressure_run(preemption: str, slots: int, seed: int = 0) -> Run:
+def pressure_run(
+    preemption: str,
+    slots: int,
+    seed: int = 0,
+    prepare: Callable[[AdaptiveScheduler], None] | None = None,
+) -> Run:
     """12 requests of 64-160 prompt tokens and 40-80 output tokens, 8 at a time, on 24 usable
-    blocks of 16 tokens (384 tokens for up to 8 x 240): preemption happens."""
+    blocks of 16 tokens (384 tokens for up to 8 x 240): preemption happens. `prepare` is called
+    with the scheduler before any request arrives."""
     rng = random.Random(seed)
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
                                       preemption=preemption, swap_slots=slots)  # fmt: skip
+    if prepare is not None:
+        prepare(scheduler)
     for i in range(12):
         scheduler.add_request(make_request(f"r{i}", rng.choice([64, 100, 160]),
                                            rng.choice([40, 80]), clock.now))  # fmt: skip
@@ -140,44 +150,37 @@ def test_partly_filled_last_block_is_swapped_and_nothing_but_the_last_token_reco
     backend's 128-token blocks, swapping whole blocks only left up to 127 tokens a victim to
     recompute): on resume the connector reports every swapped token as computed, and the
     copy back covers the partial block."""
-    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
-                                      preemption="swap", swap_slots=200)  # fmt: skip
-    swap = scheduler.swap
-    assert swap is not None
     swapped: dict[str, int] = {}
     restored: dict[str, tuple[int, int]] = {}
     copied_in: list[tuple[str, int]] = []
-    swap_out, matched, after_alloc = (swap.swap_out, swap.get_num_new_matched_tokens,
-                                      swap.update_state_after_alloc)  # fmt: skip
 
-    def spy_swap_out(request, block_ids, num_tokens):  # type: ignore[no-untyped-def]
-        ok = swap_out(request, block_ids, num_tokens)
-        if ok:
-            swapped[request.request_id] = num_tokens
-        return ok
+    def spy(scheduler: AdaptiveScheduler) -> None:
+        swap = scheduler.swap
+        assert swap is not None
+        swap_out, matched, after_alloc = (swap.swap_out, swap.get_num_new_matched_tokens,
+                                          swap.update_state_after_alloc)  # fmt: skip
 
-    def spy_matched(request, num_computed_tokens):  # type: ignore[no-untyped-def]
-        tokens, asynchronous = matched(request, num_computed_tokens)
-        if tokens:
-            restored[request.request_id] = (num_computed_tokens, tokens)
-        return tokens, asynchronous
+        def spy_swap_out(request, block_ids, num_tokens):  # type: ignore[no-untyped-def]
+            ok = swap_out(request, block_ids, num_tokens)
+            if ok:
+                swapped[request.request_id] = num_tokens
+            return ok
 
-    def spy_after_alloc(request, blocks, num_external_tokens):  # type: ignore[no-untyped-def]
-        after_alloc(request, blocks, num_external_tokens)
-        copied_in.extend((c.request_id, len(c.device_blocks)) for c in swap._ins)
+        def spy_matched(request, num_computed_tokens):  # type: ignore[no-untyped-def]
+            tokens, asynchronous = matched(request, num_computed_tokens)
+            if tokens:
+                restored[request.request_id] = (num_computed_tokens, tokens)
+            return tokens, asynchronous
 
-    swap.swap_out = spy_swap_out  # type: ignore[method-assign]
-    swap.get_num_new_matched_tokens = spy_matched  # type: ignore[method-assign]
-    swap.update_state_after_alloc = spy_after_alloc  # type: ignore[method-assign]
-    rng = random.Random(1)
-    for i in range(12):
-        scheduler.add_request(make_request(f"r{i}", rng.choice([64, 100, 150]),
-                                           rng.choice([40, 75]), clock.now))  # fmt: skip
-    run = Run(scheduler, clock)
-    while scheduler.has_requests():
-        run.step()
-        check_invariants(scheduler, 25)
-    check_no_leaks(scheduler, 25)
+        def spy_after_alloc(request, blocks, num_external_tokens):  # type: ignore[no-untyped-def]
+            after_alloc(request, blocks, num_external_tokens)
+            copied_in.extend((c.request_id, len(c.device_blocks)) for c in swap._ins)
+
+        swap.swap_out = spy_swap_out  # type: ignore[method-assign]
+        swap.get_num_new_matched_tokens = spy_matched  # type: ignore[method-assign]
+        swap.update_state_after_alloc = spy_after_alloc  # type: ignore[method-assign]
+
+    run = pressure_run("swap", slots=200, prepare=spy)
     partial = {rid: n for rid, n in swapped.items() if n % 16}
     assert partial, f"no victim was preempted inside a block: {swapped}"
     for rid, tokens in partial.items():
