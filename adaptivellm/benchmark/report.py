@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,7 @@ def build_report(
         "command": invocation(),
         "machine": machine_info(),
         "versions": {"adaptivellm": __version__, "vllm": _vllm_version()},
+        "source": source_revision(Path(__file__).parent),
         "model": model_info(config),
         "common_flags": list(config.common_flags),
         "rounds": config.rounds,
@@ -127,6 +129,22 @@ def invocation() -> str:
     else:
         prog = Path(prog).name
     return shlex.join([prog, *argv[1:]]).replace(shlex.quote(prog), prog, 1)
+
+
+def source_revision(path: Path) -> dict[str, Any] | None:
+    """The git commit of the checkout holding `path`, and whether tracked files differ from it
+    (a result from a dirty tree is not that commit's); None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def machine_info() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,26 @@ def test_rounds_alternate_direction_so_positions_balance() -> None:
     assert orders[0] == names and orders[1] == names[::-1] and orders[2] == names
     # Over an even number of rounds every system's mean position is the same.
     assert len({sum(o.index(n) for o in orders) for n in names}) == 1
+
+
+def test_source_revision_names_the_commit_and_a_dirty_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from adaptivellm.benchmark.report import source_revision
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert source_revision(tmp_path) is None  # not a git checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.txt").write_text("one\n")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert source_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert source_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "f.txt").write_text("two\n")
+    assert source_revision(tmp_path) == {"commit": head, "dirty": True}
