@@ -1,6 +1,7 @@
 """Fairness benchmark: stock vLLM FCFS, stock vLLM priority, AdaptiveLLM vtc and AdaptiveLLM
-weighted-turnaround (its default key, and `adaptive_hrrn`: the same with
-`--service-time-exponent 1`, plain highest response ratio next), side by side, on the
+weighted-turnaround (its defaults, and `adaptive_e3c3`: the same with
+`--service-time-exponent 3 --fairness-preemption-candidates 3`, the candidate defaults that
+bench/fairness_sim.py found better over many workload samples), side by side, on the
 multi-tenant mix and on a single-tenant mixed-length mix (ShareGPT-shaped lengths), through the
 benchmark harness (adaptivellm.benchmark).
 
@@ -49,14 +50,15 @@ SYSTEMS = {
     "priority": ("stock-priority", "--scheduling-policy priority"),
     "vtc": ("adaptivellm-vtc", "--fairness vtc"),
     "adaptive": ("adaptivellm", "--fairness weighted-turnaround"),
-    "adaptive_hrrn": (
-        "adaptivellm-hrrn",
-        "--fairness weighted-turnaround --service-time-exponent 1",
+    "adaptive_e3c3": (
+        "adaptivellm-e3c3",
+        "--fairness weighted-turnaround --service-time-exponent 3 "
+        "--fairness-preemption-candidates 3",
     ),
 }
 SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
 #: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`).
-COMPARED = ("adaptive", "adaptive_hrrn")
+COMPARED = ("adaptive", "adaptive_e3c3")
 
 
 def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
@@ -78,8 +80,9 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
 
 
 def figure(report: dict, name: str, *keys: str) -> float | None:
-    """A figure of one system in a harness report (None when absent)."""
-    value = report["systems"][name]["figures"]
+    """A figure of one system in a harness report (None when absent, or the system did not
+    run: reports of earlier runs had `adaptive_hrrn`, plain HRRN, in place of adaptive_e3c3)."""
+    value = report["systems"].get(name, {}).get("figures")
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
     return value

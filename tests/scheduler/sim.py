@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -46,7 +47,7 @@ def make_scheduler(
     """An AdaptiveScheduler over `num_blocks` KV blocks of 16 tokens (block 0 is vLLM's null
     block, so num_blocks - 1 are usable)."""
     model = str(ensure_model())  # only its config.json is read
-    policy = "priority" if fairness.policy == "priority" else "fcfs"
+    policy: Literal["fcfs", "priority"] = "priority" if fairness.policy == "priority" else "fcfs"
     scheduler_config = SchedulerConfig(
         max_model_len=max_model_len,
         is_encoder_decoder=False,

@@ -1,0 +1,298 @@
+"""Fairness policies on a simulated clock: the fairness benchmark's workloads (bench/fairness.py:
+the multi-tenant mix and the single-tenant mixed-length mix, at its offered rate) replayed
+through the real AdaptiveScheduler, with no model and a step-cost model in place of the engine,
+for many workload samples (seeds) in seconds instead of an hour per run.
+
+What it is for: telling a policy's structural effect from the noise of one run. A real run of
+bench/fairness.py replays one workload sample (seed 0) and its ratios move 2-3% between runs
+of the same code on this machine. Here every run of the same code gives the same figures, and
+the spread over seeds shows how much of a ratio belongs to the sample: the same code's
+throughput ratio reads 0.97x-1.01x across samples, because a finite workload ends in a drain
+(the last requests finish with part of the batch empty), and shortest-first leaves the longest
+requests for the drain.
+
+The scheduler is the one `serve` runs (tests/scheduler/sim.py builds it over a KV cache large
+enough that nothing is preempted for memory, as in the benchmark; swap preemption, so a
+turnaround victim resumes with its KV cache). Each step lasts
+
+    decode_step_ms + decode_token_ms * (decoding requests) + prefill_token_ms * (prompt tokens)
+
+read off the fairness run on this machine (bench/results/fairness-multi-tenant.json: stock
+vLLM alone decodes at 18 ms per token, and at 25 ms per step with 4 sequences; prefill about
+1.2 ms per prompt token). Weighted turnaround divides by each request's service time alone by
+the same cost model; Jain's index is the benchmark's (adaptivellm.benchmark.metrics
+.backlogged_jain) over the simulated token times. Not modelled: the cost of the scheduler's own
+Python (about 0.1 ms per step more than FCFS with 30 requests waiting), swap copies, and the
+machine's noise; so the simulated throughput ratio is an upper bound of the real one.
+
+    python bench/fairness_sim.py [--seeds 8] [--variants default,exponent-3,...]
+                                               # writes bench/results/fairness-sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tests.scheduler.sim builds the scheduler (run from a checkout)
+    sys.path.insert(0, str(ROOT))
+
+from tqdm import tqdm  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+
+from adaptivellm.benchmark.metrics import RequestResult, backlogged_jain  # noqa: E402
+from adaptivellm.benchmark.report import source_revision  # noqa: E402
+from adaptivellm.benchmark.scenarios import SCENARIOS  # noqa: E402
+from adaptivellm.benchmark.workloads import BenchRequest, build_workload  # noqa: E402
+from adaptivellm.scheduler.config import FairnessConfig  # noqa: E402
+from adaptivellm.scheduler.policies import TurnaroundPreemption  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+#: fairness.json's scenario keys -> harness scenarios (as bench/fairness.py).
+SCENARIO_KEYS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
+#: The offered rate of the canonical fairness run (bench/results/fairness.json, --load 1.1).
+DEFAULT_RATE = 1.75
+#: Named scheduler configurations: FairnessConfig fields that differ from `serve`'s defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "hrrn": {"service_exponent": 1.0},
+    "exponent-3": {"service_exponent": 3.0},
+    "candidates-3": {"preemption": TurnaroundPreemption(candidates=3)},
+    "exponent-3+candidates-3": {
+        "service_exponent": 3.0,
+        "preemption": TurnaroundPreemption(candidates=3),
+    },
+    "no-turnaround-preemption": {"preemption": TurnaroundPreemption(enabled=False)},
+    "tenant-slack-2U": {"tenant_slack_tokens": 2 * 2 * 2048.0},
+    "vtc": {"policy": "vtc"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Simulated duration of an engine step, in milliseconds (see the module docstring)."""
+
+    decode_step_ms: float = 16.0
+    decode_token_ms: float = 2.3
+    prefill_token_ms: float = 1.2
+
+    def step_s(self, decodes: int, prefill_tokens: int) -> float:
+        ms = self.decode_step_ms + self.decode_token_ms * decodes
+        return (ms + self.prefill_token_ms * prefill_tokens) / 1e3
+
+    def alone_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        """Latency of a request alone: its prefill step (which samples the first token), then
+        one decode step per further token."""
+        return self.step_s(0, prompt_tokens) + self.step_s(1, 0) * max(0, output_tokens - 1)
+
+
+def replay(
+    requests: list[BenchRequest],
+    fairness: FairnessConfig,
+    cost: StepCost,
+    max_num_seqs: int = 4,
+    max_model_len: int = 2048,
+) -> dict[str, float]:
+    """Serve `requests` (arriving at their arrival_s) on the simulated clock; their figures."""
+    from tests.scheduler.sim import make_request, make_scheduler
+
+    scheduler, clock = make_scheduler(
+        fairness,
+        num_blocks=2 + max_num_seqs * max_model_len // 16,  # never preempted for memory
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_model_len,
+        max_model_len=max_model_len,
+        preemption="swap",
+        swap_slots=10 * max_num_seqs * max_model_len // 16,
+    )
+    scheduler.step_timer = clock  # the service model learns from the simulated steps
+    clock.now = 0.0
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    last_arrival = pending[-1].arrival_s
+    by_id = {f"r{r.index}": r for r in pending}
+    token_times: dict[str, list[float]] = defaultdict(list)
+    finished: dict[str, float] = {}
+    drain_s = 0.0  # time after the last arrival with nothing waiting and the batch part-empty
+    i = steps = 0
+    while i < len(pending) or scheduler.has_requests():
+        while i < len(pending) and pending[i].arrival_s <= clock.now:
+            r = pending[i]
+            scheduler.add_request(
+                make_request(f"r{r.index}", r.prompt_tokens, r.max_tokens, clock.now, r.tenant)
+            )
+            i += 1
+        if not scheduler.has_requests():
+            clock.now = pending[i].arrival_s
+            continue
+        out = scheduler.schedule()
+        counts = out.num_scheduled_tokens
+        decodes = sum(1 for n in counts.values() if n == 1)
+        step = cost.step_s(decodes, sum(n for n in counts.values() if n > 1))
+        if clock.now > last_arrival and not scheduler.waiting and len(counts) < max_num_seqs:
+            drain_s += step
+        clock.now += step
+        steps += 1
+        ids = list(counts)
+        sampled = [
+            [5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens
+            else []
+            for r in ids
+        ]  # fmt: skip
+        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                                   sampled_token_ids=sampled)  # fmt: skip
+        for outputs in scheduler.update_from_output(out, runner).values():
+            for o in outputs.outputs:
+                if o.new_token_ids:
+                    token_times[o.request_id].append(clock.now)
+                if o.finish_reason is not None:
+                    finished[o.request_id] = clock.now
+    if len(finished) != len(requests):
+        raise RuntimeError(f"{len(requests) - len(finished)} requests did not finish")
+    results = [
+        RequestResult(r.index, r.tenant, r.prompt_tokens, r.max_tokens, r.arrival_s,
+                      token_times[rid][0], finished[rid], token_times=tuple(token_times[rid]))
+        for rid, r in by_id.items()
+    ]  # fmt: skip
+    start = min(r.arrival_s for r in results)
+    end = max(r.end_s for r in results)
+    turnarounds = [r.latency_s / cost.alone_s(r.prompt_tokens, r.output_tokens) for r in results]
+    return {
+        "avg_weighted_turnaround": statistics.mean(turnarounds),
+        "throughput_tokens_per_s": sum(r.output_tokens for r in results) / (end - start),
+        "jain": backlogged_jain(results).jain,
+        "p99_ttft_s": statistics.quantiles([r.ttft_s for r in results], n=100)[-1],
+        "drain_s": drain_s,
+        "steps": float(steps),
+    }
+
+
+def workload(scenario: str, seed: int, rate: float, num_requests: int) -> list[BenchRequest]:
+    """The benchmark's workload of `scenario` with another seed (seed 0: the benchmark's own)."""
+    spec = SCENARIOS[scenario].workload
+    return build_workload(spec.replace(num_requests=num_requests, rate=rate, seed=seed))
+
+
+def _job(args: tuple[str, int, float, int, tuple[str, ...], StepCost]) -> dict[str, Any]:
+    scenario, seed, rate, num_requests, variants, cost = args
+    logging.disable(logging.WARNING)  # vLLM's per-scheduler start-up lines
+    requests = workload(scenario, seed, rate, num_requests)
+    figures = {"fcfs": replay(requests, FairnessConfig(policy="fcfs"), cost)}
+    for name in variants:
+        figures[name] = replay(requests, FairnessConfig(**VARIANTS[name]), cost)
+    return {"scenario": scenario, "seed": seed, "figures": figures}
+
+
+def summarise(runs: list[dict[str, Any]], variants: tuple[str, ...]) -> dict[str, Any]:
+    """Per scenario and variant: the ratios to FCFS of each seed, their mean, min and max."""
+    out: dict[str, Any] = {}
+    for key, scenario in SCENARIO_KEYS.items():
+        mine = sorted((r for r in runs if r["scenario"] == scenario), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        section: dict[str, Any] = {"seeds": [r["seed"] for r in mine], "variants": {}}
+        for name in ("fcfs", *variants):
+            rows = [r["figures"][name] for r in mine]
+            base = [r["figures"]["fcfs"] for r in mine]
+            ratios = {
+                f"{m}_vs_fcfs": [x[m] / b[m] for x, b in zip(rows, base, strict=True)]
+                for m in ("avg_weighted_turnaround", "throughput_tokens_per_s")
+            }
+            per_seed = {m: [x[m] for x in rows] for m in ("jain", "drain_s", "p99_ttft_s", "steps")}
+            section["variants"][name] = {
+                **{m: _spread(v) for m, v in {**ratios, **per_seed}.items()},
+                "per_seed": {**ratios, **per_seed},
+            }
+        out[key] = section
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def table(summary: Mapping[str, Any]) -> str:
+    """The summary as a text table (means over seeds; seed 0 is the benchmark's workload)."""
+    lines = [f"{'scenario':13} {'variant':26} {'wt/fcfs':>8} {'tput/fcfs':>9} {'min':>6} "
+             f"{'jain':>6} {'drain s':>7}"]  # fmt: skip
+    for key, section in summary.items():
+        for name, v in section["variants"].items():
+            lines.append(
+                f"{key:13} {name:26} {v['avg_weighted_turnaround_vs_fcfs']['mean']:8.3f} "
+                f"{v['throughput_tokens_per_s_vs_fcfs']['mean']:9.4f} "
+                f"{v['throughput_tokens_per_s_vs_fcfs']['min']:6.3f} {v['jain']['mean']:6.3f} "
+                f"{v['drain_s']['mean']:7.2f}"
+            )
+    return "\n".join(lines)
+
+
+def _variant_names(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in (s.strip() for s in text.split(",")) if n)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; known: "
+            + ", ".join(VARIANTS)
+        )
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=8, help="workload samples (0..N-1)")
+    parser.add_argument("--num-requests", type=int, default=120)
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests/s offered")
+    parser.add_argument(
+        "--variants",
+        type=_variant_names,
+        default=tuple(VARIANTS),
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all)",
+    )
+    parser.add_argument("--scenarios", default=",".join(SCENARIO_KEYS.values()))
+    parser.add_argument("--jobs", type=int, default=2, help="processes")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fairness-sim.json")
+    for f in dataclasses.fields(StepCost):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default)
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.num_requests < 2 or args.rate <= 0 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be >= 1, --num-requests >= 2, --rate > 0")
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if bad := [s for s in scenarios if s not in SCENARIO_KEYS.values()]:
+        parser.error(f"unknown scenario(s) {bad}; known: {', '.join(SCENARIO_KEYS.values())}")
+    cost = StepCost(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StepCost)})
+    jobs = [(s, seed, args.rate, args.num_requests, args.variants, cost)
+            for s in scenarios for seed in range(args.seeds)]  # fmt: skip
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        runs = list(tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="workloads"))
+    summary = summarise(runs, args.variants)
+    invocation = shlex.join(["python", "bench/fairness_sim.py",
+                             *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
+    report = {
+        "command": invocation,
+        "source": source_revision(ROOT),
+        "step_cost_ms": dataclasses.asdict(cost),
+        "rate": args.rate,
+        "num_requests": args.num_requests,
+        "max_num_seqs": 4,
+        "variants": {n: {k: repr(v) for k, v in VARIANTS[n].items()} for n in args.variants},
+        "scenarios": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
