@@ -185,12 +185,16 @@ def workload(scenario: str, seed: int, rate: float, num_requests: int) -> list[B
 
 def _job(args: tuple[str, int, float, int, tuple[str, ...], StepCost]) -> dict[str, Any]:
     scenario, seed, rate, num_requests, variants, cost = args
-    logging.disable(logging.WARNING)  # vLLM's per-scheduler start-up lines
     requests = workload(scenario, seed, rate, num_requests)
     figures = {"fcfs": replay(requests, FairnessConfig(policy="fcfs"), cost)}
     for name in variants:
         figures[name] = replay(requests, FairnessConfig(**VARIANTS[name]), cost)
     return {"scenario": scenario, "seed": seed, "figures": figures}
+
+
+def _quiet() -> None:
+    """Pool workers: no vLLM start-up lines for every scheduler built."""
+    logging.disable(logging.WARNING)
 
 
 def summarise(runs: list[dict[str, Any]], variants: tuple[str, ...]) -> dict[str, Any]:
@@ -272,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     cost = StepCost(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StepCost)})
     jobs = [(s, seed, args.rate, args.num_requests, args.variants, cost)
             for s in scenarios for seed in range(args.seeds)]  # fmt: skip
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        runs = list(tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="workloads"))
+    if args.jobs == 1:  # in this process
+        runs = [_job(job) for job in tqdm(jobs, desc="workloads")]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_quiet) as pool:
+            runs = list(tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="workloads"))
     summary = summarise(runs, args.variants)
     invocation = shlex.join(["python", "bench/fairness_sim.py",
                              *(sys.argv[1:] if argv is None else argv)])  # fmt: skip

@@ -1,0 +1,202 @@
+"""Pool several runs of the fairness benchmark (bench/fairness.py) round by round, and report
+each system's ratios to stock vLLM FCFS with their spread.
+
+One run's ratio moves 2-3% from run to run on this machine (bench/results/fairness-noise/), and
+the throughput target (0.98x FCFS) is as close as that to what the benchmark reads: one run
+cannot say on which side of the target a system is. Every round of a run replays the same
+workload on every system, one system after the other, so a round's ratio (a system's round
+against FCFS's round of the same turn) is a paired sample; this script collects them over the
+runs given and reports, per scenario and system:
+
+- `paired`: the per-round ratios of weighted turnaround and throughput, with their mean,
+  standard deviation, standard error, min and max;
+- `pooled`: the ratio of the figures over every round of every run together (output tokens
+  over the summed round durations; mean weighted turnaround over every request), as a single
+  longer run would give it.
+
+Weighted turnaround divides each request's latency by its service time from the run's own
+service-time fit (the harness's `service_time_model`, fitted on stock vLLM alone), as the run's
+own report does; rounds are split by the workload's request count.
+
+    python bench/fairness_pool.py DIR [DIR ...]   # each DIR holds fairness-<scenario>.json
+                                                  # writes bench/results/fairness-pooled.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from adaptivellm.benchmark.metrics import CalibrationFit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: fairness.json's scenario keys -> harness scenarios (as bench/fairness.py).
+SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
+#: fairness.json's system keys -> the harness's system names, in every run so far.
+SYSTEMS = {
+    "fcfs": "stock",
+    "priority": "stock-priority",
+    "vtc": "adaptivellm-vtc",
+    "adaptive": "adaptivellm",
+    "adaptive_hrrn": "adaptivellm-hrrn",
+    "adaptive_e3c3": "adaptivellm-e3c3",
+}
+#: Fields of a report's per-request rows this script reads.
+FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "end_s", "ok")
+
+
+def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
+    """Per round of `system` in a harness report: output tokens, duration and the weighted
+    turnaround of each successful request."""
+    section = report["systems"][system]
+    columns = section["request_fields"]
+    missing = [f for f in FIELDS if f not in columns]
+    if missing:
+        raise ValueError(f"{system}: the report's request rows lack {missing}")
+    at = {f: columns.index(f) for f in FIELDS}
+    model = report["service_time_model"]
+    fit = CalibrationFit(
+        model["a_s"], model["b_s_per_prompt_token"], model["c_s_per_output_token"], model["r2"]
+    )
+    per_round = int(report["workload"]["stats"]["requests"])
+    rows = section["requests"]
+    if per_round <= 0 or len(rows) % per_round:
+        raise ValueError(f"{system}: {len(rows)} request rows are not rounds of {per_round}")
+    out = []
+    for start in range(0, len(rows), per_round):
+        chunk = rows[start : start + per_round]
+        ok = [r for r in chunk if r[at["ok"]]]
+        begin = min(r[at["arrival_s"]] for r in chunk)
+        end = max(r[at["end_s"]] for r in ok) if ok else begin
+        turnarounds = [
+            (r[at["end_s"]] - r[at["arrival_s"]])
+            / fit.predict(r[at["prompt_tokens"]], r[at["output_tokens"]])
+            for r in ok
+        ]
+        out.append({
+            "output_tokens": float(sum(r[at["output_tokens"]] for r in ok)),
+            "duration_s": end - begin,
+            "turnarounds": turnarounds,
+            "failed": float(len(chunk) - len(ok)),
+        })  # fmt: skip
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return {"n": len(values), "mean": statistics.mean(values), "sd": sd,
+            "se": sd / math.sqrt(len(values)), "min": min(values), "max": max(values)}  # fmt: skip
+
+
+def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """`runs`: per run, its harness reports by scenario key. Per scenario, per system that every
+    run has: the paired per-round ratios to FCFS and the pooled ratios."""
+    out: dict[str, Any] = {}
+    for key in SCENARIOS:
+        reports = [run[key] for run in runs if key in run]
+        if not reports:
+            continue
+        present = [name for name, harness in SYSTEMS.items()
+                   if any(harness in r["systems"] for r in reports)]  # fmt: skip
+        if "fcfs" not in present or any(SYSTEMS["fcfs"] not in r["systems"] for r in reports):
+            raise ValueError(f"{key}: every run needs stock vLLM FCFS ({SYSTEMS['fcfs']})")
+        section: dict[str, Any] = {}
+        for name in present:
+            wt: list[float] = []
+            tput: list[float] = []
+            mine: list[dict[str, Any]] = []
+            base: list[dict[str, Any]] = []
+            for report in reports:
+                if SYSTEMS[name] not in report["systems"]:
+                    continue
+                rounds = round_figures(report, SYSTEMS[name])
+                fcfs = round_figures(report, SYSTEMS["fcfs"])
+                for r, f in zip(rounds, fcfs, strict=False):
+                    wt.append(statistics.mean(r["turnarounds"]) / statistics.mean(f["turnarounds"]))
+                    tput.append((r["output_tokens"] / r["duration_s"])
+                                / (f["output_tokens"] / f["duration_s"]))  # fmt: skip
+                    mine.append(r)
+                    base.append(f)
+            section[name] = {
+                "runs": sum(SYSTEMS[name] in r["systems"] for r in reports),
+                "paired": {"weighted_turnaround_ratio": _spread(wt),
+                           "throughput_ratio": _spread(tput)},
+                "pooled": {
+                    "weighted_turnaround_ratio": _mean_turnaround(mine)
+                    / _mean_turnaround(base),
+                    "throughput_ratio": _throughput(mine) / _throughput(base),
+                },
+                "failed": sum(r["failed"] for r in mine),
+            }  # fmt: skip
+        out[key] = section
+    return out
+
+
+def _mean_turnaround(rounds: list[dict[str, Any]]) -> float:
+    return statistics.mean(t for r in rounds for t in r["turnarounds"])
+
+
+def _throughput(rounds: list[dict[str, Any]]) -> float:
+    return sum(r["output_tokens"] for r in rounds) / sum(r["duration_s"] for r in rounds)
+
+
+def load_run(folder: Path) -> dict[str, dict[str, Any]]:
+    """The harness reports of one fairness run, by scenario key."""
+    run = {}
+    for key, scenario in SCENARIOS.items():
+        path = folder / f"fairness-{scenario}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {path.name} (a bench/fairness.py run?)")
+        try:
+            run[key] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="folders of bench/fairness.py runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fairness-pooled.json")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(folder) for folder in args.runs]
+        pooled = pool(runs)
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(str(e))
+    report = {
+        "command": shlex.join(["python", "bench/fairness_pool.py",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "runs": [
+            {"folder": str(folder), "command": run["multi_tenant"].get("command"),
+             "created": run["multi_tenant"].get("created"),
+             "source": run["multi_tenant"].get("source"),
+             "rounds": run["multi_tenant"].get("rounds")}
+            for folder, run in zip(args.runs, runs, strict=True)
+        ],
+        "targets": {"weighted_turnaround_ratio_max": 0.2, "throughput_ratio_min": 0.98},
+        "scenarios": pooled,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for key, section in pooled.items():
+        for name, s in section.items():
+            p, q = s["paired"]["weighted_turnaround_ratio"], s["paired"]["throughput_ratio"]
+            print(
+                f"{key:13} {name:14} rounds {p['n']:2}  weighted turnaround "
+                f"{s['pooled']['weighted_turnaround_ratio']:.3f} (per round {p['mean']:.3f} "
+                f"+- {p['se']:.3f})  throughput {s['pooled']['throughput_ratio']:.4f} "
+                f"(per round {q['mean']:.4f} +- {q['se']:.4f}, {q['min']:.3f}-{q['max']:.3f})"
+            )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""bench/fairness_pool.py: several fairness runs pooled round by round, on hand-made reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.support import load_bench_script
+
+pool = load_bench_script("fairness_pool")
+
+FIELDS = ["index", "tenant", "prompt_tokens", "output_tokens", "arrival_s", "first_token_s",
+          "end_s", "ok"]  # fmt: skip
+
+
+def system(rounds: list[list[tuple[float, float, int]]]) -> dict:
+    """A system's section: per round, its requests as (arrival, end, output tokens); requests of
+    later rounds arrive after the earlier rounds ended, as in the harness."""
+    rows = [
+        [i, "tenant-0", 0, out, arrival, arrival, end, True]
+        for r in rounds
+        for i, (arrival, end, out) in enumerate(r)
+    ]
+    return {"request_fields": FIELDS, "requests": rows}
+
+
+def report(systems: dict[str, dict]) -> dict:
+    # Service time = output tokens (seconds), so a weighted turnaround = latency / tokens.
+    model = {"a_s": 0.0, "b_s_per_prompt_token": 0.0, "c_s_per_output_token": 1.0, "r2": 1.0}
+    return {
+        "service_time_model": model,
+        "workload": {"stats": {"requests": 2}},
+        "command": "python bench/fairness.py --rounds 2",
+        "rounds": 2,
+        "systems": systems,
+    }
+
+
+def write_run(folder: Path, systems: dict[str, dict]) -> Path:
+    folder.mkdir()
+    for scenario in pool.SCENARIOS.values():
+        (folder / f"fairness-{scenario}.json").write_text(json.dumps(report(systems)))
+    return folder
+
+
+def test_rounds_are_paired_and_pooled(tmp_path: Path) -> None:
+    # stock: round 1 takes 10 s for 20 tokens, round 2 takes 10 s too.
+    stock = system([[(0, 5, 10), (0, 10, 10)], [(10, 15, 10), (10, 20, 10)]])
+    # adaptive: round 1 takes 8 s (faster), round 2 takes 12 s; turnarounds halve in both.
+    adaptive = system([[(0, 2.5, 10), (0, 5, 10)], [(10, 12.5, 10), (10, 15, 10)]])
+    adaptive["requests"][1][6] = 8.0  # round 1 ends at 8 s (latency 8)
+    adaptive["requests"][3][6] = 22.0  # round 2 ends at 22 s (latency 12)
+    run = write_run(tmp_path / "run", {"stock": stock, "adaptivellm": adaptive})
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(run), str(run), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 2
+    section = result["scenarios"]["multi_tenant"]["adaptive"]
+    tput = section["paired"]["throughput_ratio"]
+    assert tput["n"] == 4  # two rounds of two runs
+    assert tput["min"] == pytest.approx(10 / 12) and tput["max"] == pytest.approx(10 / 8)
+    assert tput["mean"] == pytest.approx((10 / 8 + 10 / 12) / 2)
+    assert section["pooled"]["throughput_ratio"] == pytest.approx(1.0)  # 20 s against 20 s
+    # Weighted turnarounds: stock 0.5, 1.0 per round; adaptive 0.25 and 0.8, then 0.25 and 1.2.
+    wt = section["paired"]["weighted_turnaround_ratio"]
+    assert wt["min"] == pytest.approx(1.05 / 1.5) and wt["max"] == pytest.approx(1.45 / 1.5)
+    assert section["pooled"]["weighted_turnaround_ratio"] == pytest.approx(2.5 / 3.0)
+    assert math.isfinite(wt["sd"]) and wt["se"] == pytest.approx(wt["sd"] / 2)
+    assert "priority" not in result["scenarios"]["multi_tenant"]  # no such system ran
+
+
+def test_a_folder_without_a_run_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        pool.main([str(tmp_path)])
+    assert "has no fairness-multi-tenant.json" in capsys.readouterr().err
+
+
+def test_a_corrupt_report_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = write_run(tmp_path / "run", {"stock": system([[(0, 1, 1), (0, 1, 1)]])})
+    (run / "fairness-sharegpt.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        pool.main([str(run)])
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def test_rows_that_are_not_whole_rounds_are_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run(tmp_path / "run", {"stock": system([[(0, 1, 1), (0, 1, 1), (0, 2, 1)]])})
+    with pytest.raises(SystemExit):
+        pool.main([str(run)])
+    assert "3 request rows are not rounds of 2" in capsys.readouterr().err
+
+
+def test_a_run_without_fcfs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = write_run(tmp_path / "run", {"adaptivellm": system([[(0, 1, 1), (0, 1, 1)]])})
+    with pytest.raises(SystemExit):
+        pool.main([str(run)])
+    assert "every run needs stock vLLM FCFS" in capsys.readouterr().err
