@@ -41,7 +41,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adaptivellm.benchmark.scenarios import BENCH_MODEL_NAME, bench_model
+from adaptivellm.benchmark.scenarios import BENCH_MODEL_NAME, FAIRNESS_SCENARIOS, bench_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: fairness.json key -> (harness system name, extra serve flags)
@@ -56,7 +56,7 @@ SYSTEMS = {
         "--fairness-preemption-candidates 3",
     ),
 }
-SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
+SCENARIOS = FAIRNESS_SCENARIOS
 #: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`).
 COMPARED = ("adaptive", "adaptive_e3c3")
 

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from adaptivellm.benchmark.metrics import CalibrationFit
+from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS as SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: fairness.json's scenario keys -> harness scenarios (as bench/fairness.py).
-SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
 #: fairness.json's system keys -> the harness's system names, in every run so far.
 SYSTEMS = {
     "fcfs": "stock",

@@ -53,14 +53,13 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 
 from adaptivellm.benchmark.metrics import RequestResult, backlogged_jain  # noqa: E402
 from adaptivellm.benchmark.report import source_revision  # noqa: E402
+from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS as SCENARIO_KEYS  # noqa: E402
 from adaptivellm.benchmark.scenarios import SCENARIOS  # noqa: E402
 from adaptivellm.benchmark.workloads import BenchRequest, build_workload  # noqa: E402
 from adaptivellm.scheduler.config import FairnessConfig  # noqa: E402
 from adaptivellm.scheduler.policies import TurnaroundPreemption  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-#: fairness.json's scenario keys -> harness scenarios (as bench/fairness.py).
-SCENARIO_KEYS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
 #: The offered rate of the canonical fairness run (bench/results/fairness.json, --load 1.1).
 DEFAULT_RATE = 1.75
 #: Named scheduler configurations: FairnessConfig fields that differ from `serve`'s defaults.

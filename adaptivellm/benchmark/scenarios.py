@@ -22,6 +22,9 @@ BENCH_MODEL = ModelSpec(
     num_layers=8, hidden_size=1024, num_heads=16, num_kv_heads=4, intermediate_size=4096
 )
 BENCH_MODEL_NAME = "adaptivellm-bench-llama"
+#: The fairness benchmark's mixes (bench/fairness.py, fairness_pool.py, fairness_sim.py):
+#: fairness.json's keys -> the scenarios below.
+FAIRNESS_SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
 
 
 def bench_model() -> Path:
