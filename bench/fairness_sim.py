@@ -39,6 +39,7 @@ import multiprocessing
 import shlex
 import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +59,7 @@ from adaptivellm.benchmark.scenarios import SCENARIOS  # noqa: E402
 from adaptivellm.benchmark.workloads import BenchRequest, build_workload  # noqa: E402
 from adaptivellm.scheduler.config import FairnessConfig  # noqa: E402
 from adaptivellm.scheduler.policies import TurnaroundPreemption  # noqa: E402
+from adaptivellm.scheduler.scheduler import AdaptiveScheduler  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: The offered rate of the canonical fairness run (bench/results/fairness.json, --load 1.1).
@@ -102,8 +104,17 @@ def replay(
     cost: StepCost,
     max_num_seqs: int = 4,
     max_model_len: int = 2048,
+    stock: bool = False,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Serve `requests` (arriving at their arrival_s) on the simulated clock; their figures."""
+    """Serve `requests` (arriving at their arrival_s) on the simulated clock; their figures.
+
+    `stock`: stock vLLM's Scheduler (what `vllm serve` runs on CPU) instead of AdaptiveLLM's,
+    with no KV connector; `fairness` is then ignored. `timing`: add to it the real seconds spent
+    in schedule() and update_from_output() (keys `schedule_s`, `update_s`, `steps`, and
+    `waiting`, the waiting requests summed over steps)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
     from tests.scheduler.sim import make_request, make_scheduler
 
     scheduler, clock = make_scheduler(
@@ -112,10 +123,12 @@ def replay(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_model_len,
         max_model_len=max_model_len,
-        preemption="swap",
+        preemption="recompute" if stock else "swap",
         swap_slots=10 * max_num_seqs * max_model_len // 16,
+        scheduler_cls=Scheduler if stock else AdaptiveScheduler,
     )
     scheduler.step_timer = clock  # the service model learns from the simulated steps
+    spent = timing if timing is not None else {}
     clock.now = 0.0
     pending = sorted(requests, key=lambda r: r.arrival_s)
     last_arrival = pending[-1].arrival_s
@@ -134,7 +147,11 @@ def replay(
         if not scheduler.has_requests():
             clock.now = pending[i].arrival_s
             continue
+        spent["waiting"] = spent.get("waiting", 0.0) + len(scheduler.waiting)
+        started = time.perf_counter()
         out = scheduler.schedule()
+        scheduled = time.perf_counter()
+        spent["schedule_s"] = spent.get("schedule_s", 0.0) + scheduled - started
         counts = out.num_scheduled_tokens
         decodes = sum(1 for n in counts.values() if n == 1)
         step = cost.step_s(decodes, sum(n for n in counts.values() if n > 1))
@@ -150,7 +167,11 @@ def replay(
         ]  # fmt: skip
         runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                    sampled_token_ids=sampled)  # fmt: skip
-        for outputs in scheduler.update_from_output(out, runner).values():
+        started = time.perf_counter()
+        engine_outputs = scheduler.update_from_output(out, runner)
+        spent["update_s"] = spent.get("update_s", 0.0) + time.perf_counter() - started
+        spent["steps"] = spent.get("steps", 0.0) + 1
+        for outputs in engine_outputs.values():
             for o in outputs.outputs:
                 if o.new_token_ids:
                     token_times[o.request_id].append(clock.now)
@@ -173,6 +194,7 @@ def replay(
         "p99_ttft_s": statistics.quantiles([r.ttft_s for r in results], n=100)[-1],
         "drain_s": drain_s,
         "steps": float(steps),
+        "sim_time_s": clock.now,
     }
 
 

@@ -24,6 +24,7 @@ leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side met
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -121,6 +122,8 @@ class AdaptiveScheduler(Scheduler):
         #: Counter of the tenant that went idle last (vtc_lift's floor with no tenant active).
         self._last_left = 0.0
         self.served_tokens: dict[str, float] = defaultdict(float)
+        #: adaptivellm_tenant_served_tokens' child per tenant label (labels() takes a lock).
+        self._tenant_tokens: dict[str, Any] = {}
         #: The current fairness window: start, tenants backlogged at every step so far (None
         #: before the first step), tokens served per tenant.
         self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
@@ -292,15 +295,25 @@ class AdaptiveScheduler(Scheduler):
                 EngineMetrics.get().jain.set(1.0 if jain is None else jain)
             self._window = (now, None, defaultdict(float))
         start, backlogged, served = self._window
-        waiting = {
-            t.info.tenant
-            for r in (*self.waiting, *self.kv_holding_waiting)
-            if (t := self.tracked.get(r.request_id)) is not None
-        }
-        self._window = (start, waiting if backlogged is None else backlogged & waiting, served)
+        if backlogged is None or backlogged:
+            self._window = (start, self._waiting_tenants(backlogged), served)
         for req_id, n in output.num_scheduled_tokens.items():
             if (tracked := self.tracked.get(req_id)) is not None:
                 served[tracked.info.tenant] += n
+
+    def _waiting_tenants(self, among: set[str] | None) -> set[str]:
+        """The tenants (of `among`, None: all) with a request waiting. Every step: the scan
+        stops as soon as every tenant of `among` has been seen."""
+        found: set[str] = set()
+        for request in itertools.chain(self.waiting, self.kv_holding_waiting):
+            if (tracked := self.tracked.get(request.request_id)) is None:
+                continue
+            tenant = tracked.info.tenant
+            if among is None or tenant in among:
+                found.add(tenant)
+                if among is not None and len(found) == len(among):
+                    break
+        return found
 
     def _preempt_for_turnaround(self, now: float) -> None:
         """With every batch slot taken, preempt the running request that choose_turnaround_victim
@@ -441,7 +454,8 @@ class AdaptiveScheduler(Scheduler):
 
     def _account(self, output: SchedulerOutput, now: float) -> tuple[int, int]:
         """Charge scheduled tokens to tenants; count steps; note first-scheduled times. Returns
-        the step's prompt tokens and decoding requests."""
+        the step's prompt tokens and decoding requests. Runs every step on the engine core's
+        critical path: the tenant counter metric is added to once per tenant and step."""
         metrics = EngineMetrics.get()
         if output.total_num_scheduled_tokens:
             metrics.scheduler_steps.inc()
@@ -449,6 +463,8 @@ class AdaptiveScheduler(Scheduler):
         if self.swap is not None:
             metrics.swap_space_bytes.set(self.swap.space.used * self.swap.bytes_per_block)
         prefill = decode = 0
+        own = self._own_policy()
+        served: dict[str, int] = {}
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             if request is None:
@@ -461,26 +477,26 @@ class AdaptiveScheduler(Scheduler):
             decode += n > prompt_part
             if (tracked := self.tracked.get(req_id)) is None:
                 continue
+            info = tracked.info
             if tracked.first_scheduled is None:
                 tracked.first_scheduled = now
-                metrics.queue_wait.observe(max(0.0, now - tracked.info.arrival_time))
-            charged = max(0, min(n, request.num_prompt_tokens - before))
-            self._charge(tracked.info, charged, n - charged)
+                metrics.queue_wait.observe(max(0.0, now - info.arrival_time))
+            served[info.tenant] = served.get(info.tenant, 0) + n
+            if own:
+                charged = max(0, min(n, request.num_prompt_tokens - before))
+                self.vtc_counters[info.tenant] = vtc_charge(
+                    self.vtc_counters.get(info.tenant, 0.0), charged, n - charged, info.weight,
+                    self.fairness.vtc,
+                )  # fmt: skip
+        for tenant, tokens in served.items():
+            label = tenant
+            if label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
+                label = "other"
+            self.served_tokens[label] += tokens
+            if (child := self._tenant_tokens.get(label)) is None:
+                child = self._tenant_tokens[label] = metrics.tenant_tokens.labels(tenant=label)
+            child.inc(tokens)
         return prefill, decode
-
-    def _charge(self, info: RequestInfo, input_tokens: int, output_tokens: int) -> None:
-        tenant_label = info.tenant
-        if tenant_label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
-            tenant_label = "other"
-        self.served_tokens[tenant_label] += input_tokens + output_tokens
-        EngineMetrics.get().tenant_tokens.labels(tenant=tenant_label).inc(
-            input_tokens + output_tokens
-        )
-        if self._own_policy():
-            counter = self.vtc_counters.get(info.tenant, 0.0)
-            self.vtc_counters[info.tenant] = vtc_charge(
-                counter, input_tokens, output_tokens, info.weight, self.fairness.vtc
-            )
 
     # --- outputs ------------------------------------------------------------------------
 

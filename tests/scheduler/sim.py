@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
@@ -43,9 +44,12 @@ def make_scheduler(
     max_model_len: int = 1024,
     preemption: str = "recompute",
     swap_slots: int = 0,
+    scheduler_cls: type[Scheduler] = AdaptiveScheduler,
 ) -> tuple[AdaptiveScheduler, Clock]:
     """An AdaptiveScheduler over `num_blocks` KV blocks of 16 tokens (block 0 is vLLM's null
-    block, so num_blocks - 1 are usable)."""
+    block, so num_blocks - 1 are usable). `scheduler_cls=Scheduler` builds stock vLLM's
+    scheduler over the same configuration instead (for comparisons; it has no clock of its own
+    and ignores AdaptiveLLM's settings)."""
     model = str(ensure_model())  # only its config.json is read
     policy: Literal["fcfs", "priority"] = "priority" if fairness.policy == "priority" else "fcfs"
     scheduler_config = SchedulerConfig(
@@ -86,7 +90,7 @@ def make_scheduler(
         num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups
     )
     cache_config.num_gpu_blocks = num_blocks
-    scheduler = AdaptiveScheduler(
+    scheduler = scheduler_cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
@@ -94,8 +98,11 @@ def make_scheduler(
         log_stats=True,
     )
     clock = Clock()
-    scheduler.clock = clock
-    return scheduler, clock
+    if isinstance(scheduler, AdaptiveScheduler):
+        scheduler.clock = clock
+    # A stock Scheduler is returned under the same type: callers that ask for one use only
+    # what both have.
+    return cast(AdaptiveScheduler, scheduler), clock
 
 
 def make_request(

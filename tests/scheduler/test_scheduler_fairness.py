@@ -245,6 +245,39 @@ def test_jain_gauge_over_backlogged_tenants(policy: str, low: float, high: float
     assert jain is not None and low <= jain <= high
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "vtc", WT.policy])
+def test_served_tokens_count_every_computed_token_per_tenant(policy: str) -> None:
+    """The tenant counters (and their metric, added to once per tenant and step) hold each
+    tenant's prompt tokens and computed output tokens (all but the last sampled one)."""
+    from prometheus_client import REGISTRY
+
+    def metric(tenant: str) -> float:
+        labels = {"tenant": tenant}
+        return REGISTRY.get_sample_value("adaptivellm_tenant_served_tokens_total", labels) or 0.0
+
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=200, max_num_seqs=3)
+    rng = random.Random(5)
+    expected = {"a": 0, "b": 0, "c": 0}
+    before = {t: metric(t) for t in expected}
+    for i in range(15):
+        tenant, prompt, out = "abc"[i % 3], rng.randint(4, 90), rng.randint(1, 12)
+        scheduler.add_request(make_request(f"r{i}", prompt, out, clock.now, tenant=tenant))
+        expected[tenant] += prompt + out - 1
+    Run(scheduler, clock).until_idle()
+    assert dict(scheduler.served_tokens) == expected
+    assert {t: metric(t) - before[t] for t in expected} == expected
+
+
+def test_waiting_tenants_stops_once_every_asked_tenant_is_seen() -> None:
+    scheduler, clock = make_scheduler(FairnessConfig(), num_blocks=40, max_num_seqs=1)
+    for i, tenant in enumerate(["a", "b", "a", "c", "b"]):
+        scheduler.add_request(make_request(f"r{i}", 16, 4, clock.now, tenant=tenant))
+    assert scheduler._waiting_tenants(None) == {"a", "b", "c"}
+    assert scheduler._waiting_tenants({"a", "b"}) == {"a", "b"}
+    assert scheduler._waiting_tenants({"c", "gone"}) == {"c"}
+    assert scheduler._waiting_tenants(set()) == set()
+
+
 def preempt_for_short(
     config: FairnessConfig, shorts: int = 1, mode: str = "recompute"
 ) -> tuple[Run, AdaptiveScheduler]:

@@ -129,3 +129,52 @@ def test_the_scheduler_learns_the_service_model_from_timed_steps(
     assert decode == pytest.approx(scheduler.service.decode_s_per_token)
     logged = [r.getMessage() for r in caplog.records if "Service-time model" in r.getMessage()]
     assert bool(logged) is learn
+
+
+def test_the_running_sums_are_the_decayed_normal_equations() -> None:
+    """observe keeps X'X and X'y as plain floats; they equal the decayed sums of the outer
+    products computed with numpy."""
+    fit = ServiceFit(PRIOR, half_life_steps=50.0)
+    rng = random.Random(3)
+    xtx, xty = np.zeros((3, 3)), np.zeros(3)
+    decay = 0.5 ** (1 / 50.0)
+    for _ in range(300):
+        prefill, decode = rng.choice([0, rng.randint(1, 300)]), rng.randint(1, 4)
+        seconds = rng.uniform(0.01, 0.5)
+        fit.observe(seconds, prefill, decode)
+        x = np.array([1.0, prefill, decode])
+        xtx, xty = decay * xtx + np.outer(x, x), decay * xty + seconds * x
+    np.testing.assert_allclose(fit.xtx, xtx, rtol=1e-9)
+    np.testing.assert_allclose(fit.xty, xty, rtol=1e-9)
+
+
+def _exhaustive_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """The least non-negative least-squares solution by trying every support (no shortcut)."""
+    import itertools
+
+    best = (0.0, np.zeros(3))  # the empty support: b = 0
+    for size in range(1, 4):
+        for idx in map(list, itertools.combinations(range(3), size)):
+            b_free = np.linalg.solve(xtx[np.ix_(idx, idx)], xty[idx])
+            if (b_free < 0).any():
+                continue
+            b = np.zeros(3)
+            b[idx] = b_free
+            loss = float(b @ xtx @ b - 2 * b @ xty)
+            if loss < best[0]:
+                best = (loss, b)
+    return best[1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_solver_shortcut_finds_the_exhaustive_optimum(seed: int) -> None:
+    """nonnegative_normal_solve returns the unconstrained solution when it is non-negative and
+    searches the supports otherwise: either way the optimum of the exhaustive search."""
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([np.ones(40), rng.integers(0, 300, 40), rng.integers(1, 5, 40)])
+    b_true = rng.uniform(-0.01, 0.01, 3)  # some signs negative: the constrained case too
+    y = x @ b_true + rng.normal(0, 0.001, 40)
+    xtx, xty = x.T @ x, x.T @ y
+    np.testing.assert_allclose(
+        nonnegative_normal_solve(xtx, xty), _exhaustive_solve(xtx, xty), atol=1e-12
+    )
