@@ -22,8 +22,9 @@ vLLM alone decodes at 18 ms per token, and at 25 ms per step with 4 sequences; p
 1.2 ms per prompt token). Weighted turnaround divides by each request's service time alone by
 the same cost model; Jain's index is the benchmark's (adaptivellm.benchmark.metrics
 .backlogged_jain) over the simulated token times. Not modelled: the cost of the scheduler's own
-Python (about 0.1 ms per step more than FCFS with 30 requests waiting), swap copies, and the
-machine's noise; so the simulated throughput ratio is an upper bound of the real one.
+Python (bench/scheduler_overhead.py times it on these workloads: about 0.06 ms per step more than
+stock vLLM under weighted-turnaround, in one process), swap copies, and the machine's noise; so
+the simulated throughput ratio is an upper bound of the real one.
 
     python bench/fairness_sim.py [--seeds 8] [--variants default,exponent-3,...]
                                                # writes bench/results/fairness-sim.json
