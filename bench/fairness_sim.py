@@ -112,8 +112,8 @@ def replay(
 
     `stock`: stock vLLM's Scheduler (what `vllm serve` runs on CPU) instead of AdaptiveLLM's,
     with no KV connector; `fairness` is then ignored. `timing`: add to it the real seconds spent
-    in schedule() and update_from_output() (keys `schedule_s`, `update_s`, `steps`, and
-    `waiting`, the waiting requests summed over steps)."""
+    in schedule() and update_from_output() (keys `schedule_s`, `update_s`, and `waiting`, the
+    waiting requests summed over steps; the figures count the steps)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from tests.scheduler.sim import make_request, make_scheduler
@@ -171,7 +171,6 @@ def replay(
         started = time.perf_counter()
         engine_outputs = scheduler.update_from_output(out, runner)
         spent["update_s"] = spent.get("update_s", 0.0) + time.perf_counter() - started
-        spent["steps"] = spent.get("steps", 0.0) + 1
         for outputs in engine_outputs.values():
             for o in outputs.outputs:
                 if o.new_token_ids:
