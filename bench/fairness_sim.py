@@ -272,6 +272,20 @@ def _variant_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def write_report(
+    script: str, argv: list[str] | None, out: Path, fields: Mapping[str, Any], text: str
+) -> None:
+    """Write `fields` as the JSON report `out`, headed by the command that made it (`script` and
+    its arguments: `argv`, or the command line's) and the source revision; print `text` and
+    where the report went."""
+    invocation = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    report = {"command": invocation, "source": source_revision(ROOT), **fields}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(text)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=8, help="workload samples (0..N-1)")
@@ -303,22 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_quiet) as pool:
             runs = list(tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="workloads"))
     summary = summarise(runs, args.variants)
-    invocation = shlex.join(["python", "bench/fairness_sim.py",
-                             *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
-    report = {
-        "command": invocation,
-        "source": source_revision(ROOT),
+    write_report("bench/fairness_sim.py", argv, args.out, {
         "step_cost_ms": dataclasses.asdict(cost),
         "rate": args.rate,
         "num_requests": args.num_requests,
         "max_num_seqs": 4,
         "variants": {n: {k: repr(v) for k, v in VARIANTS[n].items()} for n in args.variants},
         "scenarios": summary,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(summary))
-    print(f"wrote {args.out}")
+    }, table(summary))  # fmt: skip
     return 0
 
 

@@ -23,9 +23,7 @@ a core with the API server and the worker's busy-waiting), so the shares are low
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,10 +33,9 @@ for path in (ROOT, ROOT / "bench"):  # tests.scheduler.sim and fairness_sim (fro
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from fairness_sim import DEFAULT_RATE, StepCost, replay, workload  # noqa: E402
+from fairness_sim import DEFAULT_RATE, StepCost, replay, workload, write_report  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from adaptivellm.benchmark.report import source_revision  # noqa: E402
 from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS  # noqa: E402
 from adaptivellm.scheduler.config import FairnessConfig  # noqa: E402
 
@@ -128,21 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         by_key[s]: time_replays(s, args.num_requests, args.rate, args.repeats, cost)
         for s in tqdm(scenarios, desc="scenarios")
     }
-    invocation = shlex.join(["python", "bench/scheduler_overhead.py",
-                             *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
-    report = {
-        "command": invocation,
-        "source": source_revision(ROOT),
+    write_report("bench/scheduler_overhead.py", argv, args.out, {
         "rate": args.rate,
         "num_requests": args.num_requests,
         "repeats": args.repeats,
         "max_num_seqs": 4,
         "scenarios": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(results))
-    print(f"wrote {args.out}")
+    }, table(results))  # fmt: skip
     return 0
 
 
