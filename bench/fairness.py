@@ -1,9 +1,16 @@
 """Fairness benchmark: stock vLLM FCFS, stock vLLM priority, AdaptiveLLM vtc and AdaptiveLLM
-weighted-turnaround (its defaults, and `adaptive_e3c3`: the same with
+weighted-turnaround (its defaults; with `--e3c3` also `adaptive_e3c3`: the same with
 `--service-time-exponent 3 --fairness-preemption-candidates 3`, the candidate defaults that
 bench/fairness_sim.py found better over many workload samples), side by side, on the
 multi-tenant mix and on a single-tenant mixed-length mix (ShareGPT-shaped lengths), through the
 benchmark harness (adaptivellm.benchmark).
+
+A second, identical stock vLLM FCFS server (`fcfs_b`, the A/A control) runs too: how far its
+figures are from `fcfs`'s is what the harness resolves between two servers on this machine
+(bench/results/serving-aa.json had an identical stock server read 0.980x the first's
+throughput over 10 rounds). The two FCFS servers take the two ends of the turn (the harness
+reverses the order every other round), and every system is also reported against their mean
+(`<name>_vs_fcfs_pair`); `<name>_vs_fcfs` is against the first alone, as the issue asks.
 
 Scheduling order only matters when requests queue *in the engine*, so every server gets
 `--max-num-seqs` (default 4) and the offered load is a little above what the engine can serve:
@@ -24,7 +31,7 @@ client and the server agree on TTFT.
 The harness's weighted turnaround uses one service-time model for every system (fitted on stock
 vLLM alone on its idle server).
 
-All five servers are up at once (`--max-servers 5`) and replay the workload in turn, round by
+All servers are up at once (`--max-servers 6`) and replay the workload in turn, round by
 round, so that drift in this machine's speed hits every system alike; an idle vLLM server takes
 no CPU worth measuring. (Run two at a time, the AdaptiveLLM pair ran minutes after the stock pair
 and their throughputs moved together.)
@@ -44,7 +51,8 @@ from pathlib import Path
 from adaptivellm.benchmark.scenarios import BENCH_MODEL_NAME, FAIRNESS_SCENARIOS, bench_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: fairness.json key -> (harness system name, extra serve flags)
+#: fairness.json key -> (harness system name, extra serve flags), in the harness's turn order:
+#: the two FCFS servers at its ends. adaptive_e3c3 runs with --e3c3 only.
 SYSTEMS = {
     "fcfs": ("stock", ""),
     "priority": ("stock-priority", "--scheduling-policy priority"),
@@ -55,10 +63,11 @@ SYSTEMS = {
         "--fairness weighted-turnaround --service-time-exponent 3 "
         "--fairness-preemption-candidates 3",
     ),
+    "fcfs_b": ("stock-b", ""),
 }
 SCENARIOS = FAIRNESS_SCENARIOS
-#: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`).
-COMPARED = ("adaptive", "adaptive_e3c3")
+#: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`, `<name>_vs_fcfs_pair`).
+COMPARED = ("adaptive", "adaptive_e3c3", "vtc", "priority", "fcfs_b")
 
 
 def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
@@ -71,8 +80,9 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
     if args.num_requests:
         command += ["--num-requests", str(args.num_requests)]
     command += ["--rate", str(args.rate)] if args.rate else ["--load", str(args.load)]
-    for name, flags in SYSTEMS.values():
-        command += ["--system", f"{name}={flags}" if flags else name]
+    for key, (name, flags) in SYSTEMS.items():
+        if key != "adaptive_e3c3" or args.e3c3:
+            command += ["--system", f"{name}={flags}" if flags else name]
     if args.quick:
         command.append("--quick")
     subprocess.run(command, check=True)
@@ -99,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="requests/s offered (instead of --load)")
     parser.add_argument("--num-requests", type=int, help="default 120 (30 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="replays per system")
-    parser.add_argument("--max-servers", type=int, default=5, help="servers up at once")
+    parser.add_argument("--max-servers", type=int, default=6, help="servers up at once")
+    parser.add_argument("--e3c3", action="store_true", help="also run adaptive_e3c3")
     parser.add_argument("--model", help="model folder (default: BENCH_MODEL, built if missing)")
     parser.add_argument(
         "--reuse", action="store_true", help="no run: aggregate the existing harness reports"
@@ -133,17 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ttft_s": ("ttft_p99_s",),
     }
     for key, report in reports.items():
+        ran = [k for k, (name, _) in SYSTEMS.items() if name in report["systems"]]
         section = {
-            field: {k: figure(report, SYSTEMS[k][0], *path) for k in SYSTEMS}
+            field: {k: figure(report, SYSTEMS[k][0], *path) for k in ran}
             for field, path in fields.items()
         }
-        fcfs = section["avg_weighted_turnaround"]["fcfs"]
-        tput = section["throughput_tokens_per_s"]["fcfs"]
-        for name in COMPARED:
+        wt, tput = section["avg_weighted_turnaround"], section["throughput_tokens_per_s"]
+        pair = ("fcfs", "fcfs_b")
+        for name in (n for n in COMPARED if n in ran):
             section[f"{name}_vs_fcfs"] = {
-                "weighted_turnaround_ratio": _ratio(section["avg_weighted_turnaround"][name], fcfs),
-                "throughput_ratio": _ratio(section["throughput_tokens_per_s"][name], tput),
+                "weighted_turnaround_ratio": _ratio(wt[name], wt.get("fcfs")),
+                "throughput_ratio": _ratio(tput[name], tput.get("fcfs")),
             }
+            if name != "fcfs_b" and "fcfs_b" in ran:
+                section[f"{name}_vs_fcfs_pair"] = {
+                    "weighted_turnaround_ratio": _ratio(wt[name], _mean(wt, pair)),
+                    "throughput_ratio": _ratio(tput[name], _mean(tput, pair)),
+                }
         out[key] = section
     # The issue's top-level fields are the multi-tenant mix's.
     out.update({f: out["multi_tenant"][f] for f in fields})
@@ -153,13 +170,23 @@ def main(argv: list[str] | None = None) -> int:
         out["aggregated_again_by"] = invocation
     path = RESULTS / "fairness.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
-    summary = {k: {n: out[k][f"{n}_vs_fcfs"] for n in COMPARED} for k in SCENARIOS}
+    summary = {
+        k: {n: out[k][f"{n}_vs_{base}"] for n in COMPARED for base in ("fcfs", "fcfs_pair")
+            if f"{n}_vs_{base}" in out[k]}
+        for k in SCENARIOS
+    }  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _mean(values: dict[str, float | None], keys: tuple[str, ...]) -> float | None:
+    """The mean of `values[k]` over `keys` (None when one is missing)."""
+    got = [values.get(k) for k in keys]
+    return None if any(v is None for v in got) else sum(v for v in got if v is not None) / len(got)
 
 
 if __name__ == "__main__":

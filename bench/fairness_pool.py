@@ -12,7 +12,11 @@ runs given and reports, per scenario and system:
   standard deviation, standard error, min and max;
 - `pooled`: the ratio of the figures over every round of every run together (output tokens
   over the summed round durations; mean weighted turnaround over every request), as a single
-  longer run would give it.
+  longer run would give it;
+- `paired_vs_fcfs_pair`, over the rounds of runs that had the A/A control (`fcfs_b`, a second
+  identical stock FCFS server): the per-round ratios to the mean of the two FCFS servers'
+  figures in that round. `fcfs_b`'s own `paired` ratios are the A/A spread: what the benchmark
+  reads between two identical servers.
 
 Weighted turnaround divides each request's latency by its service time from the run's own
 service-time fit (the harness's `service_time_model`, fitted on stock vLLM alone), as the run's
@@ -45,6 +49,7 @@ SYSTEMS = {
     "adaptive": "adaptivellm",
     "adaptive_hrrn": "adaptivellm-hrrn",
     "adaptive_e3c3": "adaptivellm-e3c3",
+    "fcfs_b": "stock-b",
 }
 #: Fields of a report's per-request rows this script reads.
 FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "end_s", "ok")
@@ -111,17 +116,23 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             tput: list[float] = []
             mine: list[dict[str, Any]] = []
             base: list[dict[str, Any]] = []
+            wt_pair: list[float] = []
+            tput_pair: list[float] = []
             for report in reports:
                 if SYSTEMS[name] not in report["systems"]:
                     continue
                 rounds = round_figures(report, SYSTEMS[name])
                 fcfs = round_figures(report, SYSTEMS["fcfs"])
                 for r, f in zip(rounds, fcfs, strict=False):
-                    wt.append(statistics.mean(r["turnarounds"]) / statistics.mean(f["turnarounds"]))
-                    tput.append((r["output_tokens"] / r["duration_s"])
-                                / (f["output_tokens"] / f["duration_s"]))  # fmt: skip
+                    wt.append(_turnaround(r) / _turnaround(f))
+                    tput.append(_rate(r) / _rate(f))
                     mine.append(r)
                     base.append(f)
+                if SYSTEMS["fcfs_b"] in report["systems"] and name not in ("fcfs", "fcfs_b"):
+                    control = round_figures(report, SYSTEMS["fcfs_b"])
+                    for r, f, b in zip(rounds, fcfs, control, strict=False):
+                        wt_pair.append(_turnaround(r) / statistics.mean(map(_turnaround, (f, b))))
+                        tput_pair.append(_rate(r) / statistics.mean(map(_rate, (f, b))))
             section[name] = {
                 "runs": sum(SYSTEMS[name] in r["systems"] for r in reports),
                 "paired": {"weighted_turnaround_ratio": _spread(wt),
@@ -133,8 +144,21 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 },
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
+            if tput_pair:
+                section[name]["paired_vs_fcfs_pair"] = {
+                    "weighted_turnaround_ratio": _spread(wt_pair),
+                    "throughput_ratio": _spread(tput_pair),
+                }
         out[key] = section
     return out
+
+
+def _turnaround(round_: dict[str, Any]) -> float:
+    return statistics.mean(round_["turnarounds"])
+
+
+def _rate(round_: dict[str, Any]) -> float:
+    return float(round_["output_tokens"] / round_["duration_s"])
 
 
 def _mean_turnaround(rounds: list[dict[str, Any]]) -> float:
@@ -193,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"+- {p['se']:.3f})  throughput {s['pooled']['throughput_ratio']:.4f} "
                 f"(per round {q['mean']:.4f} +- {q['se']:.4f}, {q['min']:.3f}-{q['max']:.3f})"
             )
+            if "paired_vs_fcfs_pair" in s:
+                q = s["paired_vs_fcfs_pair"]["throughput_ratio"]
+                print(f"{'':28} throughput against the FCFS pair, per round {q['mean']:.4f} "
+                      f"+- {q['se']:.4f} ({q['n']} rounds)")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -50,3 +50,46 @@ def test_reuse_keeps_the_original_runs_command_and_settings(
     assert ratios["throughput_ratio"] == pytest.approx(1.03)
     assert out["mixed_length"]["avg_weighted_turnaround"]["fcfs"] == pytest.approx(20.0)
     assert out["jain"] == out["multi_tenant"]["jain"]  # top level: the multi-tenant mix
+    # The A/A control: fcfs_b is the last system (turnaround 10 / 6, throughput 105).
+    pair = out["multi_tenant"]["adaptive_vs_fcfs_pair"]
+    assert pair["throughput_ratio"] == pytest.approx(103 / ((100 + 105) / 2))
+    assert pair["weighted_turnaround_ratio"] == pytest.approx(2.5 / ((10 + 10 / 6) / 2))
+    assert out["multi_tenant"]["fcfs_b_vs_fcfs"]["throughput_ratio"] == pytest.approx(1.05)
+    assert "fcfs_b_vs_fcfs_pair" not in out["multi_tenant"]
+
+
+def test_reports_without_the_control_or_e3c3_have_no_pair_ratios(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fairness, "RESULTS", tmp_path)
+    for scale, scenario in enumerate(fairness.SCENARIOS.values(), start=1):
+        r = report(scale)
+        del r["systems"]["stock-b"], r["systems"]["adaptivellm-e3c3"]  # an earlier run's
+        (tmp_path / f"fairness-{scenario}.json").write_text(json.dumps(r))
+    (tmp_path / "fairness.json").write_text(json.dumps({"command": "python bench/fairness.py"}))
+
+    assert fairness.main(["--reuse"]) == 0
+    section = json.loads((tmp_path / "fairness.json").read_text())["multi_tenant"]
+    assert set(section["throughput_tokens_per_s"]) == {"fcfs", "priority", "vtc", "adaptive"}
+    assert section["adaptive_vs_fcfs"]["throughput_ratio"] == pytest.approx(1.03)
+    assert not [k for k in section if k.endswith("_pair") or k.startswith(("fcfs_b", "adaptive_e"))]
+
+
+def test_the_fcfs_servers_take_the_ends_of_the_turn_and_e3c3_is_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(fairness, "RESULTS", tmp_path)
+    monkeypatch.setattr(fairness.subprocess, "run", lambda c, check: commands.append(c))
+    (tmp_path / "fairness-x.json").write_text("{}")
+    args = argparse.Namespace(max_num_seqs=4, max_servers=6, rounds=2, model="/m", quick=False,
+                              num_requests=120, rate=None, load=1.1, e3c3=False)  # fmt: skip
+    for e3c3 in (False, True):
+        args.e3c3 = e3c3
+        fairness.run_scenario("x", "fairness-x", args)
+    systems = [[c[i + 1].split("=")[0] for i, a in enumerate(c) if a == "--system"]
+               for c in commands]  # fmt: skip
+    assert systems[0] == ["stock", "stock-priority", "adaptivellm-vtc", "adaptivellm", "stock-b"]
+    assert systems[1] == [*systems[0][:4], "adaptivellm-e3c3", "stock-b"]

@@ -72,6 +72,37 @@ def test_rounds_are_paired_and_pooled(tmp_path: Path) -> None:
     assert "priority" not in result["scenarios"]["multi_tenant"]  # no such system ran
 
 
+def test_runs_with_the_a_a_control_are_also_paired_against_the_fcfs_pair(tmp_path: Path) -> None:
+    # Rounds of 20 tokens: stock takes 10 s (2 tokens/s), its identical twin stock-b 12.5 s
+    # (1.6), adaptive 10 s (2.0): against the pair's mean of 1.8 tokens/s, 2.0 / 1.8.
+    stock = system([[(0, 5, 10), (0, 10, 10)]])
+    twin = system([[(0, 5, 10), (0, 12.5, 10)]])
+    adaptive = system([[(0, 2.5, 10), (0, 10, 10)]])
+    for s in (stock, twin, adaptive):
+        s["requests"] = s["requests"] * 2  # the same two rounds
+        s["requests"][2:] = [
+            [*r[:4], r[4] + 20, r[5] + 20, r[6] + 20, r[7]] for r in s["requests"][2:]
+        ]
+    with_control = write_run(
+        tmp_path / "aa", {"stock": stock, "stock-b": twin, "adaptivellm": adaptive}
+    )
+    without = write_run(tmp_path / "plain", {"stock": stock, "adaptivellm": adaptive})
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(with_control), str(without), "--out", str(out)]) == 0
+    section = json.loads(out.read_text())["scenarios"]["multi_tenant"]
+    pair = section["adaptive"]["paired_vs_fcfs_pair"]
+    assert pair["throughput_ratio"]["n"] == 2  # only the run with the control's two rounds
+    assert pair["throughput_ratio"]["mean"] == pytest.approx(2.0 / 1.8)
+    assert section["adaptive"]["paired"]["throughput_ratio"]["n"] == 4
+    # The A/A spread itself: stock-b against stock, 1.6 / 2.0; no pair ratio of its own.
+    assert section["fcfs_b"]["paired"]["throughput_ratio"]["mean"] == pytest.approx(0.8)
+    assert "paired_vs_fcfs_pair" not in section["fcfs_b"]
+    assert "paired_vs_fcfs_pair" not in section["fcfs"]
+    # Weighted turnarounds (latency / 10 tokens): stock 0.75, stock-b 0.875, adaptive 0.625.
+    wt = pair["weighted_turnaround_ratio"]["mean"]
+    assert wt == pytest.approx(0.625 / ((0.75 + 0.875) / 2))
+
+
 def test_a_folder_without_a_run_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
