@@ -185,8 +185,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _mean(values: dict[str, float | None], keys: tuple[str, ...]) -> float | None:
     """The mean of `values[k]` over `keys` (None when one is missing)."""
-    got = [values.get(k) for k in keys]
-    return None if any(v is None for v in got) else sum(v for v in got if v is not None) / len(got)
+    got = [v for k in keys if (v := values.get(k)) is not None]
+    return sum(got) / len(got) if len(got) == len(keys) else None
 
 
 if __name__ == "__main__":
