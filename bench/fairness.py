@@ -37,6 +37,12 @@ no CPU worth measuring. (Run two at a time, the AdaptiveLLM pair ran minutes aft
 and their throughputs moved together.)
 
     python bench/fairness.py [--quick]      # writes bench/results/fairness.json
+
+A follow-up run of part of it (more rounds of one mix, fewer systems) goes to a folder of its
+own, for bench/fairness_pool.py, and leaves the canonical results alone:
+
+    python bench/fairness.py --scenarios mixed_length --systems fcfs,adaptive,fcfs_b \
+        --rounds 8 --out-dir bench/results/fairness-mixed-focus
 """
 
 from __future__ import annotations
@@ -71,9 +77,12 @@ COMPARED = ("adaptive", "adaptive_e3c3", "vtc", "priority", "fcfs_b")
 
 
 def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
-    """Run the harness for one scenario with every system; return its report."""
+    """Run the harness for one scenario with the chosen systems; return its report."""
+    out_dir = getattr(args, "out_dir", None) or RESULTS
+    chosen = getattr(args, "systems", None) or tuple(SYSTEMS)
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", scenario,
-               "--name", stem, "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
+               "--name", stem, "--out-dir", str(out_dir),
+               "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
                "--max-servers", str(args.max_servers),
                "--rounds", str(args.rounds), "--model", args.model,
                "--served-model-name", BENCH_MODEL_NAME]  # fmt: skip
@@ -81,12 +90,12 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
         command += ["--num-requests", str(args.num_requests)]
     command += ["--rate", str(args.rate)] if args.rate else ["--load", str(args.load)]
     for key, (name, flags) in SYSTEMS.items():
-        if key != "adaptive_e3c3" or args.e3c3:
+        if key in chosen and (key != "adaptive_e3c3" or args.e3c3):
             command += ["--system", f"{name}={flags}" if flags else name]
     if args.quick:
         command.append("--quick")
     subprocess.run(command, check=True)
-    return json.loads((RESULTS / f"{stem}.json").read_text())
+    return json.loads((Path(out_dir) / f"{stem}.json").read_text())
 
 
 def figure(report: dict, name: str, *keys: str) -> float | None:
@@ -113,26 +122,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e3c3", action="store_true", help="also run adaptive_e3c3")
     parser.add_argument("--model", help="model folder (default: BENCH_MODEL, built if missing)")
     parser.add_argument(
+        "--scenarios", type=_scenario_keys, default=tuple(SCENARIOS),
+        help=f"comma-separated mixes to run (default all: {','.join(SCENARIOS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--systems", type=_system_keys, default=tuple(SYSTEMS),
+        help=f"comma-separated systems (default all; fcfs is required): {','.join(SYSTEMS)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out-dir", type=Path, default=RESULTS,
+        help="folder for fairness.json and the harness reports (default bench/results)",
+    )  # fmt: skip
+    parser.add_argument(
         "--reuse", action="store_true", help="no run: aggregate the existing harness reports"
     )
     args = parser.parse_args(argv)
+    if args.e3c3 and "adaptive_e3c3" not in args.systems:
+        parser.error("--e3c3 runs adaptive_e3c3, which --systems leaves out")
     invocation = shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     args.model = args.model or str(bench_model())
     args.num_requests = args.num_requests or (30 if args.quick else 120)
+    scenarios = {k: sc for k, sc in SCENARIOS.items() if k in args.scenarios}
     if args.reuse:  # aggregate the harness reports of an earlier run again
-        reports = {k: json.loads((RESULTS / f"fairness-{sc}.json").read_text())
-                   for k, sc in SCENARIOS.items()}  # fmt: skip
+        try:
+            reports = {k: json.loads((args.out_dir / f"fairness-{sc}.json").read_text())
+                       for k, sc in scenarios.items()}  # fmt: skip
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--reuse: {e}")
     else:
-        reports = {k: run_scenario(sc, f"fairness-{sc}", args) for k, sc in SCENARIOS.items()}
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        reports = {k: run_scenario(sc, f"fairness-{sc}", args) for k, sc in scenarios.items()}
     out: dict = {"command": invocation, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
                  "load": None if args.rate else args.load,
                  "rounds": args.rounds, "max_servers": args.max_servers,
                  "num_requests": args.num_requests, "model": args.model}  # fmt: skip
     if args.reuse:  # the command and settings of the run that made the reports, not these
-        previous = json.loads((RESULTS / "fairness.json").read_text())
+        previous = json.loads((args.out_dir / "fairness.json").read_text())
         out = {k: previous.get(k) for k in out}  # None: not recorded by that run
-    out["scenarios"] = {k: f"fairness-{v}.json" for k, v in SCENARIOS.items()}
+    out["scenarios"] = {k: f"fairness-{v}.json" for k, v in scenarios.items()}
     # The offered rate and the capacity it came from, per scenario (None with --rate).
     out["offered"] = {k: r.get("workload", {}).get("load") for k, r in reports.items()}
     fields = {
@@ -162,21 +190,43 @@ def main(argv: list[str] | None = None) -> int:
                     "throughput_ratio": _ratio(tput[name], _mean(tput, pair)),
                 }
         out[key] = section
-    # The issue's top-level fields are the multi-tenant mix's.
-    out.update({f: out["multi_tenant"][f] for f in fields})
+    # The issue's top-level fields are the multi-tenant mix's (absent when it did not run).
+    if "multi_tenant" in out:
+        out.update({f: out["multi_tenant"][f] for f in fields})
     out["targets"] = {"weighted_turnaround_ratio_max": 0.2, "throughput_ratio_min": 0.98,
                       "jain_min_multi_tenant": 0.95}  # fmt: skip
     if args.reuse:
         out["aggregated_again_by"] = invocation
-    path = RESULTS / "fairness.json"
+    path = args.out_dir / "fairness.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     summary = {
         k: {n: out[k][f"{n}_vs_{base}"] for n in COMPARED for base in ("fcfs", "fcfs_pair")
             if f"{n}_vs_{base}" in out[k]}
-        for k in SCENARIOS
+        for k in scenarios
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _keys(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(n for n in (s.strip() for s in text.split(",")) if n)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
+    return names
+
+
+def _scenario_keys(text: str) -> tuple[str, ...]:
+    return _keys(text, tuple(SCENARIOS), "mix(es)")
+
+
+def _system_keys(text: str) -> tuple[str, ...]:
+    names = _keys(text, tuple(SYSTEMS), "system(s)")
+    if "fcfs" not in names:
+        raise argparse.ArgumentTypeError("fcfs is required: every ratio is against it")
+    return names
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

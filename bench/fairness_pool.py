@@ -16,7 +16,9 @@ runs given and reports, per scenario and system:
 - `paired_vs_fcfs_pair`, over the rounds of runs that had the A/A control (`fcfs_b`, a second
   identical stock FCFS server): the per-round ratios to the mean of the two FCFS servers'
   figures in that round. `fcfs_b`'s own `paired` ratios are the A/A spread: what the benchmark
-  reads between two identical servers.
+  reads between two identical servers;
+- `cpu_steal_share`, over the rounds of runs whose harness recorded it: the share of the
+  machine's CPU time the hypervisor gave other guests during the system's rounds.
 
 Weighted turnaround divides each request's latency by its service time from the run's own
 service-time fit (the harness's `service_time_model`, fitted on stock vLLM alone), as the run's
@@ -56,8 +58,9 @@ FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "end_s", "ok")
 
 
 def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
-    """Per round of `system` in a harness report: output tokens, duration and the weighted
-    turnaround of each successful request."""
+    """Per round of `system` in a harness report: output tokens, duration, the weighted
+    turnaround of each successful request, and the CPU steal share (None in reports made before
+    the harness recorded it)."""
     section = report["systems"][system]
     columns = section["request_fields"]
     missing = [f for f in FIELDS if f not in columns]
@@ -72,7 +75,8 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     rows = section["requests"]
     if per_round <= 0 or len(rows) % per_round:
         raise ValueError(f"{system}: {len(rows)} request rows are not rounds of {per_round}")
-    out = []
+    steal = section.get("round_cpu_steal_share") or []
+    out: list[dict[str, Any]] = []
     for start in range(0, len(rows), per_round):
         chunk = rows[start : start + per_round]
         ok = [r for r in chunk if r[at["ok"]]]
@@ -88,6 +92,7 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
             "duration_s": end - begin,
             "turnarounds": turnarounds,
             "failed": float(len(chunk) - len(ok)),
+            "cpu_steal_share": steal[len(out)] if len(out) < len(steal) else None,
         })  # fmt: skip
     return out
 
@@ -144,6 +149,9 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 },
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
+            stolen = [r["cpu_steal_share"] for r in mine if r["cpu_steal_share"] is not None]
+            if stolen:  # how much of the machine other guests took during this system's rounds
+                section[name]["cpu_steal_share"] = _spread(stolen)
             if tput_pair:
                 section[name]["paired_vs_fcfs_pair"] = {
                     "weighted_turnaround_ratio": _spread(wt_pair),
@@ -170,12 +178,16 @@ def _throughput(rounds: list[dict[str, Any]]) -> float:
 
 
 def load_run(folder: Path) -> dict[str, dict[str, Any]]:
-    """The harness reports of one fairness run, by scenario key."""
+    """The harness reports of one fairness run, by scenario key: every mix the folder has (a
+    follow-up run, `bench/fairness.py --scenarios ...`, may have one only)."""
     run = {}
-    for key, scenario in SCENARIOS.items():
-        path = folder / f"fairness-{scenario}.json"
+    paths = {key: folder / f"fairness-{scenario}.json" for key, scenario in SCENARIOS.items()}
+    if not any(p.is_file() for p in paths.values()):
+        names = " or ".join(p.name for p in paths.values())
+        raise FileNotFoundError(f"{folder} has no {names} (a bench/fairness.py run?)")
+    for key, path in paths.items():
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} has no {path.name} (a bench/fairness.py run?)")
+            continue
         try:
             run[key] = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -197,10 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/fairness_pool.py",
                                *(sys.argv[1:] if argv is None else argv)]),
         "runs": [
-            {"folder": str(folder), "command": run["multi_tenant"].get("command"),
-             "created": run["multi_tenant"].get("created"),
-             "source": run["multi_tenant"].get("source"),
-             "rounds": run["multi_tenant"].get("rounds")}
+            {"folder": str(folder), "scenarios": list(run),
+             **{k: next(iter(run.values())).get(k)
+                for k in ("command", "created", "source", "rounds")}}
             for folder, run in zip(args.runs, runs, strict=True)
         ],
         "targets": {"weighted_turnaround_ratio_max": 0.2, "throughput_ratio_min": 0.98},

@@ -6,7 +6,10 @@ other, round by round, so that drift in the machine's speed hits every system al
 go in reverse order (A B C D, D C B A, ...: `round_order`), so that over an even number of
 rounds every system has the same mean position in the turn: a linear drift, or an advantage of
 going first, cancels out. Counters
-are read from /metrics just before and after each replay.
+are read from /metrics just before and after each replay. Each round also records when it
+started (Unix time) and the share of the machine's CPU time the hypervisor took for other guests
+meanwhile (/proc/stat `steal`; None where the kernel reports none): a noisy neighbour slows one
+round and not the next, and this says which.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,6 +99,8 @@ class SystemRun:
     results: list[RequestResult] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
     round_durations_s: list[float] = field(default_factory=list)
+    round_started_at: list[float] = field(default_factory=list)
+    round_cpu_steal_share: list[float | None] = field(default_factory=list)
 
 
 def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list[str]:
@@ -244,10 +250,13 @@ def _replay_round(
     spec = config.workload
     closed = spec.concurrency if spec.arrival == "closed" else 0
     before = scrape_metrics(server.base_url)
+    run.round_started_at.append(time.time())
+    cpu_before = cpu_times()
     # A fresh prompt seed per round: the prefix cache must not serve a repeated prompt.
     results = replay_sync(
         _target(config, server), requests, closed, spec.seed * 1000 + round_, on_result
     )
+    run.round_cpu_steal_share.append(steal_share(cpu_before, cpu_times()))
     after = scrape_metrics(server.base_url)
     for name, delta in counter_deltas(before, after).items():
         run.counters[name] = run.counters.get(name, 0.0) + delta
@@ -255,6 +264,29 @@ def _replay_round(
     offset = sum(run.round_durations_s)
     run.round_durations_s.append(max((r.end_s for r in results), default=0.0))
     run.results.extend(_shift(r, offset) for r in results)
+
+
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(all CPU time, stolen CPU time) since boot, in clock ticks, summed over CPUs, from the
+    first line of /proc/stat; None where it cannot be read (not Linux) or has no steal field."""
+    try:
+        first = stat.read_text().split("\n", 1)[0].split()
+        ticks = [int(x) for x in first[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
+    # counted in user and nice.
+    if first[:1] != ["cpu"] or len(ticks) < 8:
+        return None
+    return sum(ticks[:8]), ticks[7]
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two cpu_times() readings (None without both, or
+    when no time passed)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
 
 
 def _shift(result: RequestResult, offset: float) -> RequestResult:

@@ -57,6 +57,10 @@ def system_report(
         "tenants": {k: dataclasses.asdict(v) for k, v in summary.tenants.items()},
         "counters": run.counters,
         "round_durations_s": run.round_durations_s,
+        "round_started_at": [round(t, 3) for t in run.round_started_at],
+        "round_cpu_steal_share": [
+            None if x is None else round(x, 5) for x in run.round_cpu_steal_share
+        ],
         "errors": failures[:5],
         # Every request, so that figures can be computed again later (another service model,
         # another window) without a new run.

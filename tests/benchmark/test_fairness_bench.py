@@ -93,3 +93,66 @@ def test_the_fcfs_servers_take_the_ends_of_the_turn_and_e3c3_is_opt_in(
                for c in commands]  # fmt: skip
     assert systems[0] == ["stock", "stock-priority", "adaptivellm-vtc", "adaptivellm", "stock-b"]
     assert systems[1] == [*systems[0][:4], "adaptivellm-e3c3", "stock-b"]
+
+
+def test_a_follow_up_run_of_one_mix_and_three_systems_goes_to_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out_dir = tmp_path / "focus"
+    commands: list[list[str]] = []
+
+    def harness(command: list[str], check: bool) -> None:
+        commands.append(command)
+        stem = command[command.index("--name") + 1]
+        keep = {a.split("=")[0] for i, a in enumerate(command) if command[i - 1] == "--system"}
+        r = report(2.0)  # as the mixed-length report of the first test
+        r["systems"] = {n: s for n, s in r["systems"].items() if n in keep}
+        (Path(command[command.index("--out-dir") + 1]) / f"{stem}.json").write_text(json.dumps(r))
+
+    monkeypatch.setattr(fairness, "RESULTS", tmp_path / "canonical")
+    monkeypatch.setattr(fairness.subprocess, "run", harness)
+    argv = ["--scenarios", "mixed_length", "--systems", "fcfs,adaptive,fcfs_b", "--rounds", "8",
+            "--model", "/m", "--out-dir", str(out_dir)]  # fmt: skip
+    assert fairness.main(argv) == 0
+
+    (command,) = commands  # one mix only
+    assert command[command.index("--scenario") + 1] == "sharegpt"
+    systems = [c.split("=")[0] for i, c in enumerate(command) if command[i - 1] == "--system"]
+    assert systems == ["stock", "adaptivellm", "stock-b"]  # the FCFS pair still at the ends
+    out = json.loads((out_dir / "fairness.json").read_text())
+    assert not (tmp_path / "canonical").exists()  # the canonical results are left alone
+    assert set(out["scenarios"]) == {"mixed_length"} and "multi_tenant" not in out
+    assert "jain" not in out  # the top-level fields are the multi-tenant mix's only
+    section = out["mixed_length"]
+    assert set(section["throughput_tokens_per_s"]) == {"fcfs", "adaptive", "fcfs_b"}
+    assert section["adaptive_vs_fcfs_pair"]["throughput_ratio"] == pytest.approx(
+        103 / ((100 + 105) / 2)
+    )
+    assert "--out-dir" in out["command"] and out["rounds"] == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--systems", "adaptive,vtc"], "fcfs is required"),
+        (["--systems", "fcfs,hrrn"], "unknown system(s) hrrn"),
+        (["--systems", ","], "unknown system(s) (none given)"),
+        (["--scenarios", "sharegpt"], "unknown mix(es) sharegpt; known: multi_tenant,"),
+        (["--systems", "fcfs,adaptive", "--e3c3"], "--systems leaves out"),
+    ],
+)
+def test_bad_subsets_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        fairness.main([*argv, "--model", "/m"])
+    assert message in capsys.readouterr().err
+
+
+def test_reuse_of_a_folder_without_reports_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        fairness.main(["--reuse", "--model", "/m", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--reuse:" in err and "fairness-multi-tenant.json" in err

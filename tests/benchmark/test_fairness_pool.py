@@ -108,7 +108,7 @@ def test_a_folder_without_a_run_is_an_error(
 ) -> None:
     with pytest.raises(SystemExit):
         pool.main([str(tmp_path)])
-    assert "has no fairness-multi-tenant.json" in capsys.readouterr().err
+    assert "has no fairness-multi-tenant.json or fairness-sharegpt.json" in capsys.readouterr().err
 
 
 def test_a_corrupt_report_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +133,30 @@ def test_a_run_without_fcfs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         pool.main([str(run)])
     assert "every run needs stock vLLM FCFS" in capsys.readouterr().err
+
+
+def test_a_follow_up_run_of_one_mix_pools_with_full_runs_and_its_steal_is_reported(
+    tmp_path: Path,
+) -> None:
+    stock = system([[(0, 5, 10), (0, 10, 10)], [(10, 15, 10), (10, 20, 10)]])
+    adaptive = system([[(0, 2.5, 10), (0, 8, 10)], [(10, 12.5, 10), (10, 20, 10)]])
+    full = write_run(tmp_path / "full", {"stock": stock, "adaptivellm": adaptive})
+    focus = tmp_path / "focus"  # bench/fairness.py --scenarios mixed_length --out-dir focus
+    focus.mkdir()
+    stolen = {**adaptive, "round_cpu_steal_share": [0.02, None]}  # harness: None = unreadable
+    (focus / "fairness-sharegpt.json").write_text(
+        json.dumps({**report({"stock": stock, "adaptivellm": stolen}), "command": "focus"})
+    )
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(full), str(focus), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["scenarios"] for r in result["runs"]] == [["multi_tenant", "mixed_length"],
+                                                        ["mixed_length"]]  # fmt: skip
+    assert result["runs"][1]["command"] == "focus"
+    mixed, multi = result["scenarios"]["mixed_length"], result["scenarios"]["multi_tenant"]
+    assert mixed["adaptive"]["paired"]["throughput_ratio"]["n"] == 4  # 2 rounds x 2 runs
+    assert multi["adaptive"]["paired"]["throughput_ratio"]["n"] == 2  # the full run only
+    # The steal share of the one round that has it; none recorded for stock.
+    assert mixed["adaptive"]["cpu_steal_share"]["n"] == 1
+    assert mixed["adaptive"]["cpu_steal_share"]["mean"] == pytest.approx(0.02)
+    assert "cpu_steal_share" not in mixed["fcfs"] and "cpu_steal_share" not in multi["adaptive"]
