@@ -42,7 +42,7 @@ A follow-up run of part of it (more rounds of one mix, fewer systems) goes to a 
 own, for bench/fairness_pool.py, and leaves the canonical results alone:
 
     python bench/fairness.py --scenarios mixed_length --systems fcfs,adaptive,fcfs_b \
-        --rounds 8 --out-dir bench/results/fairness-mixed-focus
+        --rounds 12 --round-order rotate --out-dir bench/results/fairness-mixed-focus
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
                "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
                "--max-servers", str(args.max_servers),
                "--rounds", str(args.rounds), "--model", args.model,
+               "--round-order", getattr(args, "round_order", "reverse"),
                "--served-model-name", BENCH_MODEL_NAME]  # fmt: skip
     if args.num_requests:
         command += ["--num-requests", str(args.num_requests)]
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, help="default 120 (30 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="replays per system")
     parser.add_argument("--max-servers", type=int, default=6, help="servers up at once")
+    parser.add_argument(
+        "--round-order", choices=("reverse", "rotate"), default="reverse",
+        help="the harness's turn order across rounds (default reverse; rotate balances over a "
+        "multiple of the system count in rounds, and no system replays twice in a row)",
+    )  # fmt: skip
     parser.add_argument("--e3c3", action="store_true", help="also run adaptive_e3c3")
     parser.add_argument("--model", help="model folder (default: BENCH_MODEL, built if missing)")
     parser.add_argument(
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"command": invocation, "quick": args.quick,
                  "max_num_seqs": args.max_num_seqs, "rate": args.rate,
                  "load": None if args.rate else args.load,
-                 "rounds": args.rounds, "max_servers": args.max_servers,
+                 "rounds": args.rounds, "round_order": args.round_order,
+                 "max_servers": args.max_servers,
                  "num_requests": args.num_requests, "model": args.model}  # fmt: skip
     if args.reuse:  # the command and settings of the run that made the reports, not these
         previous = json.loads((args.out_dir / "fairness.json").read_text())

@@ -66,6 +66,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="workload replays per system")
     parser.add_argument(
+        "--round-order", choices=("reverse", "rotate"), default="reverse",
+        help="the systems' turn order across rounds: reversed every other round (default), or "
+        "rotated one place a round (balanced over a multiple of the system count in rounds)",
+    )  # fmt: skip
+    parser.add_argument(
         "--calibration-repeats", type=int, default=2, help="solo requests per calibration shape"
     )
     parser.add_argument("--max-servers", type=int, default=2, help="servers up at once (default 2)")
@@ -133,6 +138,7 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
         rounds=args.rounds,
         calibration_repeats=args.calibration_repeats,
         max_servers=max(1, args.max_servers),
+        round_order=args.round_order,
     )
     if args.load is not None:
         config, requests = _set_load(config, requests, args.load, args.capacity_clients)

@@ -5,7 +5,12 @@ Up to `max_servers` systems are up at once and take turns: each is warmed up and
 other, round by round, so that drift in the machine's speed hits every system alike. Odd rounds
 go in reverse order (A B C D, D C B A, ...: `round_order`), so that over an even number of
 rounds every system has the same mean position in the turn: a linear drift, or an advantage of
-going first, cancels out. Counters
+going first, cancels out. With `round_order="rotate"` each round starts one system later
+instead (A B C, B C A, C A B, ...): over a multiple of the system count in rounds every system
+takes every place once, and, with three systems or more, none replays twice in a row across a
+round's boundary, so every system waits the same number of other replays between its own (with
+reversal the systems at the ends replay back to back at every other boundary and wait twice as
+long at the next: the middle never does either). Counters
 are read from /metrics just before and after each replay. Each round also records when it
 started (Unix time) and the share of the machine's CPU time the hypervisor took for other guests
 meanwhile (/proc/stat `steal`; None where the kernel reports none): a noisy neighbour slows one
@@ -82,6 +87,8 @@ class BenchConfig:
     rounds: int = 1
     calibration_repeats: int = 2
     max_servers: int = 2
+    round_order: str = "reverse"
+    """`reverse` or `rotate`: see `round_order`."""
     startup_timeout_s: float = 600.0
     load: dict[str, object] | None = None
     """How the offered rate was set from a capacity probe (`measure_capacity`), for the report;
@@ -157,7 +164,7 @@ def _run_group(
             on_stage(f"calibrating {name}")
             runs[name].calibration = calibrate(_target(config, server), config)
         for round_ in range(config.rounds):
-            for name in round_order(list(servers), round_):
+            for name in round_order(list(servers), round_, config.round_order):
                 server = servers[name]
                 on_stage(f"{name}: round {round_ + 1}/{config.rounds}")
                 _replay_round(config, runs[name], server, requests, round_, on_result)
@@ -226,9 +233,17 @@ def saturated_rate(end_times: Sequence[float], clients: int) -> float:
     return (n - clients) / last_busy
 
 
-def round_order(names: Sequence[str], round_: int) -> list[str]:
-    """The order in which the systems replay in round `round_` (from 0): as given in even
-    rounds, reversed in odd ones."""
+ROUND_ORDERS = ("reverse", "rotate")
+
+
+def round_order(names: Sequence[str], round_: int, how: str = "reverse") -> list[str]:
+    """The order in which the systems replay in round `round_` (from 0). `reverse`: as given in
+    even rounds, reversed in odd ones. `rotate`: started `round_` places later, wrapping round."""
+    if how == "rotate":
+        k = round_ % len(names) if names else 0
+        return [*names[k:], *names[:k]]
+    if how != "reverse":
+        raise ValueError(f"round order {how!r}: expected one of {', '.join(ROUND_ORDERS)}")
     return list(names) if round_ % 2 == 0 else list(reversed(names))
 
 

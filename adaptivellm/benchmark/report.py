@@ -114,6 +114,7 @@ def build_report(
         "model": model_info(config),
         "common_flags": list(config.common_flags),
         "rounds": config.rounds,
+        "round_order": config.round_order,
         "workload": {"spec": dataclasses.asdict(config.workload),
                      "stats": workload_stats(list(requests)), "tenant_weights": dict(weights),
                      "load": config.load},

@@ -112,11 +112,12 @@ def test_a_follow_up_run_of_one_mix_and_three_systems_goes_to_its_own_folder(
     monkeypatch.setattr(fairness, "RESULTS", tmp_path / "canonical")
     monkeypatch.setattr(fairness.subprocess, "run", harness)
     argv = ["--scenarios", "mixed_length", "--systems", "fcfs,adaptive,fcfs_b", "--rounds", "8",
-            "--model", "/m", "--out-dir", str(out_dir)]  # fmt: skip
+            "--round-order", "rotate", "--model", "/m", "--out-dir", str(out_dir)]  # fmt: skip
     assert fairness.main(argv) == 0
 
     (command,) = commands  # one mix only
     assert command[command.index("--scenario") + 1] == "sharegpt"
+    assert command[command.index("--round-order") + 1] == "rotate"
     systems = [c.split("=")[0] for i, c in enumerate(command) if command[i - 1] == "--system"]
     assert systems == ["stock", "adaptivellm", "stock-b"]  # the FCFS pair still at the ends
     out = json.loads((out_dir / "fairness.json").read_text())
@@ -129,6 +130,7 @@ def test_a_follow_up_run_of_one_mix_and_three_systems_goes_to_its_own_folder(
         103 / ((100 + 105) / 2)
     )
     assert "--out-dir" in out["command"] and out["rounds"] == 8
+    assert out["round_order"] == "rotate"
 
 
 @pytest.mark.parametrize(

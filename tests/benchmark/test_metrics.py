@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -187,6 +188,39 @@ def test_rounds_alternate_direction_so_positions_balance() -> None:
     assert orders[0] == names and orders[1] == names[::-1] and orders[2] == names
     # Over an even number of rounds every system's mean position is the same.
     assert len({sum(o.index(n) for o in orders) for n in names}) == 1
+
+
+def test_rotated_rounds_give_every_place_once_and_no_replay_twice_in_a_row() -> None:
+    from adaptivellm.benchmark.harness import round_order
+
+    names = ["stock", "adaptivellm", "stock-b"]
+    orders = [round_order(names, r, "rotate") for r in range(7)]
+    assert orders[:3] == [names, names[1:] + names[:1], names[2:] + names[:2]]
+    assert orders[3:6] == orders[:3]
+    for n in names:  # every place once in every 3 rounds
+        assert sorted(o.index(n) for o in orders[:3]) == [0, 1, 2]
+    turn = [n for o in orders for n in o]
+    assert all(a != b for a, b in itertools.pairwise(turn))
+    # Over a cycle every system waits the same numbers of other replays between its own...
+    assert len({gaps(turn, n) for n in names}) == 1
+    # ... where with reversal the middle one always waits 2 and the ends 0 or 4.
+    reverse = [n for o in (round_order(names, r) for r in range(6)) for n in o]
+    assert gaps(reverse, "adaptivellm") == (3, 3, 3, 3, 3)
+    assert gaps(reverse, "stock") == (1, 1, 5, 5, 5)
+
+
+def gaps(turn: list[str], name: str) -> tuple[int, ...]:
+    """The distances between `name`'s replays in `turn`, sorted."""
+    at = [k for k, m in enumerate(turn) if m == name]
+    return tuple(sorted(j - i for i, j in itertools.pairwise(at)))
+
+
+def test_an_unknown_round_order_is_an_error() -> None:
+    from adaptivellm.benchmark.harness import round_order
+
+    with pytest.raises(ValueError, match="expected one of reverse, rotate"):
+        round_order(["a", "b"], 1, "shuffle")
+    assert round_order([], 3, "rotate") == []
 
 
 def test_source_revision_names_the_commit_and_a_dirty_tree(
