@@ -17,6 +17,9 @@ runs given and reports, per scenario and system:
   identical stock FCFS server): the per-round ratios to the mean of the two FCFS servers'
   figures in that round. `fcfs_b`'s own `paired` ratios are the A/A spread: what the benchmark
   reads between two identical servers;
+- `tail_s`: the time from a round's last arrival to its last completion, per round. Arrivals
+  are the same for every system, so a longer tail is a longer round: where a policy that
+  leaves the longest requests for last pays for it;
 - `cpu_steal_share`, over the rounds of runs whose harness recorded it: the share of the
   machine's CPU time the hypervisor gave other guests during the system's rounds.
 
@@ -59,8 +62,9 @@ FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "end_s", "ok")
 
 def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     """Per round of `system` in a harness report: output tokens, duration, the weighted
-    turnaround of each successful request, and the CPU steal share (None in reports made before
-    the harness recorded it)."""
+    turnaround of each successful request, the tail (the time from the round's last arrival to
+    its last completion), and the CPU steal share (None in reports made before the harness
+    recorded it)."""
     section = report["systems"][system]
     columns = section["request_fields"]
     missing = [f for f in FIELDS if f not in columns]
@@ -90,6 +94,7 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         out.append({
             "output_tokens": float(sum(r[at["output_tokens"]] for r in ok)),
             "duration_s": end - begin,
+            "tail_s": end - max(r[at["arrival_s"]] for r in chunk),
             "turnarounds": turnarounds,
             "failed": float(len(chunk) - len(ok)),
             "cpu_steal_share": steal[len(out)] if len(out) < len(steal) else None,
@@ -149,6 +154,7 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 },
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
+            section[name]["tail_s"] = _spread([r["tail_s"] for r in mine])
             stolen = [r["cpu_steal_share"] for r in mine if r["cpu_steal_share"] is not None]
             if stolen:  # how much of the machine other guests took during this system's rounds
                 section[name]["cpu_steal_share"] = _spread(stolen)
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"+- {p['se']:.3f})  throughput {s['pooled']['throughput_ratio']:.4f} "
                 f"(per round {q['mean']:.4f} +- {q['se']:.4f}, {q['min']:.3f}-{q['max']:.3f})"
             )
+            print(f"{'':28} tail after the last arrival {s['tail_s']['mean']:.1f} s")
             if "paired_vs_fcfs_pair" in s:
                 q = s["paired_vs_fcfs_pair"]["throughput_ratio"]
                 print(f"{'':28} throughput against the FCFS pair, per round {q['mean']:.4f} "

@@ -70,6 +70,10 @@ def test_rounds_are_paired_and_pooled(tmp_path: Path) -> None:
     assert section["pooled"]["weighted_turnaround_ratio"] == pytest.approx(2.5 / 3.0)
     assert math.isfinite(wt["sd"]) and wt["se"] == pytest.approx(wt["sd"] / 2)
     assert "priority" not in result["scenarios"]["multi_tenant"]  # no such system ran
+    # Tails (last completion after the last arrival, at 0 and 10 s): 8 s and 12 s, twice.
+    assert section["tail_s"]["mean"] == pytest.approx(10.0)
+    assert (section["tail_s"]["min"], section["tail_s"]["max"]) == pytest.approx((8.0, 12.0))
+    assert result["scenarios"]["multi_tenant"]["fcfs"]["tail_s"]["mean"] == pytest.approx(10.0)
 
 
 def test_runs_with_the_a_a_control_are_also_paired_against_the_fcfs_pair(tmp_path: Path) -> None:
