@@ -14,6 +14,7 @@ import pytest
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from tests.support import (
     Server,
+    lower_engine_priority,
     metric_delta,
     overlapping_attempts,
     read_live_after,
@@ -104,6 +105,7 @@ def test_short_request_preempts_a_long_one_outputs_unchanged(
     port = free_port()
     flags = [*FLAGS, "--preemption-mode", mode]
     with running_server(adaptivellm_command(None, port, flags), port, tmp_path / "log") as s:
+        assert lower_engine_priority(s) > 0
         finished, before, after = overlapping_attempts(
             s.base_url,
             lambda: asyncio.run(contended(s.base_url, "adaptivellm-tiny-llama")),

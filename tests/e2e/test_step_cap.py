@@ -13,6 +13,7 @@ import httpx
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from tests.support import (
     Server,
+    lower_engine_priority,
     metric_delta,
     overlapping_attempts,
     read_live_after,
@@ -86,6 +87,7 @@ def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
     reference = asyncio.run(texts_alone(server.base_url, bodies, server.headers))
     port = free_port()
     with running_server(adaptivellm_command(None, port, FLAGS), port, tmp_path / "log") as s:
+        assert lower_engine_priority(s) > 0
         finished, before, after = overlapping_attempts(
             s.base_url,
             lambda: asyncio.run(overlapping(s.base_url, "adaptivellm-tiny-llama")),
