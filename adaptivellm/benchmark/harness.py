@@ -8,9 +8,9 @@ rounds every system has the same mean position in the turn: a linear drift, or a
 going first, cancels out. With `round_order="rotate"` each round starts one system later
 instead (A B C, B C A, C A B, ...): over a multiple of the system count in rounds every system
 takes every place once, and, with three systems or more, none replays twice in a row across a
-round's boundary, so every system waits the same number of other replays between its own (with
-reversal the systems at the ends replay back to back at every other boundary and wait twice as
-long at the next: the middle never does either). Counters
+round's boundary; over each cycle every system has the same waits (counted in other replays)
+between its own. With reversal the systems at the ends replay back to back at every other
+boundary and wait twice as long at the next, and the middle never does either. Counters
 are read from /metrics just before and after each replay. Each round also records when it
 started (Unix time) and the share of the machine's CPU time the hypervisor took for other guests
 meanwhile (/proc/stat `steal`; None where the kernel reports none): a noisy neighbour slows one
