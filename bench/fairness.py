@@ -78,25 +78,23 @@ COMPARED = ("adaptive", "adaptive_e3c3", "vtc", "priority", "fcfs_b")
 
 def run_scenario(scenario: str, stem: str, args: argparse.Namespace) -> dict:
     """Run the harness for one scenario with the chosen systems; return its report."""
-    out_dir = getattr(args, "out_dir", None) or RESULTS
-    chosen = getattr(args, "systems", None) or tuple(SYSTEMS)
     command = [sys.executable, "-m", "adaptivellm.benchmark", "--scenario", scenario,
-               "--name", stem, "--out-dir", str(out_dir),
+               "--name", stem, "--out-dir", str(args.out_dir),
                "--vllm-args", f"--max-num-seqs {args.max_num_seqs}",
                "--max-servers", str(args.max_servers),
                "--rounds", str(args.rounds), "--model", args.model,
-               "--round-order", getattr(args, "round_order", "reverse"),
+               "--round-order", args.round_order,
                "--served-model-name", BENCH_MODEL_NAME]  # fmt: skip
     if args.num_requests:
         command += ["--num-requests", str(args.num_requests)]
     command += ["--rate", str(args.rate)] if args.rate else ["--load", str(args.load)]
     for key, (name, flags) in SYSTEMS.items():
-        if key in chosen and (key != "adaptive_e3c3" or args.e3c3):
+        if key in args.systems and (key != "adaptive_e3c3" or args.e3c3):
             command += ["--system", f"{name}={flags}" if flags else name]
     if args.quick:
         command.append("--quick")
     subprocess.run(command, check=True)
-    return json.loads((Path(out_dir) / f"{stem}.json").read_text())
+    return json.loads((args.out_dir / f"{stem}.json").read_text())
 
 
 def figure(report: dict, name: str, *keys: str) -> float | None:

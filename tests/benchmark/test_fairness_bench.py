@@ -85,7 +85,9 @@ def test_the_fcfs_servers_take_the_ends_of_the_turn_and_e3c3_is_opt_in(
     monkeypatch.setattr(fairness.subprocess, "run", lambda c, check: commands.append(c))
     (tmp_path / "fairness-x.json").write_text("{}")
     args = argparse.Namespace(max_num_seqs=4, max_servers=6, rounds=2, model="/m", quick=False,
-                              num_requests=120, rate=None, load=1.1, e3c3=False)  # fmt: skip
+                              num_requests=120, rate=None, load=1.1, e3c3=False,
+                              out_dir=tmp_path, systems=tuple(fairness.SYSTEMS),
+                              round_order="reverse")  # fmt: skip
     for e3c3 in (False, True):
         args.e3c3 = e3c3
         fairness.run_scenario("x", "fairness-x", args)
