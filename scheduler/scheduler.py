@@ -64,6 +64,7 @@ from adaptivellm.scheduler.split_sessions import (
     start_session,
     take_chunk,
 )
+from adaptivellm.scheduler.step_trace import StepTrace
 from adaptivellm.scheduler.swap_connector import AdaptiveSwapConnector
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,16 @@ class AdaptiveScheduler(Scheduler):
         self._step: tuple[SchedulerOutput, float, int, int] | None = None
         self._logged_service: ServiceModel | None = None
         self._publish_service_model()
+        #: ADAPTIVELLM_STEP_TRACE's per-step trace (scheduler.step_trace); None: off. The step
+        #: in it: when schedule() was entered and returned, and its counts.
+        self.trace = StepTrace.from_env({
+            "policy": self.fairness.policy,
+            "max_step_s": self.fairness.max_step_s,
+            "fairness_preemption": self.fairness.preemption.enabled,
+            "preemption_mode": self.preemption.mode,
+            "max_num_seqs": self.max_num_running_reqs,
+        })  # fmt: skip
+        self._traced: tuple[SchedulerOutput, float, float, dict[str, int]] | None = None
         if self.fairness.policy == "weighted-turnaround":
             logger.info(
                 "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
@@ -186,6 +197,7 @@ class AdaptiveScheduler(Scheduler):
     # --- the step -----------------------------------------------------------------------
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        entered = time.perf_counter() if self.trace is not None else 0.0
         now = self.clock()
         if self._own_policy():
             self._reorder(self.waiting, now)
@@ -207,7 +219,21 @@ class AdaptiveScheduler(Scheduler):
         prefill, decode = self._account(output, now)
         self._observe_fairness(output, now)
         self._step = (output, self.step_timer(), prefill, decode)
+        if self.trace is not None:
+            counts = self._trace_counts(output, prefill, decode)
+            self._traced = (output, entered, time.perf_counter(), counts)
         return output
+
+    def _trace_counts(self, output: SchedulerOutput, prefill: int, decode: int) -> dict[str, int]:
+        context = 0
+        for req_id in output.num_scheduled_tokens:
+            if (request := self.requests.get(req_id)) is not None:
+                context += request.num_computed_tokens
+        return {
+            "prefill": prefill, "decode": decode, "context": context,
+            "running": len(self.running), "waiting": len(self.waiting),
+            "preempted": len(output.preempted_req_ids or ()),
+        }  # fmt: skip
 
     def _step_token_budget(self, full: int) -> tuple[int, int]:
         """This step's token budget and the most prompt tokens one request may take in it (0:
@@ -255,7 +281,18 @@ class AdaptiveScheduler(Scheduler):
             self.service_fit.observe(self.step_timer() - started, prefill, decode)
             if self.service_fit.model is not before:
                 self._publish_service_model()
-        return super().update_from_output(scheduler_output, model_runner_output)
+        if self.trace is None:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        entered = time.perf_counter()
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        # With async scheduling the next step may be scheduled before this one's output
+        # comes back: only a step whose own schedule() is the last one traced is written.
+        if (traced := self._traced) is not None and traced[0] is scheduler_output:
+            self._traced = None
+            _, start, returned, counts = traced
+            self.trace.step(start, returned - start, entered - returned,
+                            time.perf_counter() - entered, counts)  # fmt: skip
+        return outputs
 
     @property
     def service(self) -> ServiceModel:
