@@ -49,6 +49,7 @@ from adaptivellm.launch import (
     free_port,
     stock_vllm_command,
 )
+from adaptivellm.scheduler.step_trace import STEP_TRACE_NAME_ENV
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list
 def new_server(config: BenchConfig, system: SystemConfig, log_name: str) -> ServerProcess:
     """A server for `system` on a free port (not started), logging to log_dir / log_name."""
     port = free_port()
-    env = STOCK_ENV if system.kind == "stock" else {}
+    # Named for ADAPTIVELLM_STEP_TRACE's header (scheduler/step_trace.py), when tracing is on.
+    env = STOCK_ENV if system.kind == "stock" else {STEP_TRACE_NAME_ENV: system.name}
     command = server_command(system, config, port)
     return ServerProcess(command, port, config.log_dir / log_name, env)
 
