@@ -86,9 +86,19 @@ def load(folders: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
     return traces
 
 
+def _work(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps that scheduled tokens (an idle engine's steps schedule none)."""
+    return [s for s in steps if s["decode"] or s["prefill"]]
+
+
+def _design(steps: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The common fit's design matrix: a constant and FIT_TERMS, one row per step."""
+    return np.array([[1.0, *(float(s[t]) for t in FIT_TERMS)] for s in steps])
+
+
 def summarise(steps: list[dict[str, Any]]) -> dict[str, float]:
     """Totals and per-step means of one server's steps (only steps that scheduled tokens)."""
-    work = [s for s in steps if s["decode"] or s["prefill"]]
+    work = _work(steps)
     if not work:
         raise ValueError("a trace has no step that scheduled tokens")
     gaps = []
@@ -120,8 +130,8 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, float]:
 
 def common_fit(traces: dict[str, list[dict[str, Any]]]) -> tuple[np.ndarray, float]:
     """Least-squares coefficients (F, v, p, q) of exec_s over every server's steps, and R^2."""
-    rows = [s for steps in traces.values() for s in steps if s["decode"] or s["prefill"]]
-    x = np.array([[1.0, *(float(s[t]) for t in FIT_TERMS)] for s in rows])
+    rows = [s for steps in traces.values() for s in _work(steps)]
+    x = _design(rows)
     y = np.array([s["exec_s"] for s in rows])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     residual = y - x @ coef
@@ -139,9 +149,8 @@ def compare(traces: dict[str, list[dict[str, Any]]], reference: str | None) -> d
         "servers": {},
     }  # fmt: skip
     for name, steps in traces.items():
-        work = [s for s in steps if s["decode"] or s["prefill"]]
-        x = np.array([[1.0, *(float(s[t]) for t in FIT_TERMS)] for s in work])
-        residual = np.array([s["exec_s"] for s in work]) - x @ coef
+        work = _work(steps)
+        residual = np.array([s["exec_s"] for s in work]) - _design(work) @ coef
         out["servers"][name] = {**summarise(steps), "excess_exec_ms": 1e3 * float(residual.mean())}
     names = list(out["servers"])
     ref = reference or ("fcfs" if "fcfs" in names else names[0])
