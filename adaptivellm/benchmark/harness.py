@@ -14,7 +14,10 @@ boundary and wait twice as long at the next, and the middle never does either. C
 are read from /metrics just before and after each replay. Each round also records when it
 started (Unix time) and the share of the machine's CPU time the hypervisor took for other guests
 meanwhile (/proc/stat `steal`; None where the kernel reports none): a noisy neighbour slows one
-round and not the next, and this says which.
+round and not the next, and this says which. It also records the CPU time (user + system) each of
+the server's processes spent in the round, by role (`process_role`: the API server, the engine
+core, a worker), and the harness's own (the client): on a machine with few cores the forward pass
+shares them with everything else, so CPU a server spends outside its forward pass slows its steps.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import psutil
 
 from adaptivellm.benchmark.client import (
     Target,
@@ -109,6 +115,8 @@ class SystemRun:
     round_durations_s: list[float] = field(default_factory=list)
     round_started_at: list[float] = field(default_factory=list)
     round_cpu_steal_share: list[float | None] = field(default_factory=list)
+    round_cpu_s: list[dict[str, float]] = field(default_factory=list)
+    """Per round: CPU seconds by role (`process_role`, and `client`), `cpu_deltas`."""
 
 
 def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list[str]:
@@ -269,11 +277,14 @@ def _replay_round(
     before = scrape_metrics(server.base_url)
     run.round_started_at.append(time.time())
     cpu_before = cpu_times()
+    procs_before = process_cpu_s(server.proc.pid if server.proc else None)
     # A fresh prompt seed per round: the prefix cache must not serve a repeated prompt.
     results = replay_sync(
         _target(config, server), requests, closed, spec.seed * 1000 + round_, on_result
     )
     run.round_cpu_steal_share.append(steal_share(cpu_before, cpu_times()))
+    procs_after = process_cpu_s(server.proc.pid if server.proc else None)
+    run.round_cpu_s.append(cpu_deltas(procs_before, procs_after))
     after = scrape_metrics(server.base_url)
     for name, delta in counter_deltas(before, after).items():
         run.counters[name] = run.counters.get(name, 0.0) + delta
@@ -304,6 +315,57 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
     if before is None or after is None or after[0] <= before[0]:
         return None
     return (after[1] - before[1]) / (after[0] - before[0])
+
+
+#: What a vLLM process calls itself (vllm.utils.system_utils.set_process_title: "VLLM::<name>",
+#: with a suffix such as "_DP0"), by role.
+PROCESS_ROLES = (("EngineCore", "engine_core"), ("Worker", "worker"), ("APIServer", "api_server"))
+
+
+def process_role(title: str, is_root: bool) -> str:
+    """The role of a server process from its title (its command line as setproctitle left it):
+    the server's own process is the API server; vLLM names its engine core and workers; any
+    other child (a resource tracker, a compile worker) is `other`."""
+    if is_root:
+        return "api_server"
+    head = title.split(maxsplit=1)[0] if title.strip() else ""
+    for name, role in PROCESS_ROLES:
+        if name in head:
+            return role
+    return "other"
+
+
+def process_cpu_s(root: int | None) -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) so far of `root`, each of its live descendants, and this
+    process (the harness: the client), keyed by (pid, role). A process that ends on the way is
+    left out; an unknown or gone `root` leaves only the client."""
+    out: dict[tuple[int, str], float] = {}
+    me = psutil.Process(os.getpid())
+    procs: list[tuple[psutil.Process, bool]] = []
+    if root is not None:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(root)
+            procs = [(top, True), *((p, False) for p in top.children(recursive=True))]
+    for proc, is_root in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            title = " ".join(proc.cmdline())
+            out[(proc.pid, process_role(title, is_root))] = t.user + t.system
+    t = me.cpu_times()
+    out[(me.pid, "client")] = t.user + t.system
+    return out
+
+
+def cpu_deltas(
+    before: Mapping[tuple[int, str], float], after: Mapping[tuple[int, str], float]
+) -> dict[str, float]:
+    """CPU seconds spent between two process_cpu_s() readings, summed by role. A process in
+    `after` only (started meanwhile) counts from zero; one in `before` only (gone) is lost."""
+    out: dict[str, float] = {}
+    for (pid, role), t in after.items():
+        spent = t - before.get((pid, role), 0.0)
+        out[role] = out.get(role, 0.0) + max(spent, 0.0)
+    return out
 
 
 def _shift(result: RequestResult, offset: float) -> RequestResult:

@@ -61,6 +61,8 @@ def system_report(
         "round_cpu_steal_share": [
             None if x is None else round(x, 5) for x in run.round_cpu_steal_share
         ],
+        "round_cpu_s": [{k: round(v, 3) for k, v in sorted(r.items())} for r in run.round_cpu_s],
+        "cpu_ms_per_output_token": cpu_per_token(run.round_cpu_s, summary.figures()),
         "errors": failures[:5],
         # Every request, so that figures can be computed again later (another service model,
         # another window) without a new run.
@@ -79,6 +81,23 @@ def system_report(
             for r in run.results
         ],
     }
+
+
+def cpu_per_token(
+    rounds: Sequence[Mapping[str, float]], figures: Mapping[str, float]
+) -> dict[str, float]:
+    """CPU milliseconds per output token by process role over all rounds (and `total`, of the
+    server's processes, the client left out); empty without rounds or tokens."""
+    tokens = figures.get("output_tokens") or 0.0
+    if not rounds or not tokens > 0:
+        return {}
+    spent: dict[str, float] = {}
+    for r in rounds:
+        for role, t in r.items():
+            spent[role] = spent.get(role, 0.0) + t
+    out = {role: round(1000.0 * t / tokens, 4) for role, t in sorted(spent.items())}
+    out["total"] = round(1000.0 * sum(t for k, t in spent.items() if k != "client") / tokens, 4)
+    return out
 
 
 def build_report(

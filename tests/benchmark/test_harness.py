@@ -1,13 +1,25 @@
-"""The harness's per-round CPU steal reading (adaptivellm.benchmark.harness), on hand-made
-/proc/stat files and this machine's own."""
+"""The harness's per-round CPU readings (adaptivellm.benchmark.harness): steal, on hand-made
+/proc/stat files and this machine's own; CPU time by process role, on real child processes
+(the real server's processes: tests/benchmark/test_harness_e2e.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from adaptivellm.benchmark.harness import cpu_times, steal_share
+from adaptivellm.benchmark.harness import (
+    cpu_deltas,
+    cpu_times,
+    process_cpu_s,
+    process_role,
+    steal_share,
+)
+from adaptivellm.benchmark.report import cpu_per_token
 
 
 def stat_file(tmp_path: Path, first_line: str) -> Path:
@@ -50,3 +62,80 @@ def test_this_machines_reading_is_a_share() -> None:
     assert after[0] >= before[0] and after[1] >= before[1]
     share = steal_share(before, (after[0] + 1, after[1]))
     assert share is not None and 0.0 <= share <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("title", "is_root", "role"),
+    [
+        ("VLLM::EngineCore_DP0", False, "engine_core"),
+        ("VLLM::Worker_TP0 ", False, "worker"),
+        ("VLLM::APIServer_0", False, "api_server"),
+        ("/usr/bin/python -m adaptivellm serve", True, "api_server"),
+        ("python -c from multiprocessing.resource_tracker import main", False, "other"),
+        # A child's arguments are not its title: only the first word names a role.
+        ("python -m worker EngineCore", False, "other"),
+        ("", False, "other"),
+    ],
+)
+def test_process_role_reads_vllms_titles(title: str, is_root: bool, role: str) -> None:
+    assert process_role(title, is_root) == role
+
+
+BUSY = (
+    "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_cpu_by_role_counts_a_busy_child_and_not_an_idle_one() -> None:
+    """A parent with two children, one that burns 0.3 s of CPU and one that sleeps: the parent
+    reads as the API server, the children as `other`, and the burnt time is found."""
+    code = (
+        "import subprocess, sys, time\n"
+        f"busy = subprocess.Popen([sys.executable, '-c', {BUSY!r}])\n"
+        "idle = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+        "print('up', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "up"
+        before = process_cpu_s(parent.pid)
+        roles = sorted(role for _, role in before)
+        assert roles == ["api_server", "client", "other", "other"], before
+        time.sleep(3.0)  # the busy child burns its 0.3 s meanwhile (it started just before)
+        spent = cpu_deltas(before, process_cpu_s(parent.pid))
+        assert 0.1 < spent["other"] < 0.5, spent
+        assert spent["api_server"] < 0.1, spent
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.kill()
+        parent.wait()
+
+
+def test_cpu_of_a_gone_root_is_the_client_alone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert [role for _, role in process_cpu_s(proc.pid)] == ["client"]
+    assert [role for _, role in process_cpu_s(None)] == ["client"]
+
+
+def test_cpu_deltas_sum_by_role_and_count_new_processes_from_zero() -> None:
+    before = {(1, "api_server"): 2.0, (2, "engine_core"): 10.0, (9, "other"): 1.0}
+    after = {(1, "api_server"): 2.5, (2, "engine_core"): 13.0, (3, "other"): 0.25,
+             (4, "other"): 0.5}  # fmt: skip
+    assert cpu_deltas(before, after) == {"api_server": 0.5, "engine_core": 3.0, "other": 0.75}
+    # A pid reused by another role is a new process; a clock never runs back.
+    assert cpu_deltas({(1, "other"): 5.0}, {(1, "api_server"): 1.0}) == {"api_server": 1.0}
+    assert cpu_deltas({(1, "other"): 5.0}, {(1, "other"): 4.0}) == {"other": 0.0}
+
+
+def test_cpu_per_token_over_rounds() -> None:
+    rounds = [{"api_server": 1.0, "engine_core": 3.0, "client": 0.5},
+              {"api_server": 1.0, "engine_core": 5.0, "client": 0.5}]  # fmt: skip
+    out = cpu_per_token(rounds, {"output_tokens": 1000.0})
+    assert out == {"api_server": 2.0, "client": 1.0, "engine_core": 8.0, "total": 10.0}
+    assert cpu_per_token([], {"output_tokens": 1000.0}) == {}
+    assert cpu_per_token(rounds, {"output_tokens": 0.0}) == {}
+    assert cpu_per_token(rounds, {}) == {}

@@ -14,7 +14,13 @@ from adaptivellm.benchmark.client import (
     scrape_metrics,
     solo_latencies,
 )
-from adaptivellm.benchmark.harness import BenchConfig, SystemConfig, SystemRun
+from adaptivellm.benchmark.harness import (
+    BenchConfig,
+    SystemConfig,
+    SystemRun,
+    cpu_deltas,
+    process_cpu_s,
+)
 from adaptivellm.benchmark.metrics import RequestResult, counter_deltas, fit_calibration
 from adaptivellm.benchmark.plots import write_plots
 from adaptivellm.benchmark.report import build_report, markdown_table
@@ -35,9 +41,16 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     assert fit.predict(16, 8) > 0
 
     before = scrape_metrics(server.base_url)
+    assert server.process.proc is not None
+    cpu_before = process_cpu_s(server.process.proc.pid)
     seen: list[RequestResult] = []
     results = replay_sync(target, requests, seed=7, on_result=seen.append)
+    cpu = cpu_deltas(cpu_before, process_cpu_s(server.process.proc.pid))
     counters = counter_deltas(before, scrape_metrics(server.base_url))
+    # The server's real processes, found by their vLLM titles: the API server streamed the
+    # tokens and the engine core ran the steps, so both spent CPU time; so did the client.
+    assert {"api_server", "engine_core", "client"} <= set(cpu), cpu
+    assert cpu["api_server"] > 0 and cpu["engine_core"] > 0 and cpu["client"] > 0, cpu
 
     assert len(seen) == 6 and [r.index for r in results] == list(range(6))
     for req, res in zip(requests, results, strict=True):
@@ -49,7 +62,7 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     assert counters["vllm:prompt_tokens_total"] == sum(r.prompt_tokens for r in requests)
 
     run = SystemRun(SystemConfig("adaptivellm", "adaptivellm"), ["adaptivellm", "serve"], {},
-                    fit, results, counters, [results[-1].end_s])  # fmt: skip
+                    fit, results, counters, [results[-1].end_s], round_cpu_s=[cpu])  # fmt: skip
     config = BenchConfig((run.config,), spec, "model", server.model, 4096, (), tmp_path)
     report = build_report("tiny", "test", config, requests, {"adaptivellm": run}, {}, True)
     figures = report["systems"]["adaptivellm"]["figures"]
@@ -61,6 +74,8 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     assert figures["mean_weighted_turnaround"] > 0
     assert 0.5 <= figures["jain_fairness"] <= 1.0
     assert report["service_time_model"]["fit_on"] == "adaptivellm"
+    per_token = report["systems"]["adaptivellm"]["cpu_ms_per_output_token"]
+    assert per_token["engine_core"] > 0 and per_token["total"] >= per_token["engine_core"]
     json.loads(json.dumps(report, allow_nan=False))  # strict JSON: no NaN anywhere
     assert "adaptivellm" in markdown_table(report)
     paths = write_plots(tmp_path, "tiny", {"adaptivellm": results}, report)
