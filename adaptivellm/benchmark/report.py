@@ -203,8 +203,9 @@ def model_info(config: BenchConfig) -> dict[str, Any]:
 def markdown_table(report: Mapping[str, Any]) -> str:
     """The report's main figures as a Markdown table (ratios to stock in parentheses)."""
     head = ("| system | out tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
-            "| E2E p50 / p99 s | weighted TAT | Jain | preemptions |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
+            "| E2E p50 / p99 s | weighted TAT | Jain | preemptions "
+            "| CPU ms/tok API / engine |")  # fmt: skip
+    lines = [head, "|" + "---|" * 10]
     for name, s in report["systems"].items():
         f = s["figures"]
         r = {} if name == REFERENCE else s.get("ratios_to_stock", {})
@@ -221,9 +222,18 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"| {cell('tpot_p50_s', 1e3, '.1f')} / {cell('tpot_p99_s', 1e3, '.1f')} "
             f"| {cell('e2e_p50_s', fmt='.2f')} / {cell('e2e_p99_s', fmt='.2f')} "
             f"| {cell('mean_weighted_turnaround', fmt='.2f')} "
-            f"| {cell('jain_fairness', fmt='.3f')} | {'-' if pre is None else int(pre)} |"
+            f"| {cell('jain_fairness', fmt='.3f')} | {'-' if pre is None else int(pre)} "
+            f"| {_cpu_cell(s.get('cpu_ms_per_output_token') or {})} |"
         )
     return "\n".join(lines)
+
+
+def _cpu_cell(per_token: Mapping[str, float]) -> str:
+    """The API server's CPU per output token, and the engine's (engine core and workers)."""
+    if not per_token:
+        return "-"
+    engine = per_token.get("engine_core", 0.0) + per_token.get("worker", 0.0)
+    return f"{per_token.get('api_server', 0.0):.2f} / {engine:.1f}"
 
 
 def _fit_dict(fit: CalibrationFit | None) -> dict[str, Any]:

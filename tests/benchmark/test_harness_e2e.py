@@ -77,7 +77,11 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     per_token = report["systems"]["adaptivellm"]["cpu_ms_per_output_token"]
     assert per_token["engine_core"] > 0 and per_token["total"] >= per_token["engine_core"]
     json.loads(json.dumps(report, allow_nan=False))  # strict JSON: no NaN anywhere
-    assert "adaptivellm" in markdown_table(report)
+    table = markdown_table(report)
+    assert "adaptivellm" in table
+    # The CPU column: the API server's ms per token, then the engine's (core and workers).
+    api, engine = table.splitlines()[-1].split("|")[-2].split("/")
+    assert float(api) == round(per_token["api_server"], 2) and float(engine) > 0
     paths = write_plots(tmp_path, "tiny", {"adaptivellm": results}, report)
     assert all(p.stat().st_size > 1000 for p in paths)
     assert not any(isinstance(v, float) and math.isnan(v) for v in figures.values())
