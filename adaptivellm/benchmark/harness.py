@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -277,14 +276,14 @@ def _replay_round(
     before = scrape_metrics(server.base_url)
     run.round_started_at.append(time.time())
     cpu_before = cpu_times()
-    procs_before = process_cpu_s(server.proc.pid if server.proc else None)
+    root = server.proc.pid if server.proc else None
+    procs_before = process_cpu_s(root)
     # A fresh prompt seed per round: the prefix cache must not serve a repeated prompt.
     results = replay_sync(
         _target(config, server), requests, closed, spec.seed * 1000 + round_, on_result
     )
     run.round_cpu_steal_share.append(steal_share(cpu_before, cpu_times()))
-    procs_after = process_cpu_s(server.proc.pid if server.proc else None)
-    run.round_cpu_s.append(cpu_deltas(procs_before, procs_after))
+    run.round_cpu_s.append(cpu_deltas(procs_before, process_cpu_s(root)))
     after = scrape_metrics(server.base_url)
     for name, delta in counter_deltas(before, after).items():
         run.counters[name] = run.counters.get(name, 0.0) + delta
@@ -340,7 +339,7 @@ def process_cpu_s(root: int | None) -> dict[tuple[int, str], float]:
     process (the harness: the client), keyed by (pid, role). A process that ends on the way is
     left out; an unknown or gone `root` leaves only the client."""
     out: dict[tuple[int, str], float] = {}
-    me = psutil.Process(os.getpid())
+    me = psutil.Process()
     procs: list[tuple[psutil.Process, bool]] = []
     if root is not None:
         with contextlib.suppress(psutil.Error):

@@ -46,6 +46,7 @@ def system_report(
 ) -> dict[str, Any]:
     """One system's section of the report (without ratios)."""
     summary = summarise(run.results, fit, weights)
+    figures = summary.figures()
     failures = sorted({r.error for r in run.results if not r.ok})
     return {
         "kind": run.config.kind,
@@ -53,7 +54,7 @@ def system_report(
         "command": shlex.join(run.command),
         "env": run.env,
         "calibration": _fit_dict(run.calibration),
-        "figures": summary.figures(),
+        "figures": figures,
         "tenants": {k: dataclasses.asdict(v) for k, v in summary.tenants.items()},
         "counters": run.counters,
         "round_durations_s": run.round_durations_s,
@@ -62,7 +63,7 @@ def system_report(
             None if x is None else round(x, 5) for x in run.round_cpu_steal_share
         ],
         "round_cpu_s": [{k: round(v, 3) for k, v in sorted(r.items())} for r in run.round_cpu_s],
-        "cpu_ms_per_output_token": cpu_per_token(run.round_cpu_s, summary.figures()),
+        "cpu_ms_per_output_token": cpu_per_token(run.round_cpu_s, figures),
         "errors": failures[:5],
         # Every request, so that figures can be computed again later (another service model,
         # another window) without a new run.
