@@ -20,6 +20,13 @@ runs given and reports, per scenario and system:
 - `tail_s`: the time from a round's last arrival to its last completion, per round. Arrivals
   are the same for every system, so a longer tail is a longer round: where a policy that
   leaves the longest requests for last pays for it;
+- `output_before_last_arrival`, over the rounds of runs whose harness recorded each round's
+  output second by second (`round_output_per_s`): the output tokens delivered before the
+  round's last arrival (the second it falls in counted pro rata). With the arrivals the same
+  for every system, what a system had not delivered by then is what its tail had to do;
+- `started_by_last_arrival` and `output_finished_by_last_arrival`, from the request rows of
+  every report: the requests whose first token came by the last arrival, and the output
+  tokens of those finished by then;
 - `cpu_steal_share`, over the rounds of runs whose harness recorded it: the share of the
   machine's CPU time the hypervisor gave other guests during the system's rounds.
 
@@ -57,14 +64,14 @@ SYSTEMS = {
     "fcfs_b": "stock-b",
 }
 #: Fields of a report's per-request rows this script reads.
-FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "end_s", "ok")
+FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "first_token_s", "end_s", "ok")
 
 
 def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     """Per round of `system` in a harness report: output tokens, duration, the weighted
     turnaround of each successful request, the tail (the time from the round's last arrival to
-    its last completion), and the CPU steal share (None in reports made before the harness
-    recorded it)."""
+    its last completion), the output tokens delivered before the last arrival and the CPU steal
+    share (each None in reports made before the harness recorded it)."""
     section = report["systems"][system]
     columns = section["request_fields"]
     missing = [f for f in FIELDS if f not in columns]
@@ -80,12 +87,15 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     if per_round <= 0 or len(rows) % per_round:
         raise ValueError(f"{system}: {len(rows)} request rows are not rounds of {per_round}")
     steal = section.get("round_cpu_steal_share") or []
+    timelines = section.get("round_output_per_s") or []
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), per_round):
         chunk = rows[start : start + per_round]
         ok = [r for r in chunk if r[at["ok"]]]
         begin = min(r[at["arrival_s"]] for r in chunk)
         end = max(r[at["end_s"]] for r in ok) if ok else begin
+        last = max(r[at["arrival_s"]] for r in chunk)
+        timeline = timelines[len(out)] if len(out) < len(timelines) else None
         turnarounds = [
             (r[at["end_s"]] - r[at["arrival_s"]])
             / fit.predict(r[at["prompt_tokens"]], r[at["output_tokens"]])
@@ -94,12 +104,27 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         out.append({
             "output_tokens": float(sum(r[at["output_tokens"]] for r in ok)),
             "duration_s": end - begin,
-            "tail_s": end - max(r[at["arrival_s"]] for r in chunk),
+            "tail_s": end - last,
+            "output_before_last_arrival": None if timeline is None
+            else delivered_before(timeline, last - begin),
+            # From the rows alone (exact, in every report): what was done by the last arrival.
+            "started_by_last_arrival": float(sum(r[at["first_token_s"]] <= last for r in ok)),
+            "output_finished_by_last_arrival": float(
+                sum(r[at["output_tokens"]] for r in ok if r[at["end_s"]] <= last)
+            ),
             "turnarounds": turnarounds,
             "failed": float(len(chunk) - len(ok)),
             "cpu_steal_share": steal[len(out)] if len(out) < len(steal) else None,
         })  # fmt: skip
     return out
+
+
+def delivered_before(per_second: list[int], t: float) -> float:
+    """Tokens of a `round_output_per_s` timeline delivered before `t` seconds into the round:
+    the whole seconds before it, and the second it falls in pro rata."""
+    whole = int(t)
+    partial = per_second[whole] * (t - whole) if 0 <= whole < len(per_second) else 0.0
+    return float(sum(per_second[: max(0, whole)]) + partial)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -155,6 +180,12 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
             section[name]["tail_s"] = _spread([r["tail_s"] for r in mine])
+            for field in ("started_by_last_arrival", "output_finished_by_last_arrival"):
+                section[name][field] = _spread([r[field] for r in mine])
+            before = [r["output_before_last_arrival"] for r in mine
+                      if r["output_before_last_arrival"] is not None]  # fmt: skip
+            if before:
+                section[name]["output_before_last_arrival"] = _spread(before)
             stolen = [r["cpu_steal_share"] for r in mine if r["cpu_steal_share"] is not None]
             if stolen:  # how much of the machine other guests took during this system's rounds
                 section[name]["cpu_steal_share"] = _spread(stolen)
@@ -234,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"+- {p['se']:.3f})  throughput {s['pooled']['throughput_ratio']:.4f} "
                 f"(per round {q['mean']:.4f} +- {q['se']:.4f}, {q['min']:.3f}-{q['max']:.3f})"
             )
-            print(f"{'':28} tail after the last arrival {s['tail_s']['mean']:.1f} s")
+            line = f"{'':28} tail after the last arrival {s['tail_s']['mean']:.1f} s"
+            if "output_before_last_arrival" in s:
+                line += f", output before it {s['output_before_last_arrival']['mean']:.0f} tokens"
+            print(line)
             if "paired_vs_fcfs_pair" in s:
                 q = s["paired_vs_fcfs_pair"]["throughput_ratio"]
                 print(f"{'':28} throughput against the FCFS pair, per round {q['mean']:.4f} "

@@ -45,6 +45,7 @@ from adaptivellm.benchmark.metrics import (
     RequestResult,
     counter_deltas,
     fit_calibration,
+    output_timeline,
 )
 from adaptivellm.benchmark.workloads import BenchRequest, WorkloadSpec
 from adaptivellm.launch import (
@@ -116,6 +117,8 @@ class SystemRun:
     round_cpu_steal_share: list[float | None] = field(default_factory=list)
     round_cpu_s: list[dict[str, float]] = field(default_factory=list)
     """Per round: CPU seconds by role (`process_role`, and `client`), `cpu_deltas`."""
+    round_output_per_s: list[list[int]] = field(default_factory=list)
+    """Per round: output tokens delivered in each second of it (`output_timeline`)."""
 
 
 def server_command(system: SystemConfig, config: BenchConfig, port: int) -> list[str]:
@@ -290,6 +293,7 @@ def _replay_round(
     # Rounds are laid end to end on one time line, so that pooled figures span them all.
     offset = sum(run.round_durations_s)
     run.round_durations_s.append(max((r.end_s for r in results), default=0.0))
+    run.round_output_per_s.append(output_timeline(results))
     run.results.extend(_shift(r, offset) for r in results)
 
 

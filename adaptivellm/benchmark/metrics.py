@@ -212,6 +212,31 @@ def backlogged_jain(
     return WindowFairness(overall, _mean(values), len(values), windows)
 
 
+def output_timeline(results: Iterable[RequestResult], bin_s: float = 1.0) -> list[int]:
+    """Output tokens delivered in each `bin_s`-second bin from time 0 (the round's start) to
+    the last delivery: bin k counts the chunks that arrived in [k*bin_s, (k+1)*bin_s), each
+    chunk worth its request's output tokens / its chunks. Rounded on the running sum, so the
+    bins add up to the successful requests' output tokens. What a round's figures cannot show:
+    when the output came (before or after the last arrival; a stall), at no cost per token."""
+    if not bin_s > 0:
+        raise ValueError(f"bin_s must be > 0, got {bin_s}")
+    tokens: list[float] = []
+    for r in results:
+        if r.ok and r.token_times:
+            per_chunk = r.output_tokens / len(r.token_times)
+            for t in r.token_times:
+                k = max(0, int(t // bin_s))
+                if k >= len(tokens):
+                    tokens.extend([0.0] * (k + 1 - len(tokens)))
+                tokens[k] += per_chunk
+    out, total, shown = [], 0.0, 0
+    for x in tokens:
+        total += x
+        out.append(round(total) - shown)
+        shown += out[-1]
+    return out
+
+
 def weighted_turnarounds(results: Iterable[RequestResult], fit: CalibrationFit) -> list[float]:
     """Turnaround / predicted service time of each successful request."""
     return [r.latency_s / fit.predict(r.prompt_tokens, r.output_tokens) for r in results if r.ok]

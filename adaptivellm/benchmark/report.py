@@ -64,6 +64,7 @@ def system_report(
         ],
         "round_cpu_s": [{k: round(v, 3) for k, v in sorted(r.items())} for r in run.round_cpu_s],
         "cpu_ms_per_output_token": cpu_per_token(run.round_cpu_s, figures),
+        "round_output_per_s": run.round_output_per_s,
         "errors": failures[:5],
         # Every request, so that figures can be computed again later (another service model,
         # another window) without a new run.

@@ -164,3 +164,27 @@ def test_a_follow_up_run_of_one_mix_pools_with_full_runs_and_its_steal_is_report
     assert mixed["adaptive"]["cpu_steal_share"]["n"] == 1
     assert mixed["adaptive"]["cpu_steal_share"]["mean"] == pytest.approx(0.02)
     assert "cpu_steal_share" not in mixed["fcfs"] and "cpu_steal_share" not in multi["adaptive"]
+
+
+def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_path: Path) -> None:
+    assert pool.delivered_before([3, 4, 5, 6], 2.5) == pytest.approx(9.5)  # 3 + 4 + half of 5
+    assert pool.delivered_before([3, 4], 0.0) == 0.0
+    assert pool.delivered_before([3, 4], 9.0) == 7.0  # past the last delivery: all of it
+    # Rounds whose last request arrives 2.5 s in (round 2: at 12.5 s on the run's time line).
+    stock = system([[(0, 2, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
+    stock["requests"][1][5] = 3.0  # round 1's second request: its first token after 2.5 s
+    adaptive = system([[(0, 5, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
+    adaptive["round_output_per_s"] = [[2, 2, 2, 2, 2, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4] + [0] * 5]
+    run = write_run(tmp_path / "run", {"stock": stock, "adaptivellm": adaptive})
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(run), "--out", str(out)]) == 0
+    mixed = json.loads(out.read_text())["scenarios"]["mixed_length"]
+    before = mixed["adaptive"]["output_before_last_arrival"]
+    assert before["n"] == 2 and (before["min"], before["max"]) == (5.0, 10.0)
+    assert "output_before_last_arrival" not in mixed["fcfs"]  # a report made before 2026-12-03
+    # From the rows, by the last arrival (2.5 s in): stock's round 1 had started one request
+    # and finished it (10 tokens), round 2 had started both (first token = arrival) and
+    # finished none.
+    started = mixed["fcfs"]["started_by_last_arrival"]
+    assert (started["min"], started["max"]) == (1, 2)
+    assert mixed["fcfs"]["output_finished_by_last_arrival"]["mean"] == 5.0

@@ -21,7 +21,12 @@ from adaptivellm.benchmark.harness import (
     cpu_deltas,
     process_cpu_s,
 )
-from adaptivellm.benchmark.metrics import RequestResult, counter_deltas, fit_calibration
+from adaptivellm.benchmark.metrics import (
+    RequestResult,
+    counter_deltas,
+    fit_calibration,
+    output_timeline,
+)
 from adaptivellm.benchmark.plots import write_plots
 from adaptivellm.benchmark.report import build_report, markdown_table
 from adaptivellm.benchmark.workloads import WorkloadSpec, build_workload
@@ -62,7 +67,8 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     assert counters["vllm:prompt_tokens_total"] == sum(r.prompt_tokens for r in requests)
 
     run = SystemRun(SystemConfig("adaptivellm", "adaptivellm"), ["adaptivellm", "serve"], {},
-                    fit, results, counters, [results[-1].end_s], round_cpu_s=[cpu])  # fmt: skip
+                    fit, results, counters, [results[-1].end_s], round_cpu_s=[cpu],
+                    round_output_per_s=[output_timeline(results)])  # fmt: skip
     config = BenchConfig((run.config,), spec, "model", server.model, 4096, (), tmp_path)
     report = build_report("tiny", "test", config, requests, {"adaptivellm": run}, {}, True)
     figures = report["systems"]["adaptivellm"]["figures"]
@@ -76,6 +82,11 @@ def test_tiny_workload_against_real_server(server: Server, tmp_path: Path) -> No
     assert report["service_time_model"]["fit_on"] == "adaptivellm"
     per_token = report["systems"]["adaptivellm"]["cpu_ms_per_output_token"]
     assert per_token["engine_core"] > 0 and per_token["total"] >= per_token["engine_core"]
+    # The round's output second by second: every streamed token, none after the last one.
+    timeline = report["systems"]["adaptivellm"]["round_output_per_s"][0]
+    assert sum(timeline) == figures["output_tokens"]
+    assert len(timeline) == int(max(max(r.token_times) for r in results)) + 1
+    assert timeline[-1] > 0
     json.loads(json.dumps(report, allow_nan=False))  # strict JSON: no NaN anywhere
     table = markdown_table(report)
     assert "adaptivellm" in table

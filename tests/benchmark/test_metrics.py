@@ -15,6 +15,7 @@ from adaptivellm.benchmark.metrics import (
     backlogged_jain,
     counter_deltas,
     fit_calibration,
+    output_timeline,
     percentile,
     ratios,
     summarise,
@@ -155,6 +156,25 @@ def test_service_over_time_is_cumulative_per_tenant() -> None:
     times, cumulative = curves["a"]
     assert times == sorted(times) and cumulative[-1] == pytest.approx(104)
     assert curves["b"][1][-1] == pytest.approx(52)
+
+
+def test_output_timeline_bins_each_chunk_by_its_second() -> None:
+    # 10 tokens as 10 chunks from 0.5 s to 2.3 s (0.2 s apart), 3 tokens in 3 chunks at 2.5 s
+    # on; a failed request delivers nothing.
+    rs = [result(0, output=10, first=0.5, end=2.3), result(1, output=3, first=2.5, end=2.9),
+          result(2, output=50, first=0.0, end=9.0, ok=False)]  # fmt: skip
+    assert output_timeline(rs) == [3, 5, 5]
+    assert output_timeline(rs, bin_s=2.0) == [8, 5]
+    assert output_timeline([]) == []
+    # Chunks of several tokens: 7 tokens in 2 chunks (3.5 each) are rounded on the running sum,
+    # so the bins still add up to the tokens.
+    two = RequestResult(0, "a", 10, 7, 0.0, 0.2, 1.2, True, "", (0.2, 1.2))
+    assert output_timeline([two]) == [4, 3] and sum(output_timeline([two, *rs])) == 20
+
+
+def test_output_timeline_rejects_a_bad_bin() -> None:
+    with pytest.raises(ValueError, match="bin_s"):
+        output_timeline([result()], bin_s=0.0)
 
 
 def test_backlogged_jain_over_windows() -> None:
