@@ -88,6 +88,7 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         raise ValueError(f"{system}: {len(rows)} request rows are not rounds of {per_round}")
     steal = section.get("round_cpu_steal_share") or []
     timelines = section.get("round_output_per_s") or []
+    durations = section.get("round_durations_s") or []
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), per_round):
         chunk = rows[start : start + per_round]
@@ -96,6 +97,9 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         end = max(r[at["end_s"]] for r in ok) if ok else begin
         last = max(r[at["arrival_s"]] for r in chunk)
         timeline = timelines[len(out)] if len(out) < len(timelines) else None
+        # A timeline counts from the round's start: the earlier rounds' durations laid end to
+        # end, as the harness lays the rows (the first arrival where they were not recorded).
+        zero = sum(durations[: len(out)]) if durations and len(durations) >= len(out) else begin
         turnarounds = [
             (r[at["end_s"]] - r[at["arrival_s"]])
             / fit.predict(r[at["prompt_tokens"]], r[at["output_tokens"]])
@@ -106,7 +110,7 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
             "duration_s": end - begin,
             "tail_s": end - last,
             "output_before_last_arrival": None if timeline is None
-            else delivered_before(timeline, last - begin),
+            else delivered_before(timeline, last - zero),
             # From the rows alone (exact, in every report): what was done by the last arrival.
             "started_by_last_arrival": float(sum(r[at["first_token_s"]] <= last for r in ok)),
             "output_finished_by_last_arrival": float(

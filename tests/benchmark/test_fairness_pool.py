@@ -173,8 +173,10 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     # Rounds whose last request arrives 2.5 s in (round 2: at 12.5 s on the run's time line).
     stock = system([[(0, 2, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
     stock["requests"][1][5] = 3.0  # round 1's second request: its first token after 2.5 s
-    adaptive = system([[(0, 5, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
+    # Adaptive's round 2 starts at 10 s (its timeline's 0) but its first request arrives 1 s in.
+    adaptive = system([[(0, 5, 10), (2.5, 10, 10)], [(11, 15, 10), (12.5, 20, 10)]])
     adaptive["round_output_per_s"] = [[2, 2, 2, 2, 2, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4] + [0] * 5]
+    adaptive["round_durations_s"] = [10.0, 10.0]
     run = write_run(tmp_path / "run", {"stock": stock, "adaptivellm": adaptive})
     out = tmp_path / "pooled.json"
     assert pool.main([str(run), "--out", str(out)]) == 0
