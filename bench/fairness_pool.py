@@ -70,8 +70,9 @@ FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "first_token_s", "end_s
 def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     """Per round of `system` in a harness report: output tokens, duration, the weighted
     turnaround of each successful request, the tail (the time from the round's last arrival to
-    its last completion), the output tokens delivered before the last arrival and the CPU steal
-    share (each None in reports made before the harness recorded it)."""
+    its last completion), the requests started and the output of those finished by the last
+    arrival, the output tokens delivered before it and the CPU steal share (these two None in
+    reports made before the harness recorded them)."""
     section = report["systems"][system]
     columns = section["request_fields"]
     missing = [f for f in FIELDS if f not in columns]

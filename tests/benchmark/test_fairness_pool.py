@@ -183,7 +183,7 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     mixed = json.loads(out.read_text())["scenarios"]["mixed_length"]
     before = mixed["adaptive"]["output_before_last_arrival"]
     assert before["n"] == 2 and (before["min"], before["max"]) == (5.0, 10.0)
-    assert "output_before_last_arrival" not in mixed["fcfs"]  # a report made before 2026-12-03
+    assert "output_before_last_arrival" not in mixed["fcfs"]  # stock has no round_output_per_s
     # From the rows, by the last arrival (2.5 s in): stock's round 1 had started one request
     # and finished it (10 tokens), round 2 had started both (first token = arrival) and
     # finished none.
