@@ -90,6 +90,9 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
     steal = section.get("round_cpu_steal_share") or []
     timelines = section.get("round_output_per_s") or []
     durations = section.get("round_durations_s") or []
+    if timelines and len(durations) < len(timelines):
+        raise ValueError(f"{system}: {len(timelines)} round timelines but only "
+                         f"{len(durations)} round durations to place them")  # fmt: skip
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), per_round):
         chunk = rows[start : start + per_round]
@@ -99,8 +102,8 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         last = max(r[at["arrival_s"]] for r in chunk)
         timeline = timelines[len(out)] if len(out) < len(timelines) else None
         # A timeline counts from the round's start: the earlier rounds' durations laid end to
-        # end, as the harness lays the rows (the first arrival where they were not recorded).
-        zero = sum(durations[: len(out)]) if durations and len(durations) >= len(out) else begin
+        # end, as the harness lays the rows.
+        zero = sum(durations[: len(out)])
         turnarounds = [
             (r[at["end_s"]] - r[at["arrival_s"]])
             / fit.predict(r[at["prompt_tokens"]], r[at["output_tokens"]])
@@ -127,9 +130,10 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
 def delivered_before(per_second: list[int], t: float) -> float:
     """Tokens of a `round_output_per_s` timeline delivered before `t` seconds into the round:
     the whole seconds before it, and the second it falls in pro rata."""
-    whole = int(t)
-    partial = per_second[whole] * (t - whole) if 0 <= whole < len(per_second) else 0.0
-    return float(sum(per_second[: max(0, whole)]) + partial)
+    t = max(0.0, t)
+    whole = math.floor(t)
+    partial = per_second[whole] * (t - whole) if whole < len(per_second) else 0.0
+    return float(sum(per_second[:whole]) + partial)
 
 
 def _spread(values: list[float]) -> dict[str, float]:

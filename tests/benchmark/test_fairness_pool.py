@@ -170,6 +170,8 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     assert pool.delivered_before([3, 4, 5, 6], 2.5) == pytest.approx(9.5)  # 3 + 4 + half of 5
     assert pool.delivered_before([3, 4], 0.0) == 0.0
     assert pool.delivered_before([3, 4], 9.0) == 7.0  # past the last delivery: all of it
+    assert pool.delivered_before([3, 4], 1.0) == 3.0  # on a bin boundary: the bins before it
+    assert pool.delivered_before([3, 4], -0.5) == 0.0  # before the round's start: nothing
     # Rounds whose last request arrives 2.5 s in (round 2: at 12.5 s on the run's time line).
     stock = system([[(0, 2, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
     stock["requests"][1][5] = 3.0  # round 1's second request: its first token after 2.5 s
@@ -190,3 +192,10 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     started = mixed["fcfs"]["started_by_last_arrival"]
     assert (started["min"], started["max"]) == (1, 2)
     assert mixed["fcfs"]["output_finished_by_last_arrival"]["mean"] == 5.0
+
+
+def test_timelines_without_round_durations_are_refused(tmp_path: Path) -> None:
+    stock = system([[(0, 2, 10), (2.5, 10, 10)]])
+    stock["round_output_per_s"] = [[5, 5]]  # a timeline, but nothing to place it on
+    with pytest.raises(ValueError, match="round durations"):
+        pool.round_figures(report({"stock": stock}), "stock")
