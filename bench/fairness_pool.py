@@ -24,9 +24,12 @@ runs given and reports, per scenario and system:
   output second by second (`round_output_per_s`): the output tokens delivered before the
   round's last arrival (the second it falls in counted pro rata). With the arrivals the same
   for every system, what a system had not delivered by then is what its tail had to do;
-- `started_by_last_arrival` and `output_finished_by_last_arrival`, from the request rows of
-  every report: the requests whose first token came by the last arrival, and the output
-  tokens of those finished by then;
+- `started_by_last_arrival`, `prompt_started_by_last_arrival` and
+  `output_finished_by_last_arrival`, from the request rows of every report: the requests whose
+  first token came by the last arrival, their prompt tokens, and the output tokens of those
+  finished by then; `output_interpolated_by_last_arrival`, the output delivered by then were
+  each request's tokens evenly spaced from its first to its last (an estimate, for the reports
+  without `round_output_per_s`);
 - `cpu_steal_share`, over the rounds of runs whose harness recorded it: the share of the
   machine's CPU time the hypervisor gave other guests during the system's rounds.
 
@@ -120,6 +123,13 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
             "output_finished_by_last_arrival": float(
                 sum(r[at["output_tokens"]] for r in ok if r[at["end_s"]] <= last)
             ),
+            "prompt_started_by_last_arrival": float(
+                sum(r[at["prompt_tokens"]] for r in ok if r[at["first_token_s"]] <= last)
+            ),
+            "output_interpolated_by_last_arrival": sum(
+                _interpolated(r[at["output_tokens"]], r[at["first_token_s"]], r[at["end_s"]], last)
+                for r in ok
+            ),
             "turnarounds": turnarounds,
             "failed": float(len(chunk) - len(ok)),
             "cpu_steal_share": steal[len(out)] if len(out) < len(steal) else None,
@@ -134,6 +144,17 @@ def delivered_before(per_second: list[int], t: float) -> float:
     whole = math.floor(t)
     partial = per_second[whole] * (t - whole) if whole < len(per_second) else 0.0
     return float(sum(per_second[:whole]) + partial)
+
+
+def _interpolated(tokens: int, first: float, end: float, t: float) -> float:
+    """Output tokens of a request delivered by `t`, were they evenly spaced from its first
+    token to its last: an estimate (a request preempted part-way delivered in two stretches)
+    that every report's rows allow, where `round_output_per_s` gives the exact figure."""
+    if t < first:
+        return 0.0
+    if t >= end or end <= first:
+        return float(tokens)
+    return 1.0 + (tokens - 1) * (t - first) / (end - first)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -189,7 +210,9 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
             section[name]["tail_s"] = _spread([r["tail_s"] for r in mine])
-            for field in ("started_by_last_arrival", "output_finished_by_last_arrival"):
+            for field in ("started_by_last_arrival", "output_finished_by_last_arrival",
+                          "prompt_started_by_last_arrival",
+                          "output_interpolated_by_last_arrival"):  # fmt: skip
                 section[name][field] = _spread([r[field] for r in mine])
             before = [r["output_before_last_arrival"] for r in mine
                       if r["output_before_last_arrival"] is not None]  # fmt: skip

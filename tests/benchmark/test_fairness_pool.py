@@ -175,6 +175,8 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     # Rounds whose last request arrives 2.5 s in (round 2: at 12.5 s on the run's time line).
     stock = system([[(0, 2, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
     stock["requests"][1][5] = 3.0  # round 1's second request: its first token after 2.5 s
+    for row, prompt in zip(stock["requests"], (100, 200, 300, 400), strict=True):
+        row[2] = prompt
     # Adaptive's round 2 starts at 10 s (its timeline's 0) but its first request arrives 1 s in.
     adaptive = system([[(0, 5, 10), (2.5, 10, 10)], [(11, 15, 10), (12.5, 20, 10)]])
     adaptive["round_output_per_s"] = [[2, 2, 2, 2, 2, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4] + [0] * 5]
@@ -192,6 +194,14 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     started = mixed["fcfs"]["started_by_last_arrival"]
     assert (started["min"], started["max"]) == (1, 2)
     assert mixed["fcfs"]["output_finished_by_last_arrival"]["mean"] == 5.0
+    # Their prompts: round 1's first (100 tokens), round 2's both (300 + 400).
+    prompts = mixed["fcfs"]["prompt_started_by_last_arrival"]
+    assert (prompts["min"], prompts["max"]) == (100.0, 700.0)
+    # Evenly spaced tokens: round 1 had delivered request 1's 10; in round 2 request 1 was
+    # half-way from its first token (10 s) to its last (15 s): 1 + 9 * 2.5 / 5, and request 2
+    # had its first token just then: 1.
+    interpolated = mixed["fcfs"]["output_interpolated_by_last_arrival"]
+    assert (interpolated["min"], interpolated["max"]) == (6.5, 10.0)
 
 
 def test_timelines_without_round_durations_are_refused(tmp_path: Path) -> None:
