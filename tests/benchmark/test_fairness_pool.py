@@ -172,6 +172,13 @@ def test_output_before_the_last_arrival_is_read_off_the_recorded_timeline(tmp_pa
     assert pool.delivered_before([3, 4], 9.0) == 7.0  # past the last delivery: all of it
     assert pool.delivered_before([3, 4], 1.0) == 3.0  # on a bin boundary: the bins before it
     assert pool.delivered_before([3, 4], -0.5) == 0.0  # before the round's start: nothing
+    # Evenly spaced tokens, 10 of them from 1 s to 3 s: the first at 1 s, half the rest by 2 s.
+    assert pool._interpolated(10, 1.0, 3.0, 0.5) == 0.0
+    assert pool._interpolated(10, 1.0, 3.0, 1.0) == 1.0
+    assert pool._interpolated(10, 1.0, 3.0, 2.0) == pytest.approx(5.5)
+    assert pool._interpolated(10, 1.0, 3.0, 3.0) == 10.0
+    assert pool._interpolated(1, 2.0, 2.0, 2.0) == 1.0  # one token: first == end, no division
+    assert pool._interpolated(0, 1.0, 3.0, 2.0) == 0.0  # nothing to deliver
     # Rounds whose last request arrives 2.5 s in (round 2: at 12.5 s on the run's time line).
     stock = system([[(0, 2, 10), (2.5, 10, 10)], [(10, 15, 10), (12.5, 20, 10)]])
     stock["requests"][1][5] = 3.0  # round 1's second request: its first token after 2.5 s
