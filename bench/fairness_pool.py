@@ -66,6 +66,14 @@ SYSTEMS = {
     "adaptive_e3c3": "adaptivellm-e3c3",
     "fcfs_b": "stock-b",
 }
+#: round_figures' fields every round has, reported as spreads over the rounds.
+ROUND_SPREADS = (
+    "tail_s",
+    "started_by_last_arrival",
+    "output_finished_by_last_arrival",
+    "prompt_started_by_last_arrival",
+    "output_interpolated_by_last_arrival",
+)
 #: Fields of a report's per-request rows this script reads.
 FIELDS = ("prompt_tokens", "output_tokens", "arrival_s", "first_token_s", "end_s", "ok")
 
@@ -98,16 +106,17 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
         raise ValueError(f"{system}: {len(timelines)} round timelines but only "
                          f"{len(durations)} round durations to place them")  # fmt: skip
     out: list[dict[str, Any]] = []
-    for start in range(0, len(rows), per_round):
+    for k, start in enumerate(range(0, len(rows), per_round)):
         chunk = rows[start : start + per_round]
         ok = [r for r in chunk if r[at["ok"]]]
         begin = min(r[at["arrival_s"]] for r in chunk)
         end = max(r[at["end_s"]] for r in ok) if ok else begin
         last = max(r[at["arrival_s"]] for r in chunk)
-        timeline = timelines[len(out)] if len(out) < len(timelines) else None
+        started = [r for r in ok if r[at["first_token_s"]] <= last]
+        timeline = timelines[k] if k < len(timelines) else None
         # A timeline counts from the round's start: the earlier rounds' durations laid end to
         # end, as the harness lays the rows.
-        zero = sum(durations[: len(out)])
+        zero = sum(durations[:k])
         turnarounds = [
             (r[at["end_s"]] - r[at["arrival_s"]])
             / fit.predict(r[at["prompt_tokens"]], r[at["output_tokens"]])
@@ -120,13 +129,11 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
             "output_before_last_arrival": None if timeline is None
             else delivered_before(timeline, last - zero),
             # From the rows alone (exact, in every report): what was done by the last arrival.
-            "started_by_last_arrival": float(sum(r[at["first_token_s"]] <= last for r in ok)),
+            "started_by_last_arrival": float(len(started)),
             "output_finished_by_last_arrival": float(
                 sum(r[at["output_tokens"]] for r in ok if r[at["end_s"]] <= last)
             ),
-            "prompt_started_by_last_arrival": float(
-                sum(r[at["prompt_tokens"]] for r in ok if r[at["first_token_s"]] <= last)
-            ),
+            "prompt_started_by_last_arrival": float(sum(r[at["prompt_tokens"]] for r in started)),
             # From the rows too, but an estimate: see _interpolated.
             "output_interpolated_by_last_arrival": sum(
                 _interpolated(r[at["output_tokens"]], r[at["first_token_s"]], r[at["end_s"]], last)
@@ -134,7 +141,7 @@ def round_figures(report: dict[str, Any], system: str) -> list[dict[str, Any]]:
             ),
             "turnarounds": turnarounds,
             "failed": float(len(chunk) - len(ok)),
-            "cpu_steal_share": steal[len(out)] if len(out) < len(steal) else None,
+            "cpu_steal_share": steal[k] if k < len(steal) else None,
         })  # fmt: skip
     return out
 
@@ -213,10 +220,7 @@ def pool(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 },
                 "failed": sum(r["failed"] for r in mine),
             }  # fmt: skip
-            section[name]["tail_s"] = _spread([r["tail_s"] for r in mine])
-            for field in ("started_by_last_arrival", "output_finished_by_last_arrival",
-                          "prompt_started_by_last_arrival",
-                          "output_interpolated_by_last_arrival"):  # fmt: skip
+            for field in ROUND_SPREADS:
                 section[name][field] = _spread([r[field] for r in mine])
             before = [r["output_before_last_arrival"] for r in mine
                       if r["output_before_last_arrival"] is not None]  # fmt: skip
