@@ -65,6 +65,21 @@ def publish_info(**labels: str) -> None:
     gauge.labels(*(labels[n] for n in names)).set(1)
 
 
+@cache
+def internal_errors() -> Counter:
+    """`adaptivellm_internal_errors_total{where}`: errors of AdaptiveLLM's own code that were
+    contained (adaptivellm.scheduler.fail_safe) instead of failing the engine or the request.
+    One counter for every process (engine core, workers, API server)."""
+    from prometheus_client import Counter
+
+    return Counter(
+        f"{PREFIX}internal_errors",
+        "Errors in AdaptiveLLM's own code that were contained (the engine kept serving with "
+        "vLLM's own behaviour for that step, or the one request concerned was failed), by where",
+        labelnames=["where"],
+    )
+
+
 @dataclass(frozen=True)
 class EngineMetrics:
     """Metrics recorded in the engine-core process."""

@@ -38,6 +38,7 @@ from adaptivellm.split_config import (
     SplitConfig,
 )
 from adaptivellm.tenancy import ENV as TENANCY_ENV
+from adaptivellm.tenancy import KeyFile, key_digest, load_tenant_keys
 
 logger = logging.getLogger("adaptivellm.serve")
 
@@ -97,6 +98,15 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         help="Tenant weights, e.g. gold=2,free=0.5, or @weights.json holding "
         '{"gold": 2, "free": 0.5}. Tenants not listed weigh 1. A request names its tenant in '
         "the OpenAI `user` field, vllm_xargs.tenant or the X-AdaptiveLLM-Tenant header.",
+    )
+    group.add_argument(
+        "--tenant-keys",
+        default=None,
+        metavar="FILE",
+        help="Authenticated tenants: a JSON file mapping API keys to tenants and weights, "
+        '{"tenants": {"acme": {"keys": ["sk-..."], "weight": 2}}}. Its keys become API keys '
+        "(as --api-key: 401 without one), and a request's tenant is its key's, which it cannot "
+        "override. Without it, tenants are self-declared by the client.",
     )
     group.add_argument(
         "--strict-tenants",
@@ -351,6 +361,8 @@ def _apply_preemption(args: argparse.Namespace, done: ServeDefaults, is_cpu: boo
         kv_connector_module_path=swap_connector.QUALNAME,
         kv_role="kv_both",
         kv_connector_extra_config={swap_connector.SWAP_BYTES_KEY: config.swap_space_bytes},
+        # A swap-in the worker could not copy is recomputed, never an error for the request.
+        kv_load_failure_policy="recompute",
     )
     if is_cpu and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
         # vLLM reserves one more core per worker when any KV connector is configured (for
@@ -371,6 +383,8 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
         )
     try:
         weights = load_tenant_weights(args.tenant_weights) if args.tenant_weights else {}
+        if (keys := tenant_keys(args)) is not None:
+            weights = merged_weights(weights, keys.weights)
         return FairnessConfig(
             policy=policy,
             max_wait_s=args.max_queue_wait_s,
@@ -390,6 +404,27 @@ def fairness_config(args: argparse.Namespace) -> FairnessConfig:
         raise SystemExit(f"adaptivellm serve: error: {exc}") from exc
 
 
+def tenant_keys(args: argparse.Namespace) -> KeyFile | None:
+    """The --tenant-keys file, read once (ValueError when unusable)."""
+    if not getattr(args, "tenant_keys", None):
+        return None
+    cached = getattr(args, "_tenant_key_file", None)
+    if cached is None:
+        cached = args._tenant_key_file = load_tenant_keys(args.tenant_keys)
+    return cached
+
+
+def merged_weights(flags: dict[str, float], keyed: dict[str, float]) -> dict[str, float]:
+    """--tenant-weights and the key file's weights; a tenant in both must agree."""
+    for tenant, weight in keyed.items():
+        if tenant in flags and flags[tenant] != weight:
+            raise ValueError(
+                f"tenant {tenant!r} weighs {flags[tenant]:g} in --tenant-weights but {weight:g} "
+                "in --tenant-keys; give it in one place"
+            )
+    return {**flags, **keyed}
+
+
 def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
     """Carry the fairness config to the engine (additional_config) and the API server's tenant
     middleware (environment); select vLLM's policy for the priority baseline."""
@@ -399,16 +434,30 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
     if not isinstance(args.additional_config, dict):
         args.additional_config = {}
     args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["fairness"] = config.to_dict()
+    keys = tenant_keys(args)
     os.environ[TENANCY_ENV] = json.dumps(
         {
             "tenant_weights": dict(config.tenant_weights),
             "strict_tenants": config.strict_tenants,
             "carry_priority": config.policy in ("vtc", "weighted-turnaround"),
+            "tenant_keys": {key_digest(k): t for k, t in keys.tenant_of_key.items()}
+            if keys
+            else None,
         }
     )
+    if keys is not None:
+        # vLLM's own --api-key middleware then answers 401 without a valid key, on every
+        # /v1 route and WebSocket; the tenant middleware maps the key to its tenant.
+        operator = args.api_key or [k for k in [os.environ.get("VLLM_API_KEY")] if k]
+        args.api_key = [*operator, *keys.tenant_of_key]
     args.middleware = [*args.middleware, "adaptivellm.tenancy.TenantMiddleware"]
+    who = (
+        f"{len(set(keys.tenant_of_key.values()))} authenticated tenants (--tenant-keys)"
+        if keys
+        else "self-declared tenants"
+    )
     done.note(f"fairness: {config.policy}, starvation bound {config.max_wait_s:g} s, "
-              f"{len(config.tenant_weights)} weighted tenants")  # fmt: skip
+              f"{len(config.tenant_weights)} weighted tenants, {who}")  # fmt: skip
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:

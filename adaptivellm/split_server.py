@@ -177,6 +177,21 @@ def _latency(costs: Any, layer: int) -> float | None:
 # --------------------------------------------------------------------------- the plugin
 
 
+#: Every route AdaptiveLLM adds to vLLM's app.
+ROUTES = (SESSION_PATH, INFO_PATH)
+
+
+def check_guarded(paths: tuple[str, ...]) -> None:
+    """Every route we add must sit under a prefix vLLM's `--api-key` middleware guards (HTTP
+    and WebSocket alike), or it would be open to anyone: refuse to start otherwise."""
+    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+
+    if open_paths := [p for p in paths if not p.startswith(GUARDED_PREFIX)]:
+        raise RuntimeError(
+            f"AdaptiveLLM routes {open_paths} are outside vLLM's --api-key guard {GUARDED_PREFIX}"
+        )
+
+
 class SplitEndpointPlugin:
     """`vllm.endpoint_plugins` entry point: adds the split routes to vLLM's app."""
 
@@ -184,6 +199,7 @@ class SplitEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        check_guarded(ROUTES)
         app.add_api_websocket_route(SESSION_PATH, session_endpoint)
         app.add_api_route(INFO_PATH, info_endpoint, methods=["GET"])
 

@@ -25,6 +25,39 @@ from adaptivellm.scheduler.policies import (
 
 ADDITIONAL_CONFIG_KEY = "adaptivellm"
 DEFAULT_TENANT = "default"
+#: Longest tenant name (the API answers 400 to a longer one; the engine truncates).
+MAX_TENANT_LEN = 128
+#: Range of a tenant's weight (--tenant-weights, --tenant-keys) and of a request's
+#: `vllm_xargs.weight`.
+WEIGHT_RANGE = (1e-3, 1e3)
+#: Priorities AdaptiveLLM's own policies accept (lower = more important); each step scales the
+#: weight by 2: a request of priority p weighs 2**-p times as much.
+PRIORITY_RANGE = (-20, 20)
+#: Range the engine clamps a request's effective weight to (tenant weight x request weight x
+#: 2**-priority), whatever reaches it: policy arithmetic never sees 0, inf or NaN.
+EFFECTIVE_WEIGHT_RANGE = (1e-9, 1e9)
+
+
+def effective_weight(tenant_weight: float, request_weight: object, priority: object) -> float:
+    """tenant_weight x request_weight x 2**-priority, clamped to EFFECTIVE_WEIGHT_RANGE, the
+    priority to PRIORITY_RANGE first. Values that are not finite numbers count as their default
+    (weight 1, priority 0): the API rejects them, and this is the engine's second line."""
+    low, high = PRIORITY_RANGE
+    p = finite_or(priority, 0.0)
+    w = finite_or(request_weight, 1.0)
+    weight = finite_or(tenant_weight, 1.0) * (w if w > 0 else 1.0) * 2.0 ** -min(high, max(low, p))
+    return min(EFFECTIVE_WEIGHT_RANGE[1], max(EFFECTIVE_WEIGHT_RANGE[0], weight))
+
+
+def finite_or(value: object, default: float) -> float:
+    """`value` as a finite float, else `default` (None, strings, bools, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return default
+    return number if math.isfinite(number) else default
 
 
 @dataclass(frozen=True)
@@ -127,14 +160,21 @@ def auto_tenant_slack(max_model_len: int, costs: VTCWeights) -> float:
 
 
 def check_weights(weights: Mapping[str, Any]) -> None:
-    """Tenant names are non-empty strings, weights finite numbers > 0."""
+    """Tenant names are non-empty strings of at most MAX_TENANT_LEN characters, weights
+    numbers in WEIGHT_RANGE."""
+    low, high = WEIGHT_RANGE
     for tenant, weight in weights.items():
-        if not isinstance(tenant, str) or not tenant:
-            raise ValueError(f"tenant names must be non-empty strings, got {tenant!r}")
+        if not isinstance(tenant, str) or not tenant.strip() or len(tenant) > MAX_TENANT_LEN:
+            raise ValueError(
+                f"tenant names must be non-empty strings of at most {MAX_TENANT_LEN} "
+                f"characters, got {tenant!r}"
+            )
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ValueError(f"weight of tenant {tenant!r} must be a number, got {weight!r}")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight!r}")
+        if not low <= weight <= high:  # also rejects NaN
+            raise ValueError(
+                f"weight of tenant {tenant!r} must be between {low:g} and {high:g}, got {weight!r}"
+            )
 
 
 def load_tenant_weights(spec: str) -> dict[str, float]:

@@ -39,7 +39,7 @@ class Decision:
     mode: str
     """swap | recompute"""
     reason: str
-    """cheaper | forced | swap-space-full | nothing-to-swap | no-prediction"""
+    """cheaper | forced | swap-space-full | nothing-to-swap | no-prediction | internal-error"""
     swap_s: float
     recompute_s: float
 

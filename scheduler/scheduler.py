@@ -35,12 +35,20 @@ from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from adaptivellm.metrics import EngineMetrics
-from adaptivellm.scheduler.config import ADDITIONAL_CONFIG_KEY, DEFAULT_TENANT, FairnessConfig
+from adaptivellm.scheduler.config import (
+    ADDITIONAL_CONFIG_KEY,
+    DEFAULT_TENANT,
+    MAX_TENANT_LEN,
+    FairnessConfig,
+    effective_weight,
+    finite_or,
+)
+from adaptivellm.scheduler.fail_safe import InternalErrors
 from adaptivellm.scheduler.policies import (
     FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
@@ -90,20 +98,24 @@ class Tracked:
 
 def request_info(request: Request, config: FairnessConfig) -> RequestInfo:
     """Tenant and weight from the request's `vllm_xargs` (set by the client, or by
-    adaptivellm.tenancy from the OpenAI `user` field or the X-AdaptiveLLM-Tenant header).
-    The priority (vLLM's convention: lower = more important; carried in vllm_xargs by the
-    middleware) scales the weight by 2**-priority."""
-    extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
-    tenant = str(extra.get("tenant") or DEFAULT_TENANT)
-    priority = request.priority or int(extra.get("priority", 0))
-    weight = config.weight_of(tenant) * float(extra.get("weight", 1.0)) * 2.0**-priority
+    adaptivellm.tenancy from the API key, the OpenAI `user` field or the X-AdaptiveLLM-Tenant
+    header). The priority (vLLM's convention: lower = more important; carried in vllm_xargs by
+    the middleware) scales the weight by 2**-priority. The API server validates every one of
+    these; here they are bounded again (config.effective_weight), since vllm_xargs can reach
+    the engine through routes the middleware does not read."""
+    params = request.sampling_params
+    extra = params.extra_args if params is not None and params.extra_args else {}
+    if not isinstance(extra, dict):
+        extra = {}
+    tenant = str(extra.get("tenant") or DEFAULT_TENANT)[:MAX_TENANT_LEN]
+    priority = request.priority or extra.get("priority", 0)
     return RequestInfo(
         request_id=request.request_id,
-        arrival_time=request.arrival_time,
-        prompt_tokens=request.num_prompt_tokens,
-        max_tokens=request.max_tokens,
+        arrival_time=finite_or(request.arrival_time, time.time()),
+        prompt_tokens=max(0, request.num_prompt_tokens),
+        max_tokens=max(0, request.max_tokens),
         tenant=tenant,
-        weight=weight,
+        weight=effective_weight(config.weight_of(tenant), extra.get("weight", 1.0), priority),
     )
 
 
@@ -112,6 +124,12 @@ class AdaptiveScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: Errors of this class's own code, contained (scheduler.fail_safe); tests read counts.
+        self.errors = InternalErrors()
+        #: Requests to finish with an error result at the start of the next step (_fail).
+        self._failed: dict[str, str] = {}
+        #: Requests finished with an error this step, whose outputs update_from_output adds.
+        self._errored: list[Request] = []
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
         #: Counter units a tenant ahead may still be served within (policies.order_by_turnaround).
         self.tenant_slack = self.fairness.tenant_slack(self.vllm_config.model_config.max_model_len)
@@ -142,7 +160,6 @@ class AdaptiveScheduler(Scheduler):
             )
         self.costs = load_costs(self.vllm_config) if self.swap is not None else None
         self.decisions: list[Decision] = []
-        self._warned_costs = False
         self.split_chunks = SplitChunks()
         self.service_fit = ServiceFit(self.fairness.service)
         #: Times the model's steps for service_fit; tests substitute a simulated one.
@@ -176,38 +193,72 @@ class AdaptiveScheduler(Scheduler):
     # --- inputs -------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        chunk = take_chunk(request, self.vllm_config.model_config.dtype)
-        if chunk is not None and request.request_id in self.requests:
-            self.split_chunks.push(request.request_id, chunk)  # next chunk of a split session
-        elif chunk is not None:
-            start_session(request, chunk)
-        if request.request_id not in self.requests:
-            info = request_info(request, self.fairness)
-            predicted = self.output_estimate.predict(info.max_tokens)
-            self.tracked[request.request_id] = Tracked(info, predicted)
-            self.live_requests[info.tenant] += 1
-            # VTC lifts a tenant's counter when it becomes active (its first live request), so
-            # idle time banks no credit; a tenant that is already waiting keeps its deficit.
-            if self._own_policy() and self.live_requests[info.tenant] == 1:
-                self.vtc_counters[info.tenant] = vtc_lift(
-                    self.vtc_counters, info.tenant, self.live_requests, self._last_left
-                )
+        rid = request.request_id
+        try:
+            chunk = take_chunk(request, self.vllm_config.model_config.dtype)
+            if chunk is not None and rid in self.requests:
+                self.split_chunks.push(rid, chunk)  # next chunk of a split session
+            elif chunk is not None:
+                start_session(request, chunk)
+        except Exception as exc:  # a split chunk it cannot read: this request fails alone
+            self._fail(rid, "split_chunk", exc)
+        if rid not in self.requests:
+            with self.errors.guard("track", rid):
+                self._track(request)
         super().add_request(request)
+
+    def _track(self, request: Request) -> None:
+        """Remember a new request's tenant and weight; lift its tenant's counter (VTC) when
+        it becomes active. Without it, a request keeps its arrival place."""
+        info = request_info(request, self.fairness)
+        predicted = self.output_estimate.predict(info.max_tokens)
+        self.tracked[request.request_id] = Tracked(info, predicted)
+        self.live_requests[info.tenant] += 1
+        # VTC lifts a tenant's counter when it becomes active (its first live request), so
+        # idle time banks no credit; a tenant that is already waiting keeps its deficit.
+        if self._own_policy() and self.live_requests[info.tenant] == 1:
+            self.vtc_counters[info.tenant] = vtc_lift(
+                self.vtc_counters, info.tenant, self.live_requests, self._last_left
+            )
+
+    def _fail(self, request_id: str, where: str, exc: Exception) -> None:
+        """Count the error and finish the request with an error result at the start of the
+        next step (finish_failed): for errors after which it cannot be served correctly."""
+        self.errors.record(where, exc, request_id)
+        self._failed[request_id] = where
+
+    def _finish_failed(self) -> None:
+        """Finish the requests _fail named, as vLLM finishes one whose grammar failed to
+        compile: removed from the queues, blocks freed, an error output sent
+        (update_from_output)."""
+        failed, self._failed = self._failed, {}
+        self._errored += self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
 
     # --- the step -----------------------------------------------------------------------
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        """vLLM's step with AdaptiveLLM's order, preemptions and budget applied first. Each of
+        those is fail-safe (scheduler.fail_safe): if one raises, this step keeps vLLM's own
+        order, victims and budget, and the engine keeps serving."""
         entered = time.perf_counter() if self.trace is not None else 0.0
         now = self.clock()
+        if self._failed:
+            with self.errors.guard("finish_failed"):
+                self._finish_failed()
         if self._own_policy():
-            self._reorder(self.waiting, now)
+            with self.errors.guard("order_waiting"):
+                self._reorder(self.waiting, now)
             if self.fairness.policy == "weighted-turnaround":
-                self._preempt_for_turnaround(now)
-            if self._preemption_possible():
-                self.running[:] = self._order(self.running, now)
+                with self.errors.guard("turnaround_preemption"):
+                    self._preempt_for_turnaround(now)
+            with self.errors.guard("order_running"):
+                if self._preemption_possible():
+                    self.running[:] = self._order(self.running, now)
         full_budget = self.max_num_scheduled_tokens
         threshold = self.scheduler_config.long_prefill_token_threshold
-        budget, chunk = self._step_token_budget(full_budget)
+        budget, chunk = full_budget, 0
+        with self.errors.guard("step_budget"):
+            budget, chunk = self._step_token_budget(full_budget)
         self.max_num_scheduled_tokens = budget
         if chunk:
             self.scheduler_config.long_prefill_token_threshold = min(chunk, threshold or chunk)
@@ -216,12 +267,15 @@ class AdaptiveScheduler(Scheduler):
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.scheduler_config.long_prefill_token_threshold = threshold
-        prefill, decode = self._account(output, now)
-        self._observe_fairness(output, now)
+        prefill = decode = 0
+        with self.errors.guard("accounting"):
+            prefill, decode = self._account(output, now)
+            self._observe_fairness(output, now)
         self._step = (output, self.step_timer(), prefill, decode)
         if self.trace is not None:
-            counts = self._trace_counts(output, prefill, decode)
-            self._traced = (output, entered, time.perf_counter(), counts)
+            with self.errors.guard("step_trace"):
+                counts = self._trace_counts(output, prefill, decode)
+                self._traced = (output, entered, time.perf_counter(), counts)
         return output
 
     def _trace_counts(self, output: SchedulerOutput, prefill: int, decode: int) -> dict[str, int]:
@@ -276,23 +330,42 @@ class AdaptiveScheduler(Scheduler):
     ) -> dict[int, EngineCoreOutputs]:
         step, self._step = self._step, None
         if step is not None and step[0] is scheduler_output and self.fairness.learn_service:
-            _, started, prefill, decode = step
-            before = self.service_fit.model
-            self.service_fit.observe(self.step_timer() - started, prefill, decode)
-            if self.service_fit.model is not before:
-                self._publish_service_model()
-        if self.trace is None:
-            return super().update_from_output(scheduler_output, model_runner_output)
+            with self.errors.guard("service_fit"):
+                _, started, prefill, decode = step
+                before = self.service_fit.model
+                self.service_fit.observe(self.step_timer() - started, prefill, decode)
+                if self.service_fit.model is not before:
+                    self._publish_service_model()
         entered = time.perf_counter()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._errored:
+            self._send_errors(outputs)
         # With async scheduling the next step may be scheduled before this one's output
         # comes back: only a step whose own schedule() is the last one traced is written.
-        if (traced := self._traced) is not None and traced[0] is scheduler_output:
+        traced = self._traced
+        if self.trace is not None and traced is not None and traced[0] is scheduler_output:
             self._traced = None
             _, start, returned, counts = traced
-            self.trace.step(start, returned - start, entered - returned,
-                            time.perf_counter() - entered, counts)  # fmt: skip
+            with self.errors.guard("step_trace"):
+                self.trace.step(start, returned - start, entered - returned,
+                                time.perf_counter() - entered, counts)  # fmt: skip
         return outputs
+
+    def _send_errors(self, outputs: dict[int, EngineCoreOutputs]) -> None:
+        """Add an error output for each request _finish_failed finished (as vLLM does for its
+        own FINISHED_ERROR requests): the client gets an error, not a hang."""
+        errored, self._errored = self._errored, []
+        for request in errored:
+            output = EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=request.get_finished_reason(),
+                events=request.take_events(),
+                trace_headers=request.trace_headers,
+            )
+            if (batch := outputs.get(request.client_index)) is None:
+                batch = outputs[request.client_index] = EngineCoreOutputs()
+            batch.outputs.append(output)
 
     @property
     def service(self) -> ServiceModel:
@@ -540,12 +613,16 @@ class AdaptiveScheduler(Scheduler):
     def _preempt_request(
         self, request: Request, timestamp: float, drop_stale_output: bool = False
     ) -> None:
-        decision = self._decide(request)  # before vLLM frees the victim's blocks
+        # Before vLLM frees the victim's blocks. A failure recomputes, as stock vLLM does.
+        decision = Decision("recompute", "internal-error", math.nan, math.nan)
+        with self.errors.guard("preemption_mode", request.request_id):
+            decision = self._decide(request)
         super()._preempt_request(request, timestamp, drop_stale_output)
-        metrics = EngineMetrics.get()
-        metrics.preemptions.labels(mode=decision.mode).inc()
-        if decision.reason == "swap-space-full":
-            metrics.swap_fallbacks.inc()
+        with self.errors.guard("metrics"):
+            metrics = EngineMetrics.get()
+            metrics.preemptions.labels(mode=decision.mode).inc()
+            if decision.reason == "swap-space-full":
+                metrics.swap_fallbacks.inc()
 
     def _decide(self, request: Request) -> Decision:
         """Swap or recompute this victim; plans the swap-out with the connector."""
@@ -556,13 +633,9 @@ class AdaptiveScheduler(Scheduler):
         if blocks == 0:  # preempted before any token was computed: nothing to swap
             return choose_mode(self.preemption.mode, math.nan, math.nan, 0, False)
         batch = sum(r.num_computed_tokens for r in self.running if r is not request)
-        try:
+        swap_s = recompute_s = math.nan  # a predictor bug costs a recompute, never the engine
+        with self.errors.guard("cost_predictor", request.request_id):
             swap_s, recompute_s = self.costs(tokens, blocks, batch)
-        except Exception:  # a predictor bug must cost a recompute, never the engine
-            if not self._warned_costs:
-                logger.exception("Preemption cost prediction failed; recomputing victims")
-                self._warned_costs = True
-            swap_s = recompute_s = math.nan
         room = self.swap.space.can_swap_out(blocks)
         decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
         if decision.mode == "swap":
@@ -580,19 +653,25 @@ class AdaptiveScheduler(Scheduler):
         if chunk is None:
             super()._update_request_as_session(session, update)
             return
-        if extend_session(session, chunk, update, self.hash_block_size, self.log_stats):
-            self.num_waiting_for_streaming_input -= 1
+        try:
+            if extend_session(session, chunk, update, self.hash_block_size, self.log_stats):
+                self.num_waiting_for_streaming_input -= 1
+        except Exception as exc:  # the session cannot go on correctly: it fails alone
+            self._fail(session.request_id, "split_session", exc)
 
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        self.split_chunks.drop(request.request_id)
-        tracked = self.tracked.pop(request.request_id, None)
-        if tracked is not None:
-            self._record_finish(tracked, request)
-            self._leave(tracked.info.tenant)
+        rid = request.request_id
+        with self.errors.guard("finish_accounting", rid):
+            self.split_chunks.drop(rid)
+            tracked = self.tracked.pop(rid, None)
+            if tracked is not None:
+                self._leave(tracked.info.tenant)
+                self._record_finish(tracked, request)
         if self.swap is not None:
-            self.swap.release(request.request_id)
+            with self.errors.guard("swap_release", rid):
+                self.swap.release(rid)
         return super()._free_request(request, delay_free_blocks)
 
     def _own_policy(self) -> bool:

@@ -21,6 +21,12 @@ accepts a connector hit that ends inside a block; the unfilled slots of the copy
 as the request goes on), but never the last token of a request, which vLLM must compute to
 sample. With the CPU backend's 128-token blocks, swapping only whole blocks left up to 127
 tokens per victim to recompute.
+
+Failures never reach vLLM's engine loop (scheduler.fail_safe): a scheduler-side error drops
+the request's host copy (it is recomputed); a copy that fails on the worker marks its host slots
+bad, and a swap-in from a bad slot, or one whose copy fails, reports its device blocks through
+`get_block_ids_with_load_errors`, which vLLM recomputes (`adaptivellm serve` sets
+`kv_load_failure_policy` to `recompute`). A lost swap is a recompute, never wrong output.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+from adaptivellm.scheduler.fail_safe import InternalErrors
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -155,6 +163,11 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         self.device_caches: dict[str, torch.Tensor] = {}
         self.host_caches: dict[str, torch.Tensor] = {}
         self.block_dims: dict[str, int] = {}
+        #: Host slots whose swap-out copy failed: a swap-in from them is a load error.
+        self.bad_slots: set[int] = set()
+        #: Device blocks whose swap-in failed this step (get_block_ids_with_load_errors).
+        self.load_errors: set[int] = set()
+        self.errors = InternalErrors()
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -192,6 +205,14 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
+        try:
+            return self._matched_tokens(request, num_computed_tokens)
+        except Exception as exc:  # the request is recomputed instead
+            self.errors.record("swap_match", exc, request.request_id)
+            self.release(request.request_id)
+            return 0, False
+
+    def _matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         kv = self.space.get(request.request_id)
         if kv is None:
             return 0, False
@@ -212,8 +233,11 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         if num_external_tokens and local is not None:
             first = local // self.block_size
             last = self.blocks_for(local + num_external_tokens)
-            device = blocks.get_block_ids()[0]
-            self._ins.append(BlockCopy(rid, tuple(device[first:last]), tuple(kv.slots[first:last])))
+            device = tuple(blocks.get_block_ids()[0][first:last])
+            slots = tuple(kv.slots[first:last])
+            if len(device) != len(slots):  # never expected: the worker reports a load error
+                slots = ()
+            self._ins.append(BlockCopy(rid, device, slots))
         # The host copy is consumed: copied back this step, or superseded by the prefix cache.
         # Its slots are freed only once this step's metadata is built: the worker runs a step's
         # swap-outs before its swap-ins, so a slot reused in the same step would be overwritten
@@ -248,15 +272,40 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
             self.block_dims[name] = dim
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        assert isinstance(kv_connector_metadata, SwapMetadata)
-        if kv_connector_metadata.swap_outs:
-            self._copy(kv_connector_metadata.swap_outs, to_host=True)
+        if not isinstance(kv_connector_metadata, SwapMetadata):
+            return
+        outs = kv_connector_metadata.swap_outs
+        if not outs:
+            return
+        slots = {s for copy in outs for s in copy.host_slots}
+        try:
+            self._copy(outs, to_host=True)
+        except Exception as exc:  # these host copies are garbage: their swap-ins recompute
+            self.errors.record("swap_out_copy", exc)
+            self.bad_slots |= slots
+        else:
+            self.bad_slots -= slots
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        assert isinstance(meta, SwapMetadata)
-        if meta.swap_ins:
-            self._copy(meta.swap_ins, to_host=False)
+        if not isinstance(meta, SwapMetadata) or not meta.swap_ins:
+            return
+        good = []
+        for copy in meta.swap_ins:
+            if not copy.host_slots or self.bad_slots.intersection(copy.host_slots):
+                self.load_errors.update(copy.device_blocks)
+            else:
+                good.append(copy)
+        try:
+            if good:
+                self._copy(good, to_host=False)
+        except Exception as exc:  # vLLM recomputes the blocks reported as load errors
+            self.errors.record("swap_in_copy", exc)
+            self.load_errors.update(b for copy in good for b in copy.device_blocks)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self.load_errors = self.load_errors, set()
+        return errors
 
     def _copy(self, copies: list[BlockCopy], to_host: bool) -> None:
         from adaptivellm.metrics import EngineMetrics
@@ -274,13 +323,13 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         if any(d.device.type == "cuda" for d in self.device_caches.values()):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        blocks_copied = sum(len(c.device_blocks) for c in copies)
-        EngineMetrics.get().swap_seconds.labels(direction="out" if to_host else "in").observe(
-            seconds
-        )
-        EngineMetrics.get().swap_blocks.labels(direction="out" if to_host else "in").inc(
-            blocks_copied
-        )
+        direction = "out" if to_host else "in"
+        with self.errors.guard("metrics"):
+            metrics = EngineMetrics.get()
+            metrics.swap_seconds.labels(direction=direction).observe(seconds)
+            metrics.swap_blocks.labels(direction=direction).inc(
+                sum(len(c.device_blocks) for c in copies)
+            )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads are synchronous, done in start_load_kv

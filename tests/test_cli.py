@@ -86,7 +86,9 @@ def test_make_model_rejects_bad_shape(tmp_path: Path) -> None:
      (["--tenant-slack-tokens", "lots"], "expected a number or 'auto'"),
      (["--max-step-s", "nan"], "max_step_s"),
      (["--service-time-exponent", "5"], "service_exponent must be between 1 and 4"),
-     (["--fairness-preemption-candidates", "0"], "candidates must be >= 1")],
+     (["--fairness-preemption-candidates", "0"], "candidates must be >= 1"),
+     (["--tenant-keys", "/nonexistent.json"], "cannot read tenant key file"),
+     (["--tenant-weights", "gold=5000"], "must be between 0.001 and 1000")],
 )  # fmt: skip
 def test_bad_fairness_flags_fail_before_the_engine_starts(
     tmp_path: Path, flags: list[str], message: str
@@ -104,3 +106,12 @@ def test_malformed_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     out = run("serve", str(tmp_path), "--tenant-weights", f"@{weights}")
     assert out.returncode != 0
     assert "weight of tenant 'gold' must be a number" in out.stderr
+
+
+def test_tenant_keys_that_disagree_with_tenant_weights_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": {"gold": {"keys": ["k-gold"], "weight": 3}}}))
+    out = run("serve", str(tmp_path), "--tenant-keys", str(keys), "--tenant-weights", "gold=2")
+    assert out.returncode != 0
+    assert "weighs 2 in --tenant-weights but 3 in --tenant-keys" in out.stderr

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from adaptivellm.scheduler.scheduler import QUALNAME
 from adaptivellm.serve import apply_defaults, build_parser, with_model
+from adaptivellm.tenancy import ENV as TENANCY_ENV
+from adaptivellm.tenancy import key_digest
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +131,32 @@ def args_fairness(parser: argparse.ArgumentParser, model: str, *flags: str) -> d
     args = parse(parser, model, *flags)
     apply_defaults(args, False, is_cpu=True)
     return args.additional_config["adaptivellm"]["fairness"]
+
+
+def test_tenant_keys_become_api_keys_and_reach_the_middleware_as_digests(
+    parser: argparse.ArgumentParser, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": {"acme": {"keys": ["k-acme"], "weight": 2},
+                                            "free": {"keys": ["k-free"]}}}))  # fmt: skip
+    monkeypatch.delenv(TENANCY_ENV, raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "env-operator")
+    args = parse(parser, model, "--tenant-keys", str(keys), "--tenant-weights", "gold=4")
+    notes = apply_defaults(args, False, is_cpu=True).notes
+    assert args.api_key == ["env-operator", "k-acme", "k-free"]  # the operator's key is kept
+    tenancy = json.loads(os.environ[TENANCY_ENV])
+    assert tenancy["tenant_keys"] == {key_digest("k-acme"): "acme", key_digest("k-free"): "free"}
+    assert "k-acme" not in os.environ[TENANCY_ENV]  # digests only
+    fairness = args.additional_config["adaptivellm"]["fairness"]
+    assert fairness["tenant_weights"] == {"gold": 4.0, "acme": 2.0, "free": 1.0}
+    assert any("2 authenticated tenants" in n for n in notes)
+
+
+def test_without_tenant_keys_tenants_are_self_declared(
+    parser: argparse.ArgumentParser, model: str
+) -> None:
+    args = parse(parser, model, "--api-key", "op")
+    notes = apply_defaults(args, False, is_cpu=True).notes
+    assert args.api_key == ["op"]
+    assert json.loads(os.environ[TENANCY_ENV])["tenant_keys"] is None
+    assert any("self-declared tenants" in n for n in notes)

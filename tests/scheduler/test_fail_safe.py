@@ -1,0 +1,235 @@
+"""AdaptiveLLM's code inside vLLM's engine loop never kills it: extreme request values are
+bounded, and an error in any of its hooks falls back to vLLM's behaviour for that step (or fails
+the one request concerned), counted in adaptivellm_internal_errors_total. Real vLLM scheduler,
+no model (tests.scheduler.sim)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from vllm.v1.request import RequestStatus
+
+from adaptivellm.scheduler import scheduler as scheduler_module
+from adaptivellm.scheduler.config import (
+    EFFECTIVE_WEIGHT_RANGE,
+    PRIORITY_RANGE,
+    FairnessConfig,
+    effective_weight,
+    finite_or,
+)
+from adaptivellm.scheduler.fail_safe import QUIET_S, InternalErrors
+from adaptivellm.scheduler.scheduler import AdaptiveScheduler, request_info
+from tests.scheduler.sim import Clock, Run, check_no_leaks, make_request, make_scheduler
+
+WT = FairnessConfig(policy="weighted-turnaround")
+
+
+def counted(where: str) -> float:
+    """adaptivellm_internal_errors_total{where} in this process."""
+    return REGISTRY.get_sample_value("adaptivellm_internal_errors_total", {"where": where}) or 0.0
+
+
+def boom(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("injected policy bug")
+
+
+# --- the guard itself ---------------------------------------------------------------------
+
+
+def test_guard_suppresses_exceptions_counts_them_and_lets_interrupts_through() -> None:
+    errors = InternalErrors()
+    before = counted("unit")
+    with errors.guard("unit", "req-1"):
+        raise ValueError("bug")
+    assert errors.counts == {"unit": 1}
+    assert counted("unit") == before + 1
+    with errors.guard("unit"):
+        pass  # no error, nothing counted
+    assert errors.counts == {"unit": 1}
+    with pytest.raises(KeyboardInterrupt), errors.guard("unit"):
+        raise KeyboardInterrupt
+    assert errors.counts == {"unit": 1}
+
+
+def test_first_error_is_logged_with_its_traceback_then_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock(0.0)
+    errors = InternalErrors(clock=clock)
+    with caplog.at_level(logging.ERROR, logger="adaptivellm.scheduler.fail_safe"):
+        for _ in range(5):
+            with errors.guard("order", "req-7"):
+                raise ValueError("bug")
+        clock.now += QUIET_S
+        with errors.guard("order", "req-8"):
+            raise ValueError("bug again")
+    assert errors.counts == {"order": 6}
+    first, second = caplog.records
+    assert first.exc_info is not None and "req-7" in first.getMessage()
+    assert "req-8" in second.getMessage() and "4 more" in second.getMessage()
+
+
+# --- values from requests are bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tenant_weight", "weight", "priority", "expected"),
+    [(1.0, 1.0, 0, 1.0), (2.0, 0.5, -1, 2.0), (1.0, 1.0, 3, 0.125),
+     (1.0, 1.0, -1100, 2.0 ** -PRIORITY_RANGE[0]), (1.0, 1.0, 1100, 2.0 ** -PRIORITY_RANGE[1]),
+     (1.0, 1.0, 10**400, 1.0), (1.0, math.nan, 0, 1.0), (1.0, math.inf, 0, 1.0),
+     (1.0, -3.0, 0, 1.0), (1.0, 0.0, 0, 1.0), (1.0, "heavy", "high", 1.0), (1.0, True, 0, 1.0),
+     (1e3, 1e3, -20, EFFECTIVE_WEIGHT_RANGE[1]), (1e-3, 1e-3, 20, EFFECTIVE_WEIGHT_RANGE[0])],
+)  # fmt: skip
+def test_effective_weight_is_bounded(
+    tenant_weight: float, weight: object, priority: object, expected: float
+) -> None:
+    assert effective_weight(tenant_weight, weight, priority) == pytest.approx(expected)
+
+
+def test_finite_or() -> None:
+    assert finite_or(3, 0.0) == 3.0
+    for bad in (None, "1", math.nan, -math.inf, True, 10**400):
+        assert finite_or(bad, 7.0) == 7.0
+
+
+@pytest.mark.parametrize("policy", ["weighted-turnaround", "vtc", "fcfs", "priority"])
+def test_extreme_request_values_are_served_without_an_error(policy: str) -> None:
+    """Before the bound, priority -1100 overflowed 2**-priority (OverflowError) and 1100 made
+    the weight 0 (ZeroDivisionError in vtc_charge), inside the engine loop. Now every request
+    is served, every weight is in range, every counter finite, and nothing needed the guard."""
+    scheduler, clock = make_scheduler(FairnessConfig(policy=policy), num_blocks=40)
+    extras: list[dict[str, Any] | None] = [
+        {"priority": -1100}, {"priority": 1100}, {"priority": 10**400}, {"priority": "x"},
+        {"weight": math.nan}, {"weight": math.inf}, {"weight": 0}, {"weight": -1},
+        {"tenant": {"not": "a string"}}, {"tenant": "t" * 10_000}, None,
+    ]  # fmt: skip
+    for i, extra in enumerate(extras):
+        request = make_request(f"r{i}", 20, 4, clock.now, priority=0)
+        assert request.sampling_params is not None
+        request.sampling_params.extra_args = extra
+        scheduler.add_request(request)
+    for priority in (-1100, 1100):  # vLLM's own request field
+        scheduler.add_request(make_request(f"p{priority}", 20, 4, clock.now, priority=priority))
+    low, high = EFFECTIVE_WEIGHT_RANGE
+    assert all(low <= t.info.weight <= high for t in scheduler.tracked.values())
+    assert all(len(t.info.tenant) <= 128 for t in scheduler.tracked.values())
+    run = Run(scheduler, clock)
+    run.until_idle()
+    assert len(run.finished) == len(extras) + 2
+    assert all(math.isfinite(c) for c in scheduler.vtc_counters.values())
+    assert scheduler.errors.counts == {}
+    check_no_leaks(scheduler, 40)
+
+
+def test_request_info_with_a_huge_priority_field() -> None:
+    scheduler, clock = make_scheduler(WT, num_blocks=40)
+    request = make_request("p", 10, 2, clock.now, priority=-1100)
+    assert request_info(request, scheduler.fairness).weight == 2.0**20
+
+
+# --- a hook that raises falls back to vLLM's behaviour --------------------------------------
+
+
+def three_requests(scheduler: AdaptiveScheduler, clock: Clock) -> Run:
+    """One batch slot; long, mid and short requests in arrival order; run to the end."""
+    for rid, prompt, out in [("long", 100, 60), ("mid", 50, 20), ("short", 10, 2)]:
+        scheduler.add_request(make_request(rid, prompt, out, clock.now))
+        clock.now += 0.0001
+    clock.now += 0.05
+    run = Run(scheduler, clock)
+    run.until_idle()
+    check_no_leaks(scheduler, 40)
+    return run
+
+
+def test_policy_that_raises_leaves_vllms_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "order_by_turnaround", boom)
+    before = counted("order_waiting")
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
+    run = three_requests(scheduler, clock)
+    assert run.order == ["long", "mid", "short"]  # FCFS, vLLM's own
+    assert scheduler.errors.counts["order_waiting"] >= 1
+    assert counted("order_waiting") > before
+
+
+def test_without_the_fault_the_policy_orders_shortest_first() -> None:
+    """The control of the test above: the same run reorders when the policy works."""
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
+    assert three_requests(scheduler, clock).order == ["short", "mid", "long"]
+    assert scheduler.errors.counts == {}
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [("choose_turnaround_victim", "turnaround_preemption"), ("vtc_charge", "accounting"),
+     ("idle_counters_to_drop", "finish_accounting"), ("vtc_lift", "track")],
+)  # fmt: skip
+def test_each_hook_that_raises_is_contained(
+    monkeypatch: pytest.MonkeyPatch, target: str, where: str
+) -> None:
+    monkeypatch.setattr(scheduler_module, target, boom)
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
+    run = three_requests(scheduler, clock)
+    assert set(run.finished) == {"long", "mid", "short"}
+    assert scheduler.errors.counts.get(where, 0) >= 1
+
+
+def test_service_fit_and_step_budget_that_raise_are_contained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=2)
+    monkeypatch.setattr(scheduler.service_fit, "observe", boom)
+    monkeypatch.setattr(scheduler, "_step_token_budget", boom)
+    run = three_requests(scheduler, clock)
+    assert len(run.finished) == 3
+    assert scheduler.errors.counts["service_fit"] >= 1
+    assert scheduler.errors.counts["step_budget"] >= 1
+
+
+def test_victim_mode_that_raises_recomputes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under KV pressure with the swap connector: a swap-or-recompute decision that raises
+    makes that victim a recompute (stock vLLM), and every request still finishes."""
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption="adaptive", swap_slots=200)  # fmt: skip
+    monkeypatch.setattr(scheduler, "_decide", boom)
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
+    run = Run(scheduler, clock)
+    run.until_idle()
+    assert run.preempted and len(run.finished) == 12
+    assert scheduler.errors.counts["preemption_mode"] == len(run.preempted)
+    check_no_leaks(scheduler, 25)
+
+
+def test_a_request_that_cannot_be_served_fails_alone() -> None:
+    """_fail finishes the request with an error output at the next step, frees its blocks,
+    and the others are served as before."""
+    scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=4)
+    for rid in ("a", "doomed", "b"):
+        scheduler.add_request(make_request(rid, 30, 5, clock.now))
+    run = Run(scheduler, clock)
+    run.step()  # all three are running
+    scheduler._fail("doomed", "injected", RuntimeError("cannot go on"))
+    errors: dict[str, Any] = {}
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        req_ids = list(out.num_scheduled_tokens)
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        runner = ModelRunnerOutput(req_ids=req_ids,
+                                   req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                   sampled_token_ids=[[5] for _ in req_ids])  # fmt: skip
+        assert "doomed" not in req_ids
+        for batch in scheduler.update_from_output(out, runner).values():
+            for o in batch.outputs:
+                if o.finish_reason is not None:
+                    errors[o.request_id] = o.finish_reason
+    assert str(errors.pop("doomed")) == "error"
+    assert {str(r) for r in errors.values()} == {"length"} and set(errors) == {"a", "b"}
+    assert scheduler.errors.counts == {"injected": 1}
+    check_no_leaks(scheduler, 40)
+    assert RequestStatus.FINISHED_ERROR  # the status vLLM reports as finish_reason "error"
