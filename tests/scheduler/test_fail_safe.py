@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import REGISTRY
 from vllm.v1.request import RequestStatus
 
@@ -23,6 +24,7 @@ from adaptivellm.scheduler.config import (
 )
 from adaptivellm.scheduler.fail_safe import QUIET_S, InternalErrors
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler, request_info
+from adaptivellm.scheduler.swap_connector import BlockCopy, SwapMetadata
 from tests.scheduler.sim import Clock, Run, check_no_leaks, make_request, make_scheduler
 
 WT = FairnessConfig(policy="weighted-turnaround")
@@ -233,3 +235,66 @@ def test_a_request_that_cannot_be_served_fails_alone() -> None:
     assert scheduler.errors.counts == {"injected": 1}
     check_no_leaks(scheduler, 40)
     assert RequestStatus.FINISHED_ERROR  # the status vLLM reports as finish_reason "error"
+
+
+# --- the swap connector's worker side ------------------------------------------------------
+
+
+def worker_connector() -> Any:
+    """The swap connector over a real CPU KV tensor of 25 blocks, 8 host slots."""
+    scheduler, _ = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                  preemption="swap", swap_slots=8)  # fmt: skip
+    connector = scheduler.swap
+    assert connector is not None and connector.num_slots == 8
+    connector.register_kv_caches({"layer": torch.randn(25, 1, 16, 2)})
+    return connector
+
+
+def test_failed_swap_out_copy_turns_its_swap_in_into_a_recompute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connector = worker_connector()
+    device, host = connector.device_caches["layer"], connector.host_caches["layer"]
+    real_copy = connector._copy
+    monkeypatch.setattr(connector, "_copy", boom)
+    connector.handle_preemptions(SwapMetadata(swap_outs=[BlockCopy("r", (3, 4), (0, 1))]))
+    assert connector.bad_slots == {0, 1} and connector.errors.counts == {"swap_out_copy": 1}
+    monkeypatch.setattr(connector, "_copy", real_copy)
+    connector.handle_preemptions(SwapMetadata(swap_outs=[BlockCopy("q", (5,), (2,))]))
+    ins = [BlockCopy("r", (7, 8), (0, 1)), BlockCopy("q", (9,), (2,))]
+    connector.bind_connector_metadata(SwapMetadata(swap_ins=ins))
+    connector.start_load_kv(None)
+    # r's host copy is garbage: vLLM is told to recompute its blocks; q's is restored.
+    assert connector.get_block_ids_with_load_errors() == {7, 8}
+    assert connector.get_block_ids_with_load_errors() == set()
+    assert torch.equal(device[9], host[2]) and torch.equal(device[9], device[5])
+    # A later good swap-out into the same slots makes them good again.
+    connector.handle_preemptions(SwapMetadata(swap_outs=[BlockCopy("s", (3, 4), (0, 1))]))
+    assert connector.bad_slots == set()
+
+
+def test_failed_swap_in_copy_reports_every_block_of_the_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connector = worker_connector()
+    monkeypatch.setattr(connector, "_copy", boom)
+    ins = [BlockCopy("r", (7, 8), (0, 1)), BlockCopy("q", (9,), (2,)), BlockCopy("x", (4,), ())]
+    connector.bind_connector_metadata(SwapMetadata(swap_ins=ins))
+    connector.start_load_kv(None)
+    assert connector.get_block_ids_with_load_errors() == {4, 7, 8, 9}
+    assert connector.errors.counts == {"swap_in_copy": 1}
+
+
+def test_scheduler_side_match_that_raises_recomputes(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
+                                      preemption="swap", swap_slots=200)  # fmt: skip
+    connector = scheduler.swap
+    assert connector is not None
+    monkeypatch.setattr(connector, "_matched_tokens", boom)
+    for i in range(12):
+        scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
+    run = Run(scheduler, clock)
+    run.until_idle()
+    assert run.preempted and len(run.finished) == 12
+    assert connector.errors.counts["swap_match"] >= 1
+    check_no_leaks(scheduler, 25)  # the dropped host copies were released
