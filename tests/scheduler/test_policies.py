@@ -211,6 +211,35 @@ def test_ties_keep_arrival_order() -> None:
     assert order[0].request_id == "a"
 
 
+#: Service times that are exact binary fractions (1/8 s a token), so that keys tie exactly.
+BINARY = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.125)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 2.0])
+def test_real_ties_are_served_in_arrival_order_whatever_the_input_order(exponent: float) -> None:
+    """Equal keys from different arrivals: `early` (weight 1) has waited 2 s, `late` (weight
+    1.5) 1 s, both S = 1 s: response ratios 1 * 3 / 1 and 1.5 * 2 / 1, both exactly 3. Passed
+    later-first, the earlier arrival still goes first."""
+    early = info("early", 0.0, 8)
+    late = info("late", 1.0, 8, weight=1.5)
+    for reqs in ([late, early], [early, late]):
+        keys = {turnaround_key(r, 2.0, 1.0, 60, exponent) for r in reqs}
+        assert keys == {(0, 3.0)}  # a real tie
+        order = order_by_turnaround(reqs, 2.0, BINARY, EXACT, 60, exponent=exponent)
+        assert [r.request_id for r in order] == ["early", "late"]
+    # The same with tenants' counters (both tenants equally served): still arrival order.
+    a, b = info("early", 0.0, 8, tenant="a"), info("late", 1.0, 8, tenant="b", weight=1.5)
+    order = order_by_turnaround([b, a], 2.0, BINARY, EXACT, 60, {"a": 5.0, "b": 5.0})
+    assert [r.request_id for r in order] == ["early", "late"]
+
+
+def test_starvation_starts_exactly_at_max_wait() -> None:
+    """A request that has waited exactly max_wait_s is starved; a hair less, not."""
+    r = info("r", 0.0, 8)
+    assert turnaround_key(r, 60.0, 1.0, 60.0)[0] == 1
+    assert turnaround_key(r, 59.75, 1.0, 60.0)[0] == 0
+
+
 def test_output_length_estimate_learns_the_used_fraction() -> None:
     est = OutputLengthEstimate(ratio=1.0, alpha=0.5)
     assert est.predict(100) == 100
@@ -246,6 +275,12 @@ def test_vtc_lift_and_charge() -> None:
     assert vtc_lift(counters, "idle", active=[], last_left=70.0) == 70.0
     assert vtc_lift(counters, "a", active=[], last_left=70.0) == 100.0
     assert vtc_charge(0.0, 10, 5, weight=2.0, costs=VTCWeights(1.0, 2.0)) == 10.0
+
+
+def test_vtc_charge_adds_to_a_counter_already_charged() -> None:
+    assert vtc_charge(37.5, 10, 5, weight=2.0, costs=VTCWeights(1.0, 2.0)) == 47.5
+    assert vtc_charge(100.0, 0, 0, weight=1.0, costs=VTCWeights()) == 100.0
+    assert vtc_charge(1.0, 4, 3, weight=0.5, costs=VTCWeights(0.5, 4.0)) == 1.0 + (2 + 12) / 0.5
 
 
 @pytest.mark.parametrize(
@@ -435,3 +470,62 @@ def test_dropping_idle_counters_changes_no_counter_an_active_tenant_has(seed: in
             most_kept = max(most_kept, len(pruned))
     assert len(full) == 40
     assert most_kept < 40
+
+
+# --- exact boundaries of the victim rule (BINARY: every time below is an exact binary fraction)
+
+
+def binary_victim(
+    candidate: RequestInfo,
+    batch: list[RunningInfo],
+    now: float = 1.0,
+    rule: TurnaroundPreemption = RULE,
+    max_wait_s: float = 60.0,
+) -> str | None:
+    found = choose_turnaround_victim(candidate, batch, now, BINARY, EXACT, rule, max_wait_s)
+    return None if found is None else found.request_id
+
+
+def test_a_gain_of_exactly_one_is_enough() -> None:
+    """`long` (S_v 64 s) has 16 tokens left: the slot frees in W = 2 s. A candidate of S_c = 2 s
+    gains W / S_c = 1 exactly (loss 2 / 64): it preempts. One of 3 s gains 2/3: it waits,
+    although 2/3 is still more than margin * loss = 6/64."""
+    batch = [running("long", 512, 496)]
+    assert remaining_service(batch[0], BINARY, EXACT) == 2.0
+    assert binary_victim(info("c", 1.0, 16), batch) == "long"
+    assert binary_victim(info("c", 1.0, 24), batch) is None
+
+
+def test_a_gain_of_exactly_margin_times_the_loss_is_not_enough() -> None:
+    """gain 1, loss 1/32: margin 32 makes them equal (no preemption), margin 31.5 does not."""
+    batch = [running("long", 512, 496)]
+    candidate = info("c", 1.0, 16)
+    assert binary_victim(candidate, batch, rule=TurnaroundPreemption(margin=32.0)) is None
+    assert binary_victim(candidate, batch, rule=TurnaroundPreemption(margin=31.5)) == "long"
+
+
+def test_a_request_that_has_waited_exactly_max_wait_is_starved_and_never_a_victim() -> None:
+    candidate = info("c", 100.0, 16)
+    at_bound = [running("long", 512, 496, arrival=40.0)]  # waited 60 s of 60
+    assert binary_victim(candidate, at_bound, now=100.0) is None
+    just_under = [running("long", 512, 496, arrival=40.25)]  # waited 59.75 s
+    assert binary_victim(candidate, just_under, now=100.0) == "long"
+
+
+def test_a_request_preempted_exactly_max_per_request_times_is_never_a_victim() -> None:
+    candidate = info("c", 1.0, 16)
+    for limit, done, expected in ((1, 1, None), (1, 0, "long"), (3, 3, None), (3, 2, "long")):
+        batch = [running("long", 512, 496, preemptions=done)]
+        rule = TurnaroundPreemption(max_per_request=limit)
+        assert binary_victim(candidate, batch, rule=rule) == expected, (limit, done)
+
+
+def test_equal_losses_go_to_the_first_running_request() -> None:
+    """Two victims with the same loss: the first in `running` is chosen (deterministic)."""
+    a, b = running("a", 512, 496), running("b", 512, 496)
+    assert binary_victim(info("c", 1.0, 16), [a, b]) == "a"
+    assert binary_victim(info("c", 1.0, 16), [b, a]) == "b"
+    # A strictly smaller loss wins wherever it is: b is longer (S_v 128 s), so it loses less.
+    b_long = running("b", 1024, 1008)
+    assert binary_victim(info("c", 1.0, 16), [a, b_long]) == "b"
+    assert binary_victim(info("c", 1.0, 16), [b_long, a]) == "b"

@@ -24,6 +24,16 @@ from tests.scheduler.sim import Run, check_invariants, check_no_leaks, make_requ
      ("adaptive", 1.0, 2.0, 0, True, "recompute", "nothing-to-swap"),
      ("adaptive", math.nan, 2.0, 4, True, "recompute", "cheaper"),
      ("adaptive", 1.0, math.nan, 4, True, "swap", "cheaper"),
+     # Equal predictions: swapping is not cheaper, so recompute (vLLM's own way).
+     ("adaptive", 2.0, 2.0, 4, True, "recompute", "cheaper"),
+     ("adaptive", 0.0, 0.0, 4, True, "recompute", "cheaper"),
+     ("adaptive", math.inf, math.inf, 4, True, "recompute", "cheaper"),
+     ("adaptive", 1.0, math.inf, 4, True, "swap", "cheaper"),
+     ("adaptive", 1.0, 2.0, 1, True, "swap", "cheaper"),  # one block is something to swap
+     ("adaptive", 1.0, 2.0, 1, False, "recompute", "swap-space-full"),
+     ("swap", 1.0, 2.0, 0, True, "recompute", "nothing-to-swap"),
+     ("swap", 2.0, 2.0, 4, True, "swap", "forced"),
+     ("recompute", math.nan, math.nan, 0, False, "recompute", "forced"),
      ("swap", 9.0, 1.0, 4, True, "swap", "forced"),
      ("swap", 9.0, 1.0, 4, False, "recompute", "swap-space-full"),
      ("recompute", 0.0, 9.0, 4, True, "recompute", "forced"),
@@ -100,19 +110,65 @@ def test_swap_space_exhaustion_falls_back_to_recompute() -> None:
     assert len(run.finished) == 12
 
 
+def preemptions_counted(mode: str) -> float:
+    """adaptivellm_preemptions_total{mode} in this process's registry (the sim's scheduler
+    counts there)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("adaptivellm_preemptions_total", {"mode": mode}) or 0.0
+
+
 def test_recompute_mode_never_swaps() -> None:
+    """Recompute mode asks no predictor and makes no swap decision: every preemption is counted
+    as a recompute, none as a swap, and a victim's decision is vLLM's own (forced)."""
+    before = {mode: preemptions_counted(mode) for mode in ("swap", "recompute")}
     run = pressure_run("recompute", slots=0)
     assert run.preempted
-    assert run.scheduler.swap is None
-    assert {d.mode for d in run.scheduler.decisions} <= {"recompute"}
+    assert run.scheduler.swap is None and run.scheduler.costs is None
+    assert run.scheduler.decisions == []  # recorded only when there was a choice to make
+    assert preemptions_counted("recompute") - before["recompute"] == len(run.preempted)
+    assert preemptions_counted("swap") == before["swap"]
+    decision = run.scheduler._decide(make_request("x", 40, 10, run.clock.now))
+    assert (decision.mode, decision.reason) == ("recompute", "forced")
 
 
 def test_adaptive_follows_the_cheaper_prediction() -> None:
+    """With the analytic predictor every victim is priced and goes the cheaper way (here always
+    a swap: the sim's victims hold many tokens and host copies are cheap)."""
     run = pressure_run("adaptive", slots=200)
-    for d in run.scheduler.decisions:
-        if d.reason == "cheaper":
-            assert (d.mode == "swap") == (d.swap_s < d.recompute_s)
     assert run.scheduler.decisions
+    for d in run.scheduler.decisions:
+        assert d.reason == "cheaper", d
+        assert (d.mode == "swap") == (d.swap_s < d.recompute_s), d
+
+
+@pytest.mark.parametrize("cheaper", ["swap", "recompute", "tie", "alternate"])
+def test_adaptive_takes_either_way_as_the_prediction_says(cheaper: str) -> None:
+    """Predictions stubbed so that each way is the cheaper one in turn (alternate: every
+    other victim swaps); equal predictions recompute."""
+    calls: list[int] = []
+
+    def predict(tokens: int, blocks: int, batch: int) -> tuple[float, float]:
+        calls.append(tokens)
+        if cheaper == "alternate":
+            return (1.0, 2.0) if len(calls) % 2 else (2.0, 1.0)
+        return {"swap": (1.0, 2.0), "recompute": (2.0, 1.0), "tie": (1.5, 1.5)}[cheaper]
+
+    def stub(scheduler: AdaptiveScheduler) -> None:
+        scheduler.costs = predict
+
+    run = pressure_run("adaptive", slots=200, prepare=stub)
+    decisions = run.scheduler.decisions
+    assert decisions and {d.reason for d in decisions} == {"cheaper"}
+    modes = {d.mode for d in decisions}
+    assert len(decisions) == len(calls)
+    if cheaper == "alternate":
+        assert modes == {"swap", "recompute"}, decisions
+        for d in decisions:
+            assert (d.mode == "swap") == (d.swap_s < d.recompute_s), d
+    else:
+        assert modes == {"swap" if cheaper == "swap" else "recompute"}
+    assert len(run.finished) == 12
 
 
 def test_abort_while_swapped_frees_host_copy() -> None:

@@ -1,0 +1,616 @@
+"""Mutation check of the scheduling policies and the split planner's DP: do their tests fail
+when the code is wrong?
+
+Each mutant is one small plausible bug made in the source (a comparison's boundary or sense,
+`+` for `-`, a dropped `sorted(...)` or operand, a constant off by one, `and` for `or`, an
+index off by one, ...). For every mutant, the module's own fast tests run (`pytest -x`, with
+a timeout); a mutant whose tests still pass *survived*. Survivors are either killed with a new
+test or listed in EQUIVALENT with the reason they cannot change behaviour.
+
+The mutants are made in a temporary copy of the repository (`git archive HEAD`, or the working
+tree with --worktree), never in the checkout itself, so an interrupted run leaves nothing
+behind; the copy's packages are put first on PYTHONPATH, ahead of the editable install.
+
+    .venv/bin/python bench/mutation.py                      # all three modules (about an hour)
+    .venv/bin/python bench/mutation.py --module preemption  # one module
+    .venv/bin/python bench/mutation.py --list               # the mutants, without running them
+    .venv/bin/python bench/mutation.py --match 'works[j]'   # mutants whose id contains this
+
+Results go to bench/results/mutation.json, rewritten after every mutant (a run cut short keeps
+what it measured). See docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results" / "mutation.json"
+#: Installed subpackages and the folders they come from (setuptools' package-dir mapping).
+SUBPACKAGES = ("predictors", "scheduler", "split_client", "patches")
+PYTEST = ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module to mutate, the functions to mutate in it (None: all), and its tests in stages:
+    a later stage runs only when the mutant survived the earlier ones (fast tests first)."""
+
+    name: str
+    path: str
+    functions: tuple[str, ...] | None
+    stages: tuple[tuple[str, ...], ...]
+
+
+TARGETS = (
+    Target(
+        "policies",
+        "scheduler/policies.py",
+        None,
+        (
+            ("tests/scheduler/test_policies.py",),
+            ("tests/scheduler/test_scheduler_fairness.py",),
+        ),
+    ),
+    Target(
+        "preemption",
+        "scheduler/preemption.py",
+        None,
+        (
+            ("tests/scheduler/test_preemption.py", "-k", "choose_mode or config"),
+            ("tests/scheduler/test_preemption.py",),
+        ),
+    ),
+    Target(
+        "planner-dp",
+        "split_client/planner.py",
+        # The DP and what it rests on: discretisation, the table, backtracking, the fallback.
+        (
+            "_to_units",
+            "default_budget_bins",
+            "_resolve_step",
+            "_entering_times",
+            "_discretise",
+            "_dp_table",
+            "_dp_solve",
+            "_fastest",
+            "plan_dp",
+        ),
+        (("tests/split_client/test_planner.py",),),
+    ),
+)
+
+#: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
+EQUIVALENT: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One textual change: replace source[start:end] (character offsets) by `replacement`."""
+
+    path: str
+    function: str
+    line: int
+    start: int
+    end: int
+    original: str
+    replacement: str
+    kind: str
+    occurrence: int = 0
+
+    @property
+    def id(self) -> str:
+        """Stable across edits elsewhere in the file: module, function, what changes, and which
+        of identical changes in that function (0 = the first)."""
+        suffix = f"#{self.occurrence}" if self.occurrence else ""
+        original, replacement = (" ".join(t.split()) for t in (self.original, self.replacement))
+        return f"{self.path}::{self.function}: {self.kind}: `{original}` -> `{replacement}`{suffix}"
+
+    def apply(self, source: str) -> str:
+        return source[: self.start] + self.replacement + source[self.end :]
+
+    def diff(self, source: str) -> str:
+        lines = difflib.unified_diff(
+            source.splitlines(keepends=True),
+            self.apply(source).splitlines(keepends=True),
+            f"a/{self.path}",
+            f"b/{self.path}",
+            n=1,
+        )
+        return "".join(lines)
+
+
+# --------------------------------------------------------------------------- making mutants
+
+_COMPARE_SWAPS: dict[type[ast.cmpop], tuple[str, ...]] = {
+    ast.Lt: ("<=", ">="),
+    ast.LtE: ("<", ">"),
+    ast.Gt: (">=", "<="),
+    ast.GtE: (">", "<"),
+    ast.Eq: ("!=",),
+    ast.NotEq: ("==",),
+    ast.Is: ("is not",),
+    ast.IsNot: ("is",),
+    ast.In: ("not in",),
+    ast.NotIn: ("in",),
+}
+_COMPARE_TOKENS: dict[type[ast.cmpop], str] = {
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+    ast.In: "in",
+    ast.NotIn: "not in",
+}
+_BINOP_SWAPS: dict[type[ast.operator], tuple[str, str]] = {
+    ast.Add: ("+", "-"),
+    ast.Sub: ("-", "+"),
+    ast.Mult: ("*", "/"),
+    ast.Div: ("/", "*"),
+    ast.FloorDiv: ("//", "/"),
+    ast.Mod: ("%", "//"),
+    ast.Pow: ("**", "*"),
+}
+_CALL_SWAPS = {"min": "max", "max": "min", "any": "all", "all": "any"}
+
+
+class _Offsets:
+    """(line, column) of the ast to character offsets in the source."""
+
+    def __init__(self, source: str) -> None:
+        self.starts = [0]
+        for line in source.splitlines(keepends=True):
+            self.starts.append(self.starts[-1] + len(line))
+        self.source = source
+
+    def at(self, line: int, col: int) -> int:
+        # ast columns are UTF-8 byte offsets.
+        text = self.source[self.starts[line - 1] : self.starts[line]]
+        return self.starts[line - 1] + len(text.encode()[:col].decode())
+
+    def span(self, node: ast.AST) -> tuple[int, int]:
+        start = self.at(node.lineno, node.col_offset)  # type: ignore[attr-defined]
+        end = self.at(node.end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
+        return start, end
+
+
+def _find_token(source: str, start: int, end: int, token: str) -> int | None:
+    """Offset of `token` between two operands (skipping brackets and comments of the gap)."""
+    gap = source[start:end]
+    depth = 0
+    i = 0
+    while i < len(gap):
+        c = gap[i]
+        if c == "#":
+            newline = gap.find("\n", i)
+            i = len(gap) if newline < 0 else newline
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth <= 0 and gap.startswith(token, i):
+            after = gap[i + len(token) : i + len(token) + 1]
+            word = token[-1].isalpha()
+            if not (word and (after.isalnum() or after == "_")) and not (
+                not word and after in "=<>*/"
+            ):
+                return start + i
+        i += 1
+    return None
+
+
+def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.AST]]:
+    """Top-level functions and methods, by qualified name."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    yield f"{node.name}.{item.name}", item
+
+
+def _skipped(node: ast.AST, func: ast.AST) -> set[int]:
+    """ids of nodes not worth mutating: annotations, docstrings, decorators."""
+    skip: set[int] = set()
+    for sub in ast.walk(func):
+        annotations: list[ast.AST | None] = []
+        if isinstance(sub, ast.arg):
+            annotations.append(sub.annotation)
+        if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef):
+            annotations.append(sub.returns)
+            annotations.extend(sub.decorator_list)
+            if sub.body and isinstance(sub.body[0], ast.Expr):
+                annotations.append(sub.body[0])
+        if isinstance(sub, ast.AnnAssign):
+            annotations.append(sub.annotation)
+        for a in annotations:
+            if a is not None:
+                skip.update(id(n) for n in ast.walk(a))
+    return skip
+
+
+def mutants_of(path: str, source: str, functions: Sequence[str] | None) -> list[Mutant]:
+    """Every mutant of the chosen functions of a module (all functions when None)."""
+    tree = ast.parse(source)
+    offsets = _Offsets(source)
+    found: list[Mutant] = []
+    for name, func in _functions(tree):
+        if functions is not None and name not in functions:
+            continue
+        skip = _skipped(func, func)
+        seen: Counter[str] = Counter()
+
+        def add(
+            start: int,
+            end: int,
+            replacement: str,
+            kind: str,
+            line: int,
+            name: str = name,
+            seen: Counter[str] = seen,
+        ) -> None:
+            original = source[start:end]
+            if original == replacement:
+                return
+            probe = Mutant(path, name, line, start, end, original, replacement, kind)
+            try:  # a mutant must still parse
+                ast.parse(probe.apply(source))
+            except SyntaxError:
+                return
+            key = probe.id
+            found.append(
+                Mutant(path, name, line, start, end, original, replacement, kind, seen[key])
+            )
+            seen[key] += 1
+
+        for node in ast.walk(func):
+            if id(node) in skip or node is func:
+                continue
+            line = getattr(node, "lineno", 0)
+            if isinstance(node, ast.Compare):
+                left = node.left
+                for op, right in zip(node.ops, node.comparators, strict=True):
+                    token = _COMPARE_TOKENS[type(op)]
+                    at = _find_token(source, offsets.span(left)[1], offsets.span(right)[0], token)
+                    if at is not None:
+                        for new in _COMPARE_SWAPS[type(op)]:
+                            add(at, at + len(token), new, "comparison", line)
+                    left = right
+            elif isinstance(node, ast.BinOp) and type(node.op) in _BINOP_SWAPS:
+                token, new = _BINOP_SWAPS[type(node.op)]
+                gap_start, gap_end = offsets.span(node.left)[1], offsets.span(node.right)[0]
+                at = _find_token(source, gap_start, gap_end, token)
+                if at is not None:
+                    add(at, at + len(token), new, "operator", line)
+                if isinstance(node.op, ast.Add | ast.Sub):
+                    start, end = offsets.span(node)
+                    left_text = source[slice(*offsets.span(node.left))]
+                    right_text = source[slice(*offsets.span(node.right))]
+                    add(start, end, left_text, "drop operand", line)
+                    if isinstance(node.op, ast.Add):
+                        add(start, end, right_text, "drop operand", line)
+            elif isinstance(node, ast.AugAssign) and type(node.op) in _BINOP_SWAPS:
+                token, new = _BINOP_SWAPS[type(node.op)]
+                gap_start, gap_end = offsets.span(node.target)[1], offsets.span(node.value)[0]
+                at = _find_token(source, gap_start, gap_end, token + "=")
+                if at is not None:
+                    add(at, at + len(token) + 1, new + "=", "operator", line)
+            elif isinstance(node, ast.BoolOp):
+                token, new = ("and", "or") if isinstance(node.op, ast.And) else ("or", "and")
+                for a, b in zip(node.values, node.values[1:], strict=False):
+                    at = _find_token(source, offsets.span(a)[1], offsets.span(b)[0], token)
+                    if at is not None:
+                        add(at, at + len(token), new, "boolean", line)
+            elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+                start, end = offsets.span(node)
+                add(start, end, source[slice(*offsets.span(node.operand))], "drop not", line)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                fname = node.func.id
+                if fname == "sorted" and node.args:
+                    start, end = offsets.span(node)
+                    inner = source[slice(*offsets.span(node.args[0]))]
+                    add(start, end, f"list({inner})", "drop sorted", line)
+                if fname in _CALL_SWAPS:
+                    start, end = offsets.span(node.func)
+                    add(start, end, _CALL_SWAPS[fname], "call", line)
+                if fname in ("min", "max") and len(node.args) == 2 and not node.keywords:
+                    start, end = offsets.span(node)
+                    for arg in node.args:  # drop a clamp
+                        add(start, end, source[slice(*offsets.span(arg))], "drop clamp", line)
+            elif isinstance(node, ast.Constant) and not isinstance(node.value, str | bytes):
+                start, end = offsets.span(node)
+                value = node.value
+                if isinstance(value, bool):
+                    add(start, end, str(not value), "constant", line)
+                elif isinstance(value, int):
+                    add(start, end, str(value + 1), "constant", line)
+                    add(start, end, str(value - 1), "constant", line)
+                elif isinstance(value, float):
+                    add(start, end, repr(value + 1.0), "constant", line)
+            elif isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Slice):
+                index = node.slice
+                start, end = offsets.span(index)
+                text = source[start:end]
+                if isinstance(index, ast.Name):
+                    add(start, end, f"{text} - 1", "index", line)
+                    add(start, end, f"{text} + 1", "index", line)
+                elif (
+                    isinstance(index, ast.BinOp)
+                    and isinstance(index.op, ast.Add | ast.Sub)
+                    and isinstance(index.left, ast.Name)
+                    and isinstance(index.right, ast.Constant)
+                ):
+                    add(start, end, index.left.id, "index", line)
+    found.sort(key=lambda m: (m.start, m.end, m.replacement))
+    return found
+
+
+# --------------------------------------------------------------------------- running them
+
+
+@dataclass
+class Outcome:
+    id: str
+    line: int
+    status: str  # killed | survived | equivalent | timeout
+    stage: int | None
+    seconds: float
+    diff: str = ""
+    reason: str = ""
+
+
+@dataclass
+class ModuleReport:
+    path: str
+    functions: list[str] | None
+    tests: list[list[str]]
+    mutants: int = 0
+    baseline_s: list[float] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(o.status for o in self.outcomes)
+        killed = counts["killed"] + counts["timeout"]
+        return {
+            "path": self.path,
+            "functions": self.functions,
+            "tests": self.tests,
+            "mutants": self.mutants,
+            "run": len(self.outcomes),
+            "killed": killed,
+            "killed_by_timeout": counts["timeout"],
+            "survived": counts["survived"],
+            "equivalent": counts["equivalent"],
+            "baseline_s": [round(s, 1) for s in self.baseline_s],
+            "survivors": [
+                {"id": o.id, "line": o.line, "diff": o.diff}
+                for o in self.outcomes
+                if o.status == "survived"
+            ],
+            "equivalents": [
+                {"id": o.id, "line": o.line, "reason": o.reason, "diff": o.diff}
+                for o in self.outcomes
+                if o.status == "equivalent"
+            ],
+            "killed_by_stage": dict(
+                Counter(str(o.stage) for o in self.outcomes if o.stage is not None)
+            ),
+        }
+
+
+def make_copy(destination: Path, worktree: bool) -> str:
+    """The repository's files in `destination` (HEAD, or the working tree's tracked and
+    untracked-but-not-ignored files) and a package tree laid out as the install; returns what
+    was copied (the commit, and `+worktree` when the working tree was)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if worktree:
+        files = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for name in filter(None, (f.decode() for f in files)):
+            source = REPO / name
+            if source.is_file():
+                (destination / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, destination / name)
+    else:
+        archive = destination / ".head.tar"
+        with archive.open("wb") as out:
+            subprocess.run(["git", "archive", "HEAD"], cwd=REPO, stdout=out, check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(destination, filter="data")
+        archive.unlink()
+    package = destination / ".mutation-pkg" / "adaptivellm"
+    package.mkdir(parents=True)
+    for item in (destination / "adaptivellm").iterdir():
+        (package / item.name).symlink_to(item)
+    for sub in SUBPACKAGES:
+        (package / sub).symlink_to(destination / sub)
+    return commit + ("+worktree" if worktree else "")
+
+
+def test_env(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy / ".mutation-pkg"), str(copy)])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_imports_from_copy(copy: Path, target: Target) -> None:
+    module = "adaptivellm." + target.path.removesuffix(".py").replace("/", ".")
+    code = f"import {module} as m; print(m.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=copy,
+        env=test_env(copy),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    where = Path(done.stdout.strip()).resolve()
+    if not where.is_relative_to(copy.resolve()):
+        raise SystemExit(f"{module} imports from {where}, not from the copy {copy}")
+
+
+def run_tests(copy: Path, args: Sequence[str], timeout: float) -> tuple[bool | None, float]:
+    """(passed, seconds): None when the tests ran out of time."""
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, *PYTEST, *args],
+            cwd=copy,
+            env=test_env(copy),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - started
+    if done.returncode not in (0, 1):
+        # 2: interrupted (Ctrl-C) or a usage error, 5: no tests ran: never count as a kill.
+        if done.returncode == 2:
+            raise KeyboardInterrupt
+        raise SystemExit(f"pytest {' '.join(args)} exited {done.returncode}")
+    return done.returncode == 0, time.monotonic() - started
+
+
+def write_report(out: Path, header: dict[str, Any], reports: dict[str, ModuleReport]) -> None:
+    data = {**header, "modules": {name: r.summary() for name, r in reports.items()}}
+    data["totals"] = {
+        key: sum(m[key] for m in data["modules"].values())
+        for key in ("mutants", "run", "killed", "survived", "equivalent")
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", choices=[t.name for t in TARGETS])
+    parser.add_argument("--match", help="only mutants whose id contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--worktree", action="store_true", help="mutate the working tree's code")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--timeout-factor", type=float, default=4.0, help="per mutant: this x baseline + 30 s"
+    )
+    args = parser.parse_args(argv)
+    targets = [t for t in TARGETS if not args.module or t.name in args.module]
+
+    with tempfile.TemporaryDirectory(prefix="adaptivellm-mutation-") as tmp:
+        copy = Path(tmp)
+        source_of = make_copy(copy, args.worktree)
+        plan: dict[str, list[Mutant]] = {}
+        sources: dict[str, str] = {}
+        for target in targets:
+            sources[target.name] = (copy / target.path).read_text()
+            mutants = mutants_of(target.path, sources[target.name], target.functions)
+            if args.match:
+                mutants = [m for m in mutants if args.match in m.id]
+            plan[target.name] = mutants
+        if args.list:
+            for target in targets:
+                for m in plan[target.name]:
+                    print(f"{m.path}:{m.line}: {m.id}")
+            print(sum(len(m) for m in plan.values()), "mutants")
+            return 0
+
+        command = "bench/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        header = {
+            "command": f".venv/bin/python {command.strip()}",
+            "source": source_of,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished": None,
+            "statuses": {
+                "killed": "a test failed (or ran out of time: killed_by_timeout)",
+                "survived": "every test passed: a test is missing, or the mutant is equivalent",
+                "equivalent": "passed, and listed in bench/mutation.py's EQUIVALENT with why",
+            },
+        }
+        reports = {
+            t.name: ModuleReport(
+                t.path,
+                list(t.functions) if t.functions else None,
+                [list(s) for s in t.stages],
+                len(plan[t.name]),
+            )
+            for t in targets
+        }
+        for target in targets:
+            check_imports_from_copy(copy, target)
+            for stage in target.stages:
+                passed, seconds = run_tests(copy, stage, timeout=3600)
+                if not passed:
+                    raise SystemExit(f"the unmutated tests fail: pytest {' '.join(stage)}")
+                reports[target.name].baseline_s.append(seconds)
+        write_report(args.out, header, reports)
+
+        total = sum(len(m) for m in plan.values())
+        with tqdm(total=total, unit="mutant") as bar:
+            for target in targets:
+                report, source = reports[target.name], sources[target.name]
+                file = copy / target.path
+                for mutant in plan[target.name]:
+                    bar.set_description(f"{target.name}:{mutant.line}")
+                    outcome = Outcome(mutant.id, mutant.line, "survived", None, 0.0)
+                    try:
+                        file.write_text(mutant.apply(source))
+                        for number, stage in enumerate(target.stages):
+                            limit = args.timeout_factor * report.baseline_s[number] + 30
+                            passed, seconds = run_tests(copy, stage, limit)
+                            outcome.seconds += seconds
+                            if not passed:
+                                outcome.status = "killed" if passed is False else "timeout"
+                                outcome.stage = number
+                                break
+                    finally:
+                        file.write_text(source)  # always restored, even on Ctrl-C
+                    if outcome.status == "survived":
+                        outcome.diff = mutant.diff(source)
+                        if mutant.id in EQUIVALENT:
+                            outcome.status, outcome.reason = "equivalent", EQUIVALENT[mutant.id]
+                        else:
+                            tqdm.write(f"SURVIVED {target.path}:{mutant.line}: {mutant.id}")
+                    report.outcomes.append(outcome)
+                    write_report(args.out, header, reports)
+                    bar.update()
+        header["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_report(args.out, header, reports)
+    for name, report in reports.items():
+        s = report.summary()
+        print(f"{name}: {s['killed']} killed, {s['survived']} survived, "
+              f"{s['equivalent']} equivalent of {s['mutants']}")  # fmt: skip
+    return 0 if all(not r.summary()["survived"] for r in reports.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
