@@ -79,6 +79,22 @@ class ProtocolError(ValueError):
 # --------------------------------------------------------------------------- JSON messages
 
 
+#: Allowed range of each ClientSpec field (inclusive): wide enough for any real client, narrow
+#: enough that the planner's arithmetic stays finite. mem_bytes_per_s may be inf (no limit).
+CLIENT_SPEC_RANGES: Final = {
+    "flops_per_s": (0.0, 1e18),
+    "uplink_bps": (0.0, 1e13),
+    "downlink_bps": (0.0, 1e13),
+    "rtt_s": (0.0, 60.0),
+    "mem_bytes_per_s": (0.0, math.inf),
+    "layer_overhead_s": (0.0, 10.0),
+}
+#: Largest token count, layer, SLA and sampling value an Open may carry (the server then checks
+#: tokens against its context and the layer against its model).
+MAX_TOKENS_FIELD: Final = 1 << 31
+MAX_SLA_S: Final = 86_400.0
+
+
 @dataclass(frozen=True)
 class ClientSpec:
     """What the client declares about itself, for the planner (same units as
@@ -94,12 +110,16 @@ class ClientSpec:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+            low, high = CLIENT_SPEC_RANGES[f.name]
+            if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ProtocolError("bad_request", f"client.{f.name} must be a number")
-            if value < 0:
-                raise ProtocolError("bad_request", f"client.{f.name} must be >= 0")
-        if self.flops_per_s <= 0:
-            raise ProtocolError("bad_request", "client.flops_per_s must be > 0")
+            if not low <= value <= high:  # also rejects NaN
+                raise ProtocolError(
+                    "bad_request", f"client.{f.name} must be between {low:g} and {high:g}"
+                )
+        for name in ("flops_per_s", "mem_bytes_per_s"):
+            if getattr(self, name) <= 0:
+                raise ProtocolError("bad_request", f"client.{name} must be > 0")
 
     def to_profile(self) -> ClientProfile:
         """This spec as the planner's `ClientProfile` (same fields, same units)."""
@@ -122,8 +142,12 @@ class Sampling:
             raise ProtocolError("bad_request", "sampling.temperature must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
             raise ProtocolError("bad_request", "sampling.top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ProtocolError("bad_request", "sampling.top_k must be >= 0 (0 = off)")
+        if not 0 <= self.top_k <= MAX_TOKENS_FIELD:
+            raise ProtocolError(
+                "bad_request", f"sampling.top_k must be between 0 (off) and {MAX_TOKENS_FIELD}"
+            )
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:
+            raise ProtocolError("bad_request", "sampling.seed must be a 64-bit integer")
 
 
 @dataclass(frozen=True)
@@ -143,14 +167,20 @@ class Open:
     type: Literal["open"] = "open"
 
     def __post_init__(self) -> None:
-        if self.prompt_tokens < 1:
-            raise ProtocolError("bad_request", "prompt_tokens must be >= 1")
-        if self.max_tokens < 1:
-            raise ProtocolError("bad_request", "max_tokens must be >= 1")
-        if self.sla_s is not None and not self.sla_s > 0:
-            raise ProtocolError("bad_request", "sla_s must be > 0 (or null for no SLA)")
-        if self.layer is not None and self.layer < 0:
-            raise ProtocolError("bad_request", "layer must be >= 0")
+        if not 1 <= self.prompt_tokens <= MAX_TOKENS_FIELD:
+            raise ProtocolError(
+                "bad_request", f"prompt_tokens must be between 1 and {MAX_TOKENS_FIELD}"
+            )
+        if not 1 <= self.max_tokens <= MAX_TOKENS_FIELD:
+            raise ProtocolError(
+                "bad_request", f"max_tokens must be between 1 and {MAX_TOKENS_FIELD}"
+            )
+        if self.sla_s is not None and not 0 < self.sla_s <= MAX_SLA_S:
+            raise ProtocolError(
+                "bad_request", f"sla_s must be > 0 and at most {MAX_SLA_S:g} (or null for no SLA)"
+            )
+        if self.layer is not None and not 0 <= self.layer <= MAX_TOKENS_FIELD:
+            raise ProtocolError("bad_request", f"layer must be between 0 and {MAX_TOKENS_FIELD}")
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,7 @@ def test_nan_in_json_numbers_is_rejected() -> None:
     text = json.dumps(open_body(sla_s=0.5)).replace("0.5", "NaN")
     assert "sla_s must be a number" in rejected(text)
     client = json.dumps(open_body()).replace('"rtt_s": 0.02', '"rtt_s": NaN')
-    assert "client.rtt_s must be a number" in rejected(client)
+    assert "client.rtt_s must be between 0 and 60" in rejected(client)
     sampling = json.dumps(open_body()).replace('"temperature": 0.0', '"temperature": NaN')
     assert "temperature must be a number" in rejected(sampling)
 
@@ -189,12 +189,16 @@ def test_nan_in_json_numbers_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"prompt_tokens": 0}, "prompt_tokens must be >= 1"),
-        ({"max_tokens": 0}, "max_tokens must be >= 1"),
-        ({"sla_s": 0}, "sla_s must be > 0"),
-        ({"layer": -1}, "layer must be >= 0"),
+        ({"prompt_tokens": 0}, "prompt_tokens must be between 1 and 2147483648"),
+        ({"prompt_tokens": 10**30}, "prompt_tokens must be between 1 and"),
+        ({"max_tokens": 0}, "max_tokens must be between 1 and"),
+        ({"sla_s": 0}, "sla_s must be > 0 and at most 86400"),
+        ({"sla_s": 1e308}, "sla_s must be > 0 and at most 86400"),
+        ({"layer": -1}, "layer must be between 0 and"),
+        ({"layer": 10**30}, "layer must be between 0 and"),
         ({"sampling": {"top_p": 0.0}}, "top_p must be in (0, 1]"),
-        ({"sampling": {"top_k": -1}}, "top_k must be >= 0"),
+        ({"sampling": {"top_k": -1}}, "top_k must be between 0 (off) and"),
+        ({"sampling": {"seed": 1 << 64}}, "seed must be a 64-bit integer"),
         ({"sampling": {"temperature": 101}}, "temperature must be in [0, 100]"),
     ],
 )
@@ -203,9 +207,22 @@ def test_out_of_range_values(changes: dict[str, Any], fragment: str) -> None:
 
 
 def test_client_spec_values() -> None:
-    for name, value, fragment in [("flops_per_s", 0, "> 0"), ("rtt_s", -1, ">= 0")]:
+    """Each field's range is named; values the planner's arithmetic cannot take (an infinite
+    round trip, zero memory bandwidth: ValueError in the planner, once an engine_error) are
+    refused at the door."""
+    for name, value, fragment in [
+        ("flops_per_s", 0, "flops_per_s must be > 0"),
+        ("flops_per_s", 1e300, "flops_per_s must be between 0 and 1e+18"),
+        ("rtt_s", -1, "rtt_s must be between 0 and 60"),
+        ("rtt_s", math.inf, "rtt_s must be between 0 and 60"),
+        ("uplink_bps", math.inf, "uplink_bps must be between 0 and 1e+13"),
+        ("mem_bytes_per_s", 0, "mem_bytes_per_s must be > 0"),
+        ("layer_overhead_s", 11, "layer_overhead_s must be between 0 and 10"),
+    ]:
         client = {**open_body()["client"], name: value}
-        assert fragment in rejected(open_body(client=client))
+        assert fragment in rejected(json.dumps(open_body(client=client)))
+    unlimited = {**open_body()["client"], "mem_bytes_per_s": math.inf}
+    assert decode_message(json.dumps(open_body(client=unlimited)))
 
 
 def test_open_of_another_version_is_a_version_mismatch() -> None:
