@@ -9,7 +9,7 @@ test or listed in EQUIVALENT with the reason they cannot change behaviour.
 
 The mutants are made in a temporary copy of the repository (`git archive HEAD`, or the working
 tree with --worktree), never in the checkout itself, so an interrupted run leaves nothing
-behind; the copy's packages are put first on PYTHONPATH, ahead of the editable install.
+behind; the copy's packages come first on sys.path, ahead of the editable install.
 
     .venv/bin/python bench/mutation.py                      # all three modules (about an hour)
     .venv/bin/python bench/mutation.py --module preemption  # one module
@@ -46,6 +46,8 @@ DEFAULT_OUT = REPO / "bench" / "results" / "mutation.json"
 #: Installed subpackages and the folders they come from (setuptools' package-dir mapping).
 SUBPACKAGES = ("predictors", "scheduler", "split_client", "patches")
 PYTEST = ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+#: No shrinking of failing examples, no example database (tests/conftest.py).
+PYTEST += ["--hypothesis-profile", "mutation"]
 
 
 @dataclass(frozen=True)
@@ -447,18 +449,16 @@ def make_copy(destination: Path, worktree: bool) -> str:
         with tarfile.open(archive) as tar:
             tar.extractall(destination, filter="data")
         archive.unlink()
-    package = destination / ".mutation-pkg" / "adaptivellm"
-    package.mkdir(parents=True)
-    for item in (destination / "adaptivellm").iterdir():
-        (package / item.name).symlink_to(item)
+    # The copy's adaptivellm/ becomes the installed package: its subpackages linked in. (The
+    # tests run from the copy, whose folder Python puts first on sys.path.)
     for sub in SUBPACKAGES:
-        (package / sub).symlink_to(destination / sub)
+        (destination / "adaptivellm" / sub).symlink_to(destination / sub)
     return commit + ("+worktree" if worktree else "")
 
 
 def test_env(copy: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(copy / ".mutation-pkg"), str(copy)])
+    env["PYTHONPATH"] = str(copy)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from adaptivellm.launch import ServerProcess, adaptivellm_command, free_port
 from tests.support import (
@@ -15,7 +16,31 @@ from tests.support import (
     SPLIT_IDLE_TIMEOUT_S,
     SPLIT_MAX_FRAME_MB,
     SPLIT_MAX_SESSIONS,
+    MustRun,
     Server,
+)
+
+#: Tests whose skip fails the session (tests.support.MustRun): the end-to-end checks that once
+#: skipped quietly when the machine was too busy, and the DP's exact check. An id without
+#: parameters covers all of its parametrizations.
+MUST_RUN = (
+    "tests/e2e/test_fairness_preemption.py"
+    "::test_short_request_preempts_a_long_one_outputs_unchanged",
+    "tests/e2e/test_step_cap.py::test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged",
+    "tests/split_client/test_planner.py"
+    "::test_dp_prefix_and_brute_force_equal_plain_enumeration_on_seeded_instances",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(MustRun(MUST_RUN), "adaptivellm-must-run")
+
+
+# A profile for bench/mutation.py (`--hypothesis-profile mutation`): a failing example is not
+# shrunk (a mutant only needs to fail, and shrinking one can take a minute), and nothing is
+# stored between runs.
+settings.register_profile(
+    "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None
 )
 
 

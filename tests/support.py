@@ -90,7 +90,8 @@ def overlapping_attempts(
     finished) until `on_time` says the client sent its later requests while the earlier ones
     still had a good part of their decode to go, at most `attempts` times; every attempt's texts
     must equal `reference`. Returns the last attempt's times and the server's /metrics before
-    and after it (for metric_delta). Skips the test when no attempt was on time.
+    and after it (for metric_delta). Fails the test when no attempt was on time: a test whose
+    precondition was never met has checked nothing, and must not pass or skip quietly.
 
     The tests trigger a later request when the client has seen an earlier one stream a few
     chunks. On a 2-core machine the client and the API server can get no CPU at all for the 2 s
@@ -99,7 +100,8 @@ def overlapping_attempts(
     engine decoded, and none with three busy loops but no engine). The chunks then arrive in
     one burst at the end, the trigger fires after the engine is done, and the attempt tests
     nothing. The tests therefore lower the engine processes' priority (lower_engine_priority),
-    which makes such attempts rare (a CI run had the step-cap test skip after 8 of them).
+    which makes such attempts rare (a CI run had the step-cap test give up after 8 of them,
+    when this skipped the test instead of failing it).
     Whether a sent request was on time is told by the client's own clock: it read the
     earlier requests' streams live (read_live_after) for long enough after it was sent, whatever
     the scheduler did; each test says how long its later requests need. That the streams merely
@@ -119,7 +121,12 @@ def overlapping_attempts(
         if on_time(times):
             return times, before, after
         print(f"attempt {attempt + 1} of {attempts}: the trigger fired too late ({times})")
-    pytest.skip(f"the client got no CPU while the engine decoded, {attempts} times in a row")
+    pytest.fail(
+        f"precondition never met: in {attempts} attempts in a row the client got no CPU while "
+        "the engine decoded, so its later requests were not sent while the earlier ones ran; "
+        "the test's assertions did not run (a loaded machine? rerun it alone)",
+        pytrace=False,
+    )
 
 
 #: Niceness the overlap tests give a server's engine processes (see lower_engine_priority).
@@ -178,3 +185,36 @@ def metric_delta(before: str, after: str, name: str, labels: str = "") -> float:
     """How much metric `name` (a counter, or a histogram's _count/_bucket) grew between two
     /metrics expositions."""
     return (metric_value(after, name, labels) or 0.0) - (metric_value(before, name, labels) or 0.0)
+
+
+class MustRun:
+    """pytest plugin: a test session fails when any test of `node_ids` was skipped.
+
+    An entry without parameters ("file.py::test") stands for every parametrization of that
+    test ("file.py::test[a]", ...). A skip of one of them means that CI passed without checking
+    what it says it checks (tests/conftest.py lists them in MUST_RUN; see docs/testing.md)."""
+
+    def __init__(self, node_ids: Sequence[str]) -> None:
+        self.node_ids = tuple(node_ids)
+        self.skipped: list[str] = []
+
+    def must_run(self, node_id: str) -> bool:
+        return node_id in self.node_ids or node_id.split("[", 1)[0] in self.node_ids
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        skipped = report.skipped and not hasattr(report, "wasxfail")
+        if skipped and self.must_run(report.nodeid) and report.nodeid not in self.skipped:
+            self.skipped.append(report.nodeid)
+
+    def pytest_sessionfinish(self, session: Any, exitstatus: int) -> None:
+        if self.skipped and session.exitstatus == 0:
+            session.exitstatus = 1  # pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.skipped:
+            terminalreporter.section("must-run tests skipped", sep="=", red=True, bold=True)
+            for node_id in self.skipped:
+                terminalreporter.line(f"SKIPPED (must run) {node_id}", red=True)
+            terminalreporter.line(
+                "These tests must run in CI (MUST_RUN in tests/conftest.py): the session fails."
+            )
