@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "mutation.json"
 #: Installed subpackages and the folders they come from (setuptools' package-dir mapping).
 SUBPACKAGES = ("predictors", "scheduler", "split_client", "patches")
-PYTEST = ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+PYTEST = ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
 #: No shrinking of failing examples, no example database (tests/conftest.py).
 PYTEST += ["--hypothesis-profile", "mutation"]
 
