@@ -13,7 +13,7 @@ host memory or recompute, per victim) and `--fairness weighted-turnaround`, the 
 
 - tenants named by the `user` field or the `X-AdaptiveLLM-Tenant` header, or none, and
   priorities in [-3, 3] (`extra_body={"priority": p}`) or none;
-- about 15% disconnect mid-stream (the client closes the stream after 1-3 chunks), about 7% are
+- about 20% disconnect mid-stream (the client closes the stream after 1-3 chunks), about 7% are
   aborted (a client-side timeout of 0.05-2 s cancels the request, queued or streaming);
 - about 5% are split-execution sessions (`adaptivellm.split_client.SplitClient`, k in
   {0, 1, 3, 6}; a fifth of them abandon the stream after two tokens), interleaved with the
@@ -39,8 +39,8 @@ Faults (`--faults all|none|NAME,...`), each recorded as `{name, outcome, ok}` wi
 - `split_client_killed`: on the main server after the load, `adaptivellm split-client` runs in a
   subprocess (k = 3, then k = 0), is SIGKILLed mid-decode, and its session and KV cache must be
   freed (open sessions and KV usage back to 0);
-- `swap_exhausted`: a second server with `--preemption-mode swap --swap-space 0.001` (one host
-  slot): under the same pressure the victims are recomputed and counted
+- `swap_exhausted`: a second server with `--preemption-mode swap --swap-space 0.003` (four
+  host slots of one KV block each): under the same pressure the victims are recomputed and counted
   (`adaptivellm_swap_fallbacks_total` and `adaptivellm_preemptions_total{mode="recompute"}` rise),
   every request completes with its greedy output, and nothing leaks;
 - `engine_killed`: the engine core of a server (the second one, after `swap_exhausted`; its own
@@ -102,14 +102,15 @@ BASE_FLAGS = ("--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
 MAIN_FLAGS = (*BASE_FLAGS, "--preemption-mode", "adaptive", "--swap-space", "0.25",
               "--fairness", "weighted-turnaround", "--split-execution",
               "--split-max-sessions", "8")  # fmt: skip
-#: One host slot (a block is 768 KiB): a victim of two blocks or more cannot be swapped.
-FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.001")
+#: Four host slots (a block is 768 KiB): the first victims fill them, the next ones find the
+#: swap space full.
+FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.003")
 
 TENANTS = ("alpha", "beta", "gamma", "delta")
 TENANT_HEADER = "X-AdaptiveLLM-Tenant"
 SPLIT_LAYERS = (0, 1, 3, 6)
 SPLIT_CLIENTS = 2
-DISCONNECT_SHARE = 0.15
+DISCONNECT_SHARE = 0.2
 ABORT_SHARE = 0.07
 SPLIT_SHARE = 0.05
 #: The kill fault's checks: /health must stop answering 200, and every in-flight client must
@@ -671,7 +672,7 @@ def swap_exhausted(
     server: ServerProcess, entries: list[Entry], refs: dict[int, Any], hang_s: float,
     drain_s: float,
 ) -> dict[str, Any]:  # fmt: skip
-    """Pressure on a server with one host swap slot: victims fall back to recompute, counted,
+    """Pressure on a server with four host swap slots: victims fall back to recompute, counted,
     and every request still completes with its greedy output."""
     base = server.base_url
     big = [i for i, e in enumerate(entries) if len(e.prompt) >= 200 and e.max_tokens >= 48]
@@ -927,7 +928,7 @@ def run(
         rec.save()
 
     if "swap_exhausted" in faults or "engine_killed" in faults:
-        phase("starting the fault server (one host swap slot)")
+        phase("starting the fault server (four host swap slots)")
         second = start_server(
             FAULT_FLAGS, workdir / "fault-server.log", isolated_cache(workdir, False)
         )
