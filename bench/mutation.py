@@ -95,7 +95,14 @@ TARGETS = (
             "_fastest",
             "plan_dp",
         ),
-        (("tests/split_client/test_planner.py",),),
+        (
+            (
+                "tests/split_client/test_planner.py",
+                "-k",
+                "seeded or whole_steps or non_prefix or exactly_met or coarse or never_violates",
+            ),
+            ("tests/split_client/test_planner.py",),
+        ),
     ),
 )
 
@@ -493,11 +500,10 @@ def run_tests(copy: Path, args: Sequence[str], timeout: float) -> tuple[bool | N
         )
     except subprocess.TimeoutExpired:
         return None, time.monotonic() - started
-    if done.returncode not in (0, 1):
-        # 2: interrupted (Ctrl-C) or a usage error, 5: no tests ran: never count as a kill.
-        if done.returncode == 2:
-            raise KeyboardInterrupt
+    if done.returncode in (4, 5):  # a usage error, or no tests ran: never a kill
         raise SystemExit(f"pytest {' '.join(args)} exited {done.returncode}")
+    # 1: tests failed; 2: an error while collecting them (the mutant broke the import); 3: an
+    # internal error. (Ctrl-C reaches this process too, and stops the run.)
     return done.returncode == 0, time.monotonic() - started
 
 
