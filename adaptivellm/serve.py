@@ -24,6 +24,7 @@ from typing import Any
 from adaptivellm import __version__
 from adaptivellm.compat import check_vllm_version, installed_vllm
 from adaptivellm.metrics import publish_info, use_multiprocess_dir
+from adaptivellm.patches import engine_death
 from adaptivellm.scheduler.config import (
     ADDITIONAL_CONFIG_KEY,
     FairnessConfig,
@@ -556,7 +557,13 @@ def main(argv: list[str]) -> int:
     command = ServeSubcommand()
     command.validate(args)
     publish_info(**_info_labels(args))
+    engine_death.install()
     command.cmd(args)
+    if engine_death.engine_died():
+        logger.error(
+            "The engine core died; exiting with status 1 so that a supervisor restarts the server"
+        )
+        return 1
     return 0
 
 
