@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -63,21 +65,21 @@ class Target:
 
 TARGETS = (
     Target(
-        "policies",
-        "scheduler/policies.py",
-        None,
-        (
-            ("tests/scheduler/test_policies.py",),
-            ("tests/scheduler/test_scheduler_fairness.py",),
-        ),
-    ),
-    Target(
         "preemption",
         "scheduler/preemption.py",
         None,
         (
             ("tests/scheduler/test_preemption.py", "-k", "choose_mode or config"),
             ("tests/scheduler/test_preemption.py",),
+        ),
+    ),
+    Target(
+        "policies",
+        "scheduler/policies.py",
+        None,
+        (
+            ("tests/scheduler/test_policies.py",),
+            ("tests/scheduler/test_scheduler_fairness.py",),
         ),
     ),
     Target(
@@ -389,6 +391,8 @@ class Outcome:
     seconds: float
     diff: str = ""
     reason: str = ""
+    reused: bool = False
+    """Killed in an earlier run of the same module source (--resume): not run again."""
 
 
 @dataclass
@@ -397,6 +401,7 @@ class ModuleReport:
     functions: list[str] | None
     tests: list[list[str]]
     mutants: int = 0
+    sha256: str = ""
     baseline_s: list[float] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -407,8 +412,10 @@ class ModuleReport:
             "path": self.path,
             "functions": self.functions,
             "tests": self.tests,
+            "sha256": self.sha256,
             "mutants": self.mutants,
             "run": len(self.outcomes),
+            "reused": sum(o.reused for o in self.outcomes),
             "killed": killed,
             "killed_by_timeout": counts["timeout"],
             "survived": counts["survived"],
@@ -427,6 +434,11 @@ class ModuleReport:
             "killed_by_stage": dict(
                 Counter(str(o.stage) for o in self.outcomes if o.stage is not None)
             ),
+            "killed_mutants": [
+                {"id": o.id, "stage": o.stage, "status": o.status}
+                for o in self.outcomes
+                if o.status in ("killed", "timeout")
+            ],
         }
 
 
@@ -507,6 +519,18 @@ def run_tests(copy: Path, args: Sequence[str], timeout: float) -> tuple[bool | N
     return done.returncode == 0, time.monotonic() - started
 
 
+def previous_kills(path: Path) -> dict[tuple[str, str], dict[str, tuple[str, int | None]]]:
+    """(module path, source sha256) -> {mutant id: (status, stage)} of a previous report's
+    killed mutants."""
+    data = json.loads(path.read_text())
+    kills: dict[tuple[str, str], dict[str, tuple[str, int | None]]] = {}
+    for module in data["modules"].values():
+        key = (module["path"], module.get("sha256", ""))
+        for k in module.get("killed_mutants", []):
+            kills.setdefault(key, {})[k["id"]] = (k["status"], k["stage"])
+    return kills
+
+
 def write_report(out: Path, header: dict[str, Any], reports: dict[str, ModuleReport]) -> None:
     data = {**header, "modules": {name: r.summary() for name, r in reports.items()}}
     data["totals"] = {
@@ -527,9 +551,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worktree", action="store_true", help="mutate the working tree's code")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
+        "--resume",
+        type=Path,
+        help="a previous report: its killed mutants of an unchanged module source are not run "
+        "again (new tests cannot revive them); survivors and new mutants are",
+    )
+    parser.add_argument(
         "--timeout-factor", type=float, default=4.0, help="per mutant: this x baseline + 30 s"
     )
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="do not first check that the unmutated tests pass (timeouts then use 300 s)",
+    )
     args = parser.parse_args(argv)
+    # `kill` (SIGTERM) stops a run like Ctrl-C: the temporary copy is removed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     targets = [t for t in TARGETS if not args.module or t.name in args.module]
 
     with tempfile.TemporaryDirectory(prefix="adaptivellm-mutation-") as tmp:
@@ -550,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(sum(len(m) for m in plan.values()), "mutants")
             return 0
 
+        previous = previous_kills(args.resume) if args.resume else {}
         command = "bench/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:])
         header = {
             "command": f".venv/bin/python {command.strip()}",
@@ -568,12 +606,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 list(t.functions) if t.functions else None,
                 [list(s) for s in t.stages],
                 len(plan[t.name]),
+                hashlib.sha256(sources[t.name].encode()).hexdigest(),
             )
             for t in targets
         }
         for target in targets:
             check_imports_from_copy(copy, target)
             for stage in target.stages:
+                if args.skip_baseline:
+                    reports[target.name].baseline_s.append(300.0 / args.timeout_factor)
+                    continue
                 passed, seconds = run_tests(copy, stage, timeout=3600)
                 if not passed:
                     raise SystemExit(f"the unmutated tests fail: pytest {' '.join(stage)}")
@@ -585,8 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for target in targets:
                 report, source = reports[target.name], sources[target.name]
                 file = copy / target.path
+                reusable = previous.get((target.path, report.sha256), {})
                 for mutant in plan[target.name]:
                     bar.set_description(f"{target.name}:{mutant.line}")
+                    if mutant.id in reusable:
+                        status, killed_at = reusable[mutant.id]
+                        report.outcomes.append(
+                            Outcome(mutant.id, mutant.line, status, killed_at, 0.0, reused=True)
+                        )
+                        bar.update()
+                        continue
                     outcome = Outcome(mutant.id, mutant.line, "survived", None, 0.0)
                     try:
                         file.write_text(mutant.apply(source))

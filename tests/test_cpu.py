@@ -33,8 +33,22 @@ def test_amx_request_matches_cpu() -> None:
         assert granted is False
 
 
-def test_plugin_register_is_idempotent() -> None:
+def test_plugin_register_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first register() makes the split model's architecture known to vLLM (lazily, by
+    module and class name); any later one registers nothing again."""
+    from vllm import ModelRegistry
+
     from adaptivellm.plugin import register
+    from adaptivellm.split_config import ARCHITECTURE
 
     register()
+    known = list(ModelRegistry.get_supported_archs())
+    assert known.count(ARCHITECTURE) == 1
+    entry = ModelRegistry.models[ARCHITECTURE]
+    assert (entry.module_name, entry.class_name) == ("adaptivellm.split_model", ARCHITECTURE)  # type: ignore[attr-defined]
+    calls: list[str] = []
+    monkeypatch.setattr(ModelRegistry, "register_model", lambda arch, *a, **k: calls.append(arch))
     register()
+    register()
+    assert calls == []
+    assert list(ModelRegistry.get_supported_archs()) == known

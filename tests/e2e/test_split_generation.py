@@ -185,13 +185,31 @@ def test_eos_stops_a_split_generation(split: SplitClient, reference: dict) -> No
     assert result.token_ids == expected[: len(result.token_ids)]
 
 
+def open_sessions(server: Server) -> float:
+    return metric_value(metrics(server), "adaptivellm_split_sessions_open") or 0.0
+
+
+def ended_sessions(server: Server) -> float:
+    """Split sessions that ended, whatever their outcome."""
+    return metric_value(metrics(server), "adaptivellm_split_sessions_total") or 0.0
+
+
 def test_abandoned_stream_frees_its_session(split: SplitClient, server: Server) -> None:
+    """A session whose client walks away mid-decode is closed on the server: the open-session
+    gauge returns to its value before it opened, and it counts as ended. (A session still
+    held would leave the gauge one higher; a later session would still find a free slot, so
+    the gauge is what shows a leak.)"""
+    before_open, before_ended = open_sessions(server), ended_sessions(server)
     stream = split.stream(PROMPTS[0], max_tokens=40, ignore_eos=True, layer=3)
     next(stream)
     next(stream)
+    assert open_sessions(server) == before_open + 1  # it is open while it decodes
     stream.close()  # the client walks away mid-decode
-    deadline_text = metrics(server)
-    assert metric_value(deadline_text, "adaptivellm_split_sessions_total") is not None
+    deadline = time.monotonic() + 60
+    while open_sessions(server) != before_open and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open_sessions(server) == before_open
+    assert ended_sessions(server) == before_ended + 1
     # A new session right away works (the old one's slot and KV cache are given back).
     again = split.generate(PROMPTS[1], max_tokens=3, ignore_eos=True, layer=3)
     assert len(again.token_ids) == 3
