@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from vllm.v1.request import RequestStatus
 
@@ -23,6 +25,18 @@ from adaptivellm.scheduler.config import (
     finite_or,
 )
 from adaptivellm.scheduler.fail_safe import QUIET_S, InternalErrors
+from adaptivellm.scheduler.policies import (
+    OutputLengthEstimate,
+    RequestInfo,
+    RunningInfo,
+    ServiceModel,
+    TurnaroundPreemption,
+    VTCWeights,
+    choose_turnaround_victim,
+    order_by_turnaround,
+    vtc_charge,
+    vtc_order,
+)
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler, request_info
 from adaptivellm.scheduler.swap_connector import BlockCopy, SwapMetadata
 from tests.scheduler.sim import Clock, Run, check_no_leaks, make_request, make_scheduler
@@ -298,3 +312,72 @@ def test_scheduler_side_match_that_raises_recomputes(monkeypatch: pytest.MonkeyP
     assert run.preempted and len(run.finished) == 12
     assert connector.errors.counts["swap_match"] >= 1
     check_no_leaks(scheduler, 25)  # the dropped host copies were released
+
+
+# --- property tests over the pure policies ---------------------------------------------------
+
+ANY = (
+    st.none() | st.booleans() | st.integers(-(10**400), 10**400) | st.floats()
+    | st.text(max_size=300) | st.lists(st.integers(), max_size=2)
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tenant_weight=st.floats(1e-3, 1e3), weight=ANY, priority=ANY, tenant=ANY,
+    request_priority=st.integers(-(10**6), 10**6),
+)  # fmt: skip
+def test_any_request_fields_give_a_bounded_weight_and_a_short_tenant(
+    tenant_weight: float, weight: object, priority: object, tenant: object, request_priority: int
+) -> None:
+    scheduler, clock = make_scheduler(FairnessConfig(tenant_weights={"t": tenant_weight}), 40)
+    request = make_request("r", 10, 2, clock.now, priority=request_priority)
+    assert request.sampling_params is not None
+    request.sampling_params.extra_args = {"weight": weight, "priority": priority, "tenant": tenant}
+    info = request_info(request, scheduler.fairness)
+    assert EFFECTIVE_WEIGHT_RANGE[0] <= info.weight <= EFFECTIVE_WEIGHT_RANGE[1]
+    assert 0 < len(info.tenant) <= 128
+
+
+INFOS = st.lists(
+    st.builds(
+        RequestInfo,
+        request_id=st.uuids().map(str),
+        arrival_time=st.floats(0, 1e9),
+        prompt_tokens=st.integers(0, 10**6),
+        max_tokens=st.integers(0, 10**6),
+        tenant=st.sampled_from(["a", "b", "c"]),
+        weight=st.floats(*EFFECTIVE_WEIGHT_RANGE),
+    ),
+    max_size=12,
+    unique_by=lambda i: i.request_id,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    infos=INFOS, now=st.floats(0, 2e9), counters=st.dictionaries(
+        st.sampled_from(["a", "b", "c"]), st.floats(0, 1e15)),
+    exponent=st.floats(1, 4), slack=st.floats(0, 1e9),
+)  # fmt: skip
+def test_policies_take_any_bounded_input(
+    infos: list[RequestInfo], now: float, counters: dict[str, float], exponent: float,
+    slack: float,
+) -> None:  # fmt: skip
+    """Whatever the (engine-bounded) weights, sizes, times and counters: the policies return a
+    permutation of their input, and the victim rule and VTC arithmetic stay finite."""
+    model, out = ServiceModel(), OutputLengthEstimate()
+    ordered = order_by_turnaround(infos, now, model, out, 60.0, counters, slack,
+                                  VTCWeights(), exponent)  # fmt: skip
+    assert sorted(i.request_id for i in ordered) == sorted(i.request_id for i in infos)
+    assert sorted(map(id, vtc_order(infos, counters))) == sorted(map(id, infos))
+    running = [RunningInfo(i, i.max_tokens // 2, i.prompt_tokens) for i in infos[1:]]
+    if infos:
+        rule = TurnaroundPreemption()
+        victim = choose_turnaround_victim(infos[0], running, now, model, out, rule, 60.0,
+                                          counters, slack)  # fmt: skip
+        assert victim is None or victim in {r.info for r in running}
+    for info in infos:
+        charged = vtc_charge(counters.get(info.tenant, 0.0), info.prompt_tokens, info.max_tokens,
+                             info.weight, VTCWeights())  # fmt: skip
+        assert math.isfinite(charged)
