@@ -8,8 +8,9 @@ requests at their longest, 512 tokens) and `--max-num-seqs 32`, with `--concurre
 requests in flight, so that vLLM preempts all the time; `--preemption-mode adaptive` (swap to
 host memory or recompute, per victim) and `--fairness weighted-turnaround`, the defaults, and
 `--split-execution`. Each request is drawn (seeded) from a catalogue of distinct prompts
-(token ids, 24-384 tokens) each with its own `max_tokens` (8-128), greedy (temperature 0) with
-`ignore_eos`, so a completed request has exactly `max_tokens` tokens. Requests are mixed:
+(token ids of ASCII text, 24-384 tokens) each with its own `max_tokens` (8-128), greedy
+(temperature 0) with `ignore_eos`, so a completed request has exactly `max_tokens` tokens.
+Requests are mixed:
 
 - tenants named by the `user` field or the `X-AdaptiveLLM-Tenant` header, or none, and
   priorities in [-3, 3] (`extra_body={"priority": p}`) or none;
@@ -39,8 +40,9 @@ Faults (`--faults all|none|NAME,...`), each recorded as `{name, outcome, ok}` wi
 - `split_client_killed`: on the main server after the load, `adaptivellm split-client` runs in a
   subprocess (k = 3, then k = 0), is SIGKILLed mid-decode, and its session and KV cache must be
   freed (open sessions and KV usage back to 0);
-- `swap_exhausted`: a second server with `--preemption-mode swap --swap-space 0.003` (four
-  host slots of one KV block each): under the same pressure the victims are recomputed and counted
+- `swap_exhausted`: a second server with `--preemption-mode swap --swap-space 0.0015` (two
+  host slots of one KV block each): under the same pressure (32 requests of 200-384 prompt
+  tokens at once) the victims are recomputed and counted
   (`adaptivellm_swap_fallbacks_total` and `adaptivellm_preemptions_total{mode="recompute"}` rise),
   every request completes with its greedy output, and nothing leaks;
 - `engine_killed`: the engine core of a server (the second one, after `swap_exhausted`; its own
@@ -102,10 +104,16 @@ BASE_FLAGS = ("--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
 MAIN_FLAGS = (*BASE_FLAGS, "--preemption-mode", "adaptive", "--swap-space", "0.25",
               "--fairness", "weighted-turnaround", "--split-execution",
               "--split-max-sessions", "8")  # fmt: skip
-#: Four host slots (a block is 768 KiB): the first victims fill them, the next ones find the
-#: swap space full.
-FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.003")
+#: Two host slots (a block is 768 KiB): a victim of two blocks fills them, and the next ones
+#: (or any larger one) find the swap space full.
+FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.0015")
 
+#: Prompt token ids are drawn from the embedded tokenizer's merges, which are ASCII text. Byte
+#: tokens could end a prompt inside a UTF-8 character; vLLM's detokenizer then starts the output
+#: text with the prompt's last characters (seen: an ordinary request's text began with
+#: "...9992\ufffd" of its prompt), while a split session, which sends no prompt token ids, gets
+#: the output tokens' text alone: the same tokens, a different text.
+PROMPT_IDS = (263, 2314)
 TENANTS = ("alpha", "beta", "gamma", "delta")
 TENANT_HEADER = "X-AdaptiveLLM-Tenant"
 SPLIT_LAYERS = (0, 1, 3, 6)
@@ -193,7 +201,7 @@ def catalogue(count: int, seed: int) -> list[Entry]:
         short = i < max(2, count // 4)
         length = rng.randint(24, 200 if short else 384)
         tokens = rng.choice((8, 12, 16, 24) if short else (16, 32, 48, 64, 96, 128))
-        prompt = tuple(rng.randint(10, 3999) for _ in range(length))
+        prompt = tuple(rng.randint(*PROMPT_IDS) for _ in range(length))
         entries.append(Entry(prompt, tokens))
     return entries
 
@@ -672,14 +680,14 @@ def swap_exhausted(
     server: ServerProcess, entries: list[Entry], refs: dict[int, Any], hang_s: float,
     drain_s: float,
 ) -> dict[str, Any]:  # fmt: skip
-    """Pressure on a server with four host swap slots: victims fall back to recompute, counted,
+    """Pressure on a server with two host swap slots: victims fall back to recompute, counted,
     and every request still completes with its greedy output."""
     base = server.base_url
     big = [i for i, e in enumerate(entries) if len(e.prompt) >= 200 and e.max_tokens >= 48]
     big = big or list(range(len(entries)))
-    todo = [Plan(n, big[n % len(big)], "openai", "complete", 0.0) for n in range(24)]
+    todo = [Plan(n, big[n % len(big)], "openai", "complete", 0.0) for n in range(32)]
     before = metrics_text(base)
-    outcomes = asyncio.run(Load(base, entries, 24, hang_s).run(todo, progress=False))
+    outcomes = asyncio.run(Load(base, entries, len(todo), hang_s).run(todo, progress=False))
     values, _ = wait_drained(base, drain_s)
     delta = counter_delta(before, metrics_text(base))
     missing = {p.entry for p in todo} - set(refs)
@@ -928,7 +936,7 @@ def run(
         rec.save()
 
     if "swap_exhausted" in faults or "engine_killed" in faults:
-        phase("starting the fault server (four host swap slots)")
+        phase("starting the fault server (two host swap slots)")
         second = start_server(
             FAULT_FLAGS, workdir / "fault-server.log", isolated_cache(workdir, False)
         )

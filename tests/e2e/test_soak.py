@@ -82,11 +82,6 @@ def test_engine_killed_is_reported_and_clients_get_errors(report: dict[str, Any]
     assert result["checks"]["in_flight_clients_errored"], result["outcome"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: after its engine core dies, `adaptivellm serve` shuts down with exit "
-    "status 0 (vLLM's launcher returns normally and adaptivellm.serve.main returns 0)",
-)
 def test_engine_killed_server_exits_nonzero(report: dict[str, Any]) -> None:
     """An orchestrator restarts a server that exits non-zero."""
     result = fault(report, "engine_killed")
