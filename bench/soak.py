@@ -4,7 +4,7 @@ faults injected into the server, then checks that nothing was lost, hung or leak
 The load (`--requests`, default 1000) runs through the real `openai` client (AsyncOpenAI,
 streamed) against one `adaptivellm serve` on the embedded tiny model, started as operators
 start it: a KV cache of 16 blocks of 128 tokens (`--kv-cache-memory-bytes 12 MiB`: four
-requests at their longest, 512 tokens) and `--max-num-seqs 32`, with `--concurrency` (24)
+requests at their longest, 512 tokens) and `--max-num-seqs 32`, with `--concurrency` (48)
 requests in flight, so that vLLM preempts all the time; `--preemption-mode adaptive` (swap to
 host memory or recompute, per victim) and `--fairness weighted-turnaround`, the defaults, and
 `--split-execution`. Each request is drawn (seeded) from a catalogue of distinct prompts
@@ -46,9 +46,10 @@ Faults (`--faults all|none|NAME,...`), each recorded as `{name, outcome, ok}` wi
   (`adaptivellm_swap_fallbacks_total` and `adaptivellm_preemptions_total{mode="recompute"}` rise),
   every request completes with its greedy output, and nothing leaks;
 - `engine_killed`: the engine core of a server (the second one, after `swap_exhausted`; its own
-  otherwise) is SIGKILLed while streams are in flight: `GET /health` must stop answering 200
-  within `HEALTH_LIMIT_S`, every in-flight client must get an error (not a hang), and the
-  server process must exit non-zero (so that an orchestrator restarts it).
+  otherwise) is SIGKILLed while 8 streams and a split session (k = 3) are in flight:
+  `GET /health` must stop answering 200 within `HEALTH_LIMIT_S`, every in-flight client must
+  get an error (not a hang), and the server process must exit non-zero (so that an
+  orchestrator restarts it).
 
 The JSON report (`--out`, default bench/results/soak.json) is rewritten after each phase, so an
 interrupted run still leaves its data. The exit status is 1 when a target is missed: `lost`,
@@ -106,7 +107,8 @@ MAIN_FLAGS = (*BASE_FLAGS, "--preemption-mode", "adaptive", "--swap-space", "0.2
               "--split-max-sessions", "8")  # fmt: skip
 #: Two host slots (a block is 768 KiB): a victim of two blocks fills them, and the next ones
 #: (or any larger one) find the swap space full.
-FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.0015")
+FAULT_FLAGS = (*BASE_FLAGS, "--preemption-mode", "swap", "--swap-space", "0.0015",
+               "--split-execution")  # fmt: skip
 
 #: Prompt token ids are drawn from the embedded tokenizer's merges, which are ASCII text. Byte
 #: tokens could end a prompt inside a UTF-8 character; vLLM's detokenizer then starts the output
@@ -718,8 +720,22 @@ def engine_core(server: ServerProcess) -> psutil.Process | None:
 
 
 def engine_killed(server: ServerProcess, hang_s: float) -> dict[str, Any]:
-    """SIGKILL the engine core while streams are in flight."""
+    """SIGKILL the engine core while streams are in flight: 8 ordinary ones and a split
+    session (k = 3)."""
     return asyncio.run(_engine_killed(server, hang_s))
+
+
+def _split_until_error(client: Any, streaming: threading.Event) -> str:
+    from adaptivellm.split_client.client import SplitError
+
+    try:
+        client.generate("the quick brown fox", max_tokens=600, ignore_eos=True, layer=3,
+                        on_token=lambda _: streaming.set())  # fmt: skip
+    except SplitError as exc:
+        return f"error_split_{exc.code}"
+    finally:
+        streaming.set()
+    return "completed"
 
 
 async def _engine_killed(server: ServerProcess, hang_s: float) -> dict[str, Any]:
@@ -747,10 +763,16 @@ async def _engine_killed(server: ServerProcess, hang_s: float) -> dict[str, Any]
         except (openai.APIError, httpx.TransportError) as exc:
             return _error_outcome(i, exc, 0.0).outcome
 
+    split_streaming = threading.Event()
+    split_client = make_split_clients(base, 1)[0]
     tasks = [asyncio.create_task(one(i)) for i in range(flights)]
+    tasks.append(asyncio.create_task(asyncio.to_thread(_split_until_error, split_client,
+                                                       split_streaming)))  # fmt: skip
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_streaming.wait(), 120)
-    in_flight = len(streaming)
+    await asyncio.to_thread(split_streaming.wait, 120)
+    in_flight = len(streaming) + (split_streaming.is_set() and not tasks[-1].done())
+    flights += 1
     core = engine_core(server)
     if core is None:
         for task in tasks:
@@ -966,7 +988,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(FAULTS),
         help=f"all (default), none, or a comma list of {', '.join(FAULTS)}",
     )
-    parser.add_argument("--concurrency", type=int, default=24, help="requests in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=48,
+        help="requests in flight (default: %(default)s, more than --max-num-seqs)",
+    )
     parser.add_argument(
         "--distinct",
         type=int,
