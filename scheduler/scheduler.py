@@ -28,12 +28,14 @@ import itertools
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
@@ -86,6 +88,19 @@ MIN_STEP_TOKENS = 64
 
 
 @dataclass
+class InFlight:
+    """A step scheduled and not yet back: for the service-time fit and the step trace."""
+
+    output: SchedulerOutput
+    scheduled: float
+    """step_timer() when schedule() returned."""
+    prefill: int
+    decode: int
+    traced: tuple[float, float, dict[str, int]] | None = None
+    """For the step trace: when schedule() was entered and returned, and the step's counts."""
+
+
+@dataclass
 class Tracked:
     """What the scheduler remembers about a live request."""
 
@@ -120,7 +135,17 @@ def request_info(request: Request, config: FairnessConfig) -> RequestInfo:
 
 
 class AdaptiveScheduler(Scheduler):
-    """vLLM's V1 scheduler plus AdaptiveLLM's fairness policies and engine metrics."""
+    """vLLM's V1 scheduler plus AdaptiveLLM's fairness policies and engine metrics.
+
+    vLLM builds the class `--scheduler-cls` names with its config; when that config schedules
+    asynchronously (CUDA's default), this class builds AdaptiveAsyncScheduler instead, which
+    keeps vLLM's async scheduling (two steps in flight, output placeholders)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdaptiveScheduler:
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is AdaptiveScheduler and schedules_async(config):
+            cls = AdaptiveAsyncScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -131,6 +156,18 @@ class AdaptiveScheduler(Scheduler):
         #: Requests finished with an error this step, whose outputs update_from_output adds.
         self._errored: list[Request] = []
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        if self._own_policy() and self.policy != SchedulingPolicy.FCFS:
+            # The policy orders a FCFS queue itself, and a request's priority already scales
+            # its weight; vLLM's priority heap cannot be re-ordered, nor its victim rule used.
+            logger.warning(
+                "--fairness %s orders requests itself (a request's priority scales its weight): "
+                "vLLM's --scheduling-policy %s queue is replaced by its own order",
+                self.fairness.policy,
+                self.policy.value,
+            )
+            self.policy = SchedulingPolicy.FCFS
+            self.waiting = create_request_queue(self.policy)
+            self.kv_holding_waiting = create_request_queue(self.policy)
         #: Counter units a tenant ahead may still be served within (policies.order_by_turnaround).
         self.tenant_slack = self.fairness.tenant_slack(self.vllm_config.model_config.max_model_len)
         self.tracked: dict[str, Tracked] = {}
@@ -164,9 +201,13 @@ class AdaptiveScheduler(Scheduler):
         self.service_fit = ServiceFit(self.fairness.service)
         #: Times the model's steps for service_fit; tests substitute a simulated one.
         self.step_timer: Callable[[], float] = time.perf_counter
-        #: The step being executed: its output, when schedule() returned, prompt tokens and
-        #: decoding requests in it (timed for service_fit in update_from_output).
-        self._step: tuple[SchedulerOutput, float, int, int] | None = None
+        #: The steps scheduled whose output has not come back yet, oldest first: one under
+        #: synchronous scheduling, two under async scheduling (update_from_output(N) comes
+        #: after schedule(N + 1)). Keyed by their SchedulerOutput.
+        self._in_flight: deque[InFlight] = deque()
+        #: step_timer() when the last step's output came back: a step runs from when it was
+        #: scheduled or when the step before it finished, whichever is later.
+        self._last_done = -math.inf
         self._logged_service: ServiceModel | None = None
         self._publish_service_model()
         #: ADAPTIVELLM_STEP_TRACE's per-step trace (scheduler.step_trace); None: off. The step
@@ -178,7 +219,6 @@ class AdaptiveScheduler(Scheduler):
             "preemption_mode": self.preemption.mode,
             "max_num_seqs": self.max_num_running_reqs,
         })  # fmt: skip
-        self._traced: tuple[SchedulerOutput, float, float, dict[str, int]] | None = None
         if self.fairness.policy == "weighted-turnaround":
             logger.info(
                 "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
@@ -271,11 +311,12 @@ class AdaptiveScheduler(Scheduler):
         with self.errors.guard("accounting"):
             prefill, decode = self._account(output, now)
             self._observe_fairness(output, now)
-        self._step = (output, self.step_timer(), prefill, decode)
+        step = InFlight(output, self.step_timer(), prefill, decode)
         if self.trace is not None:
             with self.errors.guard("step_trace"):
                 counts = self._trace_counts(output, prefill, decode)
-                self._traced = (output, entered, time.perf_counter(), counts)
+                step.traced = (entered, time.perf_counter(), counts)
+        self._in_flight.append(step)
         return output
 
     def _trace_counts(self, output: SchedulerOutput, prefill: int, decode: int) -> dict[str, int]:
@@ -328,28 +369,37 @@ class AdaptiveScheduler(Scheduler):
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
-        step, self._step = self._step, None
-        if step is not None and step[0] is scheduler_output and self.fairness.learn_service:
+        step = self._step_done(scheduler_output)
+        if step is not None and self.fairness.learn_service:
             with self.errors.guard("service_fit"):
-                _, started, prefill, decode = step
+                done = self.step_timer()
+                # Under async scheduling the step was scheduled while the one before it ran:
+                # it ran from when that one finished.
+                started = max(step.scheduled, self._last_done)
+                self._last_done = done
                 before = self.service_fit.model
-                self.service_fit.observe(self.step_timer() - started, prefill, decode)
+                self.service_fit.observe(done - started, step.prefill, step.decode)
                 if self.service_fit.model is not before:
                     self._publish_service_model()
         entered = time.perf_counter()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._errored:
             self._send_errors(outputs)
-        # With async scheduling the next step may be scheduled before this one's output
-        # comes back: only a step whose own schedule() is the last one traced is written.
-        traced = self._traced
-        if self.trace is not None and traced is not None and traced[0] is scheduler_output:
-            self._traced = None
-            _, start, returned, counts = traced
+        if self.trace is not None and step is not None and step.traced is not None:
+            start, returned, counts = step.traced
             with self.errors.guard("step_trace"):
                 self.trace.step(start, returned - start, entered - returned,
                                 time.perf_counter() - entered, counts)  # fmt: skip
         return outputs
+
+    def _step_done(self, output: SchedulerOutput) -> InFlight | None:
+        """The in-flight step whose output this is, removed with any older one (steps
+        finish in order; an older one left over had no output). None if it is not known."""
+        while self._in_flight:
+            step = self._in_flight.popleft()
+            if step.output is output:
+                return step
+        return None
 
     def _send_errors(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         """Add an error output for each request _finish_failed finished (as vLLM does for its
@@ -441,13 +491,13 @@ class AdaptiveScheduler(Scheduler):
         for r in self.running:
             if (info := self.tracked.get(r.request_id)) is None:
                 continue
-            # Victims only among requests past their prompt, with no split-execution session,
-            # whose blocks can be freed now.
-            preemptible = (
-                not r.resumable
-                and r.num_computed_tokens >= r.num_prompt_tokens
-                and self._request_blocks_can_be_freed(r)
-            )
+            # Victims only among requests past their prompt, with no split-execution session.
+            # Under async scheduling with a KV connector, every running request is in the step
+            # in flight, and vLLM defers returning its blocks to the pool until that step is
+            # done (`_free_request_blocks`): preempting it still frees its batch slot now,
+            # which is what this rule is for (vLLM's own KV-pressure loop skips such victims
+            # because a deferred free gives no blocks now).
+            preemptible = not r.resumable and r.num_computed_tokens >= r.num_prompt_tokens
             running.append(
                 RunningInfo(
                     info.info,
@@ -702,6 +752,26 @@ class AdaptiveScheduler(Scheduler):
         metrics.weighted_turnaround.observe(max(0.0, self.clock() - info.arrival_time) / service)
         metrics.output_length_error.observe(abs(tracked.predicted_output - actual) / max(1, actual))
         self.output_estimate = self.output_estimate.update(info.max_tokens, actual)
+
+
+def schedules_async(vllm_config: Any) -> bool:
+    """True when vLLM will run this scheduler with two steps in flight (async scheduling)."""
+    scheduler_config = getattr(vllm_config, "scheduler_config", None)
+    return bool(getattr(scheduler_config, "async_scheduling", False))
+
+
+class AdaptiveAsyncScheduler(AdaptiveScheduler, AsyncScheduler):
+    """AdaptiveScheduler over vLLM's AsyncScheduler, for async scheduling (built by
+    AdaptiveScheduler when vLLM's config asks for it). Everything AdaptiveScheduler does is
+    unchanged; what differs under two steps in flight is handled there: each step's timing is
+    keyed by its SchedulerOutput (`_in_flight`), and a step is timed from when the one before
+    it finished.
+
+    With a KV connector that consumes KV (our swap connector is `kv_both`) and two batches in
+    flight, vLLM defers returning a freed request's blocks to the pool until the step that may
+    still write them is done (`defer_block_free`). Every running request is in the step in
+    flight, so fairness preemption preempts it all the same (its batch slot is what the rule
+    frees) and vLLM returns the blocks a step later; the swap-out copies them before then."""
 
 
 def load_costs(vllm_config: Any) -> Callable[[int, int, int], tuple[float, float]]:
