@@ -79,19 +79,47 @@ def load_bench_script(name: str) -> ModuleType:
 OVERLAP_ATTEMPTS = 8
 
 
+#: A step of the server's step trace (scheduler.step_trace): counts and times of one step.
+Step = dict[str, Any]
+
+
+def trace_env(folder: Path) -> dict[str, str]:
+    """Environment that makes a server write its step trace into `folder` (the overlap tests
+    read their precondition from it: see overlapping_attempts)."""
+    from adaptivellm.scheduler.step_trace import STEP_TRACE_ENV
+
+    return {STEP_TRACE_ENV: str(folder)}
+
+
+def trace_steps(folder: Path) -> list[Step]:
+    """Every step the servers tracing into `folder` have finished so far, file by file (one
+    file per engine core; the overlap tests run one)."""
+    from adaptivellm.scheduler.step_trace import read_trace
+
+    steps: list[Step] = []
+    for path in sorted(folder.glob("steps-*.jsonl")):
+        steps.extend(read_trace(path)[1])
+    return steps
+
+
 def overlapping_attempts(
     base_url: str,
     scenario: Callable[[], tuple[dict[str, str], dict[str, float]]],
-    on_time: Callable[[dict[str, float]], bool],
+    on_time: Callable[[dict[str, float], list[Step]], bool],
     reference: Mapping[str, str],
+    trace: Path,
     attempts: int = OVERLAP_ATTEMPTS,
-) -> tuple[dict[str, float], str, str]:
+) -> tuple[dict[str, float], str, str, list[Step]]:
     """Run `scenario` (which returns the texts of its requests and when each was sent and
-    finished) until `on_time` says the client sent its later requests while the earlier ones
-    still had a good part of their decode to go, at most `attempts` times; every attempt's texts
-    must equal `reference`. Returns the last attempt's times and the server's /metrics before
-    and after it (for metric_delta). Fails the test when no attempt was on time: a test whose
-    precondition was never met has checked nothing, and must not pass or skip quietly.
+    finished) until `on_time` says its later requests reached the engine while the earlier
+    ones still had a good part of their decode to go, at most `attempts` times; every
+    attempt's texts must equal `reference`. `on_time` gets the client's times and the steps
+    the server traced during the attempt (`trace`: the folder its ADAPTIVELLM_STEP_TRACE
+    names, see trace_env): the engine's own record of what ran beside what, which no stall of
+    the client can blur. Returns the last attempt's times, the server's /metrics before and
+    after it (for metric_delta) and its steps. Fails the test when no attempt was on time: a
+    test whose precondition was never met has checked nothing, and must not pass or skip
+    quietly.
 
     The tests trigger a later request when the client has seen an earlier one stream a few
     chunks. On a 2-core machine the client and the API server can get no CPU at all for the 2 s
@@ -101,7 +129,11 @@ def overlapping_attempts(
     one burst at the end, the trigger fires after the engine is done, and the attempt tests
     nothing. The tests therefore lower the engine processes' priority (lower_engine_priority),
     which makes such attempts rare (a CI run had the step-cap test give up after 8 of them,
-    when this skipped the test instead of failing it).
+    when this skipped the test instead of failing it). The precondition was first told by the
+    client's own clock (read_live_after: it read the earlier streams live for long enough after
+    it sent the later requests); that rejected attempts whose requests did overlap in the
+    engine whenever the client stalled afterwards, and a loaded machine failed all 8. It is now
+    read from the server's step trace, which records what the engine actually ran together.
     Whether a sent request was on time is told by the client's own clock: it read the
     earlier requests' streams live (read_live_after) for long enough after it was sent, whatever
     the scheduler did; each test says how long its later requests need. That the streams merely
@@ -114,16 +146,20 @@ def overlapping_attempts(
 
     assert attempts >= 1
     for attempt in range(attempts):
+        done = len(trace_steps(trace))
         before = httpx.get(f"{base_url}/metrics").text
         texts, times = scenario()
         after = httpx.get(f"{base_url}/metrics").text
+        steps = trace_steps(trace)[done:]
+        assert steps, f"no step traced into {trace}: is {trace_env(trace)} set for the server?"
         assert texts == reference
-        if on_time(times):
-            return times, before, after
+        if on_time(times, steps):
+            return times, before, after, steps
         print(f"attempt {attempt + 1} of {attempts}: the trigger fired too late ({times})")
     pytest.fail(
         f"precondition never met: in {attempts} attempts in a row the client got no CPU while "
-        "the engine decoded, so its later requests were not sent while the earlier ones ran; "
+        "the engine decoded, so its later requests did not reach the engine while the earlier "
+        "ones ran; "
         "the test's assertions did not run (a loaded machine? rerun it alone)",
         pytrace=False,
     )

@@ -14,11 +14,13 @@ import pytest
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from tests.support import (
     Server,
+    Step,
     lower_engine_priority,
     metric_delta,
     overlapping_attempts,
     read_live_after,
     texts_alone,
+    trace_env,
 )
 
 LONG_TOKENS = 600
@@ -37,11 +39,11 @@ PROMPTS = {
 #: about 2 ms, and the streaming client may lag the engine on a busy machine, so the head start
 #: is kept small.
 HEAD_START = 3
-#: How long the client must still read both long streams live after sending the short request
-#: for the attempt to count: the short one, taking a long one's slot, is done in 25-75 ms
-#: (prefill of 3 tokens, 4 decode steps, the victim's swap); waiting for a slot it would finish
-#: only after one of the long ones.
-LIVE_S = 0.5
+#: The attempt counts when the short request reached the engine while both long ones decoded
+#: with at least this many tokens each still to go (read from the server's step trace): then a
+#: slot frees only hundreds of milliseconds later, while the short one, taking a long one's
+#: slot, is done in 25-75 ms (prefill of 3 tokens, 4 decode steps, the victim's swap).
+MIN_LEFT = 150
 
 
 def body(model: str, name: str, stream: bool) -> dict:
@@ -102,15 +104,16 @@ def reference(server: Server) -> dict[str, str]:
 def test_short_request_preempts_a_long_one_outputs_unchanged(
     mode: str, reference: dict[str, str], tmp_path: Path
 ) -> None:
-    port = free_port()
-    flags = [*FLAGS, "--preemption-mode", mode]
-    with running_server(adaptivellm_command(None, port, flags), port, tmp_path / "log") as s:
+    port, trace = free_port(), tmp_path / "trace"
+    command = adaptivellm_command(None, port, [*FLAGS, "--preemption-mode", mode])
+    with running_server(command, port, tmp_path / "log", trace_env(trace)) as s:
         assert lower_engine_priority(s) > 0
-        finished, before, after = overlapping_attempts(
+        finished, before, after, _ = overlapping_attempts(
             s.base_url,
             lambda: asyncio.run(contended(s.base_url, "adaptivellm-tiny-llama")),
-            sent_on_time,
+            arrived_while_both_decoded,
             reference,
+            trace,
         )
     assert short_went_first(finished), finished
     assert metric_delta(before, after, "adaptivellm_turnaround_preemptions_total") >= 1
@@ -122,9 +125,17 @@ def test_short_request_preempts_a_long_one_outputs_unchanged(
         assert swap_in >= 1
 
 
-def sent_on_time(times: dict[str, float]) -> bool:
-    """The client read both long streams live for LIVE_S after the short one was sent."""
-    return min(times["long0_live"], times["long1_live"]) > LIVE_S
+def arrived_while_both_decoded(times: dict[str, float], steps: list[Step]) -> bool:
+    """The precondition, from the server's step trace: the first step that left a request
+    waiting (the short one, or the long one it preempted) came right after a step in which
+    both long ones decoded, and the steps from then on decoded at least 2 * MIN_LEFT tokens
+    (the long ones, started together with the same length, each had about half of them left).
+    A scheduler that did not preempt meets this too: the short one then waits."""
+    for i, step in enumerate(steps):
+        if step["waiting"] >= 1:
+            both_decoding = i > 0 and steps[i - 1]["decode"] == steps[i - 1]["running"] == 2
+            return both_decoding and sum(s["decode"] for s in steps[i:]) >= 2 * MIN_LEFT
+    return False
 
 
 def short_went_first(finished: dict[str, float]) -> bool:

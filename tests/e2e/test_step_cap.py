@@ -13,11 +13,13 @@ import httpx
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from tests.support import (
     Server,
+    Step,
     lower_engine_priority,
     metric_delta,
     overlapping_attempts,
     read_live_after,
     texts_alone,
+    trace_env,
 )
 
 #: --max-step-s 0.001 at the prior's 0.2 ms per prompt token (--no-learn-service-time) caps a
@@ -32,10 +34,8 @@ PROMPTS = {
 }
 #: `first` decodes long enough (about 2 ms a token) to be running when `a` and `b` arrive.
 MAX_TOKENS = {"first": 600, "a": 16, "b": 16}
-#: How long the client must still read `first`'s stream live after sending `a` and `b` for the
-#: attempt to count: their prompts go through in about 5 capped steps each, then 16 decode
-#: steps, a few tenths of a second beside `first`'s decode.
-LIVE_S = 1.0
+#: The prompt tokens of `a` and `b` together are more than this (each is about 300).
+LATER_PROMPT_TOKENS = 2 * 200
 
 
 def body(model: str, name: str, stream: bool) -> dict:
@@ -85,16 +85,20 @@ def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
 ) -> None:
     bodies = {name: body(server.model, name, False) for name in PROMPTS}
     reference = asyncio.run(texts_alone(server.base_url, bodies, server.headers))
-    port = free_port()
-    with running_server(adaptivellm_command(None, port, FLAGS), port, tmp_path / "log") as s:
+    port, trace = free_port(), tmp_path / "trace"
+    command = adaptivellm_command(None, port, FLAGS)
+    with running_server(command, port, tmp_path / "log", trace_env(trace)) as s:
         assert lower_engine_priority(s) > 0
-        finished, before, after = overlapping_attempts(
+        _, before, after, traced = overlapping_attempts(
             s.base_url,
             lambda: asyncio.run(overlapping(s.base_url, "adaptivellm-tiny-llama")),
-            sent_on_time,
+            prompts_met_a_decode,
             reference,
+            trace,
         )
-    assert overlapped_first(finished), finished
+    # The engine's own record: beside `first`'s decode, no step of more than 128 tokens.
+    later = later_prompt_steps(traced)
+    assert max(step["prefill"] + step["decode"] for step in later) <= 128, later
     # (vLLM's iteration_tokens histogram counts a whole prompt in the step that completes it.)
     steps = metric_delta(before, after, "adaptivellm_step_tokens_count")
     small = metric_delta(before, after, "adaptivellm_step_tokens_bucket", 'le="128.0"')
@@ -104,11 +108,21 @@ def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
     assert steps - small <= 1, (steps, small)
 
 
-def sent_on_time(times: dict[str, float]) -> bool:
-    """The client read `first`'s stream live for LIVE_S after `a` and `b` were sent."""
-    return times["first_live"] > LIVE_S
+def later_prompt_steps(steps: list[Step]) -> list[Step]:
+    """The steps after `first`'s prompt (the attempt's first step that computed prompt tokens:
+    `first` arrives alone) that computed prompt tokens: those of `a` and `b`."""
+    start = next((i for i, step in enumerate(steps) if step["prefill"] > 0), len(steps))
+    return [step for step in steps[start + 1 :] if step["prefill"] > 0]
 
 
-def overlapped_first(finished: dict[str, float]) -> bool:
-    """`a` and `b` finished before `first`: they arrived while it decoded."""
-    return max(finished["a"], finished["b"]) < finished["first"]
+def prompts_met_a_decode(times: dict[str, float], steps: list[Step]) -> bool:
+    """The precondition, from the server's step trace: every step that computed the prompts
+    of `a` and `b` ran with all three requests running (`first` was still decoding: `a` and
+    `b` cannot finish before their prompts), and their prompts were computed in such steps.
+    A later prompt computed after `first` was done needs no cap (nothing to protect), and the
+    attempt is tried again. A cap that did not work meets this too: its big steps still ran
+    beside `first`. (A step's `decode` also counts a request whose prompt it completes, so it
+    cannot tell this.)"""
+    later = later_prompt_steps(steps)
+    beside = sum(step["prefill"] for step in later if step["running"] == len(PROMPTS))
+    return all(step["running"] == len(PROMPTS) for step in later) and beside > LATER_PROMPT_TOKENS

@@ -252,7 +252,10 @@ def test_output_length_estimate_learns_the_used_fraction() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"overhead_s": -1.0}, {"decode_s_per_token": math.nan},
-     {"overhead_s": 0.0, "prefill_s_per_token": 0.0, "decode_s_per_token": 0.0}],
+     {"overhead_s": 0.0, "prefill_s_per_token": 0.0, "decode_s_per_token": 0.0},
+     # One coefficient bad while the sum is still positive, or infinite.
+     {"overhead_s": -0.001}, {"prefill_s_per_token": -1e-9}, {"decode_s_per_token": math.inf},
+     {"overhead_s": math.inf, "decode_s_per_token": -1.0}],
 )  # fmt: skip
 def test_service_model_rejects_bad_coefficients(kwargs: dict) -> None:
     with pytest.raises(ValueError):

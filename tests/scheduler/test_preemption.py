@@ -52,6 +52,13 @@ def test_preemption_config_validation() -> None:
     with pytest.raises(ValueError, match="needs --swap-space"):
         PreemptionConfig(mode="swap", swap_space_bytes=0)
     assert PreemptionConfig(mode="recompute").swap_space_bytes == 0
+    # The exact bounds: -1 byte is refused in any mode, 1 byte is enough to swap with.
+    for mode in ("recompute", "swap", "adaptive"):
+        with pytest.raises(ValueError, match="swap space must be >= 0 bytes"):
+            PreemptionConfig(mode=mode, swap_space_bytes=-1)
+        assert PreemptionConfig(mode=mode, swap_space_bytes=1).swap_space_bytes == 1
+    with pytest.raises(ValueError, match="needs --swap-space"):
+        PreemptionConfig(mode="adaptive", swap_space_bytes=0)
 
 
 def test_host_swap_space_check_then_do() -> None:
