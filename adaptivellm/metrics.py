@@ -153,7 +153,8 @@ class EngineMetrics:
                 f"{PREFIX}tenant_jain_index",
                 "Jain's fairness index over the weight-normalised tokens served, in the last "
                 "window of fairness_window_s, to the tenants backlogged all through it (1 when "
-                "fewer than two were)",
+                "fewer than two were), per data-parallel rank (each rank schedules on its own)",
+                labelnames=["rank"],
                 multiprocess_mode="mostrecent",
             ),
             swap_fallbacks=Counter(
@@ -162,7 +163,8 @@ class EngineMetrics:
             ),
             swap_space_bytes=Gauge(
                 f"{PREFIX}swap_space_used_bytes",
-                "Host swap space holding swapped-out KV blocks",
+                "Host swap space holding swapped-out KV blocks, per data-parallel rank",
+                labelnames=["rank"],
                 multiprocess_mode="mostrecent",
             ),
             swap_seconds=Histogram(
@@ -188,8 +190,8 @@ class EngineMetrics:
                 f"{PREFIX}service_model_seconds_per_token",
                 "The service-time model weighted-turnaround ranks requests with, by term "
                 "(prefill: per prompt token; decode: per output token), learned from the "
-                "engine's steps unless --no-learn-service-time",
-                labelnames=["term"],
+                "engine's steps unless --no-learn-service-time, per data-parallel rank",
+                labelnames=["term", "rank"],
                 multiprocess_mode="mostrecent",
             ),
         )

@@ -156,6 +156,9 @@ class AdaptiveScheduler(Scheduler):
         #: Requests finished with an error this step, whose outputs update_from_output adds.
         self._errored: list[Request] = []
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        #: This engine's data-parallel rank: each rank has its own scheduler, counters and
+        #: gauges (the gauges' `rank` label).
+        self.rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
         if self._own_policy() and self.policy != SchedulingPolicy.FCFS:
             # The policy orders a FCFS queue itself, and a request's priority already scales
             # its weight; vLLM's priority heap cannot be re-ordered, nor its victim rule used.
@@ -183,7 +186,7 @@ class AdaptiveScheduler(Scheduler):
         #: The current fairness window: start, tenants backlogged at every step so far (None
         #: before the first step), tokens served per tenant.
         self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
-        EngineMetrics.get().jain.set(1.0)  # no tenant has waited for another yet
+        EngineMetrics.get().jain.labels(rank=self.rank).set(1.0)  # no tenant has waited yet
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
         additional = self.vllm_config.additional_config
@@ -426,8 +429,8 @@ class AdaptiveScheduler(Scheduler):
         """Set the gauges; log the learned model when it first appears or moves by > 25%."""
         model = self.service
         gauge = EngineMetrics.get().service_model
-        gauge.labels(term="prefill").set(model.prefill_s_per_token)
-        gauge.labels(term="decode").set(model.decode_s_per_token)
+        gauge.labels(term="prefill", rank=self.rank).set(model.prefill_s_per_token)
+        gauge.labels(term="decode", rank=self.rank).set(model.decode_s_per_token)
         logged = self._logged_service
         if self.service_fit.coefficients is None or (
             logged is not None
@@ -452,7 +455,8 @@ class AdaptiveScheduler(Scheduler):
                 _, backlogged, served = self._window
                 weights = {t: self.fairness.weight_of(t) for t in backlogged or ()}
                 jain = backlogged_jain(backlogged or (), served, weights)
-                EngineMetrics.get().jain.set(1.0 if jain is None else jain)
+                gauge = EngineMetrics.get().jain.labels(rank=self.rank)
+                gauge.set(1.0 if jain is None else jain)
             self._window = (now, None, defaultdict(float))
         start, backlogged, served = self._window
         if backlogged is None or backlogged:
@@ -621,7 +625,8 @@ class AdaptiveScheduler(Scheduler):
             metrics.scheduler_steps.inc()
             metrics.step_tokens.observe(output.total_num_scheduled_tokens)
         if self.swap is not None:
-            metrics.swap_space_bytes.set(self.swap.space.used * self.swap.bytes_per_block)
+            used = self.swap.space.used * self.swap.bytes_per_block
+            metrics.swap_space_bytes.labels(rank=self.rank).set(used)
         prefill = decode = 0
         own = self._own_policy()
         served: dict[str, int] = {}

@@ -30,7 +30,8 @@ def test_round_trip_through_additional_config() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"policy": "sjf"}, "unknown fairness policy"), ({"max_wait_s": 0}, "max_wait_s"),
-     ({"tenant_weights": {"a": -1}}, "must be between 0.001 and 1000"), ({"strict_tenants": True}, "need tenant"),
+     ({"tenant_weights": {"a": -1}}, "must be between 0.001 and 1000"),
+     ({"strict_tenants": True}, "need tenant"),
      ({"tenant_slack_tokens": -1.0}, "tenant_slack_tokens"),
      ({"tenant_slack_tokens": float("inf")}, "tenant_slack_tokens"),
      ({"max_step_s": float("nan")}, "max_step_s"), ({"max_step_s": True}, "max_step_s"),

@@ -241,7 +241,7 @@ def test_jain_gauge_over_backlogged_tenants(policy: str, low: float, high: float
     run, start = Run(scheduler, clock, step_s=0.1), clock.now
     while clock.now < start + FAIRNESS_WINDOW_S + 0.5:  # one window closed, the next one under way
         run.step()
-    jain = REGISTRY.get_sample_value("adaptivellm_tenant_jain_index")
+    jain = REGISTRY.get_sample_value("adaptivellm_tenant_jain_index", {"rank": "0"})
     assert jain is not None and low <= jain <= high
 
 

@@ -118,7 +118,7 @@ def test_the_scheduler_learns_the_service_model_from_timed_steps(
             run.step()
     run.until_idle()
     decode = REGISTRY.get_sample_value(
-        "adaptivellm_service_model_seconds_per_token", {"term": "decode"}
+        "adaptivellm_service_model_seconds_per_token", {"term": "decode", "rank": "0"}
     )
     if learn:
         # Prompt tokens cost cp; an output token alone costs one step with one request.
