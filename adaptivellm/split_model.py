@@ -17,7 +17,11 @@ split request, 0 otherwise), and layer j runs only on the tokens with s_t <= j:
   other requests' in the prefix cache (scheduler.split_sessions.cache_salt).
 
 A batch without split tokens (or with k = 0 only) takes vLLM's own forward, compiled path
-included.
+included. A batch with split tokens runs `_split_forward`, which calls the decoder layers one by
+one outside the compiled `LlamaModel.forward` (vLLM compiles `LlamaModel`, not this class): it
+runs eagerly, so it is correct only where this forward's Python runs on every step, i.e. on
+vLLM's V1 model runner without full CUDA graphs. The constructor refuses any other set-up
+(patches.split_runner.check_runner).
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ import torch
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from adaptivellm.metrics import SplitWorkerMetrics
-from adaptivellm.patches.split_runner import current_start_layers, install
+from adaptivellm.patches.split_runner import check_runner, current_start_layers, install
 
 
 class AdaptiveSplitLlamaForCausalLM(LlamaForCausalLM):
     """`LlamaForCausalLM` with per-token start layers (see the module docstring)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
         if vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise ValueError("split execution does not support pipeline parallelism")
         install()
+        # The runner building this model must publish start layers and let this forward's
+        # Python run on every split batch; otherwise refuse to start (patches.split_runner).
+        check_runner(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._num_layers = len(self.model.layers)
 
     def forward(  # type: ignore[override]

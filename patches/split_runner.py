@@ -13,12 +13,22 @@ It is installed by the split model class when vLLM instantiates it, in the worke
 and only when split execution is on. Touch points: `GPUModelRunner._model_forward`,
 `self.input_batch.req_ids`, `self.input_batch.num_reqs`, `self.requests[id].sampling_params`,
 `self.query_start_loc.np` (the per-request token offsets of the step being run).
+
+The hook exists on vLLM's V1 model runner only (`vllm.v1.worker.gpu_model_runner`, and the CPU
+runner that inherits it). Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, vLLM 0.32's default
+wherever Triton is present) has no `_model_forward`, and CUDA graphs that capture whole forward
+passes replay them without running the model's Python. `check_runner` (called by the split model
+at start-up) finds the model runner that is building the model and refuses, with
+`SplitRunnerError`, any set-up under which start layers would silently not reach the model: split
+requests would otherwise enter at layer 0 and produce wrong tokens with no error.
+`adaptivellm serve --split-execution` chooses a set-up that passes (docs/split_execution.md).
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import sys
 from typing import Any, Final
 
 import numpy as np
@@ -28,10 +38,21 @@ from adaptivellm.compat import check_vllm_version
 from adaptivellm.scheduler.split_sessions import EXTRA_KEY
 
 WRITTEN_FOR: Final = "0.32.0"
+#: Attribute set on the installed wrapper, so that a runner class's `_model_forward` can be
+#: recognised as hooked through its MRO.
+HOOK_MARK: Final = "__adaptivellm_split_hook__"
+_FIX: Final = (
+    "Start the server with `adaptivellm serve --split-execution`, which selects vLLM's V1 model "
+    "runner (VLLM_USE_V2_MODEL_RUNNER=0) and piecewise CUDA graphs; see docs/split_execution.md."
+)
 _start_layers: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "adaptivellm_split_start_layers", default=None
 )
 _installed = False
+
+
+class SplitRunnerError(RuntimeError):
+    """Split execution cannot be served correctly by the model runner this worker uses."""
 
 
 def current_start_layers() -> torch.Tensor | None:
@@ -88,6 +109,7 @@ def install() -> None:
         finally:
             _start_layers.reset(token)
 
+    setattr(_model_forward, HOOK_MARK, True)
     GPUModelRunner._model_forward = _model_forward  # type: ignore[method-assign]
     _installed = True
     if version.split("+")[0] != WRITTEN_FOR:
@@ -95,4 +117,92 @@ def install() -> None:
 
         logging.getLogger(__name__).warning(
             "split runner patch written for vLLM %s, running on %s", WRITTEN_FOR, version
+        )
+
+
+def is_hooked(runner_cls: type) -> bool:
+    """Whether `runner_cls` runs its forward passes through the installed hook: its
+    `_model_forward`, resolved through the MRO, is the wrapper (a subclass that overrides it, or a
+    runner without one, such as Model Runner V2, is not hooked)."""
+    return bool(getattr(getattr(runner_cls, "_model_forward", None), HOOK_MARK, False))
+
+
+def building_runner() -> Any | None:
+    """The model runner whose `load_model` is building the model now: the innermost `self` on the
+    call stack that is a vLLM model runner (a class named `...ModelRunner` with `execute_model`),
+    or None when the model is built outside a runner."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if (
+            obj is not None
+            and type(obj).__name__.endswith("ModelRunner")
+            and callable(getattr(obj, "execute_model", None))
+        ):
+            return obj
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def runner_problems(vllm_config: Any, runner_cls: type | None) -> list[str]:
+    """Why start layers would not reach the split model under this config and runner class
+    (empty when split execution is served correctly). Pure: reads the config and the class."""
+    from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    problems = []
+    if runner_cls is not None and not is_hooked(runner_cls):
+        where = f"{runner_cls.__module__}.{runner_cls.__qualname__}"
+        problems.append(
+            f"the model runner in use, {where}, does not run forward passes through the patched "
+            "vllm.v1.worker.gpu_model_runner.GPUModelRunner._model_forward"
+        )
+    elif vllm_config.use_v2_model_runner:
+        problems.append(
+            "vLLM selected Model Runner V2 (vllm.v1.worker.gpu.model_runner), which has no "
+            "_model_forward to patch"
+        )
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    graphs = mode is not None and mode != CUDAGraphMode.NONE
+    if mode is not None and mode.has_full_cudagraphs():
+        problems.append(
+            f"cudagraph_mode {mode.name} replays whole captured forward passes, in which the "
+            "split model's branch on start layers does not run"
+        )
+    if graphs and is_breakable_cudagraph_enabled():
+        problems.append(
+            "VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures the model's whole forward pass, in which the "
+            "split model's branch on start layers does not run"
+        )
+    if compilation.mode == CompilationMode.STOCK_TORCH_COMPILE:
+        problems.append(
+            "compilation mode STOCK_TORCH_COMPILE compiles the model's whole forward pass "
+            "(fullgraph), including the split model's data-dependent branch"
+        )
+    if vllm_config.parallel_config.use_ubatching:
+        problems.append(
+            "micro-batching (--enable-dbo, --ubatch-size) runs the model on parts of the batch in "
+            "other threads, which do not see the step's start layers"
+        )
+    return problems
+
+
+def check_runner(vllm_config: Any, runner_cls: type | None = None) -> None:
+    """Refuse to serve split execution where it would be served wrong.
+
+    `runner_cls` defaults to the class of the model runner building the model (found on the call
+    stack); when there is none, the runner vLLM's config selects is checked instead. Raises
+    SplitRunnerError naming each problem and the fix."""
+    if runner_cls is None:
+        runner = building_runner()
+        runner_cls = type(runner) if runner is not None else None
+    problems = runner_problems(vllm_config, runner_cls)
+    if problems:
+        raise SplitRunnerError(
+            "split execution (--split-execution) cannot run on this worker: split requests "
+            "would enter the model at layer 0 and produce wrong tokens. "
+            + "; ".join(problems)
+            + ". "
+            + _FIX
         )
