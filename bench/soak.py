@@ -42,7 +42,7 @@ Faults (`--faults all|none|NAME,...`), each recorded as `{name, outcome, ok}` wi
   freed (open sessions and KV usage back to 0);
 - `swap_exhausted`: a second server with `--preemption-mode swap --swap-space 0.0015` (two
   host slots of one KV block each): under the same pressure (32 requests of 200-384 prompt
-  tokens at once) the victims are recomputed and counted
+  tokens and four split sessions, two at a time) the victims are recomputed and counted
   (`adaptivellm_swap_fallbacks_total` and `adaptivellm_preemptions_total{mode="recompute"}` rise),
   every request completes with its greedy output, and nothing leaks;
 - `engine_killed`: the engine core of a server (the second one, after `swap_exhausted`; its own
@@ -683,13 +683,21 @@ def swap_exhausted(
     drain_s: float,
 ) -> dict[str, Any]:  # fmt: skip
     """Pressure on a server with two host swap slots: victims fall back to recompute, counted,
-    and every request still completes with its greedy output."""
+    and every request (four split sessions among them) still completes with its greedy output."""
     base = server.base_url
     big = [i for i, e in enumerate(entries) if len(e.prompt) >= 200 and e.max_tokens >= 48]
     big = big or list(range(len(entries)))
     todo = [Plan(n, big[n % len(big)], "openai", "complete", 0.0) for n in range(32)]
+    # Split sessions among them, preempted (and recomputed) like the others.
+    splittable = [i for i, e in enumerate(entries) if e.split_ok]
+    todo += [Plan(len(todo) + n, splittable[n % len(splittable)], "split", "complete", 0.0,
+                  layer=layer) for n, layer in enumerate((1, 3, 6, 0))]  # fmt: skip
     before = metrics_text(base)
-    outcomes = asyncio.run(Load(base, entries, len(todo), hang_s).run(todo, progress=False))
+    clients = make_split_clients(base, SPLIT_CLIENTS)
+    load = Load(base, entries, len(todo), hang_s, clients)
+    outcomes = asyncio.run(load.run(todo, progress=False))
+    for client in clients:
+        client.close()
     values, _ = wait_drained(base, drain_s)
     delta = counter_delta(before, metrics_text(base))
     missing = {p.entry for p in todo} - set(refs)
