@@ -21,6 +21,7 @@ from adaptivellm.scheduler.policies import (
     idle_counters_to_drop,
     jain_index,
     order_by_turnaround,
+    predicted_service,
     remaining_service,
     response_ratio,
     service_left,
@@ -532,3 +533,108 @@ def test_equal_losses_go_to_the_first_running_request() -> None:
     b_long = running("b", 1024, 1008)
     assert binary_victim(info("c", 1.0, 16), [a, b_long]) == "b"
     assert binary_victim(info("c", 1.0, 16), [b_long, a]) == "b"
+
+
+# --- exact values of the small helpers (binary fractions: every sum below is exact) -----------
+
+
+def test_service_time_adds_overhead_prefill_and_decode_and_is_never_zero() -> None:
+    model = ServiceModel(overhead_s=0.5, prefill_s_per_token=0.25, decode_s_per_token=0.125)
+    assert model.service_time(4, 8) == 0.5 + 1.0 + 1.0
+    assert model.service_time(0, 0) == 0.5
+    assert ServiceModel(0.0, 0.25, 0.0).service_time(0, 3) == 1e-6  # floor: never 0
+    r = RequestInfo("r", 0.0, prompt_tokens=4, max_tokens=16)
+    assert predicted_service(r, model, OutputLengthEstimate(ratio=0.5)) == 0.5 + 1.0 + 1.0
+
+
+def test_response_ratio_counts_no_negative_wait() -> None:
+    r = info("r", 10.0, 8)
+    assert response_ratio(r, now=9.0, service=2.0) == 1.0  # clock behind arrival: no wait
+    assert response_ratio(r, now=11.0, service=2.0) == 1.5
+
+
+def test_output_length_estimate_bounds() -> None:
+    assert OutputLengthEstimate(ratio=0.0).predict(100) == 1.0  # at least one token
+    assert OutputLengthEstimate(ratio=0.25).predict(8) == 2.0
+    est = OutputLengthEstimate(ratio=0.5, alpha=0.5)
+    assert est.update(8, 16).ratio == 0.75  # observed fraction capped at 1
+    assert est.update(8, 2).ratio == 0.375
+    assert est.update(8, 2).alpha == 0.5
+    assert est.update(-1, 5) == est and est.update(0, 0) == est
+    assert est.update(1, 1).ratio == 0.75  # a budget of one token is information
+
+
+def test_turnaround_key_uses_the_service_left_within_bounds() -> None:
+    r = info("r", 0.0, 8)  # waited 1 s, S 1 s: ratio 2
+    assert turnaround_key(r, 1.0, 1.0, 60, 2.0, left=4.0) == (0, 2.0)  # never more than S
+    assert turnaround_key(r, 1.0, 1.0, 60, 2.0, left=0.5) == (0, 4.0)
+    assert turnaround_key(r, 1.0, 1.0, 60, 2.0, left=0.0) == (0, 2.0 / 1e-6)
+    assert turnaround_key(r, 1.0, 1.0, 60, 3.0, left=0.5) == (0, 8.0)
+    assert turnaround_key(r, 61.0, 1.0, 60) == (1, 61.0)
+
+
+def test_service_left_exact() -> None:
+    model = ServiceModel(overhead_s=0.5, prefill_s_per_token=0.25, decode_s_per_token=0.125)
+    r = RequestInfo("r", 0.0, prompt_tokens=4, max_tokens=16)
+    assert service_left(r, 0, 0, model, EXACT) == 0.5 + 1.0 + 2.0
+    assert service_left(r, 8, 12, model, EXACT) == 0.5 + 0.0 + 1.0  # holds its whole context
+    assert service_left(r, 8, 0, model, EXACT) == 0.5 + 3.0 + 1.0  # preempted: 12 to redo
+    assert service_left(r, 8, 20, model, EXACT) == 0.5 + 1.0  # more computed than context
+    assert service_left(r, 16, 20, model, EXACT) == 0.5 + 0.125  # at least one token
+
+
+def test_remaining_service_exact_bounds() -> None:
+    r = RunningInfo(RequestInfo("r", 0.0, 4, 16), output_tokens=4, computed_tokens=8)
+    assert remaining_service(r, BINARY, EXACT) == 12 * 0.125
+    half = OutputLengthEstimate(ratio=0.5)
+    assert remaining_service(r, BINARY, half) == 4 * 0.125
+    done = RunningInfo(RequestInfo("r", 0.0, 4, 16), output_tokens=16, computed_tokens=20)
+    assert remaining_service(done, BINARY, EXACT) == 0.125  # at least one token
+    over = RunningInfo(RequestInfo("r", 0.0, 4, 16), output_tokens=15, computed_tokens=19)
+    assert remaining_service(over, BINARY, OutputLengthEstimate(ratio=4.0)) == 0.125  # cap
+
+
+def test_committed_cost_exact() -> None:
+    r = RequestInfo("r", 0.0, prompt_tokens=4, max_tokens=16, weight=2.0)
+    assert committed_cost(r, 0, 0, EXACT, VTCWeights(1.0, 2.0)) == (4 + 32) / 2
+    assert committed_cost(r, 8, 2, EXACT, VTCWeights(1.0, 2.0)) == (2 + 16) / 2
+    assert committed_cost(r, 8, 6, EXACT, VTCWeights(1.0, 2.0)) == 16 / 2  # prompt done
+
+
+def test_vtc_order_and_lift_exact() -> None:
+    reqs = [info("b2", 2.0, 8, tenant="b"), info("a", 3.0, 8, tenant="a"),
+            info("b1", 1.0, 8, tenant="b"), info("c", 0.0, 8, tenant="c")]  # fmt: skip
+    order = vtc_order(reqs, {"a": 5.0, "b": 5.0, "c": 6.0})
+    assert [r.request_id for r in order] == ["b1", "b2", "a", "c"]
+    assert [r.request_id for r in vtc_order(reqs, {"c": 1.0})] == ["b1", "b2", "a", "c"]
+    counters = {"a": 10.0, "b": 20.0, "c": 30.0}
+    assert vtc_lift(counters, "new", active=["b", "c"]) == 20.0
+    assert vtc_lift(counters, "a", active=["a", "b", "c"]) == 20.0  # itself does not count
+    assert vtc_lift(counters, "c", active=["b", "c"], last_left=99.0) == 30.0
+    assert vtc_lift(counters, "a", active=["a"], last_left=15.0) == 15.0
+    assert vtc_lift({}, "x", active=["x", "y"]) == 0.0
+
+
+def test_vtc_floor_and_idle_counters_exact() -> None:
+    counters = {"a": 10.0, "b": 20.0, "idle-low": 5.0, "idle-at": 10.0, "idle-high": 11.0}
+    assert vtc_floor(counters, ["a", "b"], last_left=50.0) == 10.0
+    assert vtc_floor(counters, ["unknown"], last_left=50.0) == 0.0
+    assert sorted(idle_counters_to_drop(counters, ["a", "b"], 0.0)) == ["idle-at", "idle-low"]
+
+
+def test_jain_index_exact() -> None:
+    assert jain_index([1.0, 3.0]) == 16 / 20
+    assert jain_index([2.0]) == 1.0
+    with pytest.raises(ValueError):
+        jain_index([1.0, math.inf])
+    with pytest.raises(ValueError):
+        jain_index([-0.5, 1.0])
+    assert jain_index([0.0, 4.0]) == 0.5
+
+
+def test_backlogged_jain_exact() -> None:
+    served, weights = {"a": 4.0, "b": 4.0, "c": 100.0}, {"b": 2.0}
+    assert backlogged_jain(["a", "b"], served, weights) == jain_index([4.0, 2.0])
+    assert backlogged_jain(["b", "a", "b"], served, weights) == jain_index([4.0, 2.0])
+    assert backlogged_jain(["a", "d"], served, weights) == jain_index([4.0, 0.0]) == 0.5
+    assert backlogged_jain(["a"], served, weights) is None
