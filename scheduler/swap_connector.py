@@ -10,11 +10,25 @@ Stock vLLM V1 can only recompute a preempted request. With this connector (selec
   computed (beyond any local prefix-cache hit), and `update_state_after_alloc` plans the copy
   back into the blocks vLLM allocated. `request_finished` frees the host copy of a request that
   finished or was aborted while swapped out.
-- worker side: `handle_preemptions` (which vLLM runs before a step can overwrite freed blocks)
-  copies swapped-out blocks device -> host; `start_load_kv` copies swap-ins host -> device before
-  the forward pass. Host buffers are pinned on CUDA; layouts with the block dimension first (CPU:
-  `[num_blocks, kv_heads, block_size, 2*head_dim]`) or second (CUDA flash-attention:
-  `[2, num_blocks, ...]`) are handled.
+- worker side: `handle_preemptions` copies swapped-out blocks device -> host; `start_load_kv`
+  copies swap-ins host -> device before the forward pass. The copies are `kv_copy`'s (torch
+  only, also what the profiler measures): on CUDA pinned host buffers and non-blocking copies on
+  a side stream, ordered with CUDA events after the work already queued and before anything
+  queued later; plain synchronous copies elsewhere. The block dimension is asserted against
+  the KV cache spec (vLLM 0.32 binds `[B, H, N, C]` views, blocks first, on every backend;
+  under kernel-block splitting B is `num_blocks * k` and each block id maps to its k kernel
+  blocks); any other layout is refused at start-up.
+
+Ordering (docs/swap.md). vLLM's V1 runner calls `handle_preemptions` first in a step. Model
+Runner V2 first zeroes newly allocated blocks (mixed-precision or Mamba caches only) and runs
+prefix-cache copy-on-write copies, which may write a block a victim freed in the same step,
+and only then calls `handle_preemptions`. `build_connector_meta` sees both lists, so a
+swap-out is cut before the first such block (the tokens from there on are recomputed, on
+either runner): no swap-out reads a block after it was reused.
+
+Host memory: `--swap-space` is the total over tensor-parallel ranks; each rank's worker holds
+`swap_space / tensor_parallel_size` and the scheduler plans with the slots of one rank (every
+rank holds the same number of slots, each its own shard of a block).
 
 A victim's computed tokens are swapped up to the end of its last, partly filled block (vLLM
 accepts a connector hit that ends inside a block; the unfilled slots of the copy are overwritten
@@ -31,7 +45,6 @@ bad, and a swap-in from a bad slot, or one whose copy fails, reports its device 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +56,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from adaptivellm.scheduler.fail_safe import InternalErrors
+from adaptivellm.scheduler.kv_copy import KVBlockCopier, KVLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -50,7 +64,7 @@ if TYPE_CHECKING:
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
     from vllm.v1.request import Request
 
 #: `kv_connector_extra_config` key: host swap space in bytes.
@@ -109,6 +123,18 @@ class HostSwapSpace:
         """The request's host copy, if any."""
         return self.swapped.get(request_id)
 
+    def truncate(self, request_id: str, num_blocks: int, num_tokens: int) -> int:
+        """Keep only the request's first `num_blocks` slots (and at most `num_tokens` tokens);
+        frees the others (all of them when `num_blocks` is 0). Returns how many were freed."""
+        kv = self.swapped.get(request_id)
+        if kv is None or num_blocks >= len(kv.slots):
+            return 0
+        if num_blocks <= 0:
+            return self.release(request_id)
+        self.free.extend(kv.slots[num_blocks:])
+        self.swapped[request_id] = SwappedKV(kv.slots[:num_blocks], min(kv.num_tokens, num_tokens))
+        return len(kv.slots) - num_blocks
+
     def release(self, request_id: str) -> int:
         """Free the request's slots (swapped in, finished or aborted); returns how many."""
         kv = self.swapped.pop(request_id, None)
@@ -130,17 +156,96 @@ class HostSwapSpace:
         assert len(held) + len(self.free) == self.num_slots, "host slots leaked"
 
 
+def layer_spec(kv_cache_config: KVCacheConfig, layer_name: str) -> KVCacheSpec | None:
+    """The KV cache spec of one layer (None when no group holds it)."""
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    for group in kv_cache_config.kv_cache_groups:
+        if layer_name in group.layer_names:
+            spec = group.kv_cache_spec
+            if isinstance(spec, UniformTypeKVCacheSpecs):
+                return spec.kv_cache_specs.get(layer_name)
+            return spec
+    return None
+
+
 def bytes_per_block(kv_cache_config: KVCacheConfig) -> int:
-    """Bytes of one KV block over all layers."""
-    total = sum(t.size for t in kv_cache_config.kv_cache_tensors)
-    return max(1, total // max(1, kv_cache_config.num_blocks))
+    """Bytes of one KV block over all of this rank's layers: what one host slot holds (each
+    layer's page, padding included, so never less than the copy). vLLM 0.32's KVCacheTensor
+    `size` is the whole backing allocation, shared by every tensor, so it cannot be summed.
+    A config without KV tensors (scheduler-only tests) counts one byte per block."""
+    total = 0
+    for tensor in kv_cache_config.kv_cache_tensors:
+        spec = layer_spec(kv_cache_config, tensor.layers[0]) if tensor.layers else None
+        if spec is None:  # not expected: count the whole allocation, never too little
+            total += tensor.size // max(1, kv_cache_config.num_blocks)
+        else:
+            total += len(tensor.layers) * spec.page_size_bytes
+    return max(1, total)
+
+
+def rank_swap_bytes(vllm_config: VllmConfig) -> int:
+    """Host swap bytes of one tensor-parallel rank: `--swap-space` is the total over them."""
+    transfer = vllm_config.kv_transfer_config
+    extra = (transfer.kv_connector_extra_config or {}) if transfer else {}
+    tp = max(1, vllm_config.parallel_config.tensor_parallel_size)
+    return int(extra.get(SWAP_BYTES_KEY, 0)) // tp
 
 
 def swap_slots(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
-    """Host slots that fit in the configured swap space."""
-    transfer = vllm_config.kv_transfer_config
-    extra = (transfer.kv_connector_extra_config or {}) if transfer else {}
-    return int(extra.get(SWAP_BYTES_KEY, 0)) // bytes_per_block(kv_cache_config)
+    """Host slots per rank: the same on the scheduler and on every worker (each TP rank's KV
+    cache config has the same shapes, each holding its own shard of the heads)."""
+    return rank_swap_bytes(vllm_config) // bytes_per_block(kv_cache_config)
+
+
+def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+    """Refuse, at start-up, configurations the swap connector would serve wrong."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) > 1:
+        raise ValueError(
+            f"AdaptiveLLM's swap connector supports models with one KV cache group; this one "
+            f"has {len(groups)} (hybrid, sliding-window or draft-model layers). Use "
+            "--preemption-mode recompute."
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError(
+            "AdaptiveLLM's swap connector does not support pipeline parallelism (stages hold "
+            "different layers, so their host slots would differ). Use --preemption-mode "
+            "recompute."
+        )
+
+
+def kv_layout(kv_cache_config: KVCacheConfig, layer_name: str, cache: torch.Tensor) -> KVLayout:
+    """The asserted layout of one layer's KV cache view: vLLM 0.32 binds `[B, H, N, C]` views
+    (`allocate_kv_cache`, every backend), B being `num_blocks * k` under kernel-block splitting
+    with kernel block j of block b at `b * k + j`. The view must match what vLLM computes from
+    the layer's spec for that k (`compute_layer_kv_cache_shape_bytes`), else ValueError."""
+    from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
+
+    spec = layer_spec(kv_cache_config, layer_name)
+    num_blocks = kv_cache_config.num_blocks
+    shape = tuple(cache.shape)
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"AdaptiveLLM's swap connector: KV cache of layer {layer_name} has shape {shape} "
+            f"({cache.dtype}), {why}; it cannot tell which dimension holds the {num_blocks} "
+            "blocks, and refuses to swap rather than copy the wrong data. Use "
+            "--preemption-mode recompute."
+        )
+
+    if spec is None or not hasattr(spec, "block_size"):
+        raise refuse("and no KV cache group holds the layer")
+    if cache.dim() != 4 or shape[0] % num_blocks:
+        raise refuse("not vLLM 0.32's [blocks, heads, tokens, content] view")
+    k = shape[0] // num_blocks
+    if spec.block_size % k:
+        raise refuse(f"whose {k} kernel blocks per block do not divide {spec.block_size} tokens")
+    expected = tuple(compute_layer_kv_cache_shape_bytes(spec, num_blocks, spec.block_size // k))
+    actual = (*shape[:3], shape[3] * cache.element_size())
+    if actual != expected:
+        raise refuse(f"where the spec gives {expected} (last dimension in bytes)")
+    return KVLayout(block_dim=0, num_blocks=num_blocks, kernel_blocks_per_block=k)
 
 
 class AdaptiveSwapConnector(KVConnectorBase_V1):
@@ -150,7 +255,10 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        self.block_size = vllm_config.cache_config.block_size
+        check_supported(vllm_config, kv_cache_config)
+        groups = kv_cache_config.kv_cache_groups
+        spec_block = getattr(groups[0].kv_cache_spec, "block_size", None) if groups else None
+        self.block_size = spec_block or vllm_config.cache_config.block_size
         self.bytes_per_block = bytes_per_block(kv_cache_config)
         self.num_slots = swap_slots(vllm_config, kv_cache_config)
         # Scheduler side.
@@ -162,7 +270,8 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         # Worker side.
         self.device_caches: dict[str, torch.Tensor] = {}
         self.host_caches: dict[str, torch.Tensor] = {}
-        self.block_dims: dict[str, int] = {}
+        self.layouts: dict[str, KVLayout] = {}
+        self.copier: KVBlockCopier | None = None
         #: Host slots whose swap-out copy failed: a swap-in from them is a load error.
         self.bad_slots: set[int] = set()
         #: Device blocks whose swap-in failed this step (get_block_ids_with_load_errors).
@@ -245,12 +354,43 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
         self._consumed.append(rid)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = SwapMetadata(swap_outs=self._outs, swap_ins=self._ins)
+        outs = self._outs
+        with self.errors.guard("swap_reuse_cut"):
+            outs = self._cut_before_reuse(outs, scheduler_output)
+        meta = SwapMetadata(swap_outs=outs, swap_ins=self._ins)
+        if meta.swap_ins:
+            # The swap-ins feed this step's forward pass: both runners start loads flagged so
+            # before it (vLLM flags a resumed request with connector tokens; made sure here).
+            scheduler_output.has_sync_kv_loads = True
         self._outs, self._ins = [], []
         for rid in self._consumed:
             self.space.release(rid)
         self._consumed = []
         return meta
+
+    def _cut_before_reuse(
+        self, outs: list[BlockCopy], scheduler_output: SchedulerOutput
+    ) -> list[BlockCopy]:
+        """Cut each swap-out before the first block that this step zeroes or fills by
+        copy-on-write: Model Runner V2 does both before `handle_preemptions`, so such a block
+        (freed by the victim, reused this step) no longer holds the victim's KV when copied.
+        The host copy keeps the blocks before it; the rest of the victim is recomputed."""
+        reused = set(scheduler_output.new_block_ids_to_zero or ())
+        reused.update(c.dst_block_id for c in scheduler_output.kv_cache_block_copies or ())
+        if not reused or not outs:
+            return outs
+        kept = []
+        for copy in outs:
+            cut = next(
+                (i for i, b in enumerate(copy.device_blocks) if b in reused),
+                len(copy.device_blocks),
+            )
+            if cut < len(copy.device_blocks):
+                self.space.truncate(copy.request_id, cut, cut * self.block_size)
+                copy = BlockCopy(copy.request_id, copy.device_blocks[:cut], copy.host_slots[:cut])
+            if copy.device_blocks:
+                kept.append(copy)
+        return kept
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -261,15 +401,23 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
     # --- worker side ----------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        num_blocks = self._kv_cache_config.num_blocks
+        """Assert each layer's layout (ValueError at start-up when it is not the expected one)
+        and allocate this rank's host slots."""
+        seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+        names, caches, layouts = [], [], []
         for name, cache in kv_caches.items():
-            dim = 0 if cache.shape[0] == num_blocks else 1
-            shape = list(cache.shape)
-            shape[dim] = max(1, self.num_slots)
-            pin = cache.device.type == "cuda"
-            self.host_caches[name] = torch.empty(shape, dtype=cache.dtype, pin_memory=pin)
-            self.device_caches[name] = cache
-            self.block_dims[name] = dim
+            key = (cache.data_ptr(), tuple(cache.shape), tuple(cache.stride()))
+            if key in seen:  # a layer that shares another layer's KV cache: copied once
+                continue
+            seen.add(key)
+            layouts.append(kv_layout(self._kv_cache_config, name, cache))
+            names.append(name)
+            caches.append(cache)
+        self.copier = KVBlockCopier(caches, layouts, self.num_slots)
+        for i, name in enumerate(names):
+            self.device_caches[name] = caches[i]
+            self.host_caches[name] = self.copier.host[i]
+            self.layouts[name] = layouts[i]
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if not isinstance(kv_connector_metadata, SwapMetadata):
@@ -305,34 +453,36 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self.load_errors = self.load_errors, set()
+        self._observe_copy_times()
         return errors
 
     def _copy(self, copies: list[BlockCopy], to_host: bool) -> None:
-        from adaptivellm.metrics import EngineMetrics
+        if self.copier is None:
+            raise RuntimeError("no KV caches registered")
+        blocks = [b for copy in copies for b in copy.device_blocks]
+        slots = [s for copy in copies for s in copy.host_slots]
+        if to_host:
+            self.copier.swap_out(blocks, slots)
+        else:
+            self.copier.swap_in(blocks, slots)
+        self._observe_copy_times()
 
-        start = time.perf_counter()
-        for name, device in self.device_caches.items():
-            host, dim = self.host_caches[name], self.block_dims[name]
-            for copy in copies:
-                blocks = torch.tensor(copy.device_blocks, device=device.device)
-                slots = torch.tensor(copy.host_slots)
-                if to_host:
-                    host.index_copy_(dim, slots, device.index_select(dim, blocks).to("cpu"))
-                else:
-                    device.index_copy_(dim, blocks, host.index_select(dim, slots).to(device.device))
-        if any(d.device.type == "cuda" for d in self.device_caches.values()):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        direction = "out" if to_host else "in"
+    def _observe_copy_times(self) -> None:
+        """Swap metrics for the copies finished so far (on CUDA, timed by events)."""
+        if self.copier is None:
+            return
         with self.errors.guard("metrics"):
+            from adaptivellm.metrics import EngineMetrics
+
             metrics = EngineMetrics.get()
-            metrics.swap_seconds.labels(direction=direction).observe(seconds)
-            metrics.swap_blocks.labels(direction=direction).inc(
-                sum(len(c.device_blocks) for c in copies)
-            )
+            for timing in self.copier.completed():
+                metrics.swap_seconds.labels(direction=timing.direction).observe(timing.seconds)
+                metrics.swap_blocks.labels(direction=timing.direction).inc(timing.blocks)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads are synchronous, done in start_load_kv
+        # The current stream already waits for the swap-in copies (an event in start_load_kv),
+        # so every layer's kernels run after them, CUDA graphs included.
+        return None
 
     def save_kv_layer(
         self,
