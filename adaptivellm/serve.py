@@ -476,8 +476,8 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
 
 def _apply_split(args: argparse.Namespace, done: ServeDefaults) -> None:
     """Split execution: the split model class (--hf-overrides), prompt embeddings, the
-    endpoint plugin (vLLM loads endpoint plugins only when VLLM_PLUGINS names them) and the
-    config for the endpoint."""
+    endpoint plugin (vLLM loads endpoint plugins only when VLLM_PLUGINS names them), the config
+    for the endpoint, and the model runner and CUDA graph mode it needs (_apply_split_runner)."""
     if not args.split_execution:
         return
     config = split_config(args)
@@ -498,6 +498,85 @@ def _apply_split(args: argparse.Namespace, done: ServeDefaults) -> None:
         f"--split-execution: {ARCHITECTURE}, --enable-prompt-embeds, endpoint plugin "
         f"{SPLIT_PLUGIN_NAME} (VLLM_PLUGINS={os.environ['VLLM_PLUGINS']})"
     )
+    _apply_split_runner(args, done)
+
+
+def _apply_split_runner(args: argparse.Namespace, done: ServeDefaults) -> None:
+    """What split execution needs of vLLM's model runner, on every platform (vLLM turns CUDA
+    graphs off on CPU by itself): the V1 model runner, whose `_model_forward` carries the
+    start-layer hook (patches/split_runner.py), and no CUDA graph that replays a whole forward
+    pass, so that the split model's Python runs on every split batch. Operator choices that
+    break either are refused; the worker checks again (split_runner.check_runner). See
+    docs/split_execution.md, "Model runner, CUDA graphs and torch.compile"."""
+    import copy
+
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.envs import maybe_convert_bool
+
+    if isinstance(args.compilation_config, dict):
+        args.compilation_config = CompilationConfig(**args.compilation_config)
+    compilation = args.compilation_config
+    graphs = compilation.cudagraph_mode
+    eager = bool(args.enforce_eager)
+    runner = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    try:
+        v2 = bool(maybe_convert_bool(runner))
+    except ValueError:
+        v2 = True
+    errors = []
+    if v2:
+        errors.append(
+            f"VLLM_USE_V2_MODEL_RUNNER={runner} selects Model Runner V2, which has no "
+            "_model_forward for the start-layer hook; unset it"
+        )
+    if not eager and graphs is not None and graphs.has_full_cudagraphs():
+        errors.append(
+            f"cudagraph_mode {graphs.name} replays captured whole forward passes, which skip "
+            "the split model's start layers; leave it unset (PIECEWISE is chosen), or use "
+            "PIECEWISE, NONE or --enforce-eager"
+        )
+    if (
+        not eager
+        and graphs != CUDAGraphMode.NONE
+        and os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH") == "1"
+    ):
+        errors.append(
+            "VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures whole forward passes, which skip the split "
+            "model's start layers; unset it"
+        )
+    if not eager and compilation.mode == CompilationMode.STOCK_TORCH_COMPILE:
+        errors.append(
+            "compilation mode STOCK_TORCH_COMPILE compiles the whole model, the split model's "
+            "data-dependent branch included; use the default mode (VLLM_COMPILE)"
+        )
+    if args.enable_dbo or (getattr(args, "ubatch_size", None) or 1) > 1:
+        errors.append(
+            "--enable-dbo/--ubatch-size run the model on micro-batches in other threads, which "
+            "do not see the step's start layers"
+        )
+    if errors:
+        raise SystemExit("adaptivellm serve: --split-execution: " + "; ".join(errors))
+    chosen = []
+    if runner is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        chosen.append(
+            "VLLM_USE_V2_MODEL_RUNNER=0 (the start-layer hook is on vLLM's V1 model runner; "
+            "Model Runner V2, vLLM's default wherever Triton is present, would skip it)"
+        )
+    if "VLLM_USE_BREAKABLE_CUDAGRAPH" not in os.environ:
+        os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"  # vLLM may turn it on by itself
+    if not eager and graphs is None and int(args.optimization_level) > 0:
+        # A copy: the parser's default CompilationConfig is one object shared by every parse.
+        args.compilation_config = copy.deepcopy(compilation)
+        args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        chosen.append(
+            "cudagraph_mode PIECEWISE where the platform captures CUDA graphs (batches without "
+            "split requests keep compiled piecewise graphs, split batches run their layers "
+            "eagerly; CUDA's default FULL_AND_PIECEWISE would replay decode batches without the "
+            "split model's Python)"
+        )
+    if chosen:
+        done.note("--split-execution: " + "; ".join(chosen))
 
 
 def _architecture(model: str) -> str | None:
