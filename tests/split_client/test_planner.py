@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptivellm.split_client.planner import (
+    MAX_BUDGET_BINS,
+    MAX_DEFAULT_BINS,
+    MIN_DEFAULT_BINS,
     PRESETS,
     ClientProfile,
     InfeasibleSLAError,
@@ -25,6 +28,7 @@ from adaptivellm.split_client.planner import (
     SplitCosts,
     build_costs,
     choose_split_layer,
+    default_budget_bins,
     evaluate_placements,
     plan_brute_force,
     plan_dp,
@@ -129,20 +133,22 @@ def placement_cost(costs: SplitCosts, on_server: tuple[bool, ...]) -> tuple[floa
     return latency, work
 
 
-def least_work(costs: SplitCosts, prefix_only: bool) -> float | None:
-    """Least server workload over the placements (all 2**L, or the L + 1 prefix splits k: the
-    client runs layers [0, k)) that meet the SLA with a finite latency; None if none does."""
+def scores(costs: SplitCosts, prefix_only: bool) -> list[tuple[float, float]]:
+    """(latency, server workload) of every placement: all 2**L, or the L + 1 prefix splits k
+    (the client runs layers [0, k))."""
     n = costs.num_layers
     if prefix_only:
         placements = [tuple(j >= k for j in range(n)) for k in range(n + 1)]
     else:
         placements = [tuple(bool(code >> j & 1) for j in range(n)) for code in range(2**n)]
-    best: float | None = None
-    for on_server in placements:
-        latency, work = placement_cost(costs, on_server)
-        if math.isfinite(latency) and latency <= costs.sla_s and (best is None or work < best):
-            best = work
-    return best
+    return [placement_cost(costs, on_server) for on_server in placements]
+
+
+def least_work(scored: list[tuple[float, float]], sla_s: float) -> float | None:
+    """Least server workload among the placements that meet the SLA with a finite latency;
+    None if none does."""
+    met = [work for latency, work in scored if math.isfinite(latency) and latency <= sla_s]
+    return min(met) if met else None
 
 
 def random_instance(rng: random.Random) -> SplitCosts:
@@ -170,16 +176,21 @@ def random_instance(rng: random.Random) -> SplitCosts:
 
 
 def check_against_enumeration(costs: SplitCosts) -> None:
-    """Whole-second costs and a 1 s step: the DP rounds nothing and must be exact."""
+    """Whole-second costs and a 1 s step: the DP rounds nothing and must be exact. When no
+    placement meets the SLA, every planner answers the fastest one."""
     for prefix_only in (False, True):
-        best = least_work(costs, prefix_only)
+        scored = scores(costs, prefix_only)
+        best = least_work(scored, costs.sla_s)
         dp = plan_dp(costs, step_s=1.0, prefix_only=prefix_only)
         exact = plan_prefix(costs) if prefix_only else plan_brute_force(costs)
         for plan in (dp, exact):
             assert plan.feasible == (best is not None), (plan, prefix_only)
+            latency = placement_cost(costs, tuple(plan.placement))[0]
             if best is not None:
                 assert plan.server_workload == best, (plan, prefix_only, best)
-                assert placement_cost(costs, tuple(plan.placement))[0] <= costs.sla_s
+                assert latency <= costs.sla_s
+            else:
+                assert latency == min(latency for latency, _ in scored), (plan, prefix_only)
         if prefix_only:
             assert dp.split_layer is not None and exact.split_layer is not None
 
@@ -195,7 +206,7 @@ def test_dp_prefix_and_brute_force_equal_plain_enumeration_on_seeded_instances()
     for _ in range(ENUMERATED_INSTANCES):
         costs = random_instance(rng)
         check_against_enumeration(costs)
-        feasible += least_work(costs, prefix_only=False) is not None
+        feasible += least_work(scores(costs, prefix_only=True), costs.sla_s) is not None
     assert feasible > ENUMERATED_INSTANCES // 3  # the SLAs are neither all met nor all missed
 
 
@@ -631,3 +642,51 @@ def test_step_overhead_adds_the_same_time_to_every_placement() -> None:
 def test_negative_step_overhead_is_refused() -> None:
     with pytest.raises(ValueError, match="step_overhead_s"):
         ServerProfile(step_overhead_s=-1.0)
+
+
+def test_default_budget_bins_spend_about_dp_cells_within_bounds() -> None:
+    assert [default_budget_bins(n) for n in (1, 20, 21, 32, 80, 160, 161, 1000)] == [
+        MAX_DEFAULT_BINS, 8000, 7619, 5000, 2000, 1000, 1000, MIN_DEFAULT_BINS
+    ]  # fmt: skip
+    assert all(isinstance(default_budget_bins(n), int) for n in (1, 7, 33))
+
+
+def test_a_budget_of_exactly_zero_still_plans_with_the_default_bins() -> None:
+    """The SLA equals the fastest latency: only the placements at the floor fit, and the DP
+    must pick the one with least work among them (here C S: the client layer is as fast)."""
+    costs = costs_from(client=[1, 3], server=[2, 2], work=[4, 4], up=[0], down=[0], sla=3.0)
+    for plan in (plan_dp(costs), plan_dp(costs, bins=7)):
+        assert plan.feasible and plan.latency_s == 3.0
+        assert plan.placement_str == "CS" and plan.server_workload == 1.0 + 4
+
+
+def test_the_dp_table_may_have_exactly_max_budget_bins() -> None:
+    """One layer, a budget of exactly MAX_BUDGET_BINS steps of 2**-20 s (binary fractions:
+    exact): allowed; one step more of budget is refused."""
+    step = 2.0**-20
+    budget = MAX_BUDGET_BINS * step
+    at_limit = costs_from(client=[1], server=[1], work=[1], up=[], down=[], sla=1 + budget)
+    assert plan_dp(at_limit, step_s=step).placement_str == "C"
+    over = costs_from(client=[1], server=[1], work=[1], up=[], down=[], sla=1 + budget + step)
+    with pytest.raises(ValueError, match="bins"):
+        plan_dp(over, step_s=step)
+
+
+def test_each_layer_on_the_server_costs_its_own_work() -> None:
+    """Found by the seeded enumeration: a DP that charged layer j the work of layer j - 1
+    priced S C S at 1 + 42 + 26 and S S C at 1 + 42 + 42, and answered S C S (really
+    1 + 42 + 31 = 74) instead of S S C (1 + 42 + 26 = 69, latency
+    11 + 1 + 7 + 8 + 7 + 4 + 12 = 50 <= 51)."""
+    costs = costs_from(
+        client=[12, 8, 4],
+        server=[7, 8, 6],
+        work=[42, 26, 31],
+        up=[8, 4],
+        down=[10, 7],
+        start=(math.inf, 1),
+        end=(12, 0),
+        sla=51,
+        fixed_time=11,
+    )
+    for plan in (plan_dp(costs, step_s=1.0), plan_dp(costs), plan_brute_force(costs)):
+        assert (plan.placement_str, plan.server_workload, plan.latency_s) == ("SSC", 69.0, 50.0)
