@@ -1,11 +1,12 @@
 """Measure swap and recompute times with torch alone (never vLLM), on CPU or CUDA.
 
-Swap. KV cache tensors with vLLM's layouts, one per layer: CPU `[num_blocks, kv_heads,
-block_size, 2 * head_dim]` (block dim 0), CUDA `[2, num_blocks, block_size, kv_heads, head_dim]`
-(block dim 1). A swap gathers the victim's block ids (scattered at random in the cache, as vLLM's
-allocator leaves them) into a preallocated host buffer with `index_select` (pinned memory on
-CUDA, copied non-blocking), then scatters them back with `index_copy_`, for every layer; CUDA is
-synchronised after each direction. The time is out + in.
+Swap. Exactly the swap connector's copy path: `adaptivellm.scheduler.kv_copy` (torch only)
+over KV cache tensors in vLLM 0.32's per-layer layout, `[num_blocks, kv_heads, block_size,
+2 * head_dim]` (blocks first, on every device), one per layer. A swap copies the victim's block
+ids (scattered at random in the cache, as vLLM's allocator leaves them) out to host slots and
+back in, for every layer: on CUDA through pinned slots with non-blocking copies on a side
+stream ordered by events, elsewhere with synchronous copies. The copies are waited for after
+each direction (the step that needs them waits as long); the time is out + in.
 
 Recompute. One prefill step through real-size Llama decoder layers with random weights (RMSNorm,
 rotary q/k, causal GQA attention through SDPA, SwiGLU MLP). The step packs the victim's
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from adaptivellm.predictors.features import ModelShape, PreemptionFeatures, Sample
+from adaptivellm.scheduler.kv_copy import KVBlockCopier, KVLayout
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,7 +202,7 @@ def _sync(device: torch.device) -> None:
 
 
 class _Swapper:
-    """Per-layer KV caches in vLLM's layout, and preallocated host buffers for swapped blocks."""
+    """Per-layer KV caches in vLLM's layout, and the swap connector's copier over them."""
 
     def __init__(
         self,
@@ -214,35 +216,27 @@ class _Swapper:
         self.device, self.rng = device, rng
         # Twice the largest victim, so that victims' blocks are scattered, not contiguous.
         self.total_blocks = 2 * max_blocks
-        kv, hd, nb = shape.num_kv_heads, shape.head_dim, self.total_blocks
-        cuda = device.type == "cuda"
-        layout = (2, nb, block_size, kv, hd) if cuda else (nb, kv, block_size, 2 * hd)
-        self.block_dim = 1 if cuda else 0
+        layout = (self.total_blocks, shape.num_kv_heads, block_size, 2 * shape.head_dim)
         self.caches = [
             torch.randn(layout, dtype=dtype, device=device) for _ in range(shape.num_layers)
         ]
-        # A swap connector keeps a host pool; pinned so that CUDA copies are asynchronous DMA.
-        self.host = [torch.empty(layout, dtype=dtype, pin_memory=cuda) for _ in self.caches]
+        # Host slots for the largest victim: pinned, with a side stream, on CUDA (the defaults
+        # the connector runs with).
+        self.copier = KVBlockCopier(self.caches, KVLayout(0, self.total_blocks), max_blocks)
 
     def run(self, features: PreemptionFeatures) -> float:
         """Seconds of swap-out then swap-in of `features.num_blocks` scattered blocks."""
-        ids_list = self.rng.sample(range(self.total_blocks), features.num_blocks)
-        ids = torch.tensor(ids_list, dtype=torch.long, device=self.device)
-        n, dim = features.num_blocks, self.block_dim
+        ids = self.rng.sample(range(self.total_blocks), features.num_blocks)
+        slots = list(range(features.num_blocks))
         _sync(self.device)
         start = time.perf_counter()
-        for cache, host in zip(self.caches, self.host, strict=True):
-            out = host.narrow(dim, 0, n)
-            if self.device.type == "cuda":
-                out.copy_(cache.index_select(dim, ids), non_blocking=True)
-            else:
-                torch.index_select(cache, dim, ids, out=out)
-        _sync(self.device)
-        for cache, host in zip(self.caches, self.host, strict=True):
-            back = host.narrow(dim, 0, n).to(self.device, non_blocking=True)
-            cache.index_copy_(dim, ids, back)
-        _sync(self.device)
-        return time.perf_counter() - start
+        self.copier.swap_out(ids, slots)
+        self.copier.synchronize()
+        self.copier.swap_in(ids, slots)
+        self.copier.synchronize()
+        elapsed = time.perf_counter() - start
+        self.copier.completed()  # drop the copier's own timings
+        return elapsed
 
 
 class _LayerStack:
