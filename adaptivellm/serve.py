@@ -352,11 +352,7 @@ def _apply_preemption(args: argparse.Namespace, done: ServeDefaults, is_cpu: boo
     }  # fmt: skip
     if config.mode == "recompute":
         return
-    if args.kv_transfer_config is not None:
-        raise SystemExit(
-            "adaptivellm serve: error: --kv-transfer-config selects another KV connector; "
-            "AdaptiveLLM's swap needs its own. Use --preemption-mode recompute with it."
-        )
+    _refuse_connector_replacements(args, config.mode)
     args.kv_transfer_config = KVTransferConfig(
         kv_connector=swap_connector.CLASS_NAME,
         kv_connector_module_path=swap_connector.QUALNAME,
@@ -369,7 +365,26 @@ def _apply_preemption(args: argparse.Namespace, done: ServeDefaults, is_cpu: boo
         # vLLM reserves one more core per worker when any KV connector is configured (for
         # NIXL's transfer threads); the swap connector copies inside the worker's own step.
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.tensor_parallel_size or 1)
-    done.note(f"preemption: {config.mode}, swap space {config.swap_space_bytes / 2**30:.2f} GiB")
+    done.note(f"preemption: {config.mode}, swap space {config.swap_space_bytes / 2**30:.2f} GiB"
+              " (divided across tensor-parallel ranks)")  # fmt: skip
+
+
+def _refuse_connector_replacements(args: argparse.Namespace, mode: str) -> None:
+    """SystemExit for flags that would replace or displace the swap connector: vLLM's
+    `--kv-offloading-size` swaps the connector's name for its own OffloadingConnector (or
+    LMCache's) while keeping our module path, and the engine then fails at start-up."""
+    if args.kv_transfer_config is not None:
+        raise SystemExit(
+            "adaptivellm serve: error: --kv-transfer-config selects another KV connector; "
+            "AdaptiveLLM's swap needs its own. Use --preemption-mode recompute with it."
+        )
+    if getattr(args, "kv_offloading_size", None) is not None:
+        raise SystemExit(
+            f"adaptivellm serve: error: --kv-offloading-size enables vLLM's own KV offloading "
+            f"connector, which replaces AdaptiveLLM's swap connector (--preemption-mode {mode}). "
+            "Use one: --preemption-mode recompute with --kv-offloading-size, or drop "
+            "--kv-offloading-size (docs/swap.md compares them)."
+        )
 
 
 def fairness_config(args: argparse.Namespace) -> FairnessConfig:
