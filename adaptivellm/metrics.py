@@ -99,6 +99,7 @@ class EngineMetrics:
     swap_blocks: Counter
     predicted_cost: Histogram
     service_model: Gauge
+    max_queue_wait: Gauge
 
     @staticmethod
     @cache
@@ -192,6 +193,13 @@ class EngineMetrics:
                 "(prefill: per prompt token; decode: per output token), learned from the "
                 "engine's steps unless --no-learn-service-time, per data-parallel rank",
                 labelnames=["term", "rank"],
+                multiprocess_mode="mostrecent",
+            ),
+            max_queue_wait=Gauge(
+                f"{PREFIX}max_queue_wait_seconds",
+                "The starvation bound of weighted-turnaround (--max-queue-wait-s), per "
+                "data-parallel rank: the starvation alert compares queue waits with it",
+                labelnames=["rank"],
                 multiprocess_mode="mostrecent",
             ),
         )

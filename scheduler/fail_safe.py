@@ -25,6 +25,24 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two log lines of the same `where` after its first error.
 QUIET_S = 60.0
+#: Every `where` of AdaptiveLLM's engine-side code (docs/safety.md says what each falls back
+#: to). Their series start at 0 when the scheduler starts (`initialise_series`), so that a
+#: dashboard and an alert see the metric before the first error.
+WHERES = (
+    "accounting", "cost_predictor", "finish_accounting", "finish_failed", "metrics",
+    "order_running", "order_waiting", "preemption_mode", "service_fit", "split_chunk",
+    "split_session", "step_budget", "step_trace", "swap_in_copy", "swap_match",
+    "swap_out_copy", "swap_release", "swap_reuse_cut", "track", "turnaround_preemption",
+)  # fmt: skip
+
+
+def initialise_series() -> None:
+    """Create adaptivellm_internal_errors_total{where} at 0 for every where in WHERES."""
+    from adaptivellm.metrics import internal_errors
+
+    counter = internal_errors()
+    for where in WHERES:
+        counter.labels(where=where)
 
 
 class InternalErrors:

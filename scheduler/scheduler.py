@@ -50,7 +50,7 @@ from adaptivellm.scheduler.config import (
     effective_weight,
     finite_or,
 )
-from adaptivellm.scheduler.fail_safe import InternalErrors
+from adaptivellm.scheduler.fail_safe import InternalErrors, initialise_series
 from adaptivellm.scheduler.policies import (
     FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
@@ -151,6 +151,8 @@ class AdaptiveScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         #: Errors of this class's own code, contained (scheduler.fail_safe); tests read counts.
         self.errors = InternalErrors()
+        with self.errors.guard("metrics"):
+            initialise_series()
         #: Requests to finish with an error result at the start of the next step (_fail).
         self._failed: dict[str, str] = {}
         #: Requests finished with an error this step, whose outputs update_from_output adds.
@@ -187,6 +189,7 @@ class AdaptiveScheduler(Scheduler):
         #: before the first step), tokens served per tenant.
         self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
         EngineMetrics.get().jain.labels(rank=self.rank).set(1.0)  # no tenant has waited yet
+        EngineMetrics.get().max_queue_wait.labels(rank=self.rank).set(self.fairness.max_wait_s)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
         additional = self.vllm_config.additional_config

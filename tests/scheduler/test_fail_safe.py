@@ -381,3 +381,24 @@ def test_policies_take_any_bounded_input(
         charged = vtc_charge(counters.get(info.tenant, 0.0), info.prompt_tokens, info.max_tokens,
                              info.weight, VTCWeights())  # fmt: skip
         assert math.isfinite(charged)
+
+
+def test_every_where_in_the_code_is_listed_and_starts_at_zero() -> None:
+    """WHERES (docs/safety.md's table, the series created at start) names every `where` the
+    engine-side code uses."""
+    import re
+    from pathlib import Path
+
+    from adaptivellm.scheduler.fail_safe import WHERES
+
+    root = Path(__file__).resolve().parents[2] / "scheduler"
+    pattern = re.compile(r'(?:guard|record)\("([a-z_]+)"|_fail\([^,]+, "([a-z_]+)"')
+    used = {a or b for f in root.glob("*.py") for a, b in pattern.findall(f.read_text())}
+    used.discard("order")  # the module docstring's example
+    assert used <= set(WHERES), used - set(WHERES)
+    make_scheduler(WT, num_blocks=40)
+    for where in WHERES:
+        assert (
+            REGISTRY.get_sample_value("adaptivellm_internal_errors_total", {"where": where})
+            is not None
+        ), where
