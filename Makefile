@@ -11,7 +11,7 @@ ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck install install-dev clean
+.PHONY: serve test lint typecheck install install-dev prometheus clean
 
 serve: $(VENV)/.installed-$(ENGINE)
 	$(BIN)/adaptivellm serve $(ARGS)
@@ -20,7 +20,16 @@ test: install-dev lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed-$(ENGINE)
-install-dev: $(VENV)/.installed-$(ENGINE)-dev
+install-dev: $(VENV)/.installed-$(ENGINE)-dev prometheus
+
+# A real Prometheus (Debian's package: prometheus and promtool) for the dashboard and alert
+# tests; installed when absent (as root, or through sudo).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q prometheus; }; }
+	@command -v promtool >/dev/null && promtool --version 2>&1 | head -n 1
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +56,7 @@ typecheck: install-dev
 	cd .typecheck/adaptivellm && for f in ../../adaptivellm/*; do ln -s $$f .; done \
 	  && for d in predictors scheduler split_client patches; do ln -s ../../$$d $$d; done
 	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p adaptivellm
-	MYPYPATH=.typecheck $(BIN)/mypy bench
+	MYPYPATH=.typecheck $(BIN)/mypy bench dashboards
 
 clean:
 	rm -rf $(VENV) .typecheck build *.egg-info
