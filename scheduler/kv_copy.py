@@ -225,11 +225,10 @@ class KVBlockCopier:
     def _on_side_stream(self, direction: str, blocks: int) -> Iterator[None]:
         current = torch.cuda.current_stream(self.device)
         if self.stream is None:
-            start = time.perf_counter()
+            began = time.perf_counter()
             yield
             current.synchronize()
-            seconds = time.perf_counter() - start
-            self._done.append(CopyTiming(direction, blocks, seconds))
+            self._done.append(CopyTiming(direction, blocks, time.perf_counter() - began))
             return
         ready = torch.cuda.Event()
         ready.record(current)  # after every kernel already queued (they may write the blocks)
