@@ -585,8 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         type=Path,
-        help="a previous report: its killed mutants of an unchanged module source are not run "
-        "again (new tests cannot revive them); survivors and new mutants are",
+        action="append",
+        help="a previous report (may be given several times): its killed mutants of an "
+        "unchanged module source are not run again (new tests cannot revive them); survivors "
+        "and new mutants are",
     )
     parser.add_argument(
         "--timeout-factor", type=float, default=4.0, help="per mutant: this x baseline + 30 s"
@@ -625,7 +627,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(sum(len(m) for m in plan.values()), "mutants")
             return 0
 
-        previous = previous_kills(args.resume) if args.resume else {}
+        previous: dict[tuple[str, str], dict[str, tuple[str, int | None]]] = {}
+        for path in args.resume or ():
+            for key, kills in previous_kills(path).items():
+                previous.setdefault(key, {}).update(kills)
         command = "bench/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:])
         header = {
             "command": f".venv/bin/python {command.strip()}",
