@@ -15,7 +15,7 @@ from tests.support import load_bench_script
 soak = load_bench_script("soak")
 
 REQUESTS = 200
-#: The run takes about 4 minutes on 2 cores (three server start-ups among them).
+#: The run takes 3-6 minutes on 2 shared cores (two server start-ups among them).
 pytestmark = pytest.mark.timeout(1500)
 
 
