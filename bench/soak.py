@@ -855,6 +855,18 @@ def targets(report: dict[str, Any]) -> list[str]:
     return missed
 
 
+def forged_tenant_figures() -> dict[str, Any]:
+    """The forged-tenant attack's figure, which issue 37 reports with the soak: measured by
+    bench/forged_tenants.py (its own server and load), read from its results file."""
+    path = RESULTS / "forged-tenants.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"forged_tenant_jain": None, "forged_tenant_source": f"{path} not found"}
+    source = f"bench/results/forged-tenants.json ({data.get('command')})"
+    return {"forged_tenant_jain": data.get("forged_tenant_jain"), "forged_tenant_source": source}
+
+
 class Recorder:
     """The report, written to `path` after every phase."""
 
@@ -892,7 +904,7 @@ def run(
         "leaked": {}, "greedy_mismatches": 0, "partial_mismatches": 0, "faults": [],
         "server_flags": list(MAIN_FLAGS), "concurrency": args.concurrency,
         "distinct_prompts": len(entries), "seed": args.seed, "workdir": str(workdir),
-        "load_incomplete": "not started",
+        "load_incomplete": "not started", **forged_tenant_figures(),
     })  # fmt: skip
     report = rec.report
     phase = on_phase or (lambda name: print(f"[soak] {name}", file=sys.stderr, flush=True))
