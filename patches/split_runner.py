@@ -12,7 +12,9 @@ ordinary batches take the model's unmodified (compiled) path.
 It is installed by the split model class when vLLM instantiates it, in the worker process only,
 and only when split execution is on. Touch points: `GPUModelRunner._model_forward`,
 `self.input_batch.req_ids`, `self.input_batch.num_reqs`, `self.requests[id].sampling_params`,
-`self.query_start_loc.np` (the per-request token offsets of the step being run).
+`self.query_start_loc.np` (the per-request token offsets of the step being run); for the
+start-up check, `VllmConfig.use_v2_model_runner`, `compilation_config.cudagraph_mode` and `.mode`,
+`parallel_config.use_ubatching` and `VLLM_USE_BREAKABLE_CUDAGRAPH`.
 
 The hook exists on vLLM's V1 model runner only (`vllm.v1.worker.gpu_model_runner`, and the CPU
 runner that inherits it). Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, vLLM 0.32's default
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import sys
 from typing import Any, Final
 
@@ -37,6 +40,7 @@ import torch
 from adaptivellm.compat import check_vllm_version
 from adaptivellm.scheduler.split_sessions import EXTRA_KEY
 
+logger = logging.getLogger(__name__)
 WRITTEN_FOR: Final = "0.32.0"
 #: Attribute set on the installed wrapper, so that a runner class's `_model_forward` can be
 #: recognised as hooked through its MRO.
@@ -113,9 +117,7 @@ def install() -> None:
     GPUModelRunner._model_forward = _model_forward  # type: ignore[method-assign]
     _installed = True
     if version.split("+")[0] != WRITTEN_FOR:
-        import logging
-
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "split runner patch written for vLLM %s, running on %s", WRITTEN_FOR, version
         )
 
@@ -194,10 +196,18 @@ def check_runner(vllm_config: Any, runner_cls: type | None = None) -> None:
     `runner_cls` defaults to the class of the model runner building the model (found on the call
     stack); when there is none, the runner vLLM's config selects is checked instead. Raises
     SplitRunnerError naming each problem and the fix."""
+    install()  # the hook must be in place for the runner class to be recognised as hooked
     if runner_cls is None:
         runner = building_runner()
         runner_cls = type(runner) if runner is not None else None
     problems = runner_problems(vllm_config, runner_cls)
+    if not problems:
+        logger.info(
+            "split execution: start-layer hook attached to %s",
+            f"{runner_cls.__module__}.{runner_cls.__qualname__}"
+            if runner_cls is not None
+            else "the V1 model runner (vLLM's config; no runner on the call stack)",
+        )
     if problems:
         raise SplitRunnerError(
             "split execution (--split-execution) cannot run on this worker: split requests "
