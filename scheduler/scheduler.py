@@ -277,8 +277,8 @@ class AdaptiveScheduler(Scheduler):
         """Finish the requests _fail named, as vLLM finishes one whose grammar failed to
         compile: removed from the queues, blocks freed, an error output sent
         (update_from_output)."""
-        failed, self._failed = self._failed, {}
-        self._errored += self.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+        self._errored += self.finish_requests(self._failed, RequestStatus.FINISHED_ERROR)
+        self._failed = {}  # kept when finishing raised: retried at the next step
 
     # --- the step -----------------------------------------------------------------------
 

@@ -355,8 +355,13 @@ class AdaptiveSwapConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         outs = self._outs
-        with self.errors.guard("swap_reuse_cut"):
+        try:
             outs = self._cut_before_reuse(outs, scheduler_output)
+        except Exception as exc:  # uncut copies could read reused blocks: recompute instead
+            self.errors.record("swap_reuse_cut", exc)
+            for copy in outs:
+                self.space.release(copy.request_id)
+            outs = []
         meta = SwapMetadata(swap_outs=outs, swap_ins=self._ins)
         if meta.swap_ins:
             # The swap-ins feed this step's forward pass: both runners start loads flagged so
