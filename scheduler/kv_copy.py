@@ -90,6 +90,31 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def copy_by_runs(
+    view: torch.Tensor,
+    host: torch.Tensor,
+    block_ids: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+    to_host: bool,
+    non_blocking: bool = False,
+) -> None:
+    """The CUDA path's data movement for one layer (any device: tested on CPU). `block_ids[i]`
+    pairs with the i-th slot of `runs` (`slot_runs` of the slots, in that order). Out: gather
+    the blocks into one contiguous buffer on the device, then one copy per run of slots. In:
+    one copy per run into a buffer on the device, then scatter it into the blocks."""
+    if to_host:
+        gathered = view.index_select(0, block_ids)
+        for pos, first, length in runs:
+            host[first : first + length].copy_(
+                gathered[pos : pos + length], non_blocking=non_blocking
+            )
+        return
+    staged = torch.empty((len(block_ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
+    for pos, first, length in runs:
+        staged[pos : pos + length].copy_(host[first : first + length], non_blocking=non_blocking)
+    view.index_copy_(0, block_ids, staged)
+
+
 class KVBlockCopier:
     """Copies lists of (device block, host slot) pairs out of and back into KV caches.
 
@@ -203,31 +228,19 @@ class KVBlockCopier:
             if self.pinned:
                 ids = ids.pin_memory()
             block_ids = ids.to(self.device, non_blocking=self.pinned)
-            blocking = self.stream is None  # synchronous mode: the CPU waits for each copy
+            non_blocking = self.stream is not None  # else the CPU waits for each copy
             for view, host in zip(self.views, self.host, strict=True):
-                if to_host:
-                    gathered = view.index_select(0, block_ids)
-                    for pos, first, length in runs:
-                        host[first : first + length].copy_(
-                            gathered[pos : pos + length], non_blocking=not blocking
-                        )
-                else:
-                    staged = torch.empty(
-                        (len(pairs), *view.shape[1:]), dtype=view.dtype, device=self.device
-                    )
-                    for pos, first, length in runs:
-                        staged[pos : pos + length].copy_(
-                            host[first : first + length], non_blocking=not blocking
-                        )
-                    view.index_copy_(0, block_ids, staged)
+                copy_by_runs(view, host, block_ids, runs, to_host, non_blocking)
 
     @contextmanager
     def _on_side_stream(self, direction: str, blocks: int) -> Iterator[None]:
         current = torch.cuda.current_stream(self.device)
         if self.stream is None:
             began = time.perf_counter()
-            yield
-            current.synchronize()
+            try:
+                yield
+            finally:
+                current.synchronize()
             self._done.append(CopyTiming(direction, blocks, time.perf_counter() - began))
             return
         ready = torch.cuda.Event()
@@ -235,9 +248,12 @@ class KVBlockCopier:
         self.stream.wait_event(ready)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
-            start.record(self.stream)
-            yield
+        try:
+            with torch.cuda.stream(self.stream):
+                start.record(self.stream)
+                yield
+        finally:
+            # Also after an error: whatever was issued is ordered before later work.
             end.record(self.stream)
-        current.wait_event(end)  # nothing queued after may touch the blocks before the copies
+            current.wait_event(end)  # nothing queued after touches the blocks before the copies
         self._pending.append((direction, blocks, start, end))

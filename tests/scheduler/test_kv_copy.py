@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptivellm.scheduler.kv_copy import KVBlockCopier, KVLayout, slot_runs
+from adaptivellm.scheduler.kv_copy import KVBlockCopier, KVLayout, copy_by_runs, slot_runs
 
 NUM_BLOCKS = 12
 
@@ -157,6 +157,28 @@ def test_bad_indices_are_refused_before_any_copy() -> None:
         copier.swap_in([5, 5], [0, 1])  # one block written twice
     copier.swap_out([], [])  # nothing to do
     assert copier.completed() == []
+
+
+@pytest.mark.parametrize("block_dim", [0, 1])
+def test_the_cuda_paths_run_copies_are_exact_on_cpu(block_dim: int) -> None:
+    """The data movement of the CUDA path (gather, one copy per run of slots, scatter) run on
+    CPU tensors: the same result as the CPU path."""
+    (kv,) = caches(block_dim, layers=1)
+    layout = KVLayout(block_dim, NUM_BLOCKS)
+    view, original = layout.blocks_view(kv), layout.blocks_view(kv).clone()
+    host = torch.zeros((9, *view.shape[1:]))
+    pairs = sorted(zip([7, 1, 2, 8, 3], [4, 10, 0, 6, 2], strict=True))  # (slot, block)
+    runs = slot_runs([s for s, _ in pairs])
+    assert runs == [(0, 1, 3), (3, 7, 2)]
+    ids = torch.tensor([b for _, b in pairs])
+    copy_by_runs(view, host, ids, runs, to_host=True)
+    for slot, b in pairs:
+        assert torch.equal(host[slot], original[b])
+    assert not host[[0, 4, 5, 6]].any()
+    view.zero_()
+    copy_by_runs(view, host, ids, runs, to_host=False)
+    assert torch.equal(view[ids], original[ids])
+    assert not view[[b for b in range(NUM_BLOCKS) if b not in ids.tolist()]].any()
 
 
 def test_slot_runs() -> None:
