@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,81 @@ CONFIGS: dict[str, str | None] = {
     "vtc": "vtc",
     "weighted-turnaround": "weighted-turnaround",
 }
+#: The same under vLLM's async scheduling (CUDA's default): stock vLLM's AsyncScheduler against
+#: AdaptiveAsyncScheduler, two steps in flight (replay_async).
+ASYNC_CONFIGS: dict[str, str | None] = {f"{name}_async": p for name, p in CONFIGS.items()}
+
+
+def replay_async(
+    requests: list[Any], fairness: FairnessConfig, cost: StepCost, stock: bool,
+    timing: dict[str, float], max_num_seqs: int = 4, max_model_len: int = 2048,
+) -> dict[str, float]:  # fmt: skip
+    """fairness_sim.replay's workload with two steps in flight, as vLLM's engine core drives
+    an async scheduler: schedule(N + 1) before update_from_output(N). Times the two calls into
+    `timing` (schedule_s, update_s, waiting) and returns the steps and the simulated time."""
+    from collections import deque
+
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    from adaptivellm.scheduler.scheduler import AdaptiveScheduler
+    from tests.scheduler import sim
+
+    real = sim.VllmConfig
+
+    def async_config(**config: Any) -> Any:
+        vllm_config = real(**config)  # the CPU platform turns async scheduling off: back on
+        vllm_config.scheduler_config.async_scheduling = True
+        return vllm_config
+
+    sim.VllmConfig = async_config  # type: ignore[assignment]
+    try:
+        scheduler, clock = sim.make_scheduler(
+            fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len,
+            max_model_len=max_model_len, preemption="recompute" if stock else "swap",
+            swap_slots=10 * max_num_seqs * max_model_len // 16,
+            scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler,
+        )  # fmt: skip
+    finally:
+        sim.VllmConfig = real  # type: ignore[assignment]
+    scheduler.step_timer = clock
+    clock.now = 0.0
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    in_flight: deque[tuple[Any, list[str], list[list[int]], float]] = deque()
+    i = steps = finished = 0
+    while finished < len(pending):
+        while i < len(pending) and pending[i].arrival_s <= clock.now:
+            r = pending[i]
+            scheduler.add_request(sim.make_request(f"r{r.index}", r.prompt_tokens, r.max_tokens,
+                                                   clock.now, r.tenant))  # fmt: skip
+            i += 1
+        if len(in_flight) < 2 and scheduler.has_requests():
+            timing["waiting"] = timing.get("waiting", 0.0) + len(scheduler.waiting)
+            started = time.perf_counter()
+            out = scheduler.schedule()
+            timing["schedule_s"] = timing.get("schedule_s", 0.0) + time.perf_counter() - started
+            counts = out.num_scheduled_tokens
+            ids = list(counts)
+            sampled = [[] if scheduler.requests[r].is_prefill_chunk else [5] for r in ids]
+            decodes = sum(1 for n in counts.values() if n == 1)
+            prefill = sum(n for n in counts.values() if n > 1)
+            in_flight.append((out, ids, sampled, cost.step_s(decodes, prefill)))
+            if len(in_flight) < 2:
+                continue
+        if not in_flight:
+            clock.now = pending[i].arrival_s
+            continue
+        out, ids, sampled, step = in_flight.popleft()
+        clock.now += step
+        steps += 1
+        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                                   sampled_token_ids=sampled)  # fmt: skip
+        started = time.perf_counter()
+        outputs = scheduler.update_from_output(out, runner)
+        timing["update_s"] = timing.get("update_s", 0.0) + time.perf_counter() - started
+        finished += sum(o.finish_reason is not None for b in outputs.values() for o in b.outputs)
+    return {"steps": float(steps), "sim_time_s": clock.now}
 
 
 def time_replays(
@@ -57,11 +133,13 @@ def time_replays(
     requests = workload(scenario, 0, rate, num_requests)
     best: dict[str, dict[str, float]] = {}
     figures: dict[str, dict[str, float]] = {}
+    configs = {**CONFIGS, **ASYNC_CONFIGS}
     for _ in range(repeats):
-        for name, policy in CONFIGS.items():  # interleaved: drifts of the machine hit all alike
+        for name, policy in configs.items():  # interleaved: drifts of the machine hit all alike
             timing: dict[str, float] = {}
             fairness = FairnessConfig(policy=policy or "fcfs")
-            figures[name] = replay(requests, fairness, cost, stock=policy is None, timing=timing)
+            run = replay_async if name in ASYNC_CONFIGS else replay
+            figures[name] = run(requests, fairness, cost, stock=policy is None, timing=timing)
             total = timing["schedule_s"] + timing["update_s"]
             if name not in best or total < best[name]["schedule_s"] + best[name]["update_s"]:
                 best[name] = timing
@@ -71,9 +149,9 @@ def time_replays(
         name: tuple(1e6 * timing[k] / figures[name]["steps"] for k in ("schedule_s", "update_s"))
         for name, timing in best.items()
     }
-    stock_us = sum(per_step["stock"])
     out: dict[str, Any] = {}
     for name, (schedule_us, update_us) in per_step.items():
+        stock_us = sum(per_step["stock_async" if name in ASYNC_CONFIGS else "stock"])
         steps = figures[name]["steps"]
         total_us = schedule_us + update_us
         mean_step_s = figures[name]["sim_time_s"] / steps
