@@ -117,7 +117,19 @@ TARGETS = (
 )
 
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "split_client/planner.py::_to_units: drop operand: `bins + 1` -> `1`#1": (
+        "the step is inf only with an infinite budget, and then bins is 0 (_resolve_step)"
+    ),
+    "split_client/planner.py::_to_units: constant: `1` -> `2`#2": (
+        "any entering cost >= bins + 1 units never fits: _dp_table clamps shifts to width = "
+        "bins + 1 and the first layer needs units <= bins; bins + 2 is the same"
+    ),
+    "split_client/planner.py::_to_units: constant: `1` -> `2`#1": (
+        "as above: costs capped at bins + 2 instead of bins + 1 are all beyond the budget, "
+        "clamped to the same width in _dp_table, and never on a backtracked path"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -575,6 +587,39 @@ def write_report(out: Path, header: dict[str, Any], reports: dict[str, ModuleRep
     tmp.replace(out)
 
 
+def merge_reports(paths: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One report from several (runs of different modules, e.g. in parallel): each module
+    from the last report that has it, and its survivors listed in EQUIVALENT (now) moved to
+    the equivalent ones."""
+    runs: list[dict[str, Any]] = []
+    modules: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        keys = ("command", "source", "started", "finished")
+        runs.append({"modules": sorted(data["modules"]), **{k: data.get(k) for k in keys}})
+        modules.update(data["modules"])
+    for module in modules.values():
+        equivalent = [s for s in module["survivors"] if s["id"] in EQUIVALENT]
+        module["survivors"] = [s for s in module["survivors"] if s["id"] not in EQUIVALENT]
+        for s in equivalent:
+            module["equivalents"].append({**s, "reason": EQUIVALENT[s["id"]]})
+        module["survived"] = len(module["survivors"])
+        module["equivalent"] = len(module["equivalents"])
+    merged = {
+        "command": "; ".join(str(r["command"]) for r in runs),
+        "merged_from": runs,
+        "statuses": json.loads(paths[-1].read_text()).get("statuses"),
+        "modules": modules,
+        "totals": {
+            key: sum(m[key] for m in modules.values())
+            for key in ("mutants", "run", "killed", "survived", "equivalent")
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=[t.name for t in TARGETS])
@@ -594,6 +639,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout-factor", type=float, default=4.0, help="per mutant: this x baseline + 30 s"
     )
     parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="write one report to --out from these reports (of different modules) and stop",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -607,6 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # `kill` (SIGTERM) stops a run like Ctrl-C: the temporary copy is removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.merge:
+        totals = merge_reports(args.merge, args.out)["totals"]
+        print(f"{args.out}: {totals}")
+        return 0
     targets = [t for t in TARGETS if not args.module or t.name in args.module]
 
     with tempfile.TemporaryDirectory(prefix="adaptivellm-mutation-") as tmp:

@@ -638,3 +638,17 @@ def test_backlogged_jain_exact() -> None:
     assert backlogged_jain(["b", "a", "b"], served, weights) == jain_index([4.0, 2.0])
     assert backlogged_jain(["a", "d"], served, weights) == jain_index([4.0, 0.0]) == 0.5
     assert backlogged_jain(["a"], served, weights) is None
+
+
+def test_the_default_exponent_is_hrrn() -> None:
+    """Without an exponent, the key is the plain weighted response ratio (HRRN)."""
+    r = info("r", 0.0, 8)
+    assert turnaround_key(r, 1.0, 4.0, 60) == (0, (1.0 + 4.0) / 4.0)
+    assert turnaround_key(r, 1.0, 4.0, 60, left=2.0) == (0, 1.25)  # left does not matter
+    # A 4 s request that waited 4 s (ratio 2) goes before a 1 s one that waited 0.5 s (1.5);
+    # with exponent 2 the short one would (2 / 4 < 1.5 / 1).
+    long, short = info("long", 0.0, 32), info("short", 3.5, 8)
+    order = order_by_turnaround([short, long], 4.0, BINARY, EXACT, 60)
+    assert [x.request_id for x in order] == ["long", "short"]
+    order = order_by_turnaround([short, long], 4.0, BINARY, EXACT, 60, exponent=2.0)
+    assert [x.request_id for x in order] == ["short", "long"]
