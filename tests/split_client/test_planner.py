@@ -690,3 +690,17 @@ def test_each_layer_on_the_server_costs_its_own_work() -> None:
     )
     for plan in (plan_dp(costs, step_s=1.0), plan_dp(costs), plan_brute_force(costs)):
         assert (plan.placement_str, plan.server_workload, plan.latency_s) == ("SSC", 69.0, 50.0)
+
+
+def test_a_plan_the_rounded_dp_accepts_but_the_exact_sum_refuses_is_not_marked_feasible() -> None:
+    """Float rounding: every entering cost fits the budget of 0 units, but the exact latency
+    0.6000000000000001 + 0.30000000000000004 + 2.2 is 3.1000000000000005 > 3.1. plan_dp retries
+    with less budget, then answers the fastest placement, infeasible, as brute force does."""
+    costs = costs_from(client=[0.05], server=[2.2], work=[1.0], up=[], down=[],
+                       start=(0.8, 0.30000000000000004), end=(2.2, 0.0), sla=3.1,
+                       fixed_time=0.6000000000000001)  # fmt: skip
+    oracle = plan_brute_force(costs)
+    for plan in (plan_dp(costs, step_s=1 / 3), plan_dp(costs)):
+        assert not plan.feasible and not oracle.feasible
+        assert (plan.placement_str, plan.latency_s) == ("S", oracle.latency_s)
+        assert plan.latency_s > costs.sla_s
