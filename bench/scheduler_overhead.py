@@ -75,7 +75,7 @@ def replay_async(
         vllm_config.scheduler_config.async_scheduling = True
         return vllm_config
 
-    sim.VllmConfig = async_config  # type: ignore[assignment]
+    sim.VllmConfig = async_config  # type: ignore[misc,assignment]
     try:
         scheduler, clock = sim.make_scheduler(
             fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
@@ -85,7 +85,7 @@ def replay_async(
             scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler,
         )  # fmt: skip
     finally:
-        sim.VllmConfig = real  # type: ignore[assignment]
+        sim.VllmConfig = real  # type: ignore[misc]
     scheduler.step_timer = clock
     clock.now = 0.0
     pending = sorted(requests, key=lambda r: r.arrival_s)
