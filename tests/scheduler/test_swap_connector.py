@@ -186,3 +186,17 @@ def test_without_reuse_the_swap_outs_are_unchanged_and_swap_ins_are_sync_loads()
     scheduler._ins.append(BlockCopy("a", (1, 2, 3), (0, 1, 2)))
     scheduler.build_connector_meta(out)  # type: ignore[arg-type]
     assert out.has_sync_kv_loads is True  # type: ignore[attr-defined]
+
+
+def test_a_failing_reuse_check_drops_the_swap_outs(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = connector(16 * len(LAYERS) * PAGE, role=KVConnectorRole.SCHEDULER)
+    planned(scheduler, "a", [5, 6, 7])
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(scheduler, "_cut_before_reuse", boom)
+    meta = scheduler.build_connector_meta(step_output(zero=[6]))  # type: ignore[arg-type]
+    assert isinstance(meta, SwapMetadata) and meta.swap_outs == []
+    assert scheduler.space.get("a") is None and scheduler.space.used == 0
+    assert scheduler.errors.counts == {"swap_reuse_cut": 1}
