@@ -117,7 +117,27 @@ TARGETS = (
 )
 
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
+_OBT = "scheduler/policies.py::order_by_turnaround: "
 EQUIVALENT: dict[str, str] = {
+    _OBT + "constant: `0.0` -> `1.0`#1": (
+        "least is read only when counters is non-empty: without counters every request is owed"
+    ),
+    _OBT + "constant: `0.0` -> `1.0`#4": (
+        "min's default: used only for an empty queue, which has no key to compute"
+    ),
+    _OBT + "constant: `0.0` -> `1.0`#5": (
+        "projected() runs only with counters: without them `behind` is empty and every "
+        "request is owed before it is called"
+    ),
+    _OBT + "constant: `0.0` -> `1.0`#2": (
+        "without counters the key's counter is never read: owed is True and cost is 0.0"
+    ),
+    _OBT + "boolean: `and` -> `or`#1": (
+        "cost is read only when counter > least; when counter <= least owed is already True"
+    ),
+    _OBT + "constant: `0.0` -> `1.0`#3": (
+        "as above: a cost of a request at the least counter is never read"
+    ),
     "split_client/planner.py::_to_units: drop operand: `bins + 1` -> `1`#1": (
         "the step is inf only with an infinite budget, and then bins is 0 (_resolve_step)"
     ),
@@ -125,6 +145,39 @@ EQUIVALENT: dict[str, str] = {
         "any entering cost >= bins + 1 units never fits: _dp_table clamps shifts to width = "
         "bins + 1 and the first layer needs units <= bins; bins + 2 is the same"
     ),
+    "split_client/planner.py::_resolve_step: constant: `0` -> `1`": (
+        "an infinite budget: every finite cost is 0 units and every infinite one bins + 1, so "
+        "1 bin instead of 0 admits the same placements"
+    ),
+    "split_client/planner.py::_resolve_step: constant: `1.0` -> `2.0`": (
+        "a budget of 0: count = floor(0 / step) = 0 and every excess > 0 rounds to >= 1 unit "
+        "for any positive step"
+    ),
+    "split_client/planner.py::_entering_times: constant: `2` -> `3`": (
+        "a third 'from' row holds only the compute (as staying put does, so the floor is the "
+        "same) and the DP never reads it"
+    ),
+    "split_client/planner.py::_dp_table: constant: `1` -> `2`": (
+        "one more budget column (bins + 1 units) that the answer, read at column bins, never "
+        "depends on"
+    ),
+    "split_client/planner.py::_dp_table: constant: `2` -> `3`#1": (
+        "a third row of cur that stays inf: never the argmin, never read as a predecessor"
+    ),
+    "split_client/planner.py::_dp_table: constant: `2` -> `3`#2": "as above, for nxt",
+    "split_client/planner.py::_dp_table: constant: `2` -> `3`": (
+        "a third row of came_from_server that is never written or read"
+    ),
+    "split_client/planner.py::_dp_table: constant: `0` -> `-1`#4": (
+        "layer 0's entering cost is the same from either row (both hold the start)"
+    ),
+    "split_client/planner.py::_dp_table: constant: `0` -> `1`#4": "as above",
+    "split_client/planner.py::_dp_table: drop clamp: "
+    "`min(shift[0][x2], width)` -> `shift[0][x2]`": (
+        "_to_units already caps every entering cost at bins + 1 = width"
+    ),
+    "split_client/planner.py::_dp_table: drop clamp: "
+    "`min(shift[1][x2], width)` -> `shift[1][x2]`": ("as above"),
     "split_client/planner.py::_to_units: constant: `1` -> `2`#1": (
         "as above: costs capped at bins + 2 instead of bins + 1 are all beyond the budget, "
         "clamped to the same width in _dp_table, and never on a backtracked path"

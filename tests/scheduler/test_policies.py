@@ -652,3 +652,115 @@ def test_the_default_exponent_is_hrrn() -> None:
     assert [x.request_id for x in order] == ["long", "short"]
     order = order_by_turnaround([short, long], 4.0, BINARY, EXACT, 60, exponent=2.0)
     assert [x.request_id for x in order] == ["short", "long"]
+
+
+# --- order_by_turnaround's tenant rule, exactly ----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_tenant_without_counter_or_committed_work_counts_as_zero(seed: int) -> None:
+    """Random queues over tenants some of which have no counter (or no committed work): the
+    order is the one with those tenants given an explicit 0."""
+    rng = random.Random(seed)
+    tenants = ["a", "b", "c", "d"]
+    reqs = [
+        info(f"r{i}", rng.choice([0.0, 1.0, 2.0, 3.0]), rng.choice([1, 2, 4, 8, 16]),
+             tenant=rng.choice(tenants), weight=rng.choice([1.0, 2.0]))
+        for i in range(rng.randint(2, 6))
+    ]  # fmt: skip
+    known = rng.sample(tenants, rng.randint(1, 3))
+    counters = {t: float(rng.choice([0, 1, 2, 4, 8, 16, 32])) for t in known}
+    busy = rng.sample(tenants, rng.randint(0, 2))
+    committed = {t: float(rng.choice([1, 4, 16])) for t in busy}
+    slack = float(rng.choice([0, 1, 8, 32, 1000]))
+    explicit = {t: counters.get(t, 0.0) for t in tenants}
+    explicit_committed = {t: committed.get(t, 0.0) for t in tenants}
+    for exponent in (1.0, 2.0):
+        got = order_by_turnaround(reqs, 4.0, BINARY, EXACT, 60, counters, slack,
+                                  exponent=exponent, committed=committed)  # fmt: skip
+        want = order_by_turnaround(reqs, 4.0, BINARY, EXACT, 60, explicit, slack,
+                                   exponent=exponent, committed=explicit_committed)  # fmt: skip
+        assert [r.request_id for r in got] == [r.request_id for r in want]
+
+
+def test_a_tenant_without_counter_is_the_least_served() -> None:
+    """`b` has no counter (0): its long request goes before `a`'s short one (counter 0.5)."""
+    a = info("a-short", 0.0, 1, tenant="a")
+    b = info("b-long", 0.0, 16, tenant="b")
+    order = order_by_turnaround([a, b], 1.0, BINARY, EXACT, 60, {"a": 0.5})
+    assert [r.request_id for r in order] == ["b-long", "a-short"]
+    # A request of the tenant ahead more expensive than the cheapest the tenant behind waits
+    # with is not let through, whatever the slack: `a` (cost 26) waited long, `b` (18) not.
+    a_long = info("a", 0.0, 8, tenant="a")
+    b_short = info("b", 7.5, 4, tenant="b")
+    order = order_by_turnaround([a_long, b_short], 8.0, BINARY, EXACT, 60, {"a": 0.5}, 100.0)
+    assert [r.request_id for r in order] == ["b", "a"]
+
+
+def test_cheaper_than_the_cheapest_request_of_the_tenants_behind() -> None:
+    """`light` waits with requests costing 14 and 42; `heavy`'s costing 22 is cheaper than
+    one of them but not than the cheapest: it is not let through."""
+    light = [info("l-2", 0.0, 2, tenant="light"), info("l-16", 0.0, 16, tenant="light")]
+    heavy = info("h-6", 0.0, 6, tenant="heavy")
+    counters = {"light": 1000.0, "heavy": 1001.0}
+    order = order_by_turnaround([*light, heavy], 1.0, BINARY, EXACT, 60, counters, 1000.0)
+    assert [r.request_id for r in order] == ["l-2", "l-16", "h-6"]
+    cheap = info("h-1", 0.0, 1, tenant="heavy")  # cost 12 < 14: let through, and shortest
+    order = order_by_turnaround([*light, cheap], 1.0, BINARY, EXACT, 60, counters, 1000.0)
+    assert [r.request_id for r in order] == ["h-1", "l-2", "l-16"]
+
+
+def test_the_slack_is_measured_from_the_least_projected_tenant_behind() -> None:
+    """Two tenants behind at 1000, one with 50 units of work running: the floor is 1000, so
+    `heavy` (1005, a request costing 12) needs a slack of 17."""
+    reqs = [info("l1", 0.0, 4, tenant="l1"), info("l2", 0.0, 4, tenant="l2"),
+            info("h", 0.0, 1, tenant="heavy")]  # fmt: skip
+    counters = {"l1": 1000.0, "l2": 1000.0, "heavy": 1005.0}
+    committed = {"l2": 50.0}
+    for slack, first in ((17.0, "h"), (16.0, "l1")):
+        order = order_by_turnaround(reqs, 1.0, BINARY, EXACT, 60, counters, slack,
+                                    committed=committed)  # fmt: skip
+        assert order[0].request_id == first, slack
+
+
+def test_the_default_slack_is_zero() -> None:
+    """With token costs of 0.25 an output token, `a`'s one-token request costs 0.25: 0.5 + 0.25
+    is within a slack of 1 of `b`'s 0, not within the default 0."""
+    prices = VTCWeights(input_token=0.0, output_token=0.25)
+    a = info("a", 0.0, 1, tenant="a")
+    b = info("b", 0.0, 16, tenant="b")
+    counters = {"a": 0.5, "b": 0.0}
+    order = order_by_turnaround([b, a], 1.0, BINARY, EXACT, 60, counters, costs=prices)
+    assert [r.request_id for r in order] == ["b", "a"]
+    order = order_by_turnaround([b, a], 1.0, BINARY, EXACT, 60, counters, 1.0, prices)
+    assert [r.request_id for r in order] == ["a", "b"]
+
+
+def test_the_slack_floor_counts_a_tenant_behind_without_counter_or_work_as_zero() -> None:
+    """`light` has no counter and no committed work: the floor is 0, so `heavy` (5, a request
+    costing 12) needs a slack of 17, not 16."""
+    reqs = [info("l", 0.0, 4, tenant="light"), info("h", 0.0, 1, tenant="heavy")]
+    for committed in (None, {}, {"heavy": 0.0}):
+        for slack, first in ((17.0, "h"), (16.0, "l")):
+            order = order_by_turnaround(reqs, 1.0, BINARY, EXACT, 60, {"heavy": 5.0}, slack,
+                                        committed=committed)  # fmt: skip
+            assert order[0].request_id == first, (committed, slack)
+
+
+def test_turnaround_preemption_settings_are_checked_at_their_bounds() -> None:
+    assert TurnaroundPreemption(margin=1.0, max_per_request=0, candidates=1).margin == 1.0
+    for bad in ({"margin": 0.99}, {"margin": math.inf}, {"margin": math.nan},
+                {"max_per_request": -1}, {"max_per_request": True}, {"max_per_request": 1.0},
+                {"candidates": 0}, {"candidates": True}, {"candidates": 2.0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            TurnaroundPreemption(**bad)  # type: ignore[arg-type]
+
+
+def test_a_least_served_tenant_is_owed_whatever_work_it_has_running() -> None:
+    """`a` is at the least counter but has 50 units of work running: still owed, so it goes
+    before `h` (ahead, and too expensive to be let through) although `h` waited longer."""
+    reqs = [info("a", 3.0, 8, tenant="a"), info("h", 0.0, 16, tenant="h"),
+            info("b", 3.0, 16, tenant="b")]  # fmt: skip
+    counters = {"a": 0.0, "b": 0.0, "h": 10.0}
+    order = order_by_turnaround(reqs, 4.0, BINARY, EXACT, 60, counters, committed={"a": 50.0})
+    assert [r.request_id for r in order] == ["a", "b", "h"]

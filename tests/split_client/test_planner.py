@@ -704,3 +704,19 @@ def test_a_plan_the_rounded_dp_accepts_but_the_exact_sum_refuses_is_not_marked_f
         assert not plan.feasible and not oracle.feasible
         assert (plan.placement_str, plan.latency_s) == ("S", oracle.latency_s)
         assert plan.latency_s > costs.sla_s
+
+
+def test_an_infinite_step_is_refused_and_a_budget_under_one_second_is_binned() -> None:
+    costs = costs_from(client=[0.375] * 2, server=[0.125] * 2, work=[1, 1], up=[0], down=[0],
+                       sla=0.75)  # fmt: skip
+    with pytest.raises(ValueError, match="step_s must be finite"):
+        plan_dp(costs, step_s=math.inf)
+    # Floor 0.25 s, budget 0.5 s in 4 bins of 0.125 s: each client layer costs 2 of them.
+    for plan in (plan_dp(costs, bins=4), plan_dp(costs)):
+        assert plan.placement_str == "CC" and plan.latency_s == 0.75
+
+
+def test_a_first_layer_on_the_client_costs_no_server_work() -> None:
+    costs = costs_from(client=[1], server=[1], work=[0.5], up=[], down=[], sla=1.0)
+    for plan in (plan_dp(costs), plan_dp(costs, step_s=1.0)):
+        assert (plan.placement_str, plan.server_workload) == ("C", 1.0)
