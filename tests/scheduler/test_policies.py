@@ -764,3 +764,38 @@ def test_a_least_served_tenant_is_owed_whatever_work_it_has_running() -> None:
     counters = {"a": 0.0, "b": 0.0, "h": 10.0}
     order = order_by_turnaround(reqs, 4.0, BINARY, EXACT, 60, counters, committed={"a": 50.0})
     assert [r.request_id for r in order] == ["a", "b", "h"]
+
+
+def test_victims_tenant_rule_counts_missing_counters_as_zero_and_default_slack_as_zero() -> None:
+    batch_of = {t: [running("long", 512, 496, tenant=t)] for t in ("v", "missing")}
+    candidate = info("c", 1.0, 16, tenant="cand")
+    # The victim's tenant 0.5 behind the candidate's: never preempted without slack.
+    found = choose_turnaround_victim(candidate, batch_of["v"], 1.0, BINARY, EXACT, RULE, 60.0,
+                                     {"v": 10.0, "cand": 10.5})  # fmt: skip
+    assert found is None
+    found = choose_turnaround_victim(candidate, batch_of["v"], 1.0, BINARY, EXACT, RULE, 60.0,
+                                     {"v": 10.0, "cand": 10.5}, 0.5)  # fmt: skip
+    assert found is not None and found.request_id == "long"
+    # A candidate's tenant without a counter is at 0: a victim's tenant at 0.5 is not behind.
+    found = choose_turnaround_victim(candidate, batch_of["v"], 1.0, BINARY, EXACT, RULE, 60.0,
+                                     {"v": 0.5})  # fmt: skip
+    assert found is not None and found.request_id == "long"
+    # A victim's tenant without a counter is at 0: behind a candidate's tenant at 0.5.
+    found = choose_turnaround_victim(candidate, batch_of["missing"], 1.0, BINARY, EXACT, RULE,
+                                     60.0, {"cand": 0.5})  # fmt: skip
+    assert found is None
+
+
+def test_restore_cost_counts_exactly_the_tokens_a_swap_would_not_keep() -> None:
+    """Prefill 0.25 s a token: the candidate (10 + 16 tokens) needs S_c 4.5 s, the victim
+    (10 + 1024) S_v 130.5 s with 64 tokens (8 s) left: gain 8 / 4.5, loss 4.5 / 130.5 with
+    nothing to restore, gain / loss 51.6. One token to restore would make it 48.8, a negative
+    restore (more kept than computed) 54.6."""
+    model = ServiceModel(overhead_s=0.0, prefill_s_per_token=0.25, decode_s_per_token=0.125)
+    candidate = info("c", 1.0, 16)
+    for kept in (970, 1000):  # all of it kept, or (impossible) more: nothing to restore
+        batch = [RunningInfo(info("long", 0.0, 1024), 960, 970, kept_tokens=kept)]
+        for margin, expected in ((50.0, "long"), (53.0, None)):
+            rule = TurnaroundPreemption(margin=margin)
+            found = choose_turnaround_victim(candidate, batch, 1.0, model, EXACT, rule, 60.0)
+            assert (found and found.request_id) == expected, (kept, margin)
