@@ -119,6 +119,9 @@ TARGETS = (
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
 _OBT = "scheduler/policies.py::order_by_turnaround: "
 EQUIVALENT: dict[str, str] = {
+    "scheduler/policies.py::choose_turnaround_victim: constant: `0.0` -> `1.0`#1": (
+        "own (the candidate tenant's counter) is read only when counters is non-empty"
+    ),
     _OBT + "constant: `0.0` -> `1.0`#1": (
         "least is read only when counters is non-empty: without counters every request is owed"
     ),
@@ -336,6 +339,14 @@ def _skipped(node: ast.AST, func: ast.AST) -> set[int]:
     return skip
 
 
+def _grouped(source: str, offsets: _Offsets, node: ast.AST) -> str:
+    """The source of `node`, in parentheses unless it is an atom: it replaces an expression
+    (a call, a `not`) that bound tighter than it may."""
+    text = source[slice(*offsets.span(node))]
+    atoms = (ast.Name, ast.Constant, ast.Attribute, ast.Call, ast.Subscript)
+    return text if isinstance(node, atoms) else f"({text})"
+
+
 def mutants_of(path: str, source: str, functions: Sequence[str] | None) -> list[Mutant]:
     """Every mutant of the chosen functions of a module (all functions when None)."""
     tree = ast.parse(source)
@@ -410,7 +421,7 @@ def mutants_of(path: str, source: str, functions: Sequence[str] | None) -> list[
                         add(at, at + len(token), new, "boolean", line)
             elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
                 start, end = offsets.span(node)
-                add(start, end, source[slice(*offsets.span(node.operand))], "drop not", line)
+                add(start, end, _grouped(source, offsets, node.operand), "drop not", line)
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 fname = node.func.id
                 if fname == "sorted" and node.args:
@@ -423,7 +434,7 @@ def mutants_of(path: str, source: str, functions: Sequence[str] | None) -> list[
                 if fname in ("min", "max") and len(node.args) == 2 and not node.keywords:
                     start, end = offsets.span(node)
                     for arg in node.args:  # drop a clamp
-                        add(start, end, source[slice(*offsets.span(arg))], "drop clamp", line)
+                        add(start, end, _grouped(source, offsets, arg), "drop clamp", line)
             elif isinstance(node, ast.Constant) and not isinstance(node.value, str | bytes):
                 start, end = offsets.span(node)
                 value = node.value
