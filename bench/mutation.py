@@ -119,6 +119,11 @@ TARGETS = (
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
 _OBT = "scheduler/policies.py::order_by_turnaround: "
 EQUIVALENT: dict[str, str] = {
+    "scheduler/policies.py::backlogged_jain: drop sorted: "
+    "`sorted(set(backlogged))` -> `list(set(backlogged))`": (
+        "Jain's index is symmetric in its values; the order changes only the float rounding of "
+        "its sums (sorting keeps that reproducible across hash seeds)"
+    ),
     "scheduler/policies.py::choose_turnaround_victim: constant: `0.0` -> `1.0`#1": (
         "own (the candidate tenant's counter) is read only when counters is non-empty"
     ),
