@@ -640,7 +640,8 @@ def _kill_split_client(base_url: str, workdir: Path, layer: int, drain_s: float)
     before = metrics_text(base_url)
     command = [sys.executable, "-m", "adaptivellm.cli", "split-client",
                "the quick brown fox jumps over the lazy dog", "--url", base_url,
-               "--model-path", str(ensure_model()), "--max-tokens", "600", "--ignore-eos",
+               "--model-path", str(ensure_model()), "--max-tokens", str(MAX_MODEL_LEN - 32),
+               "--ignore-eos",
                "--layer", str(layer), "--stream", "--timeout-s", "120"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -657,11 +658,13 @@ def _kill_split_client(base_url: str, workdir: Path, layer: int, drain_s: float)
     deadline = time.monotonic() + 180
     open_before = 0.0
     # Mid-decode: the session is open and has streamed a few tokens' text.
+    # The most sessions seen open while polling: on a fast machine a k = 0 session can stream
+    # its first tokens between two polls, and the gauge read at the kill may lag by a scrape.
     while time.monotonic() < deadline and proc.poll() is None:
-        open_before = gauges(base_url)["split_sessions"]
+        open_before = max(open_before, gauges(base_url)["split_sessions"])
         if open_before >= 1 and len(b"".join(seen).split()) >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     tokens_seen = len(b"".join(seen).split())
     alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)

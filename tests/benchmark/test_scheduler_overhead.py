@@ -22,7 +22,7 @@ def test_run_writes_per_step_times_next_to_stock_vllm(tmp_path: Path) -> None:
     assert report["command"].startswith("python bench/scheduler_overhead.py --repeats 2")
     assert report["repeats"] == 2 and report["num_requests"] == 12
     configs = report["scenarios"]["mixed_length"]
-    assert set(configs) == set(bench.CONFIGS)
+    assert set(configs) == set(bench.CONFIGS) | set(bench.ASYNC_CONFIGS)
     stock = configs["stock"]
     assert stock["total_vs_stock"] == 1.0 and stock["added_us_per_step"] == 0.0
     for name, r in configs.items():
