@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -85,6 +86,36 @@ def system_report(
     }
 
 
+def round_throughputs(section: Mapping[str, Any]) -> list[float]:
+    """Output tokens per second of each round: the tokens delivered in it over its length."""
+    return [
+        sum(bins) / duration if duration > 0 else math.nan
+        for bins, duration in zip(
+            section["round_output_per_s"], section["round_durations_s"], strict=False
+        )
+    ]
+
+
+def round_ratios(section: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """Throughput over the reference's, round by round (round i against the reference's round
+    i: the same requests, minutes apart), with the median and the spread. One round gives no
+    spread: its ratio is not comparable with another run's (`comparable` false)."""
+    pairs = [
+        a / b
+        for a, b in zip(round_throughputs(section), round_throughputs(reference), strict=False)
+        if math.isfinite(a) and math.isfinite(b) and b > 0
+    ]
+    if not pairs:
+        return {"output_tokens_per_s": [], "comparable": False}
+    return {
+        "output_tokens_per_s": [round(x, 4) for x in pairs],
+        "median": round(statistics.median(pairs), 4),
+        "min": round(min(pairs), 4),
+        "max": round(max(pairs), 4),
+        "comparable": len(pairs) >= 2,
+    }
+
+
 def cpu_per_token(
     rounds: Sequence[Mapping[str, float]], figures: Mapping[str, float]
 ) -> dict[str, float]:
@@ -122,6 +153,7 @@ def build_report(
                 **{f"counter:{k}": v for k, v in ratios(section["counters"], ref["counters"])
                    .items()},
             }  # fmt: skip
+            section["round_ratios_to_stock"] = round_ratios(section, ref)
     return _finite({
         "schema": SCHEMA_VERSION,
         "scenario": scenario,
@@ -217,15 +249,27 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             text = "-" if value is None else format(value * scale, fmt)
             return text + (f" ({r[key]:.2f}x)" if key in r else "")
 
+        rounds = s.get("round_ratios_to_stock", {}) if name != REFERENCE else {}
+        spread = (
+            f" [rounds {rounds['min']:.2f}-{rounds['max']:.2f}]" if rounds.get("comparable") else ""
+        )
+
         pre = s["counters"].get("vllm:num_preemptions_total")
         lines.append(
-            f"| {name} | {cell('output_tokens_per_s')} | {cell('requests_per_s', fmt='.2f')} "
+            f"| {name} | {cell('output_tokens_per_s')}{spread} "
+            f"| {cell('requests_per_s', fmt='.2f')} "
             f"| {cell('ttft_p50_s', 1e3, '.0f')} / {cell('ttft_p99_s', 1e3, '.0f')} "
             f"| {cell('tpot_p50_s', 1e3, '.1f')} / {cell('tpot_p99_s', 1e3, '.1f')} "
             f"| {cell('e2e_p50_s', fmt='.2f')} / {cell('e2e_p99_s', fmt='.2f')} "
             f"| {cell('mean_weighted_turnaround', fmt='.2f')} "
             f"| {cell('jain_fairness', fmt='.3f')} | {'-' if pre is None else int(pre)} "
             f"| {_cpu_cell(s.get('cpu_ms_per_output_token') or {})} |"
+        )
+    if report.get("rounds", 0) < 2 and len(report["systems"]) > 1:
+        lines.append(
+            "\nOne round: these ratios have no spread and are not comparable with another run's "
+            "(on a shared machine one round can read 0.8x where three rotated rounds read 1.06x). "
+            "Use --rounds 3 or more."
         )
     return "\n".join(lines)
 
