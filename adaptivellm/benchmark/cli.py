@@ -21,7 +21,9 @@ from adaptivellm.benchmark.workloads import (
 )
 
 if TYPE_CHECKING:
-    from adaptivellm.benchmark.harness import BenchConfig
+    from collections.abc import Mapping
+
+    from adaptivellm.benchmark.harness import BenchConfig, SystemRun
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 #: Workload flag -> WorkloadSpec field (None: keep the scenario's value).
@@ -103,14 +105,28 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None) -> int:
     from tqdm import tqdm
 
-    from adaptivellm.benchmark.harness import (
-        BenchConfig,
-        model_vocab_size,
-        parse_system,
-        run_benchmark,
-    )
-    from adaptivellm.benchmark.plots import write_plots
-    from adaptivellm.benchmark.report import build_report, markdown_table
+    from adaptivellm.benchmark.harness import run_benchmark
+
+    stem = stem or scenario.name
+    config, requests = _bench_config(scenario, args, stem)
+    total = len(config.systems) * args.rounds * len(requests)
+    with tqdm(total=total, unit="req", desc=scenario.name) as bar:
+
+        def advance(_: object) -> None:
+            bar.update(1)
+
+        runs = run_benchmark(
+            config, requests, on_result=advance,
+            on_stage=lambda s: bar.set_description(f"{scenario.name}: {s}"),
+        )  # fmt: skip
+    return _write_report(scenario, args, stem, config, requests, runs)
+
+
+def _bench_config(
+    scenario: Scenario, args: argparse.Namespace, stem: str
+) -> tuple[BenchConfig, list[BenchRequest]]:
+    """The run's configuration and workload, from the scenario and the command line."""
+    from adaptivellm.benchmark.harness import BenchConfig, model_vocab_size, parse_system
     from adaptivellm.model import DEFAULT_MODEL_NAME, ensure_model
 
     model = args.model or str(ensure_model())
@@ -120,7 +136,6 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
     systems = tuple(parse_system(s) for s in (args.system or ["stock", "adaptivellm"]))
     if len({s.name for s in systems}) != len(systems):
         raise SystemExit("--system names must be distinct")
-    stem = stem or scenario.name
     config = BenchConfig(
         systems=systems,
         workload=spec,
@@ -142,16 +157,21 @@ def _run_scenario(scenario: Scenario, args: argparse.Namespace, stem: str | None
     )
     if args.load is not None:
         config, requests = _set_load(config, requests, args.load, args.capacity_clients)
-    total = len(systems) * args.rounds * len(requests)
-    with tqdm(total=total, unit="req", desc=scenario.name) as bar:
+    return config, requests
 
-        def advance(_: object) -> None:
-            bar.update(1)
 
-        runs = run_benchmark(
-            config, requests, on_result=advance,
-            on_stage=lambda s: bar.set_description(f"{scenario.name}: {s}"),
-        )  # fmt: skip
+def _write_report(
+    scenario: Scenario,
+    args: argparse.Namespace,
+    stem: str,
+    config: BenchConfig,
+    requests: list[BenchRequest],
+    runs: Mapping[str, SystemRun],
+) -> int:
+    """Write the JSON report and the plots, print the table; 1 if any request failed."""
+    from adaptivellm.benchmark.plots import write_plots
+    from adaptivellm.benchmark.report import build_report, markdown_table
+
     weights = {k: float(v) for k, _, v in (w.partition("=") for w in args.tenant_weight)}
     report = build_report(
         scenario.name, scenario.description, config, requests, runs, weights, args.quick
