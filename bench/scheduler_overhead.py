@@ -29,17 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS
+from adaptivellm.benchmark.simulator import DEFAULT_RATE, StepCost, replay, workload, write_report
+from adaptivellm.scheduler.config import FairnessConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "bench"):  # tests.scheduler.sim and fairness_sim (from a checkout)
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from fairness_sim import DEFAULT_RATE, StepCost, replay, workload, write_report  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS  # noqa: E402
-from adaptivellm.scheduler.config import FairnessConfig  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 #: Configurations timed: None = stock vLLM's Scheduler; else AdaptiveScheduler with this policy.
 CONFIGS: dict[str, str | None] = {
@@ -66,26 +62,15 @@ def replay_async(
     from vllm.v1.outputs import ModelRunnerOutput
 
     from adaptivellm.scheduler.scheduler import AdaptiveScheduler
-    from tests.scheduler import sim
+    from adaptivellm.scheduler.simulated import make_request, make_scheduler
 
-    real = sim.VllmConfig
-
-    def async_config(**config: Any) -> Any:
-        vllm_config = real(**config)  # the CPU platform turns async scheduling off: back on
-        vllm_config.scheduler_config.async_scheduling = True
-        return vllm_config
-
-    sim.VllmConfig = async_config  # type: ignore[misc,assignment]
-    try:
-        scheduler, clock = sim.make_scheduler(
-            fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len,
-            max_model_len=max_model_len, preemption="recompute" if stock else "swap",
-            swap_slots=10 * max_num_seqs * max_model_len // 16,
-            scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler,
-        )  # fmt: skip
-    finally:
-        sim.VllmConfig = real  # type: ignore[misc]
+    scheduler, clock = make_scheduler(
+        fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len,
+        max_model_len=max_model_len, preemption="recompute" if stock else "swap",
+        swap_slots=10 * max_num_seqs * max_model_len // 16,
+        scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler, async_scheduling=True,
+    )  # fmt: skip
     scheduler.step_timer = clock
     clock.now = 0.0
     pending = sorted(requests, key=lambda r: r.arrival_s)
@@ -94,7 +79,7 @@ def replay_async(
     while finished < len(pending):
         while i < len(pending) and pending[i].arrival_s <= clock.now:
             r = pending[i]
-            scheduler.add_request(sim.make_request(f"r{r.index}", r.prompt_tokens, r.max_tokens,
+            scheduler.add_request(make_request(f"r{r.index}", r.prompt_tokens, r.max_tokens,
                                                    clock.now, r.tenant))  # fmt: skip
             i += 1
         if len(in_flight) < 2 and scheduler.has_requests():

@@ -36,12 +36,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from adaptivellm.benchmark.report import source_revision
+from adaptivellm.scheduler.step_trace import read_trace
 
-from adaptivellm.benchmark.report import source_revision  # noqa: E402
-from adaptivellm.scheduler.step_trace import read_trace  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results"
 #: A gap between steps longer than this is idle time (between rounds), not the engine's loop.

@@ -12,32 +12,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from vllm.config import SchedulerConfig, VllmConfig
+from vllm.config import SchedulerConfig
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
+from adaptivellm.scheduler import simulated
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.policies import ServiceModel
 from adaptivellm.scheduler.scheduler import AdaptiveAsyncScheduler, AdaptiveScheduler
-from tests.scheduler import sim
 from tests.scheduler.sim import Clock, Run, check_no_leaks, make_request, make_scheduler
 
 WT = FairnessConfig(policy="weighted-turnaround")
 
 
-def make_async(monkeypatch: pytest.MonkeyPatch, fairness: FairnessConfig, **kwargs: Any) -> Any:
-    """sim.make_scheduler with vLLM's async scheduling on: AdaptiveScheduler itself, which
-    must build its async variant."""
-
-    def async_config(**config: Any) -> VllmConfig:
-        # vLLM turns async scheduling off on the CPU platform: turn it on after that.
-        vllm_config = VllmConfig(**config)
-        vllm_config.scheduler_config.async_scheduling = True
-        return vllm_config
-
-    monkeypatch.setattr(sim, "VllmConfig", async_config)
-    return make_scheduler(fairness, **kwargs)
+def make_async(fairness: FairnessConfig, **kwargs: Any) -> Any:
+    """make_scheduler with vLLM's async scheduling on: AdaptiveScheduler itself, which must
+    build its async variant."""
+    return make_scheduler(fairness, async_scheduling=True, **kwargs)
 
 
 @dataclass
@@ -112,25 +104,23 @@ def workload(scheduler: AdaptiveScheduler, clock: Clock, seed: int = 0, n: int =
     clock.now += 0.05
 
 
-def test_async_config_builds_the_async_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_async_config_builds_the_async_variant() -> None:
     sync, _ = make_scheduler(WT, num_blocks=40)
     assert type(sync) is AdaptiveScheduler
-    scheduler, _ = make_async(monkeypatch, WT, num_blocks=40)
+    scheduler, _ = make_async(WT, num_blocks=40)
     assert type(scheduler) is AdaptiveAsyncScheduler
     assert isinstance(scheduler, AsyncScheduler) and isinstance(scheduler, AdaptiveScheduler)
 
 
 @pytest.mark.parametrize("policy", ["weighted-turnaround", "vtc", "fcfs"])
-def test_async_orders_and_charges_as_sync_on_the_same_trace(
-    monkeypatch: pytest.MonkeyPatch, policy: str
-) -> None:
+def test_async_orders_and_charges_as_sync_on_the_same_trace(policy: str) -> None:
     fairness = FairnessConfig(policy=policy)
     sync2, clock2 = make_scheduler(fairness, num_blocks=60, max_num_seqs=2)
     workload(sync2, clock2)
     run = Run(sync2, clock2)
     run.until_idle()
 
-    async_scheduler, aclock = make_async(monkeypatch, fairness, num_blocks=60, max_num_seqs=2)
+    async_scheduler, aclock = make_async(fairness, num_blocks=60, max_num_seqs=2)
     workload(async_scheduler, aclock)
     pipe = Pipeline(async_scheduler, aclock)
     pipe.until_idle()
@@ -169,14 +159,12 @@ def true_cost(out: SchedulerOutput, scheduler: AdaptiveScheduler) -> float:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_service_time_is_learned_with_two_steps_in_flight(
-    monkeypatch: pytest.MonkeyPatch, mode: str
-) -> None:
+def test_service_time_is_learned_with_two_steps_in_flight(mode: str) -> None:
     """With two steps in flight, the time from schedule(N) to update_from_output(N) spans
     step N - 1 too; timing each step from when the one before it finished learns the true
     per-token costs, the same as the synchronous scheduler."""
     fairness = FairnessConfig(policy="weighted-turnaround")
-    build = make_scheduler if mode == "sync" else lambda *a, **k: make_async(monkeypatch, *a, **k)
+    build = make_scheduler if mode == "sync" else lambda *a, **k: make_async(*a, **k)
     scheduler, clock = build(fairness, num_blocks=200, max_num_seqs=4)
     workload(scheduler, clock, seed=3, n=40)
     if mode == "sync":
@@ -192,12 +180,12 @@ def test_service_time_is_learned_with_two_steps_in_flight(
     assert learned.decode_s_per_token == pytest.approx(TRUE.decode_s_per_token, rel=0.05)
 
 
-def test_fairness_preemption_with_deferred_frees(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fairness_preemption_with_deferred_frees() -> None:
     """With the swap connector (kv_both) and two batches in flight vLLM defers block frees,
     so every running request is in the step in flight: the long request is still preempted
     for the short one that arrives behind it, its blocks come back a step later, and nothing
     leaks."""
-    scheduler, clock = make_async(monkeypatch, WT, num_blocks=40, max_num_seqs=1,
+    scheduler, clock = make_async(WT, num_blocks=40, max_num_seqs=1,
                                   preemption="swap", swap_slots=40)  # fmt: skip
     assert scheduler.defer_block_free
     scheduler.add_request(make_request("long", 40, 200, clock.now))
@@ -231,7 +219,7 @@ def test_priority_queue_is_replaced_under_own_policies() -> None:
         return SchedulerConfig(**{**config, "policy": "priority"})
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sim, "SchedulerConfig", priority_config)
+        mp.setattr(simulated, "SchedulerConfig", priority_config)
         scheduler, clock = make_scheduler(fairness, num_blocks=40, max_num_seqs=1)
     assert scheduler.policy == SchedulingPolicy.FCFS
     scheduler.add_request(make_request("low", 10, 2, clock.now, priority=3))
