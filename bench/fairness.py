@@ -54,23 +54,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adaptivellm.benchmark.scenarios import BENCH_MODEL_NAME, FAIRNESS_SCENARIOS, bench_model
+from adaptivellm.benchmark.scenarios import (
+    BENCH_MODEL_NAME,
+    FAIRNESS_SCENARIOS,
+    FAIRNESS_SYSTEMS,
+    bench_model,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: fairness.json key -> (harness system name, extra serve flags), in the harness's turn order:
 #: the two FCFS servers at its ends. adaptive_e3c3 runs with --e3c3 only.
-SYSTEMS = {
-    "fcfs": ("stock", ""),
-    "priority": ("stock-priority", "--scheduling-policy priority"),
-    "vtc": ("adaptivellm-vtc", "--fairness vtc"),
-    "adaptive": ("adaptivellm", "--fairness weighted-turnaround"),
-    "adaptive_e3c3": (
-        "adaptivellm-e3c3",
-        "--fairness weighted-turnaround --service-time-exponent 3 "
-        "--fairness-preemption-candidates 3",
-    ),
-    "fcfs_b": ("stock-b", ""),
-}
+SYSTEMS = {k: v for k, v in FAIRNESS_SYSTEMS.items() if k != "adaptive_hrrn"}
 SCENARIOS = FAIRNESS_SCENARIOS
 #: Systems whose ratios to FCFS are reported (`<name>_vs_fcfs`, `<name>_vs_fcfs_pair`).
 COMPARED = ("adaptive", "adaptive_e3c3", "vtc", "priority", "fcfs_b")

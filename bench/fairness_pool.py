@@ -54,18 +54,11 @@ from typing import Any
 
 from adaptivellm.benchmark.metrics import CalibrationFit
 from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS as SCENARIOS
+from adaptivellm.benchmark.scenarios import FAIRNESS_SYSTEMS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: fairness.json's system keys -> the harness's system names, in every run so far.
-SYSTEMS = {
-    "fcfs": "stock",
-    "priority": "stock-priority",
-    "vtc": "adaptivellm-vtc",
-    "adaptive": "adaptivellm",
-    "adaptive_hrrn": "adaptivellm-hrrn",
-    "adaptive_e3c3": "adaptivellm-e3c3",
-    "fcfs_b": "stock-b",
-}
+SYSTEMS = {key: name for key, (name, _) in FAIRNESS_SYSTEMS.items()}
 #: round_figures' fields every round has, reported as spreads over the rounds.
 ROUND_SPREADS = (
     "tail_s",

@@ -25,6 +25,26 @@ BENCH_MODEL_NAME = "adaptivellm-bench-llama"
 #: The fairness benchmark's mixes (bench/fairness.py, fairness_pool.py, fairness_sim.py):
 #: fairness.json's keys -> the scenarios below.
 FAIRNESS_SCENARIOS = {"multi_tenant": "multi-tenant", "mixed_length": "sharegpt"}
+#: The fairness benchmark's systems (bench/fairness.py runs them; bench/fairness_pool.py pools
+#: their runs): report key -> (harness system name, extra serve flags), in the harness's turn
+#: order, the two stock FCFS servers at its ends. adaptive_hrrn (plain HRRN) is in earlier runs'
+#: reports only; bench/fairness.py no longer runs it.
+FAIRNESS_SYSTEMS: dict[str, tuple[str, str]] = {
+    "fcfs": ("stock", ""),
+    "priority": ("stock-priority", "--scheduling-policy priority"),
+    "vtc": ("adaptivellm-vtc", "--fairness vtc"),
+    "adaptive": ("adaptivellm", "--fairness weighted-turnaround"),
+    "adaptive_hrrn": (
+        "adaptivellm-hrrn",
+        "--fairness weighted-turnaround --service-time-exponent 1",
+    ),
+    "adaptive_e3c3": (
+        "adaptivellm-e3c3",
+        "--fairness weighted-turnaround --service-time-exponent 3 "
+        "--fairness-preemption-candidates 3",
+    ),
+    "fcfs_b": ("stock-b", ""),
+}
 
 
 def bench_model() -> Path:
