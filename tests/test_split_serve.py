@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,17 @@ from adaptivellm.split_server import SplitService
 
 def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["serve", *argv])
+
+
+@pytest.fixture(autouse=True)
+def restore_environment() -> Iterator[None]:
+    """`apply_defaults` sets environment variables for vLLM's processes (VLLM_PLUGINS,
+    VLLM_USE_V2_MODEL_RUNNER, ...): the environment is put back as it was after each test, so
+    that none of them leaks into the tests that run later in this process."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
