@@ -33,7 +33,6 @@ from starlette.datastructures import State
 from starlette.requests import Request as StarletteRequest
 
 from adaptivellm.metrics import SplitServerMetrics
-from adaptivellm.scheduler.split_sessions import EXTRA_KEY, pack
 from adaptivellm.split_client.planner import (
     InfeasibleSLAError,
     ModelShape,
@@ -59,6 +58,7 @@ from adaptivellm.split_client.protocol import (
     encode_message,
 )
 from adaptivellm.split_config import SPLIT_PLUGIN_NAME, SplitConfig
+from adaptivellm.split_wire import EXTRA_KEY, pack, wire_dtype
 
 logger = logging.getLogger(__name__)
 #: Planner's per-step overhead before any split step was observed, and the EWMA weight.
@@ -82,6 +82,8 @@ class SplitService:
     eos_token_id: int | None
     max_model_len: int
     server: ServerProfile
+    #: The dtype frames travel in, client to server and on to the engine: the model's.
+    wire_dtype: str = "float32"
     open_sessions: set[str] = field(default_factory=set)
     #: Exponentially weighted mean of observed decode steps (frame in to token out): the
     #: planner's per-step overhead, so predictions follow the server's real load.
@@ -103,7 +105,7 @@ class SplitService:
             "model": self.served_names[0],
             "num_layers": self.shape.num_layers,
             "hidden_size": self.shape.hidden_size,
-            "dtype": _DTYPE_NAMES.get(self.shape.dtype_bytes, "float32"),
+            "dtype": self.wire_dtype,
             "max_model_len": self.max_model_len,
             "max_sessions": self.config.max_sessions,
             "open_sessions": len(self.open_sessions),
@@ -155,9 +157,6 @@ class SplitService:
             return int(self.engine.get_num_unfinished_requests())
         except Exception:  # an engine client without the counter: assume idle
             return 0
-
-
-_DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
 
 
 def torch_tensor(array: np.ndarray) -> Any:
@@ -233,6 +232,7 @@ def build_service(engine_client: Any, config: SplitConfig, args: Namespace) -> S
         eos_token_id=getattr(model_config.hf_config, "eos_token_id", None),
         max_model_len=int(model_config.max_model_len),
         server=server_profile(config),
+        wire_dtype=wire_dtype(model_config.dtype),
     )
 
 
@@ -343,7 +343,7 @@ class Session:
             layer=self.layer,
             num_layers=self.service.shape.num_layers,
             hidden_size=self.service.shape.hidden_size,
-            dtype="float32",
+            dtype=self.service.wire_dtype,
             model=self.service.served_names[0],
             max_tokens=opened.max_tokens,
             max_prompt_tokens=self.service.max_model_len - opened.max_tokens,
@@ -514,7 +514,7 @@ class Session:
         from vllm.inputs.engine import tokens_input
 
         params = self._sampling(opened)
-        params.extra_args = {EXTRA_KEY: pack(self.layer, array, "float32")}
+        params.extra_args = {EXTRA_KEY: pack(self.layer, array, self.service.wire_dtype)}
         return StreamingInput(prompt=tokens_input([0] * array.shape[0]), sampling_params=params)
 
     async def _input_stream(self) -> AsyncIterator[Any]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from adaptivellm.compat import check_vllm_version
-from adaptivellm.scheduler.split_sessions import EXTRA_KEY
+from adaptivellm.split_wire import layer_of
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR: Final = "0.32.0"
@@ -84,8 +84,8 @@ def _request_layers(runner: Any) -> list[int]:
     for req_id in runner.input_batch.req_ids[: runner.input_batch.num_reqs]:
         state = runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
-        payload = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
-        layers.append(int(payload["layer"]) if isinstance(payload, dict) else 0)
+        layer = layer_of(params.extra_args) if params is not None else None
+        layers.append(layer or 0)
     return layers
 
 

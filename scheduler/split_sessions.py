@@ -6,8 +6,8 @@ decode step; each chunk generates exactly one token (`max_tokens=1`), after whic
 session in `WAITING_FOR_STREAMING_REQ` with its KV cache kept. vLLM 0.32 refuses
 `prompt_embeds` on streaming inputs in the API server (`AsyncLLM._add_streaming_input_request`),
 so each chunk travels as placeholder token ids with its tensor packed in
-`sampling_params.extra_args["adaptivellm_split"]`. This module turns it back into
-`prompt_embeds` when the scheduler receives the chunk:
+`sampling_params.extra_args["adaptivellm_split"]` (adaptivellm.split_wire). This module turns it
+back into `prompt_embeds` when the scheduler receives the chunk:
 
 - a new session: the request becomes an embeddings-only request (`prompt_token_ids=None`, as
   vLLM's own `EmbedsPrompt` requests are), and its prefix-cache hashes are recomputed over the
@@ -24,20 +24,25 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-import numpy as np
 import torch
 from vllm.v1.engine import EngineCoreEventType
 from vllm.v1.request import Request, RequestStatus
 
-#: Key of the split payload in SamplingParams.extra_args.
-EXTRA_KEY: Final = "adaptivellm_split"
-_TORCH_DTYPES: Final = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from adaptivellm.split_wire import EXTRA_KEY, layer_of, pack, unpack
+
+__all__ = [
+    "EXTRA_KEY",
+    "SplitChunk",
+    "SplitChunks",
+    "cache_salt",
+    "extend_session",
+    "pack",
+    "split_layer",
+    "start_session",
+    "take_chunk",
+]
 
 
 @dataclass(frozen=True)
@@ -58,16 +63,6 @@ def cache_salt(layer: int) -> str:
     return f"adaptivellm-split-k{layer}"
 
 
-def pack(layer: int, array: np.ndarray, dtype: str) -> dict[str, Any]:
-    """The extra_args payload for one chunk (API server side)."""
-    return {
-        "layer": int(layer),
-        "dtype": dtype,
-        "shape": [int(d) for d in array.shape],
-        "embeds": np.ascontiguousarray(array, dtype=np.float32).tobytes(),
-    }
-
-
 def take_chunk(request: Request, model_dtype: Any) -> SplitChunk | None:
     """Pop the chunk's tensor out of the request's extra_args (so it is not carried around),
     leaving `{"layer": k}` behind for the model runner. None for ordinary requests."""
@@ -76,18 +71,14 @@ def take_chunk(request: Request, model_dtype: Any) -> SplitChunk | None:
     payload = extra.get(EXTRA_KEY) if extra else None
     if not isinstance(payload, dict) or "embeds" not in payload:
         return None
-    raw = payload.pop("embeds")
-    shape = tuple(payload.pop("shape"))
-    payload.pop("dtype", None)
-    embeds = torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
-    return SplitChunk(layer=int(payload["layer"]), embeds=embeds.to(model_dtype))
+    layer, embeds = unpack(payload)
+    return SplitChunk(layer=layer, embeds=embeds.to(model_dtype))
 
 
 def split_layer(request: Request) -> int | None:
     """k of a split request, None for an ordinary one."""
     params = request.sampling_params
-    payload = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
-    return int(payload["layer"]) if isinstance(payload, dict) else None
+    return layer_of(params.extra_args) if params is not None else None
 
 
 def start_session(request: Request, chunk: SplitChunk) -> None:

@@ -347,13 +347,31 @@ class TensorFrame:
         return self.shape[0]
 
     def to_numpy(self) -> np.ndarray:
-        """The tensor as float32 numpy (bfloat16 words are widened exactly)."""
-        if self.dtype == "bfloat16":
-            words = np.frombuffer(self.payload, dtype="<u2").astype(np.uint32) << 16
-            return words.view(np.float32).reshape(self.shape)
-        return np.frombuffer(self.payload, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(
-            self.shape
-        )
+        """The tensor as numpy: float32 and float16 as sent, bfloat16 widened exactly to
+        float32 (numpy has no bfloat16)."""
+        return decode_payload(self.payload, self.dtype, self.shape)
+
+
+def encode_payload(array: np.ndarray, dtype: str) -> bytes:
+    """A float array's elements as little-endian `dtype` bytes (bfloat16 rounded to nearest
+    even, as torch rounds); `decode_payload` reads them back."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype} not carried; use one of {sorted(DTYPE_BYTES)}")
+    if dtype == "bfloat16":
+        words = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        # Round to nearest even, as torch does, then keep the high 16 bits.
+        rounded = (words + 0x7FFF + ((words >> 16) & 1)) >> 16
+        return rounded.astype("<u2").tobytes()
+    return np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def decode_payload(payload: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """`encode_payload`'s bytes as an array of `shape`: float32 and float16 as stored,
+    bfloat16 widened exactly to float32 (numpy has no bfloat16)."""
+    if dtype == "bfloat16":
+        words = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << 16
+        return words.view(np.float32).reshape(shape)
+    return np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
 def encode_frame(kind: FrameKind, array: np.ndarray, dtype: str | None = None) -> bytes:
@@ -361,15 +379,7 @@ def encode_frame(kind: FrameKind, array: np.ndarray, dtype: str | None = None) -
     if array.ndim != 2:
         raise ValueError(f"hidden states must be 2-D (tokens, hidden), got shape {array.shape}")
     dtype = dtype or str(array.dtype)
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype} not carried; use one of {sorted(DTYPE_BYTES)}")
-    if dtype == "bfloat16":
-        words = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-        # Round to nearest even, as torch does, then keep the high 16 bits.
-        rounded = (words + 0x7FFF + ((words >> 16) & 1)) >> 16
-        payload = rounded.astype("<u2").tobytes()
-    else:
-        payload = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    payload = encode_payload(array, dtype)
     header = json.dumps({"kind": kind, "dtype": dtype, "shape": list(array.shape)}).encode()
     return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(header)) + header + payload
 
