@@ -381,6 +381,7 @@ def measure_layer_overhead(repeats: int = 30) -> float:
         hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
         num_hidden_layers=1, vocab_size=16,
     )  # fmt: skip
+    config._attn_implementation = "sdpa"  # what ClientModel runs (unset: transformers warns)
     layer = LlamaDecoderLayer(config, layer_idx=0).eval()
     rotary = LlamaRotaryEmbedding(config)
     cache = DynamicCache()

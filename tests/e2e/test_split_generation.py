@@ -231,6 +231,7 @@ def test_cli_prints_the_same_text(server: Server, reference: dict) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert "[transformers]" not in done.stderr, done.stderr  # a normal run warns of nothing
     report = json.loads(done.stdout)
     assert report["text"] == reference[prompt][1]
     assert report["layer"] == 4
