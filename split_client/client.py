@@ -620,6 +620,35 @@ class SplitClient:
         self._calibrate(done)
         return done
 
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> SplitCompletion:
+        """`generate` on a conversation: `messages` (`{"role": ..., "content": ...}`, as the
+        openai client sends them) go through the model's chat template with the assistant's
+        turn opened, as vLLM's `/v1/chat/completions` does, so greedy output equals the server's
+        chat completion. Keyword arguments are `generate`'s."""
+        return self.generate(self.chat_prompt(messages), **kwargs)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` through the model's chat template (ValueError if the
+        messages are malformed or the model has no template)."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content} objects")
+        for m in messages:
+            if not (
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+            ):
+                raise ValueError(f"each message needs a string role and content, got {m!r}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the model has no chat template; use generate() with a prompt")
+        # As vLLM's chat endpoint: the template rendered to text, then tokenized without
+        # adding special tokens (the template writes its own).
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        ids = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        return self.encode([int(i) for i in ids])
+
     def stream(
         self,
         prompt: str | list[int],

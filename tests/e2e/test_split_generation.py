@@ -235,3 +235,25 @@ def test_cli_prints_the_same_text(server: Server, reference: dict) -> None:
     report = json.loads(done.stdout)
     assert report["text"] == reference[prompt][1]
     assert report["layer"] == 4
+
+
+def test_split_chat_equals_the_servers_chat_completion(
+    split: SplitClient, openai_client: openai.OpenAI, server: Server
+) -> None:
+    """`SplitClient.chat` goes through the model's chat template as vLLM's chat endpoint does:
+    the same prompt tokens, so the same greedy tokens, at an interior split."""
+    messages = [
+        {"role": "system", "content": "you are terse"},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
+    served = openai_client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0.0,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    done = split.chat(messages, max_tokens=MAX_TOKENS, ignore_eos=True, layer=3)
+    assert done.layer == 3
+    assert done.prompt_token_ids == served.prompt_token_ids  # type: ignore[attr-defined]
+    assert done.token_ids == list(served.choices[0].token_ids or [])  # type: ignore[attr-defined]
+    assert len(done.token_ids) == MAX_TOKENS
+    with pytest.raises(ValueError, match="role and content"):
+        split.chat([{"role": "user"}], max_tokens=2)
