@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import time
 import urllib.error
@@ -66,6 +67,7 @@ from adaptivellm.split_client.protocol import (
 if TYPE_CHECKING:
     from openai.types import Completion
 
+logger = logging.getLogger(__name__)
 #: Link figures declared when no `client_spec` is given: a fast LAN. Only the FLOP/s (and the
 #: memory bandwidth) are measured; pass a `ClientSpec` to describe a slower network.
 DEFAULT_UPLINK_BPS: Final = 1e9
@@ -138,6 +140,8 @@ class SplitCompletion:
     timings: list[StepTiming]
     created: int
     total_s: float
+    #: Times the session was reopened after its connection dropped (`SplitClient.resumes`).
+    resumes: int = 0
 
     @property
     def layer(self) -> int:
@@ -456,6 +460,20 @@ class _Request:
     prompt_ids: list[int]
     open: Open
     created: int = field(default_factory=lambda: int(time.time()))
+    resumes: int = 0
+
+
+@dataclass
+class _Replay:
+    """What a dropped session needs to go on in a new one: the layer-k inputs already sent, the
+    token ids whose inputs are still to send, the client's KV cache over the sent ones, and the
+    tokens delivered so far."""
+
+    pending_ids: list[int]
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    sent: list[np.ndarray] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    layer: int | None = None
 
 
 class SplitClient:
@@ -496,6 +514,7 @@ class SplitClient:
         model: str | None = None,
         max_frame_bytes: int | None = None,
         calibrate: bool = True,
+        resumes: int = 3,
     ) -> None:
         self.url = session_url(url)
         self.info_url = self.url.replace("ws", "http", 1).removesuffix(SESSION_PATH) + INFO_PATH
@@ -510,6 +529,8 @@ class SplitClient:
         self._max_frame_bytes = max_frame_bytes
         self._open: list[ClientConnection] = []
         self.calibrate = calibrate
+        #: How many times a session whose connection drops is reopened (0: never).
+        self.resumes = resumes
         #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
         self.calibration = 1.0
         #: Running mean of the per-token time outside both sides' compute (round trip minus the
@@ -705,29 +726,74 @@ class SplitClient:
         return _Request(ids, message)
 
     def _steps(self, request: _Request) -> Generator[_Step, None, None]:
+        """The session's tokens. If its connection drops (not an error the server sent), a new
+        session goes on from there, at the same k: the client replays the layer-k inputs it
+        has sent, then the last token's (as Petals' client replays after a server failure).
+        Greedy output is the same as without the drop."""
+        replay = _Replay(pending_ids=list(request.prompt_ids))
+        while True:
+            try:
+                yield from self._session(request, replay)
+                return
+            except SplitConnectionError:
+                if request.resumes >= self.resumes or replay.layer is None:
+                    raise
+                request.resumes += 1
+                logger.warning(
+                    "split session dropped after %d tokens; resuming (%d of %d)",
+                    len(replay.delivered), request.resumes, self.resumes,
+                )  # fmt: skip
+                time.sleep(min(2.0, 0.25 * 2**request.resumes))
+
+    def _session(self, request: _Request, replay: _Replay) -> Iterator[_Step]:
+        """One connection's share of the session (all of it, unless the connection drops)."""
+        opened = request.open
+        if replay.delivered:
+            opened = dataclasses.replace(
+                opened,
+                prompt_tokens=len(request.prompt_ids) + len(replay.delivered),
+                max_tokens=opened.max_tokens - len(replay.delivered),
+                layer=replay.layer,
+            )
         connection = self._connect()
         self._open.append(connection)
         try:
-            _send(connection, protocol.encode_message(request.open), self.timeout_s)
+            _send(connection, protocol.encode_message(opened), self.timeout_s)
             plan = self._check_plan(_expect(connection, Plan, self.timeout_s), request)
+            if replay.layer is not None and plan.layer != replay.layer:
+                raise SplitError(
+                    "protocol_error",
+                    f"resumed at layer {plan.layer}; the session ran at {replay.layer}",
+                )
+            replay.layer = plan.layer
             self.model.ensure_layers(plan.layer)
-            yield from self._exchange(connection, plan, request.prompt_ids)
+            offset = len(replay.delivered)
+            for step in self._exchange(connection, plan, replay):
+                if offset:
+                    index = offset + step.token.index
+                    token = dataclasses.replace(step.token, index=index)
+                    step = _Step(step.plan, token, dataclasses.replace(step.timing, index=index))
+                yield step
         finally:
             if connection in self._open:
                 self._open.remove(connection)
                 _hang_up(connection)
 
     def _exchange(
-        self, connection: ClientConnection, plan: Plan, ids: list[int]
+        self, connection: ClientConnection, plan: Plan, replay: _Replay
     ) -> Iterator[_Step]:
-        cache = DynamicCache()
         wire = plan.dtype if plan.dtype in DTYPE_BYTES else "float32"
         row_bytes = plan.hidden_size * DTYPE_BYTES[wire]
         rows = max(1, (self.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes)
         kind: protocol.FrameKind = "prefill"
         for _ in range(plan.max_tokens):
             start = time.perf_counter()
-            hidden = self.model.hidden_states(ids, plan.layer, cache).float().numpy()
+            if replay.pending_ids:  # empty when a drop came after they were sent
+                fresh = self.model.hidden_states(replay.pending_ids, plan.layer, replay.cache)
+                replay.sent.append(fresh.float().numpy())
+                replay.pending_ids = []
+            # A new session's prefill replays every row sent before (a resumed session).
+            hidden = np.concatenate(replay.sent) if kind == "prefill" else replay.sent[-1]
             frames = [
                 protocol.encode_frame(kind, hidden[i : i + rows], wire)
                 for i in range(0, len(hidden), rows)
@@ -739,13 +805,18 @@ class SplitClient:
             timing = StepTiming(
                 token.index, sent - start, time.perf_counter() - sent, token.server_step_s
             )
+            replay.delivered.append(token.token_id)
             yield _Step(plan, token, timing)
             if token.finish_reason is not None:
                 return
             if plan.server_decodes:  # k = 0: the server streams the rest, nothing to send
-                yield from _server_stream(connection, plan, self.timeout_s)
+                replay.pending_ids = [token.token_id]  # the server's inputs, for a resume
+                for step in _server_stream(connection, plan, self.timeout_s):
+                    replay.delivered.append(step.token.token_id)
+                    replay.pending_ids.append(step.token.token_id)
+                    yield step
                 return
-            kind, ids = "decode", [token.token_id]
+            kind, replay.pending_ids = "decode", [token.token_id]
         raise SplitError(
             "protocol_error", f"the server sent {plan.max_tokens} tokens without finishing"
         )
@@ -898,6 +969,7 @@ def _completion(request: _Request, steps: list[_Step], total_s: float) -> SplitC
         timings=[step.timing for step in steps],
         created=request.created,
         total_s=total_s,
+        resumes=request.resumes,
     )
 
 

@@ -5,6 +5,7 @@ ordinary requests in the same batches."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from transformers import DynamicCache
 from adaptivellm.launch import metric_value
 from adaptivellm.model import ensure_model
 from adaptivellm.split_client.client import SplitClient, SplitError
-from adaptivellm.split_client.protocol import ClientSpec
+from adaptivellm.split_client.protocol import ClientSpec, Token
 from tests.support import API_KEY, Server
 
 NUM_LAYERS = 6
@@ -257,3 +258,44 @@ def test_split_chat_equals_the_servers_chat_completion(
     assert len(done.token_ids) == MAX_TOKENS
     with pytest.raises(ValueError, match="role and content"):
         split.chat([{"role": "user"}], max_tokens=2)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_a_dropped_connection_resumes_with_the_same_tokens(
+    split: SplitClient, server: Server, reference: dict, layer: int
+) -> None:
+    """The network drops mid-decode (the socket goes away, no close frame): the client opens a
+    new session at the same k and replays its layer-k inputs, and greedy output is the same
+    token for token as without the drop (k = 0: the server was decoding on its own). The
+    dropped session is freed on the server."""
+    prompt = PROMPTS[0]
+    before_open = open_sessions(server)
+    dropped: list[int] = []
+
+    def drop(token: Token) -> None:
+        if token.index == 4 and not dropped:
+            split._open[-1].socket.shutdown(socket.SHUT_RDWR)
+            dropped.append(token.index)
+
+    done = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=layer,
+                          on_token=drop)  # fmt: skip
+    assert dropped == [4] and done.resumes == 1 and done.layer == layer
+    assert done.token_ids == reference[prompt][0]
+    assert [t.index for t in done.timings] == list(range(MAX_TOKENS))
+    deadline = time.monotonic() + 60
+    while open_sessions(server) != before_open and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open_sessions(server) == before_open
+
+
+def test_a_session_is_not_resumed_when_resumes_are_off(server: Server) -> None:
+    with SplitClient(server.base_url, ensure_model(), api_key=API_KEY, client_spec=SPEC,
+                     resumes=0) as client:  # fmt: skip
+
+        def drop(token: Token) -> None:
+            if token.index == 1:
+                client._open[-1].socket.shutdown(socket.SHUT_RDWR)
+
+        with pytest.raises(SplitError) as err:
+            client.generate(PROMPTS[1], max_tokens=6, ignore_eos=True, layer=3, on_token=drop)
+    assert err.value.code == "connection_closed"
