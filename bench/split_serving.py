@@ -1,7 +1,7 @@
 """Split execution served end to end: the same request mix all-ordinary, then by split clients.
 
 One `adaptivellm serve --split-execution` server (embedded model). The mix: `--requests`
-requests with ShareGPT-shaped prompt lengths (bench/workloads/sharegpt_lengths.json, seeded,
+requests with ShareGPT-shaped prompt lengths (the benchmark package's ShareGPT lengths, seeded,
 clipped to `--max-prompt`), `--max-tokens` greedy output tokens each (ignore_eos), sent by
 `--concurrency` closed-loop workers.
 
@@ -48,6 +48,7 @@ import openai
 from tqdm import tqdm
 
 from adaptivellm import __version__
+from adaptivellm.benchmark.workloads import SHAREGPT_LENGTHS
 from adaptivellm.compat import installed_vllm
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
 from adaptivellm.model import ensure_model
@@ -55,7 +56,7 @@ from adaptivellm.split_client.client import measure_client_spec
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-LENGTHS = ROOT / "workloads" / "sharegpt_lengths.json"
+LENGTHS = SHAREGPT_LENGTHS
 
 
 #: SLA classes, (first_s, per_token_s): the SLA of a request of n tokens is

