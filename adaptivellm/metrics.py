@@ -8,6 +8,14 @@ samples to files in `PROMETHEUS_MULTIPROC_DIR`, and `/metrics` (vLLM's handler, 
 imported, so `use_multiprocess_dir` must run before anything imports vLLM or prometheus_client.
 
 Metric objects are created on first use (`EngineMetrics.get()`), in the process that records them.
+
+Only the engine side needs the files. With one API server and a directory AdaptiveLLM made,
+`serve_api_metrics_in_process` keeps the API server's own metrics (vLLM's per-token histograms,
+the HTTP instrumentator, `adaptivellm_info`, split-session metrics) in memory, as stock vLLM
+does, and `/metrics` adds the engine side's files to them at scrape time: a multi-process
+sample is an mmap write under a lock, and vLLM observes several per token (issue #35). Engine
+and worker processes switch (back) to file-backed values in `_engine_side`, before they create
+a metric.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge, Histogram
+    from collections.abc import Iterator
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import Metric
 
 PREFIX = "adaptivellm_"
 
@@ -51,6 +62,66 @@ def use_multiprocess_dir() -> str:
     return path
 
 
+ENGINE_DIR_ENV = "ADAPTIVELLM_PROMETHEUS_DIR"
+"""Where the engine side writes its multi-process files when the API server keeps its own
+metrics in memory (serve_api_metrics_in_process)."""
+_API_PID: int | None = None
+"""The API server process whose metrics are in memory (None: every process writes files)."""
+
+
+def serve_api_metrics_in_process() -> None:
+    """In this (API server) process, keep metrics in memory, and have vLLM's `/metrics`
+    expose them together with the multi-process files of the engine side. Must run before the
+    API server creates its first metric, with PROMETHEUS_MULTIPROC_DIR set.
+
+    The directory moves to ADAPTIVELLM_PROMETHEUS_DIR (children inherit it; `_engine_side`
+    restores PROMETHEUS_MULTIPROC_DIR there): vLLM and its HTTP instrumentator switch to
+    multi-process mode whenever they see PROMETHEUS_MULTIPROC_DIR."""
+    global _API_PID
+    from prometheus_client import values
+
+    path = os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
+    os.environ[ENGINE_DIR_ENV] = path
+    values.ValueClass = values.MutexValue
+    _API_PID = os.getpid()
+    import vllm.entrypoints.serve.instrumentator.metrics as vllm_metrics
+
+    vllm_metrics.get_prometheus_registry = lambda: api_registry(path)  # type: ignore[attr-defined]
+
+
+def api_registry(path: str) -> CollectorRegistry:
+    """The API server's registry: the engine side's multi-process files in `path`, then this
+    process's in-memory metrics (the default registry)."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    registry.register(_InProcess(REGISTRY))  # type: ignore[arg-type]
+    return registry
+
+
+class _InProcess:
+    """A collector that yields another registry's metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+
+
+def _engine_side() -> None:
+    """Metrics of the engine core and workers go to the multi-process files, also in a process
+    started by an API server that keeps its own in memory."""
+    if os.getpid() == _API_PID or not (path := os.environ.get(ENGINE_DIR_ENV)):
+        return
+    from prometheus_client import values
+
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", path)
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = values.MultiProcessValue()
+
+
 def publish_info(**labels: str) -> None:
     """Set `adaptivellm_info{...} 1`: versions and configuration, for dashboards and alerts."""
     from prometheus_client import Gauge
@@ -72,6 +143,7 @@ def internal_errors() -> Counter:
     One counter for every process (engine core, workers, API server)."""
     from prometheus_client import Counter
 
+    _engine_side()
     return Counter(
         f"{PREFIX}internal_errors",
         "Errors in AdaptiveLLM's own code that were contained (the engine kept serving with "
@@ -107,6 +179,7 @@ class EngineMetrics:
         """The process's metrics, created on first use."""
         from prometheus_client import Counter, Gauge, Histogram
 
+        _engine_side()
         return EngineMetrics(
             scheduler_steps=Counter(
                 f"{PREFIX}scheduler_steps",
@@ -219,6 +292,7 @@ class SplitWorkerMetrics:
         """The process's metrics, created on first use."""
         from prometheus_client import Counter
 
+        _engine_side()
         return SplitWorkerMetrics(
             token_layers=Counter(
                 f"{PREFIX}split_token_layers",

@@ -23,7 +23,7 @@ from typing import Any
 
 from adaptivellm import __version__
 from adaptivellm.compat import check_vllm_version, installed_vllm
-from adaptivellm.metrics import publish_info, use_multiprocess_dir
+from adaptivellm.metrics import publish_info, serve_api_metrics_in_process, use_multiprocess_dir
 from adaptivellm.patches import engine_death
 from adaptivellm.scheduler.config import (
     ADDITIONAL_CONFIG_KEY,
@@ -636,6 +636,7 @@ def main(argv: list[str]) -> int:
     """Run `adaptivellm serve` with the arguments after `serve`."""
     _setup_logging()
     check_vllm_version()
+    preset = "PROMETHEUS_MULTIPROC_DIR" in os.environ
     use_multiprocess_dir()  # before vLLM imports prometheus_client
 
     from vllm.entrypoints.cli.serve import ServeSubcommand
@@ -650,6 +651,10 @@ def main(argv: list[str]) -> int:
     apply_defaults(args, embedded, is_cpu=current_platform.is_cpu())
     command = ServeSubcommand()
     command.validate(args)
+    if not preset and (getattr(args, "api_server_count", None) or 1) <= 1:
+        # One API server: its own metrics in memory (stock vLLM's cost per token); only the
+        # engine side writes multi-process files. Before its first metric.
+        serve_api_metrics_in_process()
     publish_info(**_info_labels(args))
     engine_death.install()
     command.cmd(args)

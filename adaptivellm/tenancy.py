@@ -272,6 +272,9 @@ class TenantMiddleware:
             return
         raw = await _read_body(receive)
         headers = dict(scope.get("headers") or [])
+        if self._untouched(raw, headers):
+            await self.app(scope, _replay(raw, receive), send)
+            return
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -293,6 +296,23 @@ class TenantMiddleware:
                 raw = json.dumps(new).encode()
                 scope = _with_length(scope, len(raw))
         await self.app(scope, _replay(raw, receive), send)
+
+    def _untouched(self, raw: bytes, headers: dict[bytes, bytes]) -> bool:
+        """True when resolve_tenant would return the body unchanged and raise nothing, known
+        without parsing it: no --strict-tenants, no tenant keys, no tenant header, and none of
+        the fields it reads in the raw bytes (a JSON key spelt with escapes contains a
+        backslash-u, so it is parsed)."""
+        config = self.config
+        return (
+            config.known is None
+            and config.keys is None
+            and HEADER not in headers
+            and not any(field in raw for field in _FIELDS)
+        )
+
+
+#: Bytes whose presence in a body means the middleware has to parse it.
+_FIELDS = (b'"user"', b'"vllm_xargs"', b'"priority"', b"\\u")
 
 
 def _key_tenant(keys: TenantKeys | None, authorization: bytes | None) -> str | None:

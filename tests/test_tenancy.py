@@ -196,3 +196,31 @@ async def test_middleware_takes_the_tenant_from_the_key(
         extreme = await client.post("/v1/chat/completions", json={"priority": -1100})
         assert extreme.status_code == 400
         assert "between -20 and 20" in extreme.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_middleware_passes_plain_bodies_unparsed_and_still_tags_the_rest(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """Without strict tenants, keys or a tenant header, a body naming none of the fields the
+    middleware reads goes through byte for byte; one that names them (also through a JSON
+    escape) is tagged as before."""
+    monkeypatch.delenv(ENV, raising=False)
+    app = TenantMiddleware(echo)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        plain = b'{"prompt":  "hi", "max_tokens": 4}'
+        same = await client.post("/v1/completions", content=plain)
+        assert same.content == plain
+        user = await client.post("/v1/completions", json={"user": "bob", "prompt": "hi"})
+        assert user.json()["vllm_xargs"] == {"tenant": "bob"}
+        escaped = b'{"\\u0075ser": "bob", "prompt": "hi"}'
+        tagged = await client.post("/v1/completions", content=escaped)
+        assert tagged.json()["vllm_xargs"] == {"tenant": "bob"}
+        header = await client.post(
+            "/v1/completions", content=plain, headers={"X-AdaptiveLLM-Tenant": "carol"}
+        )
+        assert header.json()["vllm_xargs"] == {"tenant": "carol"}
+        bad = await client.post("/v1/completions", json={"vllm_xargs": {"priority": 99}})
+        assert bad.status_code == 400
