@@ -126,6 +126,9 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "stream": True,
+                # usage in every chunk: a chunk may carry several tokens when the client
+                # lags, so tokens are counted (and aborts placed) by completion_tokens.
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             }
             got = 0
             async with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -133,7 +136,9 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
                 async for line in resp.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    got += 1
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        got = usage["completion_tokens"]
                     if req.abort_after is not None and got >= req.abort_after:
                         break  # leaving the block closes the connection: vLLM aborts it
             return got

@@ -1,0 +1,75 @@
+"""bench/overhead.py's pure helpers: the seeded workload, the spread, the py-spy table and the
+engine-step timer's patch (no server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def overhead() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overhead"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_workload_is_seeded_distinct_and_aborts_about_a_tenth(overhead: types.ModuleType) -> None:
+    a = overhead.workload(400, 3, (4, 16), (8, 128), 0.1)
+    assert a == overhead.workload(400, 3, (4, 16), (8, 128), 0.1)
+    assert len({r.prompt for r in a}) == 400
+    assert all(8 <= r.max_tokens <= 128 for r in a)
+    aborted = [r for r in a if r.abort_after is not None]
+    assert 20 <= len(aborted) <= 60
+    assert all(1 <= r.abort_after < r.max_tokens for r in aborted)
+
+
+def test_summary_quantiles(overhead: types.ModuleType) -> None:
+    s = overhead.summary([1.0, 0.9, 1.1, 0.95, 1.05])
+    assert s["median"] == 1.0
+    assert s["p10"] == pytest.approx(0.92)
+    assert s["p90"] == pytest.approx(1.08)
+    assert overhead.summary([0.97])["p10"] == 0.97
+
+
+def test_top_table_counts_self_and_inclusive(overhead: types.ModuleType, tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    raw.write_text("main;a;b 3\nmain;a 1\nmain;c 4\n")
+    table = overhead.top_table(raw, 5)
+    assert "total samples: 8" in table
+    assert " 50.00  c" in table  # self
+    assert "100.00  main" in table  # inclusive
+
+
+def test_step_timer_counts_only_steps_that_ran_the_model(
+    overhead: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTIVELLM_STEP_TIMER", str(tmp_path))
+    namespace: dict = {"__name__": "steptimer"}
+    exec(compile(overhead.STEP_TIMER, "sitecustomize.py", "exec"), namespace)
+    try:
+
+        class EngineCore:
+            def step(self, ran: bool) -> tuple[dict, bool]:
+                return {}, ran
+
+        module = types.SimpleNamespace(EngineCore=EngineCore)
+        namespace["_patch"](module)
+        core = EngineCore()
+        for i in range(600):
+            assert core.step(i % 2 == 0) == ({}, i % 2 == 0)
+        (written,) = tmp_path.glob("*.json")
+        assert json.loads(written.read_text())["steps"] == 256
+        assert overhead.step_us(tmp_path)["steps"] == 256
+    finally:
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Hook"]
