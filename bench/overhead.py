@@ -146,7 +146,8 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
         async def worker() -> None:
             nonlocal tokens
             while queue:
-                tokens += await one(queue.popleft())
+                got = await one(queue.popleft())
+                tokens += got  # not `tokens += await ...`: that reads tokens before the await
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
