@@ -253,7 +253,7 @@ def main(argv: list[str]) -> int:
         backends.start()
         web.run_app(
             server.app(), host=opts.host, port=opts.port, print=None, access_log=None,
-            shutdown_timeout=5,
+            shutdown_timeout=5, handler_cancellation=True,
         )  # fmt: skip
     finally:
         logger.info("stopping the replicas")

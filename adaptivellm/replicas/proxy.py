@@ -53,6 +53,7 @@ HOP_BY_HOP = frozenset(
         "Sec-WebSocket-Accept", "Sec-WebSocket-Protocol",
     )
 )  # fmt: skip
+MAX_TRACKED_TENANTS = 1000
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
@@ -270,6 +271,9 @@ class RouterServer:
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._passthrough_turn = 0
+        #: Requests dispatched per tenant and replica (for /router/replicas; not a metric, so
+        #: tenants x replicas series do not pile up in Prometheus).
+        self.tenant_dispatches: dict[str, list[int]] = {}
 
     # --- app -------------------------------------------------------------------------------
 
@@ -374,8 +378,13 @@ class RouterServer:
             exclude,
         )
 
-    def _dispatched(self, decision: Decision) -> None:
+    def _dispatched(self, decision: Decision, tenant: str) -> None:
         r = self.replicas[decision.replica]
+        per_tenant = self.tenant_dispatches.get(tenant)
+        if per_tenant is None and len(self.tenant_dispatches) < MAX_TRACKED_TENANTS:
+            per_tenant = self.tenant_dispatches[tenant] = [0] * len(self.replicas)
+        if per_tenant is not None:
+            per_tenant[r.index] += 1
         r.inflight += 1
         r.dispatched_since_poll += 1
         self.metrics.inflight.labels(str(r.index)).set(r.inflight)
@@ -405,7 +414,7 @@ class RouterServer:
             pending = entry.item
             if pending.future.done() or pending.decision is None:
                 continue
-            self._dispatched(pending.decision)
+            self._dispatched(pending.decision, pending.job.tenant)
             pending.future.set_result(pending.decision)
         self.metrics.queue_depth.set(len(self.queue))
 
@@ -414,7 +423,7 @@ class RouterServer:
         if not len(self.queue):
             decision = self._decide(job, exclude)
             if decision is not None:
-                self._dispatched(decision)
+                self._dispatched(decision, job.tenant)
                 return decision
         if not any(r.ready and r.index not in exclude for r in self.replicas):
             raise NoReplica()
@@ -830,6 +839,7 @@ class RouterServer:
                 "queue_depth": len(self.queue),
                 "counters": self.ledger.counters,
                 "served": self.ledger.served,
+                "tenant_dispatches": self.tenant_dispatches,
                 "replicas": self.status(),
             }
         )

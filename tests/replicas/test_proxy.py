@@ -91,7 +91,7 @@ class Fake:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/split/session", self.session)
         app.router.add_get("/v1/models", self.models)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         self.port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -109,7 +109,7 @@ async def routed(fakes: list[Fake], **options: Any) -> AsyncIterator[tuple[str, 
     server = RouterServer(
         StaticReplicas([f.url for f in fakes]), RouterOptions(poll_s=0.05, **options)
     )
-    runner = web.AppRunner(server.app())
+    runner = web.AppRunner(server.app(), handler_cancellation=True)  # as main.py runs it
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -214,6 +214,30 @@ def test_all_busy_queue_full_answers_429_and_no_replica_503() -> None:
             text = await metrics_text(url)
             assert metric_value(text, "adaptivellm_router_rejected_total", 'code="429"') == 1
             assert metric_value(text, "adaptivellm_router_rejected_total", 'code="503"') == 1
+
+    run(main())
+
+
+def test_a_client_that_goes_away_frees_its_queue_place_and_its_replica() -> None:
+    async def main() -> None:
+        fake = Fake("a", delay_s=30)
+        async with routed([fake], target_backlog=1) as (url, server):
+            async with httpx.AsyncClient(timeout=10) as client:
+                held = [
+                    asyncio.create_task(client.post(f"{url}/v1/completions", json={}))
+                    for _ in range(3)
+                ]
+                while len(server.queue) < 2:
+                    await asyncio.sleep(0.02)
+                for task in held:
+                    task.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+            for _ in range(200):
+                if not len(server.queue) and not server.replicas[0].inflight:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(server.queue) == 0 and server.replicas[0].inflight == 0
+            assert server.ledger.active == {}
 
     run(main())
 
