@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "while it is ready)")  # fmt: skip
     r.add_argument("--router-target-backlog", type=int, default=None, metavar="N",
                    help="router requests in flight per replica before new ones wait at the "
-                   "router in per-tenant queues (default: --max-num-seqs, else 128)")  # fmt: skip
+                   "router in per-tenant queues (default: each replica's --max-num-seqs, "
+                   "else 128)")  # fmt: skip
     r.add_argument(
         "--router-queue-limit",
         type=int,
@@ -221,7 +222,7 @@ def main(argv: list[str]) -> int:
     max_len = tenancy.max_model_len or getattr(parsed, "max_model_len", None) or 1024
     options = RouterOptions(
         routing=opts.routing,
-        target_backlog=opts.router_target_backlog or base_seqs or 128,
+        target_backlog=opts.router_target_backlog,
         queue_limit=opts.router_queue_limit,
         global_fairness=opts.global_fairness,
         poll_s=opts.replica_poll_s,
@@ -233,20 +234,20 @@ def main(argv: list[str]) -> int:
         tenant_weights=weights,
         tenant_of_key=keys,
     )
-    if options.target_backlog < 1:
+    if options.target_backlog is not None and options.target_backlog < 1:
         parser.error("--router-target-backlog must be >= 1")
     server = RouterServer(backends, options)
     from aiohttp import web
 
     logger.info(
-        "starting %d replica(s) (%s); router on %s:%d, routing %s, target backlog %d, "
+        "starting %d replica(s) (%s); router on %s:%d, routing %s, target backlog %s, "
         "global fairness %s",
         count,
         "fixed URLs" if urls else f"Ray {opts.ray_address or 'local'}",
         opts.host or "0.0.0.0",
         opts.port,
         opts.routing,
-        options.target_backlog,
+        options.target_backlog or f"each replica's --max-num-seqs {slots}",
         "on" if options.global_fairness else "off",
     )
     try:

@@ -94,7 +94,10 @@ class RouterOptions:
     """The router's flags (main.py)."""
 
     routing: str = "predicted"
-    target_backlog: int = 64
+    #: Router requests in flight per replica before the router queues; None: each replica's
+    #: batch size (slots), so that requests wait at the router, in tenant order, rather than in
+    #: an engine's queue.
+    target_backlog: int | None = None
     queue_limit: int = 1024
     global_fairness: bool = True
     poll_s: float = 1.0
@@ -258,8 +261,11 @@ class RouterServer:
         self.backends = backends
         self.options = options
         n = len(backends)
-        slots = options.slots or [options.target_backlog] * n
-        self.replicas = [ReplicaState(index=i, slots=slots[i]) for i in range(n)]
+        slots = options.slots or [options.target_backlog or 128] * n
+        self.replicas = [
+            ReplicaState(index=i, slots=slots[i], backlog=options.target_backlog or slots[i])
+            for i in range(n)
+        ]
         self.infos: list[dict[str, Any] | None] = [None] * n
         self.router = Router(options.routing, options.session_imbalance)
         self.ledger = Ledger(weights=dict(options.tenant_weights))
@@ -374,7 +380,7 @@ class RouterServer:
             job,
             self.ledger.out,
             self.typical,
-            self.options.target_backlog,
+            None,  # each replica's own backlog
             exclude,
         )
 

@@ -80,6 +80,9 @@ class ReplicaState:
 
     index: int
     slots: int = 64
+    #: Router requests in flight here before new ones wait at the router (None: no limit),
+    #: used when the caller gives no router-wide target.
+    backlog: int | None = None
     url: str | None = None
     ready: bool = False
     published: Published = field(default_factory=Published)
@@ -151,13 +154,14 @@ class Decision:
 
 
 def candidates(replicas: Sequence[ReplicaState], target_backlog: int | None) -> list[ReplicaState]:
-    """Ready replicas with room: fewer than `target_backlog` router requests in flight (None: no
-    limit)."""
-    return [
-        r
-        for r in replicas
-        if r.ready and r.url is not None and (target_backlog is None or r.inflight < target_backlog)
-    ]
+    """Ready replicas with room: fewer than `target_backlog` router requests in flight (None:
+    each replica's own `backlog`, itself None for no limit)."""
+
+    def room(r: ReplicaState) -> bool:
+        limit = target_backlog if target_backlog is not None else r.backlog
+        return limit is None or r.inflight < limit
+
+    return [r for r in replicas if r.ready and r.url is not None and room(r)]
 
 
 def choose_predicted(

@@ -162,3 +162,14 @@ def test_bad_policy_and_imbalance_are_refused() -> None:
         Router("random")
     with pytest.raises(ValueError):
         Router("session", session_imbalance=0.5)
+
+
+def test_each_replica_has_its_own_backlog_unless_a_router_wide_one_is_given() -> None:
+    from adaptivellm.replicas.router import candidates
+
+    small = replica(0, slots=1, backlog=1, inflight=1)
+    big = replica(1, slots=8, backlog=8, inflight=5)
+    assert [r.index for r in candidates([small, big], None)] == [1]
+    assert [r.index for r in candidates([small, big], 10)] == [0, 1]
+    unlimited = replica(2, inflight=1000)
+    assert [r.index for r in candidates([unlimited], None)] == [2]
