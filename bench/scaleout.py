@@ -16,10 +16,12 @@ Stages (each writes bench/results/scaleout.json as soon as it is done):
   replica). `routing_p99_ratio` = predicted's p99 /
   round-robin's (median over rounds).
 - **fairness**: two equal replicas; tenant `heavy` pins its requests to one replica (session
-  header, `--session-imbalance inf`), tenant `light` goes anywhere; both keep 8 requests
-  outstanding. Router with `--router-target-backlog 4`, the ledger on and off
-  (`--no-global-fairness`). `global_jain` = Jain's index of the tokens each tenant received
-  after a warm-up.
+  header, `--session-imbalance inf`), tenant `light` goes anywhere; both keep 16 requests
+  outstanding, replicas `--max-num-seqs 4`. Ledger on: `--router-target-backlog 4` (requests
+  beyond it wait at the router and are released least-served tenant first). Off:
+  `--no-global-fairness --router-target-backlog 1000`, a plain balancer that dispatches at
+  once and leaves fairness to each replica's own scheduler. `global_jain` = Jain's index of
+  the tokens each tenant received after a warm-up.
 - **recovery**: `adaptivellm serve --replicas 2` on a local Ray instance; a closed loop of
   streamed and non-streamed requests; one replica's actor is SIGKILLed mid-run.
   `kill_lost_not_started` = requests that failed without any output reaching the client (they
@@ -66,6 +68,14 @@ BASE = [
     str(96 << 20),
 ]
 SIZES = (8, 16, 32, 64)
+#: Fairness stage: each replica's batch size, and each tenant's outstanding requests (more
+#: than a replica holds, so that the free tenant overflows onto the pinned one's replica).
+FAIRNESS_SLOTS = 4
+FAIRNESS_OUTSTANDING = 16
+#: Server (or router) process of each URL started by `server`.
+PIDS: dict[str, int] = {}
+#: Tokens and seconds of the last closed loop.
+LAST: dict[str, float] = {}
 
 
 def jain(values: list[float]) -> float:
@@ -83,6 +93,8 @@ def server(name: str, flags: list[str], env: dict[str, str] | None = None) -> It
     process.start()
     try:
         process.wait_ready(timeout=600)
+        assert process.proc is not None
+        PIDS[process.base_url] = process.proc.pid
         yield process.base_url
     finally:
         process.stop(grace=60)
@@ -160,7 +172,22 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_tokens: in
     start = time.monotonic()
     async with httpx.AsyncClient(timeout=600) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    LAST.update(tokens=total, seconds=time.monotonic() - start)
     return total / (time.monotonic() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def sequential_latency(url: str, n: int = 12) -> float:
+    """Median latency of `n` non-streamed 16-token completions sent one at a time."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        times = [(await one(client, url, 16, stream=False))[1] for _ in range(n)]
+    return statistics.median(times)
 
 
 def stage_overhead(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -170,15 +197,24 @@ def stage_overhead(args: argparse.Namespace, out: dict[str, Any]) -> None:
         with server("router-1", router_flags) as routed:
             wait_replicas(routed)
             rounds = []
+            router_cpu = router_tokens = 0.0
             for i in range(args.rounds * 2):
                 order = [("direct", direct), ("router", routed)]
                 if i % 2:
                     order.reverse()
-                tps = {
-                    name: asyncio.run(closed_loop(url, 16, args.window_s)) for name, url in order
-                }
+                tps = {}
+                for name, url in order:
+                    cpu = cpu_seconds(PIDS[routed])
+                    tps[name] = asyncio.run(closed_loop(url, 16, args.window_s))
+                    if name == "router":
+                        router_cpu += cpu_seconds(PIDS[routed]) - cpu
+                        router_tokens += LAST["tokens"]
                 rounds.append(tps)
                 print(f"overhead round {i}: {tps}", flush=True)
+            latency = {
+                name: asyncio.run(sequential_latency(url))
+                for name, url in (("direct", direct), ("router", routed), ("direct2", direct))
+            }
         ratios = [r["router"] / r["direct"] for r in rounds]
         out["router_overhead_ratio"] = statistics.median(ratios)
         out["overhead"] = {
@@ -186,6 +222,10 @@ def stage_overhead(args: argparse.Namespace, out: dict[str, Any]) -> None:
             "ratios": ratios,
             "what": "router throughput / direct throughput, same one replica, "
             "closed loop of 16 streamed 64-token completions",
+            "router_cpu_ms_per_token": 1000 * router_cpu / max(1.0, router_tokens),
+            "sequential_latency_s": latency,
+            "router_added_latency_ms": 1000
+            * (latency["router"] - (latency["direct"] + latency["direct2"]) / 2),
         }
         second_flags = [*BASE, "--max-num-seqs", "16"]
         with (
@@ -319,12 +359,14 @@ async def two_tenants(url: str, seconds: float, warmup: float) -> dict[str, int]
                 tokens[tenant] += got
 
     async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(worker(client, t) for t in ("heavy", "light") for _ in range(8)))
+        await asyncio.gather(
+            *(worker(client, t) for t in ("heavy", "light") for _ in range(FAIRNESS_OUTSTANDING))
+        )
     return tokens
 
 
 def stage_fairness(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    flags = [*BASE, "--max-num-seqs", "8"]
+    flags = [*BASE, "--max-num-seqs", str(FAIRNESS_SLOTS)]
     result: dict[str, Any] = {}
     with server("a", flags, core_env(0)) as a, server("b", flags, core_env(1)) as b:
         for ledger in ("on", "off") * args.rounds:
@@ -336,7 +378,7 @@ def stage_fairness(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 "--session-imbalance",
                 "inf",
                 "--router-target-backlog",
-                "4",
+                str(FAIRNESS_SLOTS) if ledger == "on" else "1000",
                 "--global-fairness" if ledger == "on" else "--no-global-fairness",
             ]
             with server(f"router-ledger-{ledger}", router_flags) as routed:
@@ -354,7 +396,8 @@ def stage_fairness(args: argparse.Namespace, out: dict[str, Any]) -> None:
     out["fairness"] = {
         "runs": result,
         "setup": "heavy pinned to one replica by session header, light free; "
-        "8 outstanding requests each; target backlog 4 per replica",
+        "16 outstanding requests each, --max-num-seqs 4; ledger on: target backlog 4, least-served "
+        "first; off: no router queue (target 1000), arrival order, per-replica fairness only",
     }
 
 
@@ -445,8 +488,13 @@ def main() -> int:
     out: dict[str, Any] = {}
     if args.out.exists():
         out = json.loads(args.out.read_text())
+    command = shlex.join(["python", "bench/scaleout.py", *sys.argv[1:]])
+    # A run of some stages updates the file: every command that wrote into it is kept.
+    out.setdefault("commands", []).append(
+        {"command": command, "stages": args.stages.split(","), "at": time.time()}
+    )
     out.update(
-        command=shlex.join(["python", "bench/scaleout.py", *sys.argv[1:]]),
+        command=command,
         adaptivellm_version=__version__,
         machine={"cpus": os.cpu_count(), "platform": platform.platform()},
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -54,6 +54,8 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 MAX_TRACKED_TENANTS = 1000
+#: A stream's service is credited to its tenant every this many events (and at its end).
+CREDIT_EVERY = 32
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
@@ -662,13 +664,15 @@ class RouterServer:
             seen = StreamUsage()
             credited = 0.0
             chunk = first
+            uncredited = 0
             try:
                 while chunk:
-                    new = seen.feed(chunk)
-                    if new:
-                        units = self.ledger.cost(tenant, 0, new)
+                    uncredited += seen.feed(chunk)
+                    if uncredited >= CREDIT_EVERY:  # service shows in the Jain window as it goes
+                        units = self.ledger.cost(tenant, 0, uncredited)
                         self._serve(tenant, units)
                         credited += units
+                        uncredited = 0
                     try:
                         await response.write(chunk)
                     except (ConnectionError, RuntimeError):
