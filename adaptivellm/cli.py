@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `adaptivellm` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
+        from adaptivellm.replicas.main import wants_replicas
+
+        if wants_replicas(argv[1:]):  # one endpoint over N replicas (adaptivellm.replicas)
+            from adaptivellm.replicas.main import main as replicas_main
+
+            return replicas_main(argv[1:])
         from adaptivellm.compat import VLLMVersionError
         from adaptivellm.serve import main as serve_main
 

@@ -26,6 +26,7 @@ from adaptivellm.split_client.planner import (
     Request,
     ServerProfile,
     SplitCosts,
+    _to_units,
     build_costs,
     choose_split_layer,
     default_budget_bins,
@@ -720,3 +721,75 @@ def test_a_first_layer_on_the_client_costs_no_server_work() -> None:
     costs = costs_from(client=[1], server=[1], work=[0.5], up=[], down=[], sla=1.0)
     for plan in (plan_dp(costs), plan_dp(costs, step_s=1.0)):
         assert (plan.placement_str, plan.server_workload) == ("C", 1.0)
+
+
+# --------------------------------------------------------------------------- float rounding edges
+# Instances found by a seeded search over float costs, each pinned because a plausible slip in
+# the DP's rounding (bench/mutation.py) changes its answer.
+
+
+def test_to_units_rounds_up_when_the_division_rounds_down_to_a_whole_number() -> None:
+    """0.9000000000000001 / 0.1 is exactly 9.0 in floating point, but 9 * 0.1 = 0.9 is less
+    than the time: it needs 10 units, or a placement the DP accepts could miss the SLA."""
+    seconds = 0.9000000000000001
+    assert seconds / 0.1 == 9.0 and seconds > 9 * 0.1
+    units = _to_units(np.array([seconds, 0.9, 0.0]), 0.1, 20)
+    assert units.tolist() == [10, 9, 0]
+    rng = random.Random(20261205)
+    for _ in range(2000):
+        step = rng.choice([0.1, 0.01, 0.7, 1 / 3, rng.uniform(0.01, 1.0)])
+        times = np.nextafter(np.arange(1, 21) * step, np.inf)
+        units = _to_units(times, step, 100)
+        assert (units * step >= times).all()
+        assert (units <= np.ceil(times / step) + 1).all()
+
+
+def test_a_budget_of_exactly_zero_picks_the_least_work_among_the_fastest_prefixes() -> None:
+    """Client and server reach the LM head in the same 1.7999999999999998 s, which is the SLA:
+    the budget over the floor is exactly 0, not infeasible. The DP still runs (with 0 units)
+    and keeps the client, with less server work; the fastest-placement fallback would take the
+    server, the first of the tied prefixes."""
+    costs = costs_from(client=[1.2], server=[1.7999999999999998], work=[3.0], up=[], down=[],
+                       end=(0.6, 0.0), sla=1.7999999999999998)  # fmt: skip
+    latency, _ = evaluate_placements(costs, prefix_masks(1))
+    assert latency.tolist() == [costs.sla_s, costs.sla_s]
+    oracle = plan_prefix(costs)
+    assert (oracle.placement_str, oracle.server_workload) == ("C", 1.0)
+    for plan in (plan_dp(costs, prefix_only=True), plan_dp(costs, bins=1, prefix_only=True)):
+        assert (plan.placement_str, plan.server_workload, plan.feasible) == ("C", 1.0, True)
+
+
+def test_the_exact_check_retries_the_dp_with_one_unit_less_of_a_one_unit_budget() -> None:
+    """Floor 3 s, SLA 6.8999999999999995 s: a budget of one unit. With one unit CC (the least
+    work) fits the rounded DP, but its exact latency 6.9 is over the SLA. plan_dp then retries
+    with 0 units and finds CS, which ties with SS as fastest but has less server work. Falling
+    back to the fastest placement instead would answer SS; skipping the 0-unit retry would
+    index an empty table; not lowering the budget would loop for ever."""
+    costs = costs_from(client=[2.2, 2.6], server=[2.2, 0.8], work=[3.0, 5.0], up=[0.0],
+                       down=[0.0], end=(2.0999999999999996, 0.0),
+                       sla=6.8999999999999995)  # fmt: skip
+    latency, _ = evaluate_placements(costs, prefix_masks(2))
+    assert latency.tolist() == [3.0, 3.0, 6.9] and costs.sla_s < 6.9
+    oracle = plan_prefix(costs)
+    assert (oracle.placement_str, oracle.server_workload) == ("CS", 6.0)
+    budget = costs.sla_s - 3.0
+    for plan in (
+        plan_dp(costs, bins=1, prefix_only=True),
+        plan_dp(costs, step_s=budget, prefix_only=True),
+    ):
+        assert (plan.placement_str, plan.server_workload, plan.feasible) == ("CS", 6.0, True)
+
+
+def test_bins_cut_the_budget_left_after_the_fixed_time() -> None:
+    """Whole-second costs, fixed time 12 s, floor 35 s, SLA 50 s: the budget is 3 s, so 3 bins
+    are 1 s each and round nothing; the DP finds the optimum CSSS (3 s over the floor). Bins cut
+    from a budget that forgot the fixed time (15 s, or 27 s) would be 5 s or more: SSSC (4 s over)
+    would cost as little as CSSS, be proposed for its lower work, fail the exact check at every
+    budget, and leave the fallback SSSS."""
+    costs = costs_from(client=[12.0, 11.0, math.inf, 6.0], server=[3.0, 11.0, 7.0, 4.0],
+                       work=[10.0, 23.0, 41.0, 18.0], up=[0.0, 8.0, 8.0], down=[9.0, 10.0, 2.0],
+                       start=(4.0, 10.0), sla=50.0, fixed_time=12.0)  # fmt: skip
+    oracle = plan_brute_force(costs)
+    assert (oracle.placement_str, oracle.server_workload) == ("CSSS", 83.0)
+    for plan in (plan_dp(costs, bins=3), plan_dp(costs, step_s=1.0)):
+        assert (plan.placement_str, plan.server_workload, plan.feasible) == ("CSSS", 83.0, True)
