@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
     """AdaptiveLLM's own flags, in their own help group."""
     group = parser.add_argument_group(
-        "AdaptiveLLM", "AdaptiveLLM's own options (every other option is vLLM's)."
+        "AdaptiveLLM",
+        "AdaptiveLLM's own options (every other option is vLLM's). "
+        "`adaptivellm serve --replicas N --help` lists the scale-out (Ray) options.",
     )
     group.add_argument(
         "--adaptivellm-cache",
