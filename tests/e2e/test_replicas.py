@@ -4,7 +4,8 @@ One router for the whole module (Ray and two engines start once: about a minute 
 
 Covered: greedy output through the router equals a single server's; a split session through
 the router equals unsplit generation; every replica busy -> 429; global fairness with a heavy
-tenant pinned to one replica; a replica killed mid-stream (error event, next requests succeed,
+tenant pinned to one replica; a replica that starts late (a router over
+`--replica-urls`); a replica killed mid-stream (error event, next requests succeed,
 Ray restarts it and it rejoins, none of its processes left). The router's logic is unit-tested
 without Ray in tests/replicas/."""
 
@@ -241,6 +242,92 @@ def test_global_fairness_with_a_heavy_tenant_pinned_to_one_replica(router: str) 
     gauge = metric_value(text, "adaptivellm_router_tenant_jain_index")
     assert gauge is not None and 0 < gauge <= 1
     assert metric_value(text, "adaptivellm_router_tenant_service_total", 'tenant="heavy"')
+
+
+class _Forwarder:
+    """A TCP pipe from `port` to `target`, started on demand: to a router that only knows the
+    port, a replica that comes up late (the engine behind it is one of the Ray replicas)."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self.loop = asyncio.new_event_loop()
+        self.thread: Any = None
+        self.connections = 0
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def start(self) -> None:
+        import threading
+
+        ready = threading.Event()
+
+        async def serve() -> None:
+            await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            ready.set()
+
+        def run() -> None:
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def test_a_replica_that_starts_late(router: str, tmp_path: Path) -> None:
+    """A router over two replica URLs (`--replica-urls`, no Ray) of which only the first answers
+    at start: it serves from the first alone, reports the second not ready, and sends the
+    second traffic once it comes up."""
+    replicas = status(router)["replicas"]
+    first = replicas[0]["endpoint"]["url"]
+    second = httpx.URL(replicas[1]["endpoint"]["url"])
+    late_port, port = free_port(), free_port()
+    flags = ["--replica-urls", f"{first},http://127.0.0.1:{late_port}", "--routing", "round-robin",
+             "--replica-poll-s", "0.5", "--api-key", API_KEY]  # fmt: skip
+    process = ServerProcess(adaptivellm_command(None, port, flags), port, tmp_path / "router.log")
+    forwarder = _Forwarder(late_port, (second.host, second.port or 80))
+    process.start()
+    try:
+        process.wait_ready(timeout=120)
+        for _ in range(4):  # round-robin, but only the first replica is ready
+            done = client(process.base_url).completions.create(
+                model=MODEL, prompt="early", max_tokens=4
+            )
+            assert done.choices[0].finish_reason is not None
+        early = status(process.base_url)
+        assert [r["ready"] for r in early["replicas"]] == [True, False], early
+        forwarder.start()
+        deadline = time.monotonic() + 60
+        while not status(process.base_url)["replicas"][1]["ready"]:
+            assert time.monotonic() < deadline, _last_status[process.base_url]
+            time.sleep(0.5)
+        for _ in range(4):
+            done = client(process.base_url).completions.create(
+                model=MODEL, prompt="late", max_tokens=4
+            )
+            assert done.choices[0].finish_reason is not None
+        text = httpx.get(f"{process.base_url}/metrics", timeout=30).text
+        late = metric_value(text, "adaptivellm_router_decisions_total", 'replica="1"') or 0
+        assert late >= 2, text  # round-robin sent it half of the requests after it came up
+        assert metric_value(text, "adaptivellm_router_replica_ready", 'replica="1"') == 1
+    finally:
+        process.stop(grace=30)
+        forwarder.stop()
 
 
 def test_a_replica_killed_mid_stream(router: str) -> None:
