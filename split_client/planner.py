@@ -14,8 +14,12 @@ never import torch or vLLM: it runs inside the client library and the server's s
    decode step of the request.
 2. Planners over a `SplitCosts`: `plan_dp` (the DP, general or prefix placement), `plan_prefix`
    (exact scan of the L+1 prefix splits), `plan_greedy`, `plan_server_only` and
-   `plan_brute_force` (the oracle for small layer counts). Each returns a `Plan`.
-3. `choose_split_layer`: the k that the serving protocol uses (the client runs layers [0, k)).
+   `plan_brute_force` (the oracle for small layer counts). Each returns a `Plan`. Only
+   `plan_prefix` is on the serving path; the others feed `adaptivellm plan`, the workload study
+   (`workload.py`) and bench/split_planner.py.
+3. `choose_split_layer`: the k that the server uses for each split session (the client runs
+   layers [0, k)); adaptivellm.split_server calls it. It is `plan_prefix`, not the DP: on costs
+   from `build_costs` every layer has the same shape, so the best placement is a prefix.
 
 See docs/split_planner.md for the cost model, the DP recurrence and the benchmark.
 """
@@ -845,25 +849,7 @@ def plan_dp(
     return _make_plan(costs, _fastest(costs, prefix_only), method)
 
 
-# --------------------------------------------------------------------------- protocol entry point
-
-
-def plan_request(
-    shape: ModelShape,
-    client: ClientProfile,
-    server: ServerProfile,
-    request: Request,
-    *,
-    step_s: float | None = None,
-) -> dict[str, Plan]:
-    """All planners on one request, keyed server-only, greedy, prefix, dp."""
-    costs = build_costs(shape, client, server, request)
-    return {
-        "server-only": plan_server_only(costs),
-        "greedy": plan_greedy(costs),
-        "prefix": plan_prefix(costs),
-        "dp": plan_dp(costs, step_s=step_s),
-    }
+# --------------------------------------------------------------------------- serving entry point
 
 
 def choose_split_layer(
