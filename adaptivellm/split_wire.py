@@ -18,16 +18,13 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from adaptivellm.split_client.protocol import DTYPE_BYTES, encode_payload
+from adaptivellm.split_client.protocol import encode_payload
+from adaptivellm.split_client.shapes import DTYPE_BYTES
 
 #: Key of the split payload in SamplingParams.extra_args.
 EXTRA_KEY: Final = "adaptivellm_split"
-#: Wire dtype name -> torch dtype.
-TORCH_DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+#: Wire dtype name -> torch dtype (the names are torch's own).
+TORCH_DTYPES: Final[dict[str, torch.dtype]] = {name: getattr(torch, name) for name in DTYPE_BYTES}
 #: Integer type of the same width, to reinterpret bytes as a float dtype numpy may lack.
 _WORDS: Final = {2: torch.int16, 4: torch.int32}
 

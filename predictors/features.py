@@ -12,20 +12,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from adaptivellm.split_client.shapes import DTYPE_BYTES as DTYPE_BYTES
+from adaptivellm.split_client.shapes import dtype_bytes as dtype_bytes
+
 if TYPE_CHECKING:
     from adaptivellm.model import ModelSpec
-
-#: Bytes per element of the dtypes AdaptiveLLM serves in.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of `dtype` ('float32', 'bfloat16' or 'float16')."""
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        known = sorted(DTYPE_BYTES)
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {known}") from None
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,7 @@ from tqdm import tqdm
 
 from adaptivellm.predictors.features import ModelShape, PreemptionFeatures, Sample
 from adaptivellm.scheduler.kv_copy import KVBlockCopier, KVLayout
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from adaptivellm.split_wire import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

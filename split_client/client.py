@@ -52,7 +52,6 @@ from adaptivellm.split_client import protocol
 from adaptivellm.split_client.planner import ModelShape, ServerProfile, build_costs
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import (
-    DTYPE_BYTES,
     INFO_PATH,
     MAX_HEADER_BYTES,
     SESSION_PATH,
@@ -63,6 +62,7 @@ from adaptivellm.split_client.protocol import (
     Sampling,
     Token,
 )
+from adaptivellm.split_client.shapes import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from openai.types import Completion
@@ -81,11 +81,7 @@ DEFAULT_MAX_FRAME_BYTES: Final = 16 << 20
 #: Room for a frame's prefix and JSON header when rows are packed under the frame limit.
 _FRAME_OVERHEAD: Final = 64 + MAX_HEADER_BYTES
 
-_COMPUTE_DTYPES: Final = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+_COMPUTE_DTYPES: Final = {name: getattr(torch, name) for name in DTYPE_BYTES}
 _SCHEMES: Final = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _CLOSE_TOO_BIG: Final = 1009
 _M = TypeVar("_M", bound=nn.Module)

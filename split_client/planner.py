@@ -36,6 +36,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from adaptivellm.split_client.shapes import DTYPE_BYTES, canonical_dtype
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -52,15 +54,6 @@ MAX_BUDGET_BINS: Final = 2_000_000
 #: 2**16 placements: the brute-force oracle stays under a second.
 BRUTE_FORCE_MAX_LAYERS: Final = 16
 
-_DTYPE_BYTES: Final = {
-    "float32": 4,
-    "float": 4,
-    "float16": 2,
-    "half": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "int8": 1,
-}
 # Model types whose MLP is two matrices (up, down) rather than a gated three (gate, up, down).
 _UNGATED_MODEL_TYPES: Final = frozenset(
     {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "bert"}
@@ -239,7 +232,7 @@ class ModelShape:
             head_dim=config.get("head_dim") or hidden // heads,
             num_layers=_config_int(config, "num_hidden_layers", "n_layer"),
             vocab_size=_config_int(config, "vocab_size"),
-            dtype_bytes=_DTYPE_BYTES.get(dtype.removeprefix("torch."), 2),
+            dtype_bytes=DTYPE_BYTES.get(canonical_dtype(dtype), 2),
             gated_mlp=model_type not in _UNGATED_MODEL_TYPES,
         )
 

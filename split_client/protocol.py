@@ -43,12 +43,11 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from adaptivellm.split_client.planner import ClientProfile
+from adaptivellm.split_client.shapes import DTYPE_BYTES
 
 PROTOCOL_VERSION: Final = 1
 MAGIC: Final = b"ASPL"
 _PREFIX = struct.Struct("<4sBI")
-#: Element sizes of the dtypes the wire carries (bfloat16 travels as raw 16-bit words).
-DTYPE_BYTES: Final[dict[str, int]] = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: Largest JSON header of a binary frame; anything longer is malformed.
 MAX_HEADER_BYTES: Final = 4096
 
