@@ -769,7 +769,10 @@ class RouterServer:
         client = web.WebSocketResponse(max_msg_size=0, autoping=True)
         await client.prepare(request)
 
+        client_closed = False
+
         async def to_upstream() -> None:
+            nonlocal client_closed
             async for msg in client:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await upstream.send_str(msg.data)
@@ -777,6 +780,7 @@ class RouterServer:
                     await upstream.send_bytes(msg.data)
                 else:
                     break
+            client_closed = True  # whatever the replica's close looks like now, it did not fail
             await upstream.close()
 
         async def to_client() -> None:
@@ -788,7 +792,8 @@ class RouterServer:
                 else:
                     break
             code = upstream.close_code
-            if code is None or code == 1006:  # the replica went away without closing
+            if not client_closed and (code is None or code == 1006):
+                # the replica went away without closing
                 self._mark_failed(replica.index, "split session's replica went away")
                 with contextlib.suppress(Exception):
                     from adaptivellm.split_client.protocol import Error, encode_message
