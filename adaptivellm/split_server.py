@@ -117,7 +117,7 @@ class SplitService:
         server = replace(
             self.server, decode_batch=max(1, self.load() + 1), step_overhead_s=self.step_estimate_s
         )
-        client = request.client.to_profile()
+        client = request.client
         # Plan against the SLA shrunk by how late sessions have run versus their predictions
         # (the tail of that ratio): a plan that only just fits the SLA on paper misses it.
         sla = (request.sla_s or math.inf) / self.slack()

@@ -344,9 +344,8 @@ def predicted_client_s(
     shape: ModelShape, spec: ClientSpec, prompt_tokens: int, done: SplitCompletion
 ) -> float:
     """The planner's prediction of the client's time for a finished generation."""
-    profile = spec.to_profile()
     request = PlannerRequest(prompt_tokens, len(done.token_ids), math.inf)
-    costs = build_costs(shape, profile, ServerProfile(), request)
+    costs = build_costs(shape, spec, ServerProfile(), request)
     # The client runs layers [0, k) for the prompt and every token but the last.
     return float(costs.client_time[: done.layer].sum())
 

@@ -78,8 +78,8 @@ class ProtocolError(ValueError):
 # --------------------------------------------------------------------------- JSON messages
 
 
-#: Allowed range of each ClientSpec field (inclusive): wide enough for any real client, narrow
-#: enough that the planner's arithmetic stays finite. mem_bytes_per_s may be inf (no limit).
+#: Allowed range of each field of an Open's `client` (inclusive): wide enough for any real client,
+#: narrow enough that the planner's arithmetic stays finite. mem_bytes_per_s may be inf (no limit).
 CLIENT_SPEC_RANGES: Final = {
     "flops_per_s": (0.0, 1e18),
     "uplink_bps": (0.0, 1e13),
@@ -94,35 +94,28 @@ MAX_TOKENS_FIELD: Final = 1 << 31
 MAX_SLA_S: Final = 86_400.0
 
 
-@dataclass(frozen=True)
-class ClientSpec:
-    """What the client declares about itself, for the planner (same units as
-    `adaptivellm.split_client.planner.ClientProfile`: FLOP/s, bits/s, seconds)."""
+#: What the client declares about itself in an Open: the planner's own `ClientProfile` (one type;
+#: this name is kept for the client API). The server also holds it to CLIENT_SPEC_RANGES.
+ClientSpec = ClientProfile
 
-    flops_per_s: float
-    uplink_bps: float
-    downlink_bps: float
-    rtt_s: float
-    mem_bytes_per_s: float = math.inf
-    layer_overhead_s: float = 0.0
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            low, high = CLIENT_SPEC_RANGES[f.name]
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ProtocolError("bad_request", f"client.{f.name} must be a number")
-            if not low <= value <= high:  # also rejects NaN
-                raise ProtocolError(
-                    "bad_request", f"client.{f.name} must be between {low:g} and {high:g}"
-                )
-        for name in ("flops_per_s", "mem_bytes_per_s"):
-            if getattr(self, name) <= 0:
-                raise ProtocolError("bad_request", f"client.{name} must be > 0")
-
-    def to_profile(self) -> ClientProfile:
-        """This spec as the planner's `ClientProfile` (same fields, same units)."""
-        return ClientProfile(**asdict(self))
+def check_client(values: dict[str, Any]) -> None:
+    """ProtocolError unless each field of a declared client is a number within
+    CLIENT_SPEC_RANGES (flops_per_s and mem_bytes_per_s above 0); unknown fields are left to the
+    dataclass."""
+    for name, (low, high) in CLIENT_SPEC_RANGES.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ProtocolError("bad_request", f"client.{name} must be a number")
+        if not low <= value <= high:  # also rejects NaN
+            raise ProtocolError(
+                "bad_request", f"client.{name} must be between {low:g} and {high:g}"
+            )
+    for name in ("flops_per_s", "mem_bytes_per_s"):
+        if name in values and values[name] <= 0:
+            raise ProtocolError("bad_request", f"client.{name} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -157,7 +150,7 @@ class Open:
 
     prompt_tokens: int
     max_tokens: int
-    client: ClientSpec
+    client: ClientProfile
     sla_s: float | None = None
     layer: int | None = None
     model: str | None = None
@@ -166,6 +159,7 @@ class Open:
     type: Literal["open"] = "open"
 
     def __post_init__(self) -> None:
+        check_client(asdict(self.client))
         if not 1 <= self.prompt_tokens <= MAX_TOKENS_FIELD:
             raise ProtocolError(
                 "bad_request", f"prompt_tokens must be between 1 and {MAX_TOKENS_FIELD}"
@@ -288,7 +282,8 @@ def _build(cls: type[Any], body: dict[str, Any]) -> Any:
                 raise ProtocolError("bad_request", "client must be an object")
             if value.get("mem_bytes_per_s", 0) is None:
                 value = {**value, "mem_bytes_per_s": math.inf}
-            kwargs[name] = _build(ClientSpec, value)
+            check_client(value)
+            kwargs[name] = _build(ClientProfile, value)
         elif name == "sampling":
             if not isinstance(value, dict):
                 raise ProtocolError("bad_request", "sampling must be an object")

@@ -336,3 +336,14 @@ def test_oversized_frame() -> None:
     message = frame_rejected(data, "payload_too_large", max_bytes=len(data) - 1)
     assert f"limit of {len(data) - 1}" in message
     assert decode_frame(data, max_bytes=len(data)).shape == (64, 64)
+
+
+def test_one_client_profile_type() -> None:
+    """The client declares itself with the planner's own ClientProfile; an Open holds it to the
+    wire's ranges whether it is built here or decoded."""
+    from adaptivellm.split_client.planner import ClientProfile
+
+    assert ClientSpec is ClientProfile
+    slow_link = ClientProfile(flops_per_s=1e11, uplink_bps=1e8, downlink_bps=1e8, rtt_s=120.0)
+    with pytest.raises(ProtocolError, match=r"client\.rtt_s must be between 0 and 60"):
+        Open(prompt_tokens=4, max_tokens=2, client=slow_link)
