@@ -221,8 +221,9 @@ def build_service(engine_client: Any, config: SplitConfig, args: Namespace) -> S
     """The endpoint's state, from the running engine's model config."""
     model_config = engine_client.model_config
     hf = model_config.hf_config.to_dict()
-    hf["dtype"] = str(model_config.dtype).removeprefix("torch.")
-    shape = ModelShape._from_config_dict(hf, default_name=str(args.model))
+    shape = ModelShape.from_hf_config(hf, dtype=wire_dtype(model_config.dtype))
+    if not shape.name:
+        shape = replace(shape, name=str(args.model))
     names = tuple(args.served_model_name or [args.model])
     return SplitService(
         engine=engine_client,

@@ -6,91 +6,11 @@ for every victim cheaply.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from adaptivellm.split_client.shapes import DTYPE_BYTES as DTYPE_BYTES
+from adaptivellm.split_client.shapes import ModelShape as ModelShape
 from adaptivellm.split_client.shapes import dtype_bytes as dtype_bytes
-
-if TYPE_CHECKING:
-    from adaptivellm.model import ModelSpec
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The shape of a Llama-style decoder that swap and recompute costs depend on."""
-
-    num_layers: int
-    """Decoder layers (each has its own KV cache)."""
-    hidden_size: int
-    """Width of the residual stream."""
-    num_heads: int
-    """Query heads."""
-    num_kv_heads: int
-    """Key/value heads (fewer than num_heads under grouped-query attention)."""
-    head_dim: int
-    """Width of one attention head."""
-    intermediate_size: int
-    """Width of the (SwiGLU) MLP."""
-    dtype_bytes: int = 4
-    """Bytes per element of weights, activations and KV cache."""
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
-            )
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: str = "float32") -> ModelShape:
-        """Shape from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2 field names)."""
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return cls(
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            # Some configs carry head_dim: null; the Llama default is hidden / heads.
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate_size=int(config["intermediate_size"]),
-            dtype_bytes=dtype_bytes(dtype),
-        )
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, dtype: str = "float32") -> ModelShape:
-        """Shape of a model built by `adaptivellm.model` from `spec`."""
-        return cls(
-            num_layers=spec.num_layers,
-            hidden_size=spec.hidden_size,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            intermediate_size=spec.intermediate_size,
-            dtype_bytes=dtype_bytes(dtype),
-        )
-
-    def config_hash(self) -> str:
-        """Short stable hash of the shape without its dtype (the profile key carries the dtype):
-        two checkpoints of the same shape cost the same, whatever their weights."""
-        fields = asdict(self)
-        del fields["dtype_bytes"]
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-    @property
-    def layer_params(self) -> int:
-        """Weights of one decoder layer: q/k/v/o projections and the gate/up/down MLP."""
-        q_dim = self.num_heads * self.head_dim
-        kv_dim = self.num_kv_heads * self.head_dim
-        attention = 2 * self.hidden_size * q_dim + 2 * self.hidden_size * kv_dim
-        return attention + 3 * self.hidden_size * self.intermediate_size
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -27,16 +27,15 @@ See docs/split_planner.md for the cost model, the DP recurrence and the benchmar
 from __future__ import annotations
 
 import enum
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from adaptivellm.split_client.shapes import DTYPE_BYTES, canonical_dtype
+from adaptivellm.split_client.shapes import PRESETS as PRESETS
+from adaptivellm.split_client.shapes import ModelShape
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -53,11 +52,6 @@ MAX_DEFAULT_BINS: Final = 8000
 MAX_BUDGET_BINS: Final = 2_000_000
 #: 2**16 placements: the brute-force oracle stays under a second.
 BRUTE_FORCE_MAX_LAYERS: Final = 16
-
-# Model types whose MLP is two matrices (up, down) rather than a gated three (gate, up, down).
-_UNGATED_MODEL_TYPES: Final = frozenset(
-    {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "bert"}
-)
 
 
 class Location(enum.IntEnum):
@@ -102,154 +96,6 @@ def _check_real(name: str, value: object, *, positive: bool = False, finite: boo
         raise ValueError(f"{name} must be > 0, got {v}")
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
-
-
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Shape of a decoder-only transformer: all the planner needs to count FLOPs and bytes.
-
-    Every decoder layer has the same shape, so per-layer costs differ only through where a
-    layer runs; the LM head always runs on the server, where tokens are sampled.
-    """
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_layers: int
-    vocab_size: int
-    #: Bytes per weight and per activation element on the wire (2 for fp16/bf16).
-    dtype_bytes: int = 2
-    #: SwiGLU-style MLP with gate, up and down matrices (Llama); False for GPT-2's two.
-    gated_mlp: bool = True
-
-    def __post_init__(self) -> None:
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "num_layers",
-            "vocab_size",
-            "dtype_bytes",
-        ):
-            _check_int(name, getattr(self, name))
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
-            )
-
-    @property
-    def layer_params(self) -> int:
-        """Weights of one decoder layer (attention projections and MLP; norms are negligible)."""
-        q_dim = self.num_heads * self.head_dim
-        kv_dim = self.num_kv_heads * self.head_dim
-        attention = 2 * self.hidden_size * q_dim + 2 * self.hidden_size * kv_dim
-        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
-        return attention + mlp
-
-    @property
-    def layer_weight_bytes(self) -> int:
-        """Bytes of weights one forward pass through a layer reads."""
-        return self.layer_params * self.dtype_bytes
-
-    def layer_flops(self, new_tokens: float, context_before: Any) -> Any:
-        """FLOPs of one layer for `new_tokens` tokens appended after `context_before` cached ones.
-
-        Linear layers cost 2 FLOPs per weight per token. With a causal mask the t-th new token
-        attends to context_before + t keys, and QK^T and AV cost 2 * head_dim FLOPs per head
-        per (query, key) pair each: this is the term that grows quadratically with length.
-        `context_before` may be a numpy array (one decode step per element).
-        """
-        pairs = new_tokens * context_before + new_tokens * (new_tokens + 1) / 2
-        return 2.0 * self.layer_params * new_tokens + 4.0 * self.num_heads * self.head_dim * pairs
-
-    def kv_bytes(self, tokens: Any) -> Any:
-        """Bytes of one layer's KV cache for `tokens` tokens."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes * tokens
-
-    @property
-    def hidden_bytes_per_token(self) -> int:
-        """Bytes of the residual stream of one token: what crosses a split boundary."""
-        return self.hidden_size * self.dtype_bytes
-
-    @property
-    def lm_head_flops_per_token(self) -> int:
-        """FLOPs of the final projection to the vocabulary for one token."""
-        return 2 * self.hidden_size * self.vocab_size
-
-    @classmethod
-    def preset(cls, name: str) -> ModelShape:
-        """One of `PRESETS` by name (`gpt2`, `llama3-8b`, `llama3-70b`)."""
-        try:
-            return PRESETS[name]
-        except KeyError:
-            known = ", ".join(sorted(PRESETS))
-            raise ValueError(f"unknown model preset {name!r}; known: {known}") from None
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path) -> ModelShape:
-        """Read a Hugging Face `config.json` (or a folder holding one) with the json module.
-
-        Understands Llama-style names (`hidden_size`, `num_key_value_heads`, ...) and GPT-2's
-        (`n_embd`, `n_head`, `n_layer`, `n_inner`); a multimodal config's `text_config` is used
-        when the top level has no hidden size.
-        """
-        file = Path(path)
-        if file.is_dir():
-            file = file / "config.json"
-        try:
-            config = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read a model config from {file}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ValueError(f"{file} does not hold a JSON object")
-        if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
-            config = {**config["text_config"], "model_type": config.get("model_type", "")}
-        return cls._from_config_dict(config, default_name=file.parent.name)
-
-    @classmethod
-    def _from_config_dict(cls, config: dict[str, Any], default_name: str) -> ModelShape:
-        hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
-        heads = _config_int(config, "num_attention_heads", "n_head")
-        model_type = str(config.get("model_type") or "")
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-        return cls(
-            name=model_type or default_name,
-            hidden_size=hidden,
-            intermediate_size=config.get("intermediate_size")
-            or config.get("n_inner")
-            or 4 * hidden,
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
-            num_layers=_config_int(config, "num_hidden_layers", "n_layer"),
-            vocab_size=_config_int(config, "vocab_size"),
-            dtype_bytes=DTYPE_BYTES.get(canonical_dtype(dtype), 2),
-            gated_mlp=model_type not in _UNGATED_MODEL_TYPES,
-        )
-
-
-def _config_int(config: dict[str, Any], *keys: str) -> int:
-    for key in keys:
-        if config.get(key) is not None:
-            return int(config[key])
-    raise ValueError(f"model config has none of {', '.join(keys)}")
-
-
-#: Model shapes used by the CLI and the benchmark (fp16/bf16 weights and activations).
-PRESETS: Final[dict[str, ModelShape]] = {
-    "gpt2": ModelShape("gpt2", 768, 3072, 12, 12, 64, 12, 50257, 2, gated_mlp=False),
-    "llama3-8b": ModelShape("llama3-8b", 4096, 14336, 32, 8, 128, 32, 128256, 2),
-    "llama3-70b": ModelShape("llama3-70b", 8192, 28672, 64, 8, 128, 80, 128256, 2),
-}
 
 
 # --------------------------------------------------------------------------- profiles and request
@@ -479,8 +325,11 @@ def build_costs(
 
     A layer's time is its prefill plus all its decode steps. A boundary crossed by a placement
     carries the prompt's hidden states once (prompt_tokens * hidden * dtype bytes) and one
-    token's hidden state per decode step, each transfer paying half the RTT.
+    token's hidden state per decode step, each transfer paying half the RTT. The shape must
+    know its vocabulary: the LM head's time is part of every plan.
     """
+    if shape.vocab_size < 1:
+        raise ValueError(f"the planner needs the model's vocab_size; {shape} has none")
     work = _layer_work(shape, request)
     n, steps, hidden = request.prompt_tokens, request.decode_steps, shape.hidden_bytes_per_token
     layers = shape.num_layers

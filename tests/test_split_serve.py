@@ -222,7 +222,7 @@ class _Engine:
 
 
 def _service() -> SplitService:
-    shape = ModelShape("tiny", 256, 1024, 4, 2, 64, 6, 4096, dtype_bytes=4)
+    shape = ModelShape(6, 256, 4, 2, 64, 1024, dtype_bytes=4, vocab_size=4096, name="tiny")
     return SplitService(
         engine=_Engine(), config=SplitConfig(), shape=shape, served_names=("tiny",),
         eos_token_id=1, max_model_len=1024,
@@ -276,3 +276,27 @@ def test_observed_steps_raise_the_per_step_overhead() -> None:
     for _ in range(50):
         service.observe_step(0.05)
     assert before < service.step_estimate_s <= 0.05
+
+
+def test_the_service_reads_its_shape_from_the_engine_config() -> None:
+    """The server's ModelShape comes from the engine's HF config in the dtype it serves (not the
+    checkpoint's), named after the model when the config has no model_type."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from adaptivellm.split_server import build_service
+
+    hf = LlamaConfig(
+        num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=600, torch_dtype="float32",
+    )  # fmt: skip
+    model_config = SimpleNamespace(hf_config=hf, dtype=torch.bfloat16, max_model_len=256)
+    engine = SimpleNamespace(model_config=model_config)
+    args = argparse.Namespace(model="tiny-llama", served_model_name=None)
+    config = SplitConfig(server_flops_per_s=1e12, server_mem_bytes_per_s=1e11)
+    service = build_service(engine, config, args)
+    shape = service.shape
+    assert (shape.num_layers, shape.head_dim, shape.num_kv_heads) == (3, 16, 2)
+    assert (shape.dtype_bytes, shape.vocab_size, shape.name) == (2, 600, "llama")
+    assert service.wire_dtype == "bfloat16"

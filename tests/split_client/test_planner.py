@@ -370,7 +370,7 @@ def test_huge_bandwidth_and_fast_client_move_every_layer_to_the_client() -> None
 
 
 def test_one_layer_model() -> None:
-    shape = ModelShape("one", 64, 256, 2, 2, 32, 1, 100)
+    shape = ModelShape(1, 64, 2, 2, 32, 256, dtype_bytes=2, vocab_size=100, name="one")
     costs = build_costs(shape, LAPTOP, SERVER, Request(16, 4, math.inf))
     assert costs.num_layers == 1 and costs.up_time.shape == (0,)
     assert plan_dp(costs).server_workload == plan_brute_force(costs).server_workload
@@ -557,8 +557,8 @@ def test_from_hf_config_errors_are_clear(tmp_path: Path) -> None:
         (lambda: Request(0, 1, 1.0), "prompt_tokens must be an integer >= 1"),
         (lambda: Request(10, True, 1.0), "output_tokens must be an integer"),
         (lambda: Request(10, 1, 0.0), "sla_s must be > 0"),
-        (lambda: ModelShape("x", 64, 256, 2, 2, 32, 0, 100), "num_layers must be an integer >= 1"),
-        (lambda: ModelShape("x", 64, 256, 3, 2, 32, 2, 100), "multiple of num_kv_heads"),
+        (lambda: ModelShape(0, 64, 2, 2, 32, 256), "num_layers must be an integer >= 1"),
+        (lambda: ModelShape(2, 64, 3, 2, 32, 256, vocab_size=100), "multiple of num_kv_heads"),
         (lambda: ModelShape.preset("gpt5"), "unknown model preset 'gpt5'"),
         (lambda: costs_from([1], [1], [1], [1], []), r"up_time must have shape \(0,\)"),
         (lambda: costs_from([-1], [1], [1], [], []), "client_time must be >= 0"),
