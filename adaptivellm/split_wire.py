@@ -20,6 +20,7 @@ import torch
 
 from adaptivellm.split_client.protocol import encode_payload
 from adaptivellm.split_client.shapes import DTYPE_BYTES
+from adaptivellm.split_client.shapes import wire_dtype as wire_dtype
 
 #: Key of the split payload in SamplingParams.extra_args.
 EXTRA_KEY: Final = "adaptivellm_split"
@@ -27,13 +28,6 @@ EXTRA_KEY: Final = "adaptivellm_split"
 TORCH_DTYPES: Final[dict[str, torch.dtype]] = {name: getattr(torch, name) for name in DTYPE_BYTES}
 #: Integer type of the same width, to reinterpret bytes as a float dtype numpy may lack.
 _WORDS: Final = {2: torch.int16, 4: torch.int32}
-
-
-def wire_dtype(model_dtype: Any) -> str:
-    """The dtype a split client sends and the chunk carries: the model's where the wire has
-    it (float32, float16, bfloat16), else float32."""
-    name = str(model_dtype).removeprefix("torch.")
-    return name if name in DTYPE_BYTES else "float32"
 
 
 def pack(layer: int, array: np.ndarray, dtype: str) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from adaptivellm.split_client.protocol import (
     Sampling,
     Token,
 )
-from adaptivellm.split_client.shapes import DTYPE_BYTES
+from adaptivellm.split_client.shapes import DTYPE_BYTES, wire_dtype
 
 if TYPE_CHECKING:
     from openai.types import Completion
@@ -777,7 +777,7 @@ class SplitClient:
     def _exchange(
         self, connection: ClientConnection, plan: Plan, replay: _Replay
     ) -> Iterator[_Step]:
-        wire = plan.dtype if plan.dtype in DTYPE_BYTES else "float32"
+        wire = wire_dtype(plan.dtype)
         row_bytes = plan.hidden_size * DTYPE_BYTES[wire]
         rows = max(1, (self.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes)
         kind: protocol.FrameKind = "prefill"

@@ -57,6 +57,13 @@ def dtype_bytes(dtype: str) -> int:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {known}") from None
 
 
+def wire_dtype(model_dtype: Any) -> str:
+    """The dtype split chunks travel in for a model served in `model_dtype` (a name or a torch
+    dtype): the model's where the wire carries it (float32, float16, bfloat16), else float32."""
+    name = canonical_dtype(str(model_dtype))
+    return name if name in DTYPE_BYTES else "float32"
+
+
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

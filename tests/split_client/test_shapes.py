@@ -33,6 +33,13 @@ def test_every_side_shares_the_table() -> None:
 
     assert protocol.DTYPE_BYTES is features.DTYPE_BYTES is shapes.DTYPE_BYTES
     assert set(split_wire.TORCH_DTYPES) == set(DTYPE_BYTES)
+    # The server picks the chunks' dtype and the client sizes its frames by the same function.
+    assert split_wire.wire_dtype is shapes.wire_dtype
+    assert [shapes.wire_dtype(d) for d in (torch.bfloat16, "half", "int8")] == [
+        "bfloat16",
+        "float16",
+        "float32",
+    ]
 
 
 def test_shapes_imports_nothing_heavy() -> None:
