@@ -805,7 +805,7 @@ class RouterServer:
                     )
                 await client.close(code=1011, message=b"engine_error")
             else:
-                await client.close(code=code)
+                await client.close(code=code if code is not None else 1000)
 
         tasks = [asyncio.create_task(to_upstream()), asyncio.create_task(to_client())]
         try:
