@@ -85,6 +85,21 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Folder for the embedded model (default: $ADAPTIVELLM_CACHE or ~/.cache/adaptivellm).",
     )
+    _add_tenant_arguments(group)
+    _add_turnaround_arguments(group)
+    _add_turnaround_tuning_arguments(group)
+    _add_preemption_arguments(group)
+    _add_split_arguments(group)
+    group.add_argument(
+        "--no-cpu-defaults",
+        action="store_true",
+        help="Keep vLLM's own defaults on CPU (dtype auto, KV cache from "
+        "VLLM_CPU_KVCACHE_SPACE/92%% of the node) instead of AdaptiveLLM's.",
+    )
+
+
+def _add_tenant_arguments(group: argparse._ArgumentGroup) -> None:
+    """The fairness policy and who the tenants are."""
     group.add_argument(
         "--fairness",
         choices=POLICIES,
@@ -123,6 +138,10 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         help="Starvation bound of weighted-turnaround: a request waiting this long goes ahead "
         "of all others that have not (default: %(default)s).",
     )
+
+
+def _add_turnaround_arguments(group: argparse._ArgumentGroup) -> None:
+    """Weighted-turnaround: fairness preemption and the learned service time."""
     group.add_argument(
         "--fairness-preemption",
         action=argparse.BooleanOptionalAction,
@@ -162,6 +181,10 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         "one request at --max-model-len, which keeps the tenants within VTC's own bound of each "
         "other; 0 = strict VTC order across tenants.",
     )
+
+
+def _add_turnaround_tuning_arguments(group: argparse._ArgumentGroup) -> None:
+    """Weighted-turnaround's ranking and step-budget knobs."""
     group.add_argument(
         "--service-time-exponent",
         type=float,
@@ -192,6 +215,10 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         help="How many times the waiting request's gain must exceed the victim's loss "
         "(default: %(default)s; >= 1).",
     )
+
+
+def _add_preemption_arguments(group: argparse._ArgumentGroup) -> None:
+    """How a preempted request keeps its KV cache."""
     group.add_argument(
         "--preemption-mode",
         choices=MODES,
@@ -209,6 +236,10 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         help="Host memory for swapped-out KV blocks, in GiB (default: 4, at most a quarter of "
         "the available memory). When full, victims are recomputed (counted).",
     )
+
+
+def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
+    """Split execution's endpoint and limits."""
     group.add_argument(
         "--split-execution",
         action="store_true",
@@ -240,12 +271,6 @@ def add_adaptivellm_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Server FLOP/s the split planner assumes (default: measured at start-up on CPU, "
         "400e12 on GPU).",
-    )
-    group.add_argument(
-        "--no-cpu-defaults",
-        action="store_true",
-        help="Keep vLLM's own defaults on CPU (dtype auto, KV cache from "
-        "VLLM_CPU_KVCACHE_SPACE/92%% of the node) instead of AdaptiveLLM's.",
     )
 
 
@@ -525,13 +550,23 @@ def _apply_split_runner(args: argparse.Namespace, done: ServeDefaults) -> None:
     pass, so that the split model's Python runs on every split batch. Operator choices that
     break either are refused; the worker checks again (split_runner.check_runner). See
     docs/split_execution.md, "Model runner, CUDA graphs and torch.compile"."""
-    import copy
-
-    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
-    from vllm.envs import maybe_convert_bool
+    from vllm.config import CompilationConfig
 
     if isinstance(args.compilation_config, dict):
         args.compilation_config = CompilationConfig(**args.compilation_config)
+    errors = _split_runner_conflicts(args)
+    if errors:
+        raise SystemExit("adaptivellm serve: --split-execution: " + "; ".join(errors))
+    chosen = _choose_split_runner(args)
+    if chosen:
+        done.note("--split-execution: " + "; ".join(chosen))
+
+
+def _split_runner_conflicts(args: argparse.Namespace) -> list[str]:
+    """The operator's choices that would skip the split model's start layers."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.envs import maybe_convert_bool
+
     compilation = args.compilation_config
     graphs = compilation.cudagraph_mode
     eager = bool(args.enforce_eager)
@@ -571,10 +606,19 @@ def _apply_split_runner(args: argparse.Namespace, done: ServeDefaults) -> None:
             "--enable-dbo/--ubatch-size run the model on micro-batches in other threads, which "
             "do not see the step's start layers"
         )
-    if errors:
-        raise SystemExit("adaptivellm serve: --split-execution: " + "; ".join(errors))
+    return errors
+
+
+def _choose_split_runner(args: argparse.Namespace) -> list[str]:
+    """Select the V1 runner and piecewise graphs where the operator left them unset; returns
+    what was chosen, for the start-up note."""
+    import copy
+
+    from vllm.config import CUDAGraphMode
+
+    compilation = args.compilation_config
     chosen = []
-    if runner is None:
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         chosen.append(
             "VLLM_USE_V2_MODEL_RUNNER=0 (the start-layer hook is on vLLM's V1 model runner; "
@@ -582,7 +626,11 @@ def _apply_split_runner(args: argparse.Namespace, done: ServeDefaults) -> None:
         )
     if "VLLM_USE_BREAKABLE_CUDAGRAPH" not in os.environ:
         os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"  # vLLM may turn it on by itself
-    if not eager and graphs is None and int(args.optimization_level) > 0:
+    if (
+        not args.enforce_eager
+        and compilation.cudagraph_mode is None
+        and int(args.optimization_level) > 0
+    ):
         # A copy: the parser's default CompilationConfig is one object shared by every parse.
         args.compilation_config = copy.deepcopy(compilation)
         args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
@@ -592,8 +640,7 @@ def _apply_split_runner(args: argparse.Namespace, done: ServeDefaults) -> None:
             "eagerly; CUDA's default FULL_AND_PIECEWISE would replay decode batches without the "
             "split model's Python)"
         )
-    if chosen:
-        done.note("--split-execution: " + "; ".join(chosen))
+    return chosen
 
 
 def _architecture(model: str) -> str | None:
