@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptivellm import __version__
+from adaptivellm import __version__, setup_logging
 from adaptivellm.compat import check_vllm_version, installed_vllm
 from adaptivellm.metrics import publish_info, serve_api_metrics_in_process, use_multiprocess_dir
 from adaptivellm.patches import engine_death
@@ -669,21 +669,9 @@ def _apply_cpu_defaults(args: argparse.Namespace, done: ServeDefaults) -> None:
         )
 
 
-def _setup_logging() -> None:
-    root = logging.getLogger("adaptivellm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S")
-        )
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-
-
 def main(argv: list[str]) -> int:
     """Run `adaptivellm serve` with the arguments after `serve`."""
-    _setup_logging()
+    setup_logging()
     check_vllm_version()
     preset = "PROMETHEUS_MULTIPROC_DIR" in os.environ
     use_multiprocess_dir()  # before vLLM imports prometheus_client

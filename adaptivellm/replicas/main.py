@@ -16,6 +16,7 @@ import shlex
 import sys
 from typing import Any
 
+from adaptivellm import setup_logging
 from adaptivellm.replicas.router import ROUTING
 
 logger = logging.getLogger("adaptivellm.replicas")
@@ -140,21 +141,9 @@ def _max_num_seqs(flags: list[str]) -> int | None:
     return pre.parse_known_args(flags)[0].max_num_seqs
 
 
-def _setup_logging() -> None:
-    root = logging.getLogger("adaptivellm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S")
-        )
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-
-
 def main(argv: list[str]) -> int:
     """Run the router and its replicas (`adaptivellm serve --replicas N ...`)."""
-    _setup_logging()
+    setup_logging()
     parser = build_parser()
     opts, rest = parser.parse_known_args(argv)
     if opts.help:
