@@ -51,6 +51,7 @@ from adaptivellm.scheduler.config import (
     finite_or,
 )
 from adaptivellm.scheduler.fail_safe import InternalErrors, initialise_series
+from adaptivellm.scheduler.fairness_policy import create_fairness_policy
 from adaptivellm.scheduler.policies import (
     FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
@@ -61,10 +62,8 @@ from adaptivellm.scheduler.policies import (
     choose_turnaround_victim,
     committed_cost,
     idle_counters_to_drop,
-    order_by_turnaround,
     vtc_charge,
     vtc_lift,
-    vtc_order,
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
 from adaptivellm.scheduler.service_fit import ServiceFit
@@ -158,6 +157,7 @@ class AdaptiveScheduler(Scheduler):
         #: Requests finished with an error this step, whose outputs update_from_output adds.
         self._errored: list[Request] = []
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        self.fairness_policy = create_fairness_policy(self.fairness)
         #: This engine's data-parallel rank: each rank has its own scheduler, counters and
         #: gauges (the gauges' `rank` label).
         self.rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
@@ -225,7 +225,7 @@ class AdaptiveScheduler(Scheduler):
             "preemption_mode": self.preemption.mode,
             "max_num_seqs": self.max_num_running_reqs,
         })  # fmt: skip
-        if self.fairness.policy == "weighted-turnaround":
+        if self.fairness_policy.turnaround:
             logger.info(
                 "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
                 "starvation bound %g s, step cap %g s",
@@ -294,7 +294,7 @@ class AdaptiveScheduler(Scheduler):
         if self._own_policy():
             with self.errors.guard("order_waiting"):
                 self._reorder(self.waiting, now)
-            if self.fairness.policy == "weighted-turnaround":
+            if self.fairness_policy.turnaround:
                 with self.errors.guard("turnaround_preemption"):
                     self._preempt_for_turnaround(now)
             with self.errors.guard("order_running"):
@@ -352,7 +352,7 @@ class AdaptiveScheduler(Scheduler):
         then stands unchanged."""
         limit = self.fairness.max_step_s
         if (
-            self.fairness.policy != "weighted-turnaround"
+            not self.fairness_policy.turnaround
             or limit <= 0
             or not self.scheduler_config.enable_chunked_prefill
             or sum(self.get_request_counts()) < 2
@@ -570,26 +570,7 @@ class AdaptiveScheduler(Scheduler):
         """Most deserving first, by the configured policy."""
         by_id = {r.request_id: r for r in requests}
         infos = [self.tracked[i].info for i in by_id if i in self.tracked]
-        if self.fairness.policy == "vtc":
-            ranked = vtc_order(infos, self.vtc_counters)
-        else:
-            ranked = order_by_turnaround(
-                infos,
-                now,
-                self.service,
-                self.output_estimate,
-                self.fairness.max_wait_s,
-                self.vtc_counters,
-                self.tenant_slack,
-                self.fairness.vtc,
-                self.fairness.service_exponent,
-                self._committed(exclude=by_id),
-                {
-                    i: (r.num_output_tokens, r.num_computed_tokens)
-                    for i, r in by_id.items()
-                    if r.num_output_tokens or r.num_computed_tokens
-                },
-            )
+        ranked = self.fairness_policy.order(self, by_id, infos, now)
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.
         ordered += [r for i, r in by_id.items() if i not in self.tracked]
@@ -735,7 +716,7 @@ class AdaptiveScheduler(Scheduler):
     def _own_policy(self) -> bool:
         """vtc or weighted-turnaround: AdaptiveLLM's own policies, which re-order the queue and
         keep per-tenant virtual token counters (fcfs and priority are vLLM's)."""
-        return self.fairness.policy in ("vtc", "weighted-turnaround")
+        return self.fairness_policy.reorders
 
     def _leave(self, tenant: str) -> None:
         """One live request of `tenant` is gone; when it was the last, the tenant goes idle and

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -24,6 +24,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from adaptivellm.model import ensure_model
 from adaptivellm.scheduler import swap_connector
 from adaptivellm.scheduler.config import FairnessConfig
+from adaptivellm.scheduler.fairness_policy import create_fairness_policy
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 
 BLOCK_SIZE = 16
@@ -58,7 +59,7 @@ def make_scheduler(
     CUDA (the CPU platform turns it off while the config is built, so it is set back after):
     `AdaptiveScheduler` then builds `AdaptiveAsyncScheduler`; pass `AsyncScheduler` for stock's."""
     model = str(ensure_model())  # only its config.json is read
-    policy: Literal["fcfs", "priority"] = "priority" if fairness.policy == "priority" else "fcfs"
+    policy = create_fairness_policy(fairness).queue
     scheduler_config = SchedulerConfig(
         max_model_len=max_model_len,
         is_encoder_decoder=False,

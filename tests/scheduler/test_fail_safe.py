@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from vllm.v1.request import RequestStatus
 
+from adaptivellm.scheduler import fairness_policy
 from adaptivellm.scheduler import scheduler as scheduler_module
 from adaptivellm.scheduler.config import (
     EFFECTIVE_WEIGHT_RANGE,
@@ -163,7 +164,7 @@ def three_requests(scheduler: AdaptiveScheduler, clock: Clock) -> Run:
 
 
 def test_policy_that_raises_leaves_vllms_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_module, "order_by_turnaround", boom)
+    monkeypatch.setattr(fairness_policy, "order_by_turnaround", boom)
     before = counted("order_waiting")
     scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
     run = three_requests(scheduler, clock)
