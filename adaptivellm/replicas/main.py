@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import shlex
 import sys
 from typing import Any
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replica-poll-s", type=float, default=1.0,
                    help="how often each replica's /health and /metrics are read "
                    "(default: %(default)s)")  # fmt: skip
+    r.add_argument("--replica-unhealthy-after", type=int, default=3,
+                   help="consecutive /health polls that time out before a replica is taken "
+                   "out of routing; a refused connection or an error answer takes it out at "
+                   "once (default: %(default)s)")  # fmt: skip
     r.add_argument("--router-max-retries", type=int, default=2,
                    help="other replicas tried for a request whose replica failed before "
                    "answering (default: %(default)s)")  # fmt: skip
@@ -141,6 +146,24 @@ def _max_num_seqs(flags: list[str]) -> int | None:
     return pre.parse_known_args(flags)[0].max_num_seqs
 
 
+def check_router_flags(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace, count: int, urls: list[str]
+) -> None:
+    """Refuse bad router flags before any replica starts (argparse's usage error, exit 2)."""
+    if count < 1:
+        parser.error("--replicas must be >= 1")
+    if urls and len(urls) != count:
+        parser.error(f"--replicas {count} but {len(urls)} --replica-urls")
+    if opts.router_target_backlog is not None and opts.router_target_backlog < 1:
+        parser.error("--router-target-backlog must be >= 1")
+    if opts.router_queue_limit < 0:
+        parser.error("--router-queue-limit must be >= 0")
+    if not (math.isfinite(opts.replica_poll_s) and opts.replica_poll_s > 0):
+        parser.error("--replica-poll-s must be a positive number of seconds")
+    if opts.replica_unhealthy_after < 1:
+        parser.error("--replica-unhealthy-after must be >= 1")
+
+
 def main(argv: list[str]) -> int:
     """Run the router and its replicas (`adaptivellm serve --replicas N ...`)."""
     setup_logging()
@@ -152,10 +175,7 @@ def main(argv: list[str]) -> int:
         return 0
     urls = [u for u in (opts.replica_urls or "").split(",") if u.strip()]
     count = opts.replicas if opts.replicas is not None else len(urls)
-    if count < 1:
-        parser.error("--replicas must be >= 1")
-    if urls and len(urls) != count:
-        parser.error(f"--replicas {count} but {len(urls)} --replica-urls")
+    check_router_flags(parser, opts, count, urls)
     extra = extras(opts.replica_extra, count)
 
     from adaptivellm.replicas.proxy import RouterOptions, RouterServer, StaticReplicas
@@ -217,6 +237,7 @@ def main(argv: list[str]) -> int:
         queue_limit=opts.router_queue_limit,
         global_fairness=opts.global_fairness,
         poll_s=opts.replica_poll_s,
+        unhealthy_after=opts.replica_unhealthy_after,
         session_header=opts.session_header,
         session_imbalance=opts.session_imbalance,
         max_retries=opts.router_max_retries,
@@ -225,8 +246,6 @@ def main(argv: list[str]) -> int:
         tenant_weights=weights,
         tenant_of_key=keys,
     )
-    if options.target_backlog is not None and options.target_backlog < 1:
-        parser.error("--router-target-backlog must be >= 1")
     server = RouterServer(backends, options)
     from aiohttp import web
 

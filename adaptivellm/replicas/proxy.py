@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -103,6 +104,12 @@ class RouterOptions:
     queue_limit: int = 1024
     global_fairness: bool = True
     poll_s: float = 1.0
+    #: Consecutive /health polls that time out before a replica is taken out of routing. A
+    #: refused connection or a non-200 answer takes it out at once; a slow answer (a busy API
+    #: server on shared cores) is not a failure until it repeats.
+    unhealthy_after: int = 3
+    #: Seconds a /health or /metrics poll may take (None: 3 poll periods, at least 3 s).
+    poll_timeout_s: float | None = None
     session_header: str = "X-Session-Id"
     session_imbalance: float = 3.0
     max_retries: int = 2
@@ -247,6 +254,18 @@ class StreamUsage:
         return self.tail in (b"", b"\n\n") or self.tail.endswith(b"\n\n")
 
 
+def keepalive_s() -> float:
+    """Seconds the router keeps an idle connection to a replica: half the replica's own
+    keep-alive (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, default 5), at most 2."""
+    try:
+        replica_s = float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5"))
+    except ValueError:
+        replica_s = 5.0
+    if not math.isfinite(replica_s) or replica_s <= 0:
+        replica_s = 5.0
+    return max(0.1, min(2.0, replica_s / 2))
+
+
 def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
     """An OpenAI-style error object."""
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -272,6 +291,8 @@ class RouterServer:
         self.router = Router(options.routing, options.session_imbalance)
         self.ledger = Ledger(weights=dict(options.tenant_weights))
         self.queue: FairQueue[Pending] = FairQueue(options.queue_limit)
+        #: The most requests that ever waited at once (the status endpoint's queue_peak).
+        self.queue_peak = 0
         self.jain = JainWindow()
         self.metrics = RouterMetrics(n)
         self.typical = Job(prompt_tokens=64, max_tokens=options.default_max_tokens)
@@ -300,7 +321,10 @@ class RouterServer:
     async def _startup(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            connector=aiohttp.TCPConnector(limit=0),
+            # Idle connections are dropped before the replica's own keep-alive closes them
+            # (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): a POST sent on a connection the
+            # replica is closing fails, and would read as a replica failure.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s()),
             auto_decompress=False,
         )
         self.jain.begin(time.monotonic(), set())
@@ -344,22 +368,31 @@ class RouterServer:
         if replica.url is None:
             return
         assert self.session is not None
-        ready = False
-        published = None
+        seconds = self.options.poll_timeout_s or max(3.0, 3 * self.options.poll_s)
+        timeout = aiohttp.ClientTimeout(total=seconds)
         try:
-            timeout = aiohttp.ClientTimeout(total=max(3.0, 3 * self.options.poll_s))
             async with self.session.get(f"{replica.url}/health", timeout=timeout) as r:
                 ready = r.status == 200
+            replica.health_timeouts = 0
+        except asyncio.TimeoutError:
+            replica.health_timeouts += 1
+            ready = replica.ready and replica.health_timeouts < self.options.unhealthy_after
             if ready:
-                async with self.session.get(f"{replica.url}/metrics", timeout=timeout) as r:
-                    published = parse_load(await r.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                logger.info("replica %d: /health timed out (%d in a row)", index,
+                            replica.health_timeouts)  # fmt: skip
+        except (aiohttp.ClientError, OSError):
             ready = False
         if ready != replica.ready:
             logger.info("replica %d %s (%s)", index, "ready" if ready else "not ready", replica.url)
         self._set_ready(replica, ready)
-        if published is not None:
-            replica.polled(published)
+        if not ready:
+            return
+        try:  # its load: a slow or failed scrape leaves the last one, and the replica ready
+            async with self.session.get(f"{replica.url}/metrics", timeout=timeout) as r:
+                if r.status == 200:
+                    replica.polled(parse_load(await r.text()))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            logger.debug("replica %d: /metrics not read: %r", index, exc)
 
     def _set_ready(self, replica: ReplicaState, ready: bool) -> None:
         replica.ready = ready
@@ -439,6 +472,7 @@ class RouterServer:
             raise Busy()
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         entry = self.queue.push(job.tenant, Pending(job, future, exclude))
+        self.queue_peak = max(self.queue_peak, len(self.queue))
         self.metrics.queued.inc()
         self.metrics.queue_depth.set(len(self.queue))
         self._kick()
@@ -852,6 +886,7 @@ class RouterServer:
                 "routing": self.options.routing,
                 "global_fairness": self.options.global_fairness,
                 "queue_depth": len(self.queue),
+                "queue_peak": self.queue_peak,
                 "counters": self.ledger.counters,
                 "served": self.ledger.served,
                 "tenant_dispatches": self.tenant_dispatches,

@@ -91,6 +91,8 @@ class ReplicaState:
     #: Sent and finished since the last poll (the published load's age).
     dispatched_since_poll: int = 0
     finished_since_poll: int = 0
+    #: Consecutive /health polls that timed out.
+    health_timeouts: int = 0
 
     def polled(self, published: Published) -> None:
         """A fresh report: what was dispatched before it is now in its counts."""

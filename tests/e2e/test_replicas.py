@@ -178,37 +178,49 @@ def test_all_replicas_busy_and_the_queue_full_answers_429(router: str) -> None:
         async with httpx.AsyncClient(headers=AUTH, timeout=300) as c:
             hold = [asyncio.create_task(c.post(f"{router}/v1/completions", json=body))
                     for _ in range(2 * TARGET_BACKLOG + QUEUE_LIMIT + extra)]  # fmt: skip
-            peak = 0
+            deepest = 0
             try:
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 120
                 while True:
                     await asyncio.sleep(0.2)
                     async with httpx.AsyncClient(timeout=30) as s:
                         depth = (await s.get(f"{router}/router/replicas")).json()["queue_depth"]
-                    peak = max(peak, depth)
+                    deepest = max(deepest, depth)
                     rejected = [
                         t.result() for t in hold
                         if t.done() and not t.exception() and t.result().status_code == 429
                     ]  # fmt: skip
-                    if rejected and peak >= QUEUE_LIMIT:
-                        return rejected, peak
+                    if rejected:
+                        return rejected, deepest
                     if time.monotonic() > deadline:
                         outcomes = [repr(t.exception()) if t.exception() else t.result()
                                     for t in hold if t.done()]  # fmt: skip
-                        raise AssertionError(f"peak queue {peak}, done: {outcomes}")
+                        raise AssertionError(f"no 429; queue seen {deepest}, done: {outcomes}")
             finally:
                 for task in hold:  # the client goes away: the router drops them everywhere
                     task.cancel()
                 await asyncio.gather(*hold, return_exceptions=True)
 
-    rejected, peak = asyncio.run(run())
-    assert peak == QUEUE_LIMIT  # never more than the limit waits
+    rejected, deepest = asyncio.run(run())
+    assert deepest <= QUEUE_LIMIT  # never more than the limit waits, as sampled
+    # The router's own high-water mark: the queue filled to its limit, not beyond. (Sampling
+    # the depth from here can miss the peak when requests trickle in on a loaded machine.)
+    assert status(router)["queue_peak"] == QUEUE_LIMIT
     assert 1 <= len(rejected) <= extra
     for r in rejected:
         assert int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["code"] == 429
-    deadline = time.monotonic() + 60  # the cancelled ones leave the queue and the replicas
-    while (s := status(router))["queue_depth"] or any(r["inflight"] for r in s["replicas"]):
+    wait_idle(router)  # the cancelled ones leave the queue and the replicas
+
+
+def wait_idle(router: str, timeout: float = 60) -> None:
+    """Until nothing waits at the router or runs on a replica, and both replicas are ready."""
+    deadline = time.monotonic() + timeout
+    while (
+        (s := status(router))["queue_depth"]
+        or any(r["inflight"] or r["published"]["running"] for r in s["replicas"])
+        or not all(r["ready"] for r in s["replicas"])
+    ):
         assert time.monotonic() < deadline, s
         time.sleep(0.2)
 
@@ -240,6 +252,7 @@ def test_global_fairness_with_a_heavy_tenant_pinned_to_one_replica(router: str) 
             await asyncio.gather(*(worker(c, t) for t in ("heavy", "light") for _ in range(5)))
         return tokens
 
+    wait_idle(router)  # a measurement from a quiet start: nothing left of earlier tests
     before = status(router)["tenant_dispatches"]
     tokens = asyncio.run(run())
     after = status(router)

@@ -28,6 +28,9 @@ class Fake:
     #: "ok", "refuse" (drop the connection before answering), "cut" (stream 3 events, then drop)
     mode: str = "ok"
     delay_s: float = 0.0
+    #: Seconds /health and /metrics take to answer (a busy API server).
+    health_delay_s: float = 0.0
+    metrics_delay_s: float = 0.0
     bodies: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     runner: web.AppRunner | None = None
@@ -37,9 +40,11 @@ class Fake:
         return f"http://127.0.0.1:{self.port}"
 
     async def health(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay_s)
         return web.Response(status=200 if self.healthy else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.metrics_delay_s)
         text = (
             "# HELP vllm:num_requests_running running\n# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{engine="0"}} 0.0\n'
@@ -196,7 +201,7 @@ def test_all_busy_queue_full_answers_429_and_no_replica_503() -> None:
                 await asyncio.sleep(0.1)
                 queued = asyncio.create_task(client.post(f"{url}/v1/completions", json={}))
                 await asyncio.sleep(0.1)
-                assert len(server.queue) == 1
+                assert len(server.queue) == 1 and server.queue_peak == 1
                 rejected = await client.post(f"{url}/v1/completions", json={})
                 assert rejected.status_code == 429
                 assert int(rejected.headers["Retry-After"]) >= 1
@@ -214,6 +219,39 @@ def test_all_busy_queue_full_answers_429_and_no_replica_503() -> None:
             text = await metrics_text(url)
             assert metric_value(text, "adaptivellm_router_rejected_total", 'code="429"') == 1
             assert metric_value(text, "adaptivellm_router_rejected_total", 'code="503"') == 1
+
+    run(main())
+
+
+def test_a_slow_health_poll_is_not_a_failure_until_it_repeats() -> None:
+    """A busy replica's API server may answer /health or /metrics late: it stays in routing
+    until `unhealthy_after` polls in a row time out; a slow /metrics never takes it out."""
+
+    async def main() -> None:
+        fake = Fake("a", metrics_delay_s=1.0)
+        opts = {"poll_timeout_s": 0.2, "unhealthy_after": 4}
+        async with routed([fake], **opts) as (url, server):
+            replica = server.replicas[0]
+            assert replica.ready
+            await asyncio.sleep(0.6)  # several polls whose /metrics timed out
+            assert replica.ready
+            async with httpx.AsyncClient(timeout=10) as client:
+                assert (await client.post(f"{url}/v1/completions", json={})).status_code == 200
+            fake.health_delay_s = 1.0
+            while replica.health_timeouts == 0:
+                await asyncio.sleep(0.02)
+            assert replica.ready  # one late answer is not a failure
+            while replica.ready:
+                await asyncio.sleep(0.02)
+            assert replica.health_timeouts == 4  # out after the 4th in a row
+            fake.health_delay_s = 0.0
+            while not replica.ready:
+                await asyncio.sleep(0.02)
+            assert replica.health_timeouts == 0
+            fake.healthy = False  # an error answer takes it out at once, no timeouts counted
+            while replica.ready:
+                await asyncio.sleep(0.02)
+            assert replica.health_timeouts == 0
 
     run(main())
 
