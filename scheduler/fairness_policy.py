@@ -2,39 +2,127 @@
 (in the spirit of vLLM's `create_request_queue(policy)`): the scheduler asks its policy instead
 of comparing policy names.
 
-First step of #32 item 1: the policies order requests and say which of the scheduler's
-weighted-turnaround rules apply; their state (tenant ledger, service fit, output estimate) is
-still the scheduler's, read through the scheduler passed to `order`."""
+A policy orders requests, names the running request to preempt for a waiting one (only
+weighted-turnaround does), and owns its state: the tenant ledger (per-tenant virtual token
+counters and live requests; `TenantLedger`) and, for weighted-turnaround, the tenant slack. The
+scheduler calls the ledger's hooks as requests arrive, are scheduled and finish. What every
+policy shares, the learned service-time model and the output-length estimate, stays the
+scheduler's (its gauges and metrics are published under every policy); a policy reads them
+through `SchedulerView`.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
+from collections.abc import Container, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from adaptivellm.scheduler.config import FairnessConfig
-from adaptivellm.scheduler.policies import RequestInfo, order_by_turnaround, vtc_order
+from adaptivellm.scheduler.config import FairnessConfig, VTCWeights
+from adaptivellm.scheduler.policies import (
+    OutputLengthEstimate,
+    RequestInfo,
+    RunningInfo,
+    ServiceModel,
+    choose_turnaround_victim,
+    idle_counters_to_drop,
+    order_by_turnaround,
+    vtc_charge,
+    vtc_lift,
+    vtc_order,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
-    from adaptivellm.scheduler.scheduler import AdaptiveScheduler
+logger = logging.getLogger(__name__)
+
+
+class SchedulerView(Protocol):
+    """What a policy reads of the scheduler."""
+
+    @property
+    def service(self) -> ServiceModel:
+        """The service-time model requests are ranked with."""
+        ...
+
+    @property
+    def output_estimate(self) -> OutputLengthEstimate: ...
+
+    def committed(self, exclude: Container[str]) -> dict[str, float]:
+        """Per tenant, the predicted cost still to be charged for its running requests but
+        those in `exclude`."""
+        ...
+
+
+class TenantLedger:
+    """Per-tenant virtual token counters (VTC) and live requests.
+
+    `keeps_counters` False (fcfs, priority): only live requests are counted. A tenant's counter
+    is lifted to the least active one when it becomes active (its first live request), so idle
+    time banks no credit; a tenant already waiting keeps its deficit. When a tenant goes idle,
+    the idle counters that no longer matter are dropped (policies.idle_counters_to_drop)."""
+
+    def __init__(self, costs: VTCWeights, keeps_counters: bool) -> None:
+        self.costs = costs
+        self.keeps_counters = keeps_counters
+        self.counters: dict[str, float] = {}
+        #: Live (tracked) requests per active tenant; a tenant with none is idle.
+        self.live: dict[str, int] = defaultdict(int)
+        #: Counter of the tenant that went idle last (vtc_lift's floor with no tenant active).
+        self.last_left = 0.0
+
+    def admit(self, tenant: str) -> None:
+        """A new live request of `tenant`."""
+        self.live[tenant] += 1
+        if self.keeps_counters and self.live[tenant] == 1:
+            self.counters[tenant] = vtc_lift(self.counters, tenant, self.live, self.last_left)
+
+    def charge(self, tenant: str, prompt: int, output: int, weight: float) -> None:
+        """`prompt` prompt and `output` output tokens of a request of `tenant` were scheduled."""
+        self.counters[tenant] = vtc_charge(
+            self.counters.get(tenant, 0.0), prompt, output, weight, self.costs
+        )
+
+    def leave(self, tenant: str) -> None:
+        """One live request of `tenant` is gone."""
+        self.live[tenant] -= 1
+        if self.live[tenant] > 0:
+            return
+        del self.live[tenant]
+        if self.keeps_counters:
+            self.last_left = self.counters.get(tenant, 0.0)
+            for idle in idle_counters_to_drop(self.counters, self.live, self.last_left):
+                del self.counters[idle]
 
 
 class FairnessPolicy(Protocol):
     queue: Literal["fcfs", "priority"]
     """vLLM's waiting-queue policy underneath."""
     reorders: bool
-    """AdaptiveLLM re-orders the queue and keeps per-tenant counters (False: vLLM's order)."""
+    """AdaptiveLLM re-orders the queue (False: vLLM's order)."""
     turnaround: bool
     """Weighted-turnaround's rules apply: preemption for turnaround and the step-time cap."""
+    ledger: TenantLedger
 
     def order(
         self,
-        scheduler: AdaptiveScheduler,
-        requests: dict[str, Request],
         infos: list[RequestInfo],
+        requests: Mapping[str, Request],
         now: float,
+        view: SchedulerView,
     ) -> list[RequestInfo]:
         """`infos` (of `requests`), most deserving first."""
+        ...
+
+    def turnaround_victim(
+        self,
+        candidate: RequestInfo,
+        running: Sequence[RunningInfo],
+        now: float,
+        view: SchedulerView,
+    ) -> RequestInfo | None:
+        """The running request to preempt so that `candidate` takes its batch slot, or None."""
         ...
 
 
@@ -44,65 +132,107 @@ class PassThrough:
     reorders = False
     turnaround = False
 
-    def __init__(self, queue: Literal["fcfs", "priority"]) -> None:
+    def __init__(self, queue: Literal["fcfs", "priority"], config: FairnessConfig) -> None:
         self.queue = queue
+        self.ledger = TenantLedger(config.vtc, keeps_counters=False)
 
     def order(
         self,
-        scheduler: AdaptiveScheduler,
-        requests: dict[str, Request],
         infos: list[RequestInfo],
+        requests: Mapping[str, Request],
         now: float,
+        view: SchedulerView,
     ) -> list[RequestInfo]:
         return infos
 
+    def turnaround_victim(
+        self,
+        candidate: RequestInfo,
+        running: Sequence[RunningInfo],
+        now: float,
+        view: SchedulerView,
+    ) -> RequestInfo | None:
+        return None
 
-class VirtualTokenCounter:
+
+class VirtualTokenCounter(PassThrough):
     """vtc: the tenant with the smallest weighted counter goes next (policies.vtc_order)."""
 
-    queue: Literal["fcfs", "priority"] = "fcfs"
     reorders = True
-    turnaround = False
+
+    def __init__(self, config: FairnessConfig) -> None:
+        self.queue = "fcfs"
+        self.ledger = TenantLedger(config.vtc, keeps_counters=True)
 
     def order(
         self,
-        scheduler: AdaptiveScheduler,
-        requests: dict[str, Request],
         infos: list[RequestInfo],
+        requests: Mapping[str, Request],
         now: float,
+        view: SchedulerView,
     ) -> list[RequestInfo]:
-        return vtc_order(infos, scheduler.vtc_counters)
+        return vtc_order(infos, self.ledger.counters)
 
 
-class WeightedTurnaround:
+class WeightedTurnaround(VirtualTokenCounter):
     """weighted-turnaround: policies.order_by_turnaround, with preemption for turnaround and
     the step-time cap."""
 
-    queue: Literal["fcfs", "priority"] = "fcfs"
-    reorders = True
     turnaround = True
+
+    def __init__(self, config: FairnessConfig, max_model_len: int) -> None:
+        super().__init__(config)
+        self.config = config
+        #: Counter units a tenant ahead may still be served within (order_by_turnaround).
+        self.tenant_slack = config.tenant_slack(max_model_len)
+        logger.info(
+            "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
+            "starvation bound %g s, step cap %g s",
+            config.service_exponent,
+            self.tenant_slack,
+            " (auto)" if config.tenant_slack_tokens is None else "",
+            config.max_wait_s,
+            config.max_step_s,
+        )
 
     def order(
         self,
-        scheduler: AdaptiveScheduler,
-        requests: dict[str, Request],
         infos: list[RequestInfo],
+        requests: Mapping[str, Request],
         now: float,
+        view: SchedulerView,
     ) -> list[RequestInfo]:
-        s = scheduler
+        c = self.config
         progress = {i: (r.num_output_tokens, r.num_computed_tokens)
                     for i, r in requests.items()
                     if r.num_output_tokens or r.num_computed_tokens}  # fmt: skip
-        return order_by_turnaround(infos, now, s.service, s.output_estimate,
-                                   s.fairness.max_wait_s, s.vtc_counters, s.tenant_slack,
-                                   s.fairness.vtc, s.fairness.service_exponent,
-                                   s._committed(exclude=requests), progress)  # fmt: skip
+        return order_by_turnaround(infos, now, view.service, view.output_estimate, c.max_wait_s,
+                                   self.ledger.counters, self.tenant_slack, c.vtc,
+                                   c.service_exponent, view.committed(exclude=requests),
+                                   progress)  # fmt: skip
+
+    def turnaround_victim(
+        self,
+        candidate: RequestInfo,
+        running: Sequence[RunningInfo],
+        now: float,
+        view: SchedulerView,
+    ) -> RequestInfo | None:
+        c = self.config
+        return choose_turnaround_victim(candidate, running, now, view.service,
+                                        view.output_estimate, c.preemption, c.max_wait_s,
+                                        self.ledger.counters, self.tenant_slack)  # fmt: skip
 
 
-def create_fairness_policy(config: FairnessConfig) -> FairnessPolicy:
+def waiting_queue(config: FairnessConfig) -> Literal["fcfs", "priority"]:
+    """vLLM's waiting-queue policy under `config.policy` (vLLM's --scheduling-policy)."""
+    return "priority" if config.policy == "priority" else "fcfs"
+
+
+def create_fairness_policy(config: FairnessConfig, max_model_len: int) -> FairnessPolicy:
     """The policy object of `config.policy` (validated by FairnessConfig)."""
     if config.policy == "vtc":
-        return VirtualTokenCounter()
+        return VirtualTokenCounter(config)
     if config.policy == "weighted-turnaround":
-        return WeightedTurnaround()
-    return PassThrough("priority" if config.policy == "priority" else "fcfs")
+        return WeightedTurnaround(config, max_model_len)
+    return PassThrough(waiting_queue(config), config)

@@ -59,11 +59,7 @@ from adaptivellm.scheduler.policies import (
     RunningInfo,
     ServiceModel,
     backlogged_jain,
-    choose_turnaround_victim,
     committed_cost,
-    idle_counters_to_drop,
-    vtc_charge,
-    vtc_lift,
 )
 from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
 from adaptivellm.scheduler.service_fit import ServiceFit
@@ -157,11 +153,15 @@ class AdaptiveScheduler(Scheduler):
         #: Requests finished with an error this step, whose outputs update_from_output adds.
         self._errored: list[Request] = []
         self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
-        self.fairness_policy = create_fairness_policy(self.fairness)
+        self.fairness_policy = create_fairness_policy(
+            self.fairness, self.vllm_config.model_config.max_model_len
+        )
+        #: Per-tenant counters and live requests, the policy's (fairness_policy.TenantLedger).
+        self.ledger = self.fairness_policy.ledger
         #: This engine's data-parallel rank: each rank has its own scheduler, counters and
         #: gauges (the gauges' `rank` label).
         self.rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
-        if self._own_policy() and self.policy != SchedulingPolicy.FCFS:
+        if self.fairness_policy.reorders and self.policy != SchedulingPolicy.FCFS:
             # The policy orders a FCFS queue itself, and a request's priority already scales
             # its weight; vLLM's priority heap cannot be re-ordered, nor its victim rule used.
             logger.warning(
@@ -173,15 +173,8 @@ class AdaptiveScheduler(Scheduler):
             self.policy = SchedulingPolicy.FCFS
             self.waiting = create_request_queue(self.policy)
             self.kv_holding_waiting = create_request_queue(self.policy)
-        #: Counter units a tenant ahead may still be served within (policies.order_by_turnaround).
-        self.tenant_slack = self.fairness.tenant_slack(self.vllm_config.model_config.max_model_len)
         self.tracked: dict[str, Tracked] = {}
         self.output_estimate = OutputLengthEstimate()
-        self.vtc_counters: dict[str, float] = {}
-        #: Live (tracked) requests per active tenant; a tenant with none is idle.
-        self.live_requests: dict[str, int] = defaultdict(int)
-        #: Counter of the tenant that went idle last (vtc_lift's floor with no tenant active).
-        self._last_left = 0.0
         self.served_tokens: dict[str, float] = defaultdict(float)
         #: adaptivellm_tenant_served_tokens' child per tenant label (labels() takes a lock).
         self._tenant_tokens: dict[str, Any] = {}
@@ -225,16 +218,16 @@ class AdaptiveScheduler(Scheduler):
             "preemption_mode": self.preemption.mode,
             "max_num_seqs": self.max_num_running_reqs,
         })  # fmt: skip
-        if self.fairness_policy.turnaround:
-            logger.info(
-                "weighted-turnaround: service-time exponent %g, tenant slack %g counter units%s, "
-                "starvation bound %g s, step cap %g s",
-                self.fairness.service_exponent,
-                self.tenant_slack,
-                " (auto)" if self.fairness.tenant_slack_tokens is None else "",
-                self.fairness.max_wait_s,
-                self.fairness.max_step_s,
-            )
+
+    @property
+    def vtc_counters(self) -> dict[str, float]:
+        """Per-tenant virtual token counters (the policy's ledger; empty under fcfs/priority)."""
+        return self.ledger.counters
+
+    @property
+    def live_requests(self) -> dict[str, int]:
+        """Live (tracked) requests per active tenant."""
+        return self.ledger.live
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -254,18 +247,12 @@ class AdaptiveScheduler(Scheduler):
         super().add_request(request)
 
     def _track(self, request: Request) -> None:
-        """Remember a new request's tenant and weight; lift its tenant's counter (VTC) when
-        it becomes active. Without it, a request keeps its arrival place."""
+        """Remember a new request's tenant and weight, and admit it to the tenant ledger.
+        Without it, a request keeps its arrival place."""
         info = request_info(request, self.fairness)
         predicted = self.output_estimate.predict(info.max_tokens)
         self.tracked[request.request_id] = Tracked(info, predicted)
-        self.live_requests[info.tenant] += 1
-        # VTC lifts a tenant's counter when it becomes active (its first live request), so
-        # idle time banks no credit; a tenant that is already waiting keeps its deficit.
-        if self._own_policy() and self.live_requests[info.tenant] == 1:
-            self.vtc_counters[info.tenant] = vtc_lift(
-                self.vtc_counters, info.tenant, self.live_requests, self._last_left
-            )
+        self.ledger.admit(info.tenant)
 
     def _fail(self, request_id: str, where: str, exc: Exception) -> None:
         """Count the error and finish the request with an error result at the start of the
@@ -291,12 +278,11 @@ class AdaptiveScheduler(Scheduler):
         if self._failed:
             with self.errors.guard("finish_failed"):
                 self._finish_failed()
-        if self._own_policy():
+        if self.fairness_policy.reorders:
             with self.errors.guard("order_waiting"):
                 self._reorder(self.waiting, now)
-            if self.fairness_policy.turnaround:
-                with self.errors.guard("turnaround_preemption"):
-                    self._preempt_for_turnaround(now)
+            with self.errors.guard("turnaround_preemption"):
+                self._preempt_for_turnaround(now)
             with self.errors.guard("order_running"):
                 if self._preemption_possible():
                     self.running[:] = self._order(self.running, now)
@@ -491,7 +477,12 @@ class AdaptiveScheduler(Scheduler):
         slot to free either way. The victim's KV cache is swapped or recomputed like any
         victim's (_preempt_request)."""
         rule = self.fairness.preemption
-        if not rule.enabled or not self.waiting or len(self.running) < self.max_num_active_reqs:
+        if (
+            not self.fairness_policy.turnaround
+            or not rule.enabled
+            or not self.waiting
+            or len(self.running) < self.max_num_active_reqs
+        ):
             return
         by_id = {r.request_id: r for r in self.running}
         running: list[RunningInfo] = []
@@ -522,17 +513,7 @@ class AdaptiveScheduler(Scheduler):
                 RequestStatus.PREEMPTED,
             ):
                 continue
-            victim_info = choose_turnaround_victim(
-                tracked.info,
-                running,
-                now,
-                self.service,
-                self.output_estimate,
-                rule,
-                self.fairness.max_wait_s,
-                self.vtc_counters,
-                self.tenant_slack,
-            )
+            victim_info = self.fairness_policy.turnaround_victim(tracked.info, running, now, self)
             if victim_info is not None:
                 self._preempt_for(candidate, by_id[victim_info.request_id])
                 return
@@ -570,13 +551,13 @@ class AdaptiveScheduler(Scheduler):
         """Most deserving first, by the configured policy."""
         by_id = {r.request_id: r for r in requests}
         infos = [self.tracked[i].info for i in by_id if i in self.tracked]
-        ranked = self.fairness_policy.order(self, by_id, infos, now)
+        ranked = self.fairness_policy.order(infos, by_id, now, self)
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.
         ordered += [r for i, r in by_id.items() if i not in self.tracked]
         return ordered
 
-    def _committed(self, exclude: Container[str]) -> dict[str, float]:
+    def committed(self, exclude: Container[str]) -> dict[str, float]:
         """Per tenant, the predicted cost still to be charged for its running requests but
         those in `exclude` (the requests being ordered): see order_by_turnaround."""
         pending: dict[str, float] = defaultdict(float)
@@ -612,7 +593,7 @@ class AdaptiveScheduler(Scheduler):
             used = self.swap.space.used * self.swap.bytes_per_block
             metrics.swap_space_bytes.labels(rank=self.rank).set(used)
         prefill = decode = 0
-        own = self._own_policy()
+        ledger = self.ledger if self.ledger.keeps_counters else None
         served: dict[str, int] = {}
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
@@ -631,12 +612,9 @@ class AdaptiveScheduler(Scheduler):
                 tracked.first_scheduled = now
                 metrics.queue_wait.observe(max(0.0, now - info.arrival_time))
             served[info.tenant] = served.get(info.tenant, 0) + n
-            if own:
+            if ledger is not None:
                 charged = max(0, min(n, request.num_prompt_tokens - before))
-                self.vtc_counters[info.tenant] = vtc_charge(
-                    self.vtc_counters.get(info.tenant, 0.0), charged, n - charged, info.weight,
-                    self.fairness.vtc,
-                )  # fmt: skip
+                ledger.charge(info.tenant, charged, n - charged, info.weight)
         for tenant, tokens in served.items():
             label = tenant
             if label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
@@ -706,31 +684,12 @@ class AdaptiveScheduler(Scheduler):
             self.split_chunks.drop(rid)
             tracked = self.tracked.pop(rid, None)
             if tracked is not None:
-                self._leave(tracked.info.tenant)
+                self.ledger.leave(tracked.info.tenant)
                 self._record_finish(tracked, request)
         if self.swap is not None:
             with self.errors.guard("swap_release", rid):
                 self.swap.release(rid)
         return super()._free_request(request, delay_free_blocks)
-
-    def _own_policy(self) -> bool:
-        """vtc or weighted-turnaround: AdaptiveLLM's own policies, which re-order the queue and
-        keep per-tenant virtual token counters (fcfs and priority are vLLM's)."""
-        return self.fairness_policy.reorders
-
-    def _leave(self, tenant: str) -> None:
-        """One live request of `tenant` is gone; when it was the last, the tenant goes idle and
-        the idle counters that no longer matter are dropped (idle_counters_to_drop)."""
-        self.live_requests[tenant] -= 1
-        if self.live_requests[tenant] > 0:
-            return
-        del self.live_requests[tenant]
-        if self._own_policy():
-            self._last_left = self.vtc_counters.get(tenant, 0.0)
-            for idle in idle_counters_to_drop(
-                self.vtc_counters, self.live_requests, self._last_left
-            ):
-                del self.vtc_counters[idle]
 
     def _record_finish(self, tracked: Tracked, request: Request) -> None:
         """Weighted turnaround (service time predicted with the actual output length) and output

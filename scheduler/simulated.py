@@ -24,7 +24,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from adaptivellm.model import ensure_model
 from adaptivellm.scheduler import swap_connector
 from adaptivellm.scheduler.config import FairnessConfig
-from adaptivellm.scheduler.fairness_policy import create_fairness_policy
+from adaptivellm.scheduler.fairness_policy import waiting_queue
 from adaptivellm.scheduler.scheduler import AdaptiveScheduler
 
 BLOCK_SIZE = 16
@@ -59,7 +59,7 @@ def make_scheduler(
     CUDA (the CPU platform turns it off while the config is built, so it is set back after):
     `AdaptiveScheduler` then builds `AdaptiveAsyncScheduler`; pass `AsyncScheduler` for stock's."""
     model = str(ensure_model())  # only its config.json is read
-    policy = create_fairness_policy(fairness).queue
+    policy = waiting_queue(fairness)
     scheduler_config = SchedulerConfig(
         max_model_len=max_model_len,
         is_encoder_decoder=False,

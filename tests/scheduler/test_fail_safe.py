@@ -17,7 +17,6 @@ from prometheus_client import REGISTRY
 from vllm.v1.request import RequestStatus
 
 from adaptivellm.scheduler import fairness_policy
-from adaptivellm.scheduler import scheduler as scheduler_module
 from adaptivellm.scheduler.config import (
     EFFECTIVE_WEIGHT_RANGE,
     PRIORITY_RANGE,
@@ -188,7 +187,7 @@ def test_without_the_fault_the_policy_orders_shortest_first() -> None:
 def test_each_hook_that_raises_is_contained(
     monkeypatch: pytest.MonkeyPatch, target: str, where: str
 ) -> None:
-    monkeypatch.setattr(scheduler_module, target, boom)
+    monkeypatch.setattr(fairness_policy, target, boom)  # the policies call them
     scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=1)
     run = three_requests(scheduler, clock)
     assert set(run.finished) == {"long", "mid", "short"}

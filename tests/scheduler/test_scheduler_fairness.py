@@ -91,7 +91,7 @@ def test_light_tenant_is_served_ahead_of_a_heavy_backlog(policy: str) -> None:
     run = Run(scheduler, clock)
     # Requests of equal cost: the slack (2048 here, one 1024-token request) lets no heavy
     # request ahead of a light one that costs the same, so they alternate.
-    assert scheduler.tenant_slack == 2048.0
+    assert scheduler.fairness.tenant_slack(scheduler.vllm_config.model_config.max_model_len) == 2048
     for i in range(12):
         scheduler.add_request(make_request(f"heavy-{i}", 32, 8, clock.now, tenant="heavy"))
     for _ in range(20):  # heavy is being served and accumulates service
@@ -136,7 +136,7 @@ def test_counters_of_idle_tenants_do_not_pile_up(policy: str) -> None:
     run.until_idle()
     # Everyone is idle: what the last tenant to leave had is the floor a newcomer starts at,
     # and only counters above it are kept.
-    floor = scheduler._last_left
+    floor = scheduler.ledger.last_left
     assert floor > 0 and not scheduler.live_requests
     assert len(scheduler.vtc_counters) <= 2, scheduler.vtc_counters
     assert all(c > floor for c in scheduler.vtc_counters.values())
@@ -155,16 +155,16 @@ def test_a_tenants_running_work_counts_against_its_slack() -> None:
     run.step()
     running = {r.request_id for r in scheduler.running}
     assert running == {"b", "c"}  # the shorter two, one per tenant; "a" waits
-    committed = scheduler._committed(exclude=())
+    committed = scheduler.committed(exclude=())
     out, costs = scheduler.output_estimate, scheduler.fairness.vtc
     for rid in running:
         request = scheduler.requests[rid]
         assert request.num_output_tokens == 1  # prompt computed, first token sampled
         expected = (out.predict(request.max_tokens) - 1) * costs.output_token
         assert committed[scheduler.tracked[rid].info.tenant] == pytest.approx(expected)
-    assert scheduler._committed(exclude=running) == {}  # ordering the running: none counted
+    assert scheduler.committed(exclude=running) == {}  # ordering the running: none counted
     run.until_idle()
-    assert scheduler._committed(exclude=()) == {}
+    assert scheduler.committed(exclude=()) == {}
 
 
 def test_aborted_requests_are_forgotten() -> None:
