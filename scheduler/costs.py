@@ -1,5 +1,10 @@
-"""The scheduler's view of the cost predictors: (num_tokens, num_blocks, batch_tokens) ->
-(swap seconds, recompute seconds) for the served model on this device.
+"""The scheduler's view of the cost predictors: (num_tokens, num_blocks) -> (swap seconds,
+recompute seconds) for the served model on this device.
+
+Recompute is priced for the victim alone (`batch_tokens=0` in the features): the cost its
+recompute adds to the step that will run it later, whose other requests are not known when the
+victim is chosen. The profiler still measures recompute beside other tokens (`batch_tokens`
+in its grid): those samples train the same model along `step_tokens` (docs/predictors.md).
 
 The predictor is the XGBoost profile made by `adaptivellm profile` for this model shape, device,
 dtype and vLLM version, or the analytic fallback (with a warning saying how to make a profile).
@@ -15,7 +20,7 @@ from adaptivellm.predictors.features import ModelShape, PreemptionFeatures
 from adaptivellm.predictors.predictor import CostPredictor, load_predictor
 from adaptivellm.predictors.store import ProfileKey
 
-CostFn = Callable[[int, int, int], tuple[float, float]]
+CostFn = Callable[[int, int], tuple[float, float]]
 logger = logging.getLogger(__name__)
 
 
@@ -32,12 +37,11 @@ def predictor_for_vllm_config(vllm_config: Any) -> tuple[CostPredictor, ModelSha
 
 
 def costs_for_vllm_config(vllm_config: Any) -> CostFn:
-    """Cost function for the engine's model. Recompute is priced for the victim alone
-    (batch_tokens=0 in the features): the cost it adds when it is recomputed later."""
+    """Cost function for the engine's model (the victim alone; module docstring)."""
     predictor, shape = predictor_for_vllm_config(vllm_config)
     block_size = vllm_config.cache_config.block_size
 
-    def costs(num_tokens: int, num_blocks: int, batch_tokens: int) -> tuple[float, float]:
+    def costs(num_tokens: int, num_blocks: int) -> tuple[float, float]:
         features = PreemptionFeatures.for_victim(shape, num_tokens, block_size, batch_tokens=0,
                                                  num_blocks=num_blocks)  # fmt: skip
         return predictor.swap_s(features), predictor.recompute_s(features)

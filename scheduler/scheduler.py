@@ -649,10 +649,9 @@ class AdaptiveScheduler(Scheduler):
         blocks = self.swap.blocks_for(tokens)
         if blocks == 0:  # preempted before any token was computed: nothing to swap
             return choose_mode(self.preemption.mode, math.nan, math.nan, 0, False)
-        batch = sum(r.num_computed_tokens for r in self.running if r is not request)
         swap_s = recompute_s = math.nan  # a predictor bug costs a recompute, never the engine
         with self.errors.guard("cost_predictor", request.request_id):
-            swap_s, recompute_s = self.costs(tokens, blocks, batch)
+            swap_s, recompute_s = self.costs(tokens, blocks)
         room = self.swap.space.can_swap_out(blocks)
         decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
         if decision.mode == "swap":
@@ -722,8 +721,8 @@ class AdaptiveAsyncScheduler(AdaptiveScheduler, AsyncScheduler):
     frees) and vLLM returns the blocks a step later; the swap-out copies them before then."""
 
 
-def load_costs(vllm_config: Any) -> Callable[[int, int, int], tuple[float, float]]:
-    """(num_tokens, num_blocks, batch_tokens) -> (swap_s, recompute_s) from the cost predictors
+def load_costs(vllm_config: Any) -> Callable[[int, int], tuple[float, float]]:
+    """(num_tokens, num_blocks) -> (swap_s, recompute_s) from the cost predictors
     for this model and device (a profile made by `adaptivellm profile`, else analytic)."""
     from adaptivellm.scheduler.costs import costs_for_vllm_config
 

@@ -155,7 +155,7 @@ def test_adaptive_takes_either_way_as_the_prediction_says(cheaper: str) -> None:
     other victim swaps); equal predictions recompute."""
     calls: list[int] = []
 
-    def predict(tokens: int, blocks: int, batch: int) -> tuple[float, float]:
+    def predict(tokens: int, blocks: int) -> tuple[float, float]:
         calls.append(tokens)
         if cheaper == "alternate":
             return (1.0, 2.0) if len(calls) % 2 else (2.0, 1.0)
@@ -257,7 +257,7 @@ def test_failing_predictor_recomputes_instead_of_crashing() -> None:
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
                                       preemption="adaptive", swap_slots=200)  # fmt: skip
 
-    def broken(num_tokens: int, num_blocks: int, batch_tokens: int) -> tuple[float, float]:
+    def broken(num_tokens: int, num_blocks: int) -> tuple[float, float]:
         raise ValueError("predictor bug")
 
     scheduler.costs = broken
