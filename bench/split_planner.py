@@ -45,9 +45,8 @@ from adaptivellm.split_client.planner import (
     plan_dp,
     plan_greedy,
     plan_prefix,
-    plan_server_only,
 )
-from adaptivellm.split_client.workload import Scenario, summarise
+from adaptivellm.split_client.workload import Scenario, plan_all, summarise
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -109,15 +108,6 @@ def build_grid(quick: bool) -> list[Case]:
         scenario = Scenario(PRESETS[model], client, ServerProfile(decode_batch=batch), request)
         cases.append(Case(labels, scenario))
     return cases[::9] if quick else cases
-
-
-def plan_all(costs: SplitCosts) -> dict[str, Plan]:
-    return {
-        "server-only": plan_server_only(costs),
-        "greedy": plan_greedy(costs),
-        "prefix": plan_prefix(costs),
-        "dp": plan_dp(costs),
-    }
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -17,10 +17,9 @@ turnarounds, and serving it takes S seconds of the engine, so the order that min
 serves the largest weight / S ** 2 first (shortest first among equal weights); the factor
 (waited + S) still makes every key grow without bound while it waits. HRRN evens the
 turnaround ratio out across lengths; under overload that leaves short requests waiting several
-times their service behind long ones that have waited long. On the benchmark's overloaded
-mixes a = 2 measured 0.17-0.26x FCFS's mean weighted turnaround against HRRN's 0.21-0.39x in
-the same runs (five runs; bench/results/fairness.json), at the cost of longer waits for the longest
-requests, which the starvation bound below caps. A request already part-served (preempted,
+times their service behind long ones that have waited long; a = 2 lowers the mean weighted
+turnaround (measured in docs/fairness.md), at the cost of longer waits for the longest requests,
+which the starvation bound below caps. A request already part-served (preempted,
 or running when victims are chosen) divides by R ** (a - 1) instead, R the service it has left
 (service_left): Smith's rule on the remaining work, weighted shortest remaining time first,
 so a victim preempted near its end resumes ahead of fresh requests longer than what it has

@@ -63,6 +63,7 @@ from adaptivellm.split_client.protocol import (
     Token,
 )
 from adaptivellm.split_client.shapes import DTYPE_BYTES, wire_dtype
+from adaptivellm.split_wire import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from openai.types import Completion
@@ -81,7 +82,6 @@ DEFAULT_MAX_FRAME_BYTES: Final = 16 << 20
 #: Room for a frame's prefix and JSON header when rows are packed under the frame limit.
 _FRAME_OVERHEAD: Final = 64 + MAX_HEADER_BYTES
 
-_COMPUTE_DTYPES: Final = {name: getattr(torch, name) for name in DTYPE_BYTES}
 _SCHEMES: Final = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _CLOSE_TOO_BIG: Final = 1009
 _M = TypeVar("_M", bound=nn.Module)
@@ -241,13 +241,13 @@ class ClientModel:
         folder = Path(model_path)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {folder}: not a model folder")
-        if dtype not in _COMPUTE_DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_COMPUTE_DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(TORCH_DTYPES)}")
         self.config = LlamaConfig.from_pretrained(str(folder))
         if self.config.model_type != "llama":
             raise ValueError(f"{folder} holds a {self.config.model_type!r} model; need llama")
         self.config._attn_implementation = "sdpa"
-        self.dtype = _COMPUTE_DTYPES[dtype]
+        self.dtype = TORCH_DTYPES[dtype]
         self.checkpoint = _Checkpoint(folder)
         self._prefix = "model." if "model.embed_tokens.weight" in self.checkpoint.files else ""
         self.rotary = LlamaRotaryEmbedding(config=self.config)

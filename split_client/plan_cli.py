@@ -7,6 +7,7 @@ Wired into the `adaptivellm` CLI as the `plan` subcommand through `add_plan_argu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -22,10 +23,8 @@ from adaptivellm.split_client.planner import (
     SplitCosts,
     build_costs,
     plan_dp,
-    plan_greedy,
-    plan_prefix,
-    plan_server_only,
 )
+from adaptivellm.split_client.workload import DEFAULT_PLANNERS, Planner, plan_all
 
 EXIT_OK, EXIT_INFEASIBLE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -125,12 +124,11 @@ def _profiles(args: argparse.Namespace) -> tuple[ClientProfile, ServerProfile, R
 
 def _plans(costs: SplitCosts, step_ms: float | None) -> dict[str, Plan]:
     step_s = None if step_ms is None else step_ms / 1e3
-    return {
-        "server-only": plan_server_only(costs),
-        "greedy": plan_greedy(costs),
-        "prefix": plan_prefix(costs),
-        "dp": plan_dp(costs, step_s=step_s),
+    planners: dict[str, Planner] = {
+        **DEFAULT_PLANNERS,
+        "dp": functools.partial(plan_dp, step_s=step_s),
     }
+    return plan_all(costs, planners)
 
 
 def _ms(seconds: float) -> float | None:

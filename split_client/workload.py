@@ -38,6 +38,13 @@ DEFAULT_PLANNERS: Final[Mapping[str, Planner]] = {
 }
 
 
+def plan_all(
+    costs: SplitCosts, planners: Mapping[str, Planner] = DEFAULT_PLANNERS
+) -> dict[str, Plan]:
+    """Each planner's plan for `costs`, by name."""
+    return {name: plan(costs) for name, plan in planners.items()}
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One request type of a mix: who asks, over which link, for what, within which SLA."""
