@@ -26,9 +26,10 @@ from adaptivellm.compat import check_vllm_version, installed_vllm
 from adaptivellm.metrics import publish_info, serve_api_metrics_in_process, use_multiprocess_dir
 from adaptivellm.patches import engine_death
 from adaptivellm.scheduler.config import (
-    ADDITIONAL_CONFIG_KEY,
+    AdaptiveConfig,
     FairnessConfig,
     load_tenant_weights,
+    store_part,
 )
 from adaptivellm.scheduler.policies import POLICIES, TurnaroundPreemption
 from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
@@ -374,9 +375,7 @@ def _apply_preemption(args: argparse.Namespace, done: ServeDefaults, is_cpu: boo
     from adaptivellm.scheduler import swap_connector
 
     config = preemption_config(args)
-    args.additional_config[ADDITIONAL_CONFIG_KEY]["preemption"] = {
-        "mode": config.mode, "swap_space_bytes": config.swap_space_bytes,
-    }  # fmt: skip
+    store_part(args, "preemption", config)
     if config.mode == "recompute":
         return
     _refuse_connector_replacements(args, config.mode)
@@ -474,9 +473,7 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
     config = fairness_config(args)
     if config.policy == "priority":
         args.scheduling_policy = "priority"
-    if not isinstance(args.additional_config, dict):
-        args.additional_config = {}
-    args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["fairness"] = config.to_dict()
+    store_part(args, "fairness", config)
     keys = tenant_keys(args)
     os.environ[TENANCY_ENV] = json.dumps(
         {
@@ -532,7 +529,7 @@ def _apply_split(args: argparse.Namespace, done: ServeDefaults) -> None:
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
     args.hf_overrides = {**overrides, "architectures": [ARCHITECTURE]}
     args.enable_prompt_embeds = True
-    args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})["split"] = config.to_dict()
+    store_part(args, "split", config)
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "adaptivellm").split(",") if p]
     if SPLIT_PLUGIN_NAME not in plugins:
         os.environ["VLLM_PLUGINS"] = ",".join([*plugins, SPLIT_PLUGIN_NAME])
@@ -705,6 +702,7 @@ def main(argv: list[str]) -> int:
 
 def _info_labels(args: argparse.Namespace) -> dict[str, Any]:
     found = installed_vllm()
+    config = AdaptiveConfig.from_additional_config(args.additional_config)
     return {
         "version": __version__,
         "vllm_version": found[1] if found else "unknown",
@@ -713,8 +711,8 @@ def _info_labels(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(args.dtype),
         "scheduler": str(args.scheduler_cls),
         "cpu_defaults": str(not args.no_cpu_defaults).lower(),
-        "fairness": str(args.additional_config[ADDITIONAL_CONFIG_KEY]["fairness"]["policy"]),
-        "preemption": str(args.additional_config[ADDITIONAL_CONFIG_KEY]["preemption"]["mode"]),
+        "fairness": config.fairness.policy,
+        "preemption": config.preemption.mode,
     }
 
 

@@ -2,7 +2,7 @@
 
 `adaptivellm serve --split-execution` builds it from its flags and stores it in vLLM's
 `--additional-config` under `adaptivellm.split`; the session endpoint (adaptivellm.split_server)
-reads it back from the server's arguments.
+reads it back from the server's arguments (scheduler.config.AdaptiveConfig).
 """
 
 from __future__ import annotations
@@ -64,10 +64,3 @@ class SplitConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for `--additional-config`."""
         return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_additional_config(additional: Any) -> SplitConfig | None:
-        """The config `adaptivellm serve` stored, or None when split execution is off."""
-        section = additional.get("adaptivellm", {}) if isinstance(additional, dict) else {}
-        data = section.get("split") if isinstance(section, dict) else None
-        return SplitConfig(**data) if isinstance(data, dict) else None

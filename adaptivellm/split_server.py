@@ -33,6 +33,7 @@ from starlette.datastructures import State
 from starlette.requests import Request as StarletteRequest
 
 from adaptivellm.metrics import SplitServerMetrics
+from adaptivellm.scheduler.config import AdaptiveConfig
 from adaptivellm.split_client.planner import (
     InfeasibleSLAError,
     ModelShape,
@@ -203,7 +204,8 @@ class SplitEndpointPlugin:
         app.add_api_route(INFO_PATH, info_endpoint, methods=["GET"])
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
-        config = SplitConfig.from_additional_config(getattr(args, "additional_config", None))
+        additional = getattr(args, "additional_config", None)
+        config = AdaptiveConfig.from_additional_config(additional).split
         if engine_client is None or config is None:
             state.adaptivellm_split = None
             return

@@ -1,9 +1,12 @@
-"""Fairness configuration: one frozen dataclass, validated, carried to the engine core.
+"""AdaptiveLLM's configuration as it travels to the engine core and the API server, and the
+fairness part of it.
 
-`adaptivellm serve` builds it from its flags and puts it in vLLM's `--additional-config` under
-the key `adaptivellm.fairness`; the scheduler in the engine-core process reads it back from
-`vllm_config.additional_config`. No I/O here except `load_tenant_weights`, which reads the
-operator's weights file.
+`adaptivellm serve` builds each part from its flags (`FairnessConfig`, the swap-or-recompute
+`PreemptionConfig`, the split endpoint's `SplitConfig`) and stores it in vLLM's
+`--additional-config` under `adaptivellm.<part>` (`store_part`); the scheduler in the
+engine-core process and the split endpoint in the API server read them back with one reader,
+`AdaptiveConfig.from_additional_config`. No I/O here except `load_tenant_weights`, which reads
+the operator's weights file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from adaptivellm.scheduler.policies import (
     TurnaroundPreemption,
     VTCWeights,
 )
+from adaptivellm.scheduler.preemption import PreemptionConfig
+from adaptivellm.split_config import SplitConfig
 
 ADDITIONAL_CONFIG_KEY = "adaptivellm"
 DEFAULT_TENANT = "default"
@@ -146,8 +151,47 @@ class FairnessConfig:
     @staticmethod
     def from_additional_config(additional: Any) -> FairnessConfig:
         """Read from vLLM's additional_config (defaults when absent)."""
-        section = additional.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
-        return FairnessConfig.from_dict(section.get("fairness", {}))
+        return AdaptiveConfig.from_additional_config(additional).fairness
+
+
+def _parts(additional: Any) -> Mapping[str, Any]:
+    section = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, Mapping) else None
+    return section if isinstance(section, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Everything `adaptivellm serve` carries in vLLM's additional_config: read in one place."""
+
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    #: Absent: stock vLLM's recompute (an engine started without `adaptivellm serve`).
+    preemption: PreemptionConfig = field(default_factory=lambda: PreemptionConfig("recompute"))
+    #: None: split execution is off.
+    split: SplitConfig | None = None
+
+    @staticmethod
+    def from_additional_config(additional: Any) -> AdaptiveConfig:
+        """Each part `store_part` stored, validated by its dataclass; defaults where absent."""
+        parts = _parts(additional)
+        fairness, preemption, split = (parts.get(k) for k in ("fairness", "preemption", "split"))
+        return AdaptiveConfig(
+            fairness=FairnessConfig.from_dict(fairness if isinstance(fairness, Mapping) else {}),
+            preemption=PreemptionConfig(**preemption)
+            if isinstance(preemption, Mapping)
+            else PreemptionConfig("recompute"),
+            split=SplitConfig(**split) if isinstance(split, Mapping) else None,
+        )
+
+
+def store_part(args: Any, part: str, value: Any) -> None:
+    """Put one part (a config dataclass) into `args.additional_config` (vLLM's
+    `--additional-config`) under `adaptivellm.<part>`, for AdaptiveConfig to read back."""
+    if part not in {f.name for f in dataclasses.fields(AdaptiveConfig)}:
+        raise ValueError(f"unknown AdaptiveLLM config part {part!r}")
+    if not isinstance(args.additional_config, dict):
+        args.additional_config = {}
+    section = args.additional_config.setdefault(ADDITIONAL_CONFIG_KEY, {})
+    section[part] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
 
 
 def auto_tenant_slack(max_model_len: int, costs: VTCWeights) -> float:

@@ -43,9 +43,9 @@ from vllm.v1.request import Request, RequestStatus
 
 from adaptivellm.metrics import EngineMetrics
 from adaptivellm.scheduler.config import (
-    ADDITIONAL_CONFIG_KEY,
     DEFAULT_TENANT,
     MAX_TENANT_LEN,
+    AdaptiveConfig,
     FairnessConfig,
     effective_weight,
     finite_or,
@@ -61,7 +61,7 @@ from adaptivellm.scheduler.policies import (
     backlogged_jain,
     committed_cost,
 )
-from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
+from adaptivellm.scheduler.preemption import Decision, choose_mode
 from adaptivellm.scheduler.service_fit import ServiceFit
 from adaptivellm.scheduler.split_sessions import (
     SplitChunks,
@@ -152,7 +152,8 @@ class AdaptiveScheduler(Scheduler):
         self._failed: dict[str, str] = {}
         #: Requests finished with an error this step, whose outputs update_from_output adds.
         self._errored: list[Request] = []
-        self.fairness = FairnessConfig.from_additional_config(self.vllm_config.additional_config)
+        config = AdaptiveConfig.from_additional_config(self.vllm_config.additional_config)
+        self.fairness = config.fairness
         self.fairness_policy = create_fairness_policy(
             self.fairness, self.vllm_config.model_config.max_model_len
         )
@@ -185,9 +186,7 @@ class AdaptiveScheduler(Scheduler):
         EngineMetrics.get().max_queue_wait.labels(rank=self.rank).set(self.fairness.max_wait_s)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
-        additional = self.vllm_config.additional_config
-        section = additional.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
-        self.preemption = PreemptionConfig(**section.get("preemption", {"mode": "recompute"}))
+        self.preemption = config.preemption
         self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
         if self.preemption.mode != "recompute" and self.swap is None:
             raise ValueError(

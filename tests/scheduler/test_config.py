@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-from adaptivellm.scheduler.config import FairnessConfig, load_tenant_weights
+from adaptivellm.scheduler.config import (
+    AdaptiveConfig,
+    FairnessConfig,
+    load_tenant_weights,
+    store_part,
+)
 from adaptivellm.scheduler.policies import TurnaroundPreemption, VTCWeights
+from adaptivellm.scheduler.preemption import PreemptionConfig
+from adaptivellm.split_config import SplitConfig
 
 
 def test_round_trip_through_additional_config() -> None:
@@ -25,6 +33,28 @@ def test_round_trip_through_additional_config() -> None:
     back = FairnessConfig.from_additional_config({"adaptivellm": {"fairness": config.to_dict()}})
     assert back == config
     assert FairnessConfig.from_additional_config({}) == FairnessConfig()
+
+
+def test_every_part_is_stored_and_read_back_by_one_reader() -> None:
+    """What `adaptivellm serve` stores (store_part) is what the engine and the API server read
+    (AdaptiveConfig); absent parts are the defaults of an engine started without it."""
+    args = Namespace(additional_config=None)
+    fairness = FairnessConfig(policy="vtc", max_wait_s=7)
+    preemption = PreemptionConfig("swap", swap_space_bytes=1 << 20)
+    split = SplitConfig(max_sessions=3, idle_timeout_s=5.0)
+    for part, value in (("fairness", fairness), ("preemption", preemption), ("split", split)):
+        store_part(args, part, value)
+    assert AdaptiveConfig.from_additional_config(args.additional_config) == AdaptiveConfig(
+        fairness, preemption, split
+    )
+    for absent in (None, {}, {"adaptivellm": "not a dict"}, {"adaptivellm": {"split": 3}}):
+        config = AdaptiveConfig.from_additional_config(absent)
+        assert config == AdaptiveConfig()
+        assert config.preemption.mode == "recompute" and config.split is None
+    with pytest.raises(ValueError, match="unknown AdaptiveLLM config part"):
+        store_part(args, "fairnes", fairness)
+    with pytest.raises(ValueError, match="max_sessions"):  # validated on the way back too
+        AdaptiveConfig.from_additional_config({"adaptivellm": {"split": {"max_sessions": 0}}})
 
 
 @pytest.mark.parametrize(
