@@ -15,10 +15,13 @@ import logging
 import math
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptivellm import setup_logging
 from adaptivellm.replicas.router import ROUTING
+
+if TYPE_CHECKING:
+    from adaptivellm.replicas.proxy import RouterOptions
 
 logger = logging.getLogger("adaptivellm.replicas")
 
@@ -164,54 +167,54 @@ def check_router_flags(
         parser.error("--replica-unhealthy-after must be >= 1")
 
 
-def main(argv: list[str]) -> int:
-    """Run the router and its replicas (`adaptivellm serve --replicas N ...`)."""
-    setup_logging()
-    parser = build_parser()
-    opts, rest = parser.parse_known_args(argv)
-    if opts.help:
-        parser.print_help()
-        print("\nEvery other flag is `adaptivellm serve`'s (see `adaptivellm serve --help`).")
-        return 0
-    urls = [u for u in (opts.replica_urls or "").split(",") if u.strip()]
-    count = opts.replicas if opts.replicas is not None else len(urls)
-    check_router_flags(parser, opts, count, urls)
-    extra = extras(opts.replica_extra, count)
+def build_backends(
+    opts: argparse.Namespace,
+    rest: list[str],
+    count: int,
+    urls: list[str],
+    extra: dict[int, list[str]],
+) -> tuple[Any, list[str], Any]:
+    """The replicas: fixed URLs, or Ray actors each running `adaptivellm serve` with `rest` (plus
+    its --replica-extra flags), which `adaptivellm serve`'s parser checks first. Returns them,
+    the replicas' flags and those flags parsed (None for fixed URLs)."""
+    from adaptivellm.replicas.proxy import StaticReplicas
 
-    from adaptivellm.replicas.proxy import RouterOptions, RouterServer, StaticReplicas
+    if urls:
+        return StaticReplicas(urls), rest, None
+    rest, parsed = replica_argv(rest)
+    for flags in extra.values():
+        replica_argv([*rest, *flags])
+    from adaptivellm.replicas.actors import RayOptions, RayReplicas, ReplicaSpec
+
+    specs = [
+        ReplicaSpec(
+            index=i,
+            argv=[*rest, *extra.get(i, [])],
+            cpus=opts.replica_cpus,
+            gpus=opts.replica_gpus,
+            log_dir=opts.replica_log_dir or "",
+            bind_cpus=opts.replica_cpu_bind,
+        )
+        for i in range(count)
+    ]
+    ray_options = RayOptions(
+        address=opts.ray_address,
+        cpus=opts.replica_cpus,
+        gpus=opts.replica_gpus,
+        max_restarts=opts.replica_max_restarts,
+    )
+    return RayReplicas(specs, ray_options), rest, parsed
+
+
+def router_options(
+    opts: argparse.Namespace, rest: list[str], parsed: Any, count: int, extra: dict[int, list[str]]
+) -> RouterOptions:
+    """The router's options: its flags, each replica's batch size, and the tenants' weights and
+    keys as the replicas read them (--tenant-weights, --tenant-keys among `rest`)."""
+    from adaptivellm.replicas.proxy import RouterOptions
     from adaptivellm.scheduler.config import load_tenant_weights
     from adaptivellm.tenancy import load_tenant_keys
 
-    backends: Any
-    if urls:
-        backends = StaticReplicas(urls)
-        parsed: Any = None
-    else:
-        rest, parsed = replica_argv(rest)
-        for flags in extra.values():
-            replica_argv([*rest, *flags])
-        from adaptivellm.replicas.actors import RayOptions, RayReplicas, ReplicaSpec
-
-        specs = [
-            ReplicaSpec(
-                index=i,
-                argv=[*rest, *extra.get(i, [])],
-                cpus=opts.replica_cpus,
-                gpus=opts.replica_gpus,
-                log_dir=opts.replica_log_dir or "",
-                bind_cpus=opts.replica_cpu_bind,
-            )
-            for i in range(count)
-        ]
-        backends = RayReplicas(
-            specs,
-            RayOptions(
-                address=opts.ray_address,
-                cpus=opts.replica_cpus,
-                gpus=opts.replica_gpus,
-                max_restarts=opts.replica_max_restarts,
-            ),
-        )
     base_seqs = _max_num_seqs(rest)
     slots = [_max_num_seqs(extra.get(i, [])) or base_seqs or 128 for i in range(count)]
     weights: dict[str, float] = {}
@@ -231,7 +234,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: error: {exc}") from exc
     max_len = tenancy.max_model_len or getattr(parsed, "max_model_len", None) or 1024
-    options = RouterOptions(
+    return RouterOptions(
         routing=opts.routing,
         target_backlog=opts.router_target_backlog,
         queue_limit=opts.router_queue_limit,
@@ -246,9 +249,28 @@ def main(argv: list[str]) -> int:
         tenant_weights=weights,
         tenant_of_key=keys,
     )
-    server = RouterServer(backends, options)
+
+
+def main(argv: list[str]) -> int:
+    """Run the router and its replicas (`adaptivellm serve --replicas N ...`)."""
+    setup_logging()
+    parser = build_parser()
+    opts, rest = parser.parse_known_args(argv)
+    if opts.help:
+        parser.print_help()
+        print("\nEvery other flag is `adaptivellm serve`'s (see `adaptivellm serve --help`).")
+        return 0
+    urls = [u for u in (opts.replica_urls or "").split(",") if u.strip()]
+    count = opts.replicas if opts.replicas is not None else len(urls)
+    check_router_flags(parser, opts, count, urls)
+    extra = extras(opts.replica_extra, count)
+    backends, rest, parsed = build_backends(opts, rest, count, urls, extra)
+    options = router_options(opts, rest, parsed, count, extra)
     from aiohttp import web
 
+    from adaptivellm.replicas.proxy import RouterServer
+
+    server = RouterServer(backends, options)
     logger.info(
         "starting %d replica(s) (%s); router on %s:%d, routing %s, target backlog %s, "
         "global fairness %s",
@@ -257,7 +279,7 @@ def main(argv: list[str]) -> int:
         opts.host or "0.0.0.0",
         opts.port,
         opts.routing,
-        options.target_backlog or f"each replica's --max-num-seqs {slots}",
+        options.target_backlog or f"each replica's --max-num-seqs {options.slots}",
         "on" if options.global_fairness else "off",
     )
     with contextlib.suppress(ImportError):  # vLLM's own dependency: a faster event loop
