@@ -84,6 +84,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
+from openai._constants import DEFAULT_CONNECTION_LIMITS
 from tqdm import tqdm
 
 from adaptivellm.launch import ServerProcess, adaptivellm_command, free_port, metric_value
@@ -237,10 +238,30 @@ def plans(count: int, entries: list[Entry], seed: int, split: bool = True) -> li
 # --------------------------------------------------------------------------- clients
 
 
+#: The load's HTTP client pool. No retries (max_retries=0), so a request the server drops counts
+#: as lost; idle connections are dropped after 2 s, before the server's keep-alive (vLLM:
+#: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes them. The openai client's default (5 s) equals it,
+#: so a request sent on a connection the server is closing would read as lost.
+#: (The Limits class of the HTTP library this openai version uses: httpx, or httpx2 in 3.x.)
+LIMITS = type(DEFAULT_CONNECTION_LIMITS)(
+    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0
+)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception and its causes (an APIConnectionError says only "Connection error.")."""
+    parts, seen = [], 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 4:
+        parts.append(f"{type(cause).__name__}: {cause}")
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return " <- ".join(parts)
+
+
 def _error_outcome(index: int, exc: Exception, began: float) -> Outcome:
     """A clean error (HTTP status, or an error event in the stream) or a dropped connection."""
     seconds = time.monotonic() - began
-    text = f"{type(exc).__name__}: {exc}"[:300]
+    text = _describe(exc)[:600]
     if isinstance(exc, openai.APIStatusError):
         kind = "error_5xx" if exc.status_code >= 500 else "error_4xx"
     elif isinstance(exc, openai.APIConnectionError | httpx.TransportError):
@@ -273,7 +294,7 @@ class Load:
     async def run(self, todo: list[Plan], progress: bool = True) -> list[Outcome]:
         client = openai.AsyncOpenAI(
             base_url=f"{self.base_url}/v1", api_key="none", max_retries=0,
-            timeout=self.hang_s + 60,
+            timeout=self.hang_s + 60, http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS),
         )  # fmt: skip
         pool: asyncio.Queue[Any] = asyncio.Queue()
         for split_client in self.split_clients:
