@@ -148,11 +148,6 @@ class FairnessConfig:
         preemption = TurnaroundPreemption(**data.pop("preemption", {}))
         return FairnessConfig(service=service, vtc=vtc, preemption=preemption, **data)
 
-    @staticmethod
-    def from_additional_config(additional: Any) -> FairnessConfig:
-        """Read from vLLM's additional_config (defaults when absent)."""
-        return AdaptiveConfig.from_additional_config(additional).fairness
-
 
 def _parts(additional: Any) -> Mapping[str, Any]:
     section = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, Mapping) else None

@@ -16,6 +16,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request, RequestStatus
 
 from adaptivellm.patches.split_runner import start_layers_for
+from adaptivellm.scheduler.config import AdaptiveConfig
 from adaptivellm.scheduler.split_sessions import (
     EXTRA_KEY,
     SplitChunks,
@@ -103,10 +104,9 @@ def test_bad_split_flags_are_clear(llama: str, flags: tuple[str, str]) -> None:
 
 def test_config_round_trips_through_additional_config() -> None:
     config = SplitConfig(max_sessions=5, max_frame_mb=2.0)
-    assert SplitConfig.from_additional_config({"adaptivellm": {"split": config.to_dict()}}) == (
-        config
-    )
-    assert SplitConfig.from_additional_config({"adaptivellm": {}}) is None
+    stored = {"adaptivellm": {"split": config.to_dict()}}
+    assert AdaptiveConfig.from_additional_config(stored).split == config
+    assert AdaptiveConfig.from_additional_config({"adaptivellm": {}}).split is None
     assert config.max_frame_bytes == 2 * 2**20
 
 
