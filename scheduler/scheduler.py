@@ -61,7 +61,7 @@ from adaptivellm.scheduler.policies import (
     backlogged_jain,
     committed_cost,
 )
-from adaptivellm.scheduler.preemption import Decision, choose_mode
+from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
 from adaptivellm.scheduler.service_fit import ServiceFit
 from adaptivellm.scheduler.split_sessions import (
     SplitChunks,
@@ -163,17 +163,7 @@ class AdaptiveScheduler(Scheduler):
         #: gauges (the gauges' `rank` label).
         self.rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
         if self.fairness_policy.reorders and self.policy != SchedulingPolicy.FCFS:
-            # The policy orders a FCFS queue itself, and a request's priority already scales
-            # its weight; vLLM's priority heap cannot be re-ordered, nor its victim rule used.
-            logger.warning(
-                "--fairness %s orders requests itself (a request's priority scales its weight): "
-                "vLLM's --scheduling-policy %s queue is replaced by its own order",
-                self.fairness.policy,
-                self.policy.value,
-            )
-            self.policy = SchedulingPolicy.FCFS
-            self.waiting = create_request_queue(self.policy)
-            self.kv_holding_waiting = create_request_queue(self.policy)
+            self._use_fcfs_queue()
         self.tracked: dict[str, Tracked] = {}
         self.output_estimate = OutputLengthEstimate()
         self.served_tokens: dict[str, float] = defaultdict(float)
@@ -186,15 +176,7 @@ class AdaptiveScheduler(Scheduler):
         EngineMetrics.get().max_queue_wait.labels(rank=self.rank).set(self.fairness.max_wait_s)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
-        self.preemption = config.preemption
-        self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
-        if self.preemption.mode != "recompute" and self.swap is None:
-            raise ValueError(
-                f"preemption mode {self.preemption.mode} needs AdaptiveSwapConnector as the KV "
-                "connector (adaptivellm serve configures it)"
-            )
-        self.costs = load_costs(self.vllm_config) if self.swap is not None else None
-        self.decisions: list[Decision] = []
+        self._init_preemption(config.preemption)
         self.split_chunks = SplitChunks()
         self.service_fit = ServiceFit(self.fairness.service)
         #: Times the model's steps for service_fit; tests substitute a simulated one.
@@ -217,6 +199,31 @@ class AdaptiveScheduler(Scheduler):
             "preemption_mode": self.preemption.mode,
             "max_num_seqs": self.max_num_running_reqs,
         })  # fmt: skip
+
+    def _use_fcfs_queue(self) -> None:
+        """The policy orders a FCFS queue itself, and a request's priority already scales its
+        weight; vLLM's priority heap cannot be re-ordered, nor its victim rule used."""
+        logger.warning(
+            "--fairness %s orders requests itself (a request's priority scales its weight): "
+            "vLLM's --scheduling-policy %s queue is replaced by its own order",
+            self.fairness.policy,
+            self.policy.value,
+        )
+        self.policy = SchedulingPolicy.FCFS
+        self.waiting = create_request_queue(self.policy)
+        self.kv_holding_waiting = create_request_queue(self.policy)
+
+    def _init_preemption(self, preemption: PreemptionConfig) -> None:
+        """Swap or recompute: the swap connector vLLM built, and the cost predictors."""
+        self.preemption = preemption
+        self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
+        if self.preemption.mode != "recompute" and self.swap is None:
+            raise ValueError(
+                f"preemption mode {self.preemption.mode} needs AdaptiveSwapConnector as the KV "
+                "connector (adaptivellm serve configures it)"
+            )
+        self.costs = load_costs(self.vllm_config) if self.swap is not None else None
+        self.decisions: list[Decision] = []
 
     @property
     def vtc_counters(self) -> dict[str, float]:

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    g = p.add_argument_group("Replicas (Ray)")
+    _add_replica_flags(p.add_argument_group("Replicas (Ray)"))
+    _add_router_flags(p.add_argument_group("Router"))
+    return p
+
+
+def _add_replica_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--replicas", type=int, default=None, help="number of replicas (>= 1)")
     g.add_argument("--replica-cpus", type=float, default=1.0,
                    help="CPUs Ray reserves per replica; on CPU also the cores its engine is "
@@ -75,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not bind each CPU replica's engine to its own cores",
     )
-    r = p.add_argument_group("Router")
+
+
+def _add_router_flags(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--host", default=None, help="router address (default: all interfaces)")
     r.add_argument("--port", type=int, default=8000, help="router port (default: %(default)s)")
     r.add_argument("--routing", choices=ROUTING, default="predicted",
@@ -116,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--router-max-retries", type=int, default=2,
                    help="other replicas tried for a request whose replica failed before "
                    "answering (default: %(default)s)")  # fmt: skip
-    return p
 
 
 def replica_argv(rest: list[str]) -> tuple[list[str], Any]:
