@@ -116,13 +116,17 @@ def later_prompt_steps(steps: list[Step]) -> list[Step]:
 
 
 def prompts_met_a_decode(times: dict[str, float], steps: list[Step]) -> bool:
-    """The precondition, from the server's step trace: every step that computed the prompts
-    of `a` and `b` ran with all three requests running (`first` was still decoding: `a` and
-    `b` cannot finish before their prompts), and their prompts were computed in such steps.
+    """The precondition, from the server's step trace: most of the prompts of `a` and `b` (more
+    than LATER_PROMPT_TOKENS) were computed in steps with all three requests running (`first`
+    was still decoding: `a` and `b` cannot finish before their prompts), and every step that
+    computed them had at least two requests running.
     A later prompt computed after `first` was done needs no cap (nothing to protect), and the
     attempt is tried again. A cap that did not work meets this too: its big steps still ran
     beside `first`. (A step's `decode` also counts a request whose prompt it completes, so it
     cannot tell this.)"""
     later = later_prompt_steps(steps)
     beside = sum(step["prefill"] for step in later if step["running"] == len(PROMPTS))
-    return all(step["running"] == len(PROMPTS) for step in later) and beside > LATER_PROMPT_TOKENS
+    # Every later prompt step had at least two requests in the engine, so the cap applied to
+    # each; one of `a` and `b` may reach the engine a step before the other on a loaded machine
+    # (a fresh-clone CI rejected all 8 attempts when this asked for all three in every step).
+    return all(step["running"] >= 2 for step in later) and beside > LATER_PROMPT_TOKENS
