@@ -31,6 +31,7 @@ from adaptivellm.scheduler.config import (
     load_tenant_weights,
     store_part,
 )
+from adaptivellm.scheduler.fairness_policy import reorders, waiting_queue
 from adaptivellm.scheduler.policies import POLICIES, TurnaroundPreemption
 from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
 from adaptivellm.split_config import (
@@ -471,7 +472,7 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
     """Carry the fairness config to the engine (additional_config) and the API server's tenant
     middleware (environment); select vLLM's policy for the priority baseline."""
     config = fairness_config(args)
-    if config.policy == "priority":
+    if waiting_queue(config) == "priority":
         args.scheduling_policy = "priority"
     store_part(args, "fairness", config)
     keys = tenant_keys(args)
@@ -479,7 +480,7 @@ def _apply_fairness(args: argparse.Namespace, done: ServeDefaults) -> None:
         {
             "tenant_weights": dict(config.tenant_weights),
             "strict_tenants": config.strict_tenants,
-            "carry_priority": config.policy in ("vtc", "weighted-turnaround"),
+            "carry_priority": reorders(config),
             "tenant_keys": {key_digest(k): t for k, t in keys.tenant_of_key.items()}
             if keys
             else None,

@@ -2,13 +2,13 @@
 (in the spirit of vLLM's `create_request_queue(policy)`): the scheduler asks its policy instead
 of comparing policy names.
 
-A policy orders requests, names the running request to preempt for a waiting one (only
-weighted-turnaround does), and owns its state: the tenant ledger (per-tenant virtual token
-counters and live requests; `TenantLedger`) and, for weighted-turnaround, the tenant slack. The
-scheduler calls the ledger's hooks as requests arrive, are scheduled and finish. What every
-policy shares, the learned service-time model and the output-length estimate, stays the
-scheduler's (its gauges and metrics are published under every policy); a policy reads them
-through `SchedulerView`.
+A policy orders the waiting queue and the victims, names the running request to preempt for a
+waiting one, and sets each step's token budget (the last two: weighted-turnaround only). It owns
+its state: the tenant ledger (per-tenant virtual token counters and live requests;
+`TenantLedger`) and, for weighted-turnaround, the tenant slack. The scheduler calls the ledger's
+hooks as requests arrive, are scheduled and finish. What every policy shares, the learned
+service-time model and the output-length estimate, stays the scheduler's (its gauges and
+metrics are published under every policy); a policy reads them through `SchedulerView`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from adaptivellm.scheduler.config import FairnessConfig, VTCWeights
@@ -37,6 +38,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: The fewest prompt tokens a step capped by --max-step-s may schedule.
+MIN_STEP_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class StepLoad:
+    """What is in the engine as a step is scheduled (for the step budget)."""
+
+    requests: int
+    """Requests in the engine: running, waiting and waiting for streaming input."""
+    running: int
+    chunked_prefill: bool
+    """vLLM's chunked prefill is on (without it a prompt cannot be split)."""
+
 
 class SchedulerView(Protocol):
     """What a policy reads of the scheduler."""
@@ -52,6 +67,15 @@ class SchedulerView(Protocol):
     def committed(self, exclude: Container[str]) -> dict[str, float]:
         """Per tenant, the predicted cost still to be charged for its running requests but
         those in `exclude`."""
+        ...
+
+    def step_load(self) -> StepLoad:
+        """What is in the engine now."""
+        ...
+
+    def prefilling(self) -> int:
+        """Requests with prompt tokens to compute this step: running ones in their prompt, and
+        waiting ones with a free batch slot to go to."""
         ...
 
 
@@ -101,8 +125,8 @@ class FairnessPolicy(Protocol):
     """vLLM's waiting-queue policy underneath."""
     reorders: bool
     """AdaptiveLLM re-orders the queue (False: vLLM's order)."""
-    turnaround: bool
-    """Weighted-turnaround's rules apply: preemption for turnaround and the step-time cap."""
+    preempts_for_turnaround: bool
+    """`turnaround_victim` may name a victim (weighted-turnaround with --fairness-preemption)."""
     ledger: TenantLedger
 
     def order(
@@ -115,6 +139,16 @@ class FairnessPolicy(Protocol):
         """`infos` (of `requests`), most deserving first."""
         ...
 
+    def order_victims(
+        self,
+        infos: list[RequestInfo],
+        requests: Mapping[str, Request],
+        now: float,
+        view: SchedulerView,
+    ) -> list[RequestInfo]:
+        """The running `infos`, most deserving first: vLLM preempts from the end."""
+        ...
+
     def turnaround_victim(
         self,
         candidate: RequestInfo,
@@ -125,12 +159,17 @@ class FairnessPolicy(Protocol):
         """The running request to preempt so that `candidate` takes its batch slot, or None."""
         ...
 
+    def step_budget(self, full: int, view: SchedulerView) -> tuple[int, int]:
+        """This step's token budget and the most prompt tokens one request may take in it (0:
+        vLLM's own --long-prefill-token-threshold); vLLM's is `full`."""
+        ...
+
 
 class PassThrough:
     """fcfs and priority: vLLM's own queue, no re-ordering."""
 
     reorders = False
-    turnaround = False
+    preempts_for_turnaround = False
 
     def __init__(self, queue: Literal["fcfs", "priority"], config: FairnessConfig) -> None:
         self.queue = queue
@@ -145,6 +184,15 @@ class PassThrough:
     ) -> list[RequestInfo]:
         return infos
 
+    def order_victims(
+        self,
+        infos: list[RequestInfo],
+        requests: Mapping[str, Request],
+        now: float,
+        view: SchedulerView,
+    ) -> list[RequestInfo]:
+        return self.order(infos, requests, now, view)
+
     def turnaround_victim(
         self,
         candidate: RequestInfo,
@@ -153,6 +201,9 @@ class PassThrough:
         view: SchedulerView,
     ) -> RequestInfo | None:
         return None
+
+    def step_budget(self, full: int, view: SchedulerView) -> tuple[int, int]:
+        return full, 0
 
 
 class VirtualTokenCounter(PassThrough):
@@ -178,11 +229,10 @@ class WeightedTurnaround(VirtualTokenCounter):
     """weighted-turnaround: policies.order_by_turnaround, with preemption for turnaround and
     the step-time cap."""
 
-    turnaround = True
-
     def __init__(self, config: FairnessConfig, max_model_len: int) -> None:
         super().__init__(config)
         self.config = config
+        self.preempts_for_turnaround = config.preemption.enabled
         #: Counter units a tenant ahead may still be served within (order_by_turnaround).
         self.tenant_slack = config.tenant_slack(max_model_len)
         logger.info(
@@ -223,16 +273,53 @@ class WeightedTurnaround(VirtualTokenCounter):
                                         view.output_estimate, c.preemption, c.max_wait_s,
                                         self.ledger.counters, self.tenant_slack)  # fmt: skip
 
+    def step_budget(self, full: int, view: SchedulerView) -> tuple[int, int]:
+        """With --max-step-s, chunked prefill on and at least two requests in the engine: about
+        max_step_s of prefill by the service model (never below MIN_STEP_TOKENS plus one token
+        per running request, for their decodes), so a long prompt goes in chunks while the
+        running requests keep decoding. vLLM schedules running requests first, so when two or
+        more requests have prompt tokens to compute, one request's chunk is held to half the
+        budget: a long prompt being prefilled leaves the other half to admit the waiting
+        requests (a short prompt in full) this step, not after it. On a fast device the cap is
+        above vLLM's budget, which then stands unchanged."""
+        limit = self.config.max_step_s
+        if limit <= 0:
+            return full, 0
+        load = view.step_load()
+        if not load.chunked_prefill or load.requests < 2:
+            return full, 0
+        per_token = view.service.prefill_s_per_token
+        budget = max(int(limit / per_token) if per_token > 0 else full,
+                     MIN_STEP_TOKENS + load.running)  # fmt: skip
+        if budget >= full:
+            return full, 0
+        return budget, (budget // 2 if view.prefilling() >= 2 else 0)
+
 
 def waiting_queue(config: FairnessConfig) -> Literal["fcfs", "priority"]:
     """vLLM's waiting-queue policy under `config.policy` (vLLM's --scheduling-policy)."""
     return "priority" if config.policy == "priority" else "fcfs"
 
 
+def policy_class(config: FairnessConfig) -> type[PassThrough]:
+    """The class of `config.policy` (validated by FairnessConfig)."""
+    classes: dict[str, type[PassThrough]] = {
+        "vtc": VirtualTokenCounter,
+        "weighted-turnaround": WeightedTurnaround,
+    }
+    return classes.get(config.policy, PassThrough)
+
+
+def reorders(config: FairnessConfig) -> bool:
+    """AdaptiveLLM orders the requests under `config.policy` (False: vLLM's own order)."""
+    return policy_class(config).reorders
+
+
 def create_fairness_policy(config: FairnessConfig, max_model_len: int) -> FairnessPolicy:
-    """The policy object of `config.policy` (validated by FairnessConfig)."""
-    if config.policy == "vtc":
-        return VirtualTokenCounter(config)
-    if config.policy == "weighted-turnaround":
+    """The policy object of `config.policy`."""
+    cls = policy_class(config)
+    if cls is WeightedTurnaround:
         return WeightedTurnaround(config, max_model_len)
+    if cls is VirtualTokenCounter:
+        return VirtualTokenCounter(config)
     return PassThrough(waiting_queue(config), config)

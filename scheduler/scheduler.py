@@ -1,8 +1,18 @@
 """AdaptiveLLM's vLLM scheduler, selected with `--scheduler-cls` by `adaptivellm serve`.
 
-It gathers inputs for AdaptiveLLM's policies (adaptivellm.scheduler.policies, pure functions)
-and applies their answers through two seams of vLLM's scheduler, leaving its block accounting
-untouched:
+It keeps only vLLM's overrides and delegates to four parts:
+
+- the fairness policy (scheduler.fairness_policy, built from the config by one factory): the
+  order of the waiting queue and of the victims, the turnaround victim, the step budget, and
+  the tenant ledger;
+- the preemption advisor (scheduler.preemption.PreemptionAdvisor): swap or recompute, per
+  victim;
+- the split sessions (scheduler.split_sessions): the chunks of split-execution requests;
+- the observer (scheduler.observer.EngineObserver): engine metrics, the Jain window and the
+  step trace.
+
+It applies the policy's answers through these seams of vLLM's scheduler, leaving its block
+accounting untouched:
 
 - admission: at the start of each step the waiting queue (vLLM's FCFS deque) is re-ordered by
   the policy, so vLLM's `peek_request`/`pop_request` take the most deserving request first;
@@ -12,10 +22,10 @@ untouched:
   vLLM's order, so that the model runner's persistent batch is not reshuffled every step;
 - step budget: under weighted-turnaround, `max_num_scheduled_tokens` (the token budget vLLM
   reads at the start of `schedule`) is lowered for the step to about --max-step-s of prefill
-  and restored right after, so long prompts go in chunks (`_step_token_budget`).
+  and restored right after, so long prompts go in chunks (`FairnessPolicy.step_budget`).
 
 It also times each model step (from `schedule` returning to `update_from_output`) to learn the
-service-time model the policies rank with (adaptivellm.scheduler.service_fit).
+service-time model the policies rank with (adaptivellm.scheduler.service_fit.ServiceTimes).
 
 The order is fixed for the whole step, so peek and pop always agree. `fcfs` and `priority`
 leave vLLM's own behaviour alone (vLLM's `--scheduling-policy`). Engine-side metrics reach
@@ -28,7 +38,7 @@ import itertools
 import logging
 import math
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +51,6 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from adaptivellm.metrics import EngineMetrics
 from adaptivellm.scheduler.config import (
     DEFAULT_TENANT,
     MAX_TENANT_LEN,
@@ -51,18 +60,17 @@ from adaptivellm.scheduler.config import (
     finite_or,
 )
 from adaptivellm.scheduler.fail_safe import InternalErrors, initialise_series
-from adaptivellm.scheduler.fairness_policy import create_fairness_policy
+from adaptivellm.scheduler.fairness_policy import StepLoad, create_fairness_policy
+from adaptivellm.scheduler.observer import EngineObserver
 from adaptivellm.scheduler.policies import (
-    FAIRNESS_WINDOW_S,
     OutputLengthEstimate,
     RequestInfo,
     RunningInfo,
     ServiceModel,
-    backlogged_jain,
     committed_cost,
 )
-from adaptivellm.scheduler.preemption import Decision, PreemptionConfig, choose_mode
-from adaptivellm.scheduler.service_fit import ServiceFit
+from adaptivellm.scheduler.preemption import Decision, PreemptionAdvisor
+from adaptivellm.scheduler.service_fit import InFlight, ServiceTimes
 from adaptivellm.scheduler.split_sessions import (
     SplitChunks,
     extend_session,
@@ -76,23 +84,6 @@ logger = logging.getLogger(__name__)
 
 #: Qualified name that `adaptivellm serve` passes to vLLM's `--scheduler-cls`.
 QUALNAME = "adaptivellm.scheduler.scheduler.AdaptiveScheduler"
-#: Tenants beyond this many share the metric label "other" (bounded label cardinality).
-MAX_TENANT_LABELS = 64
-#: The fewest prompt tokens a step capped by --max-step-s may schedule.
-MIN_STEP_TOKENS = 64
-
-
-@dataclass
-class InFlight:
-    """A step scheduled and not yet back: for the service-time fit and the step trace."""
-
-    output: SchedulerOutput
-    scheduled: float
-    """step_timer() when schedule() returned."""
-    prefill: int
-    decode: int
-    traced: tuple[float, float, dict[str, int]] | None = None
-    """For the step trace: when schedule() was entered and returned, and the step's counts."""
 
 
 @dataclass
@@ -159,46 +150,29 @@ class AdaptiveScheduler(Scheduler):
         )
         #: Per-tenant counters and live requests, the policy's (fairness_policy.TenantLedger).
         self.ledger = self.fairness_policy.ledger
-        #: This engine's data-parallel rank: each rank has its own scheduler, counters and
-        #: gauges (the gauges' `rank` label).
-        self.rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
         if self.fairness_policy.reorders and self.policy != SchedulingPolicy.FCFS:
             self._use_fcfs_queue()
         self.tracked: dict[str, Tracked] = {}
         self.output_estimate = OutputLengthEstimate()
-        self.served_tokens: dict[str, float] = defaultdict(float)
-        #: adaptivellm_tenant_served_tokens' child per tenant label (labels() takes a lock).
-        self._tenant_tokens: dict[str, Any] = {}
-        #: The current fairness window: start, tenants backlogged at every step so far (None
-        #: before the first step), tokens served per tenant.
-        self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
-        EngineMetrics.get().jain.labels(rank=self.rank).set(1.0)  # no tenant has waited yet
-        EngineMetrics.get().max_queue_wait.labels(rank=self.rank).set(self.fairness.max_wait_s)
         #: Wall clock (request arrival times are time.time()); tests substitute a simulated one.
         self.clock: Callable[[], float] = time.time
-        self._init_preemption(config.preemption)
+        swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
+        costs = load_costs(self.vllm_config) if swap is not None else None
+        self.advisor = PreemptionAdvisor(config.preemption, swap, costs, self.errors)
         self.split_chunks = SplitChunks()
-        self.service_fit = ServiceFit(self.fairness.service)
-        #: Times the model's steps for service_fit; tests substitute a simulated one.
+        self.service_times = ServiceTimes(self.fairness.service, self.fairness.learn_service)
+        #: Times the model's steps for service_times; tests substitute a simulated one.
         self.step_timer: Callable[[], float] = time.perf_counter
-        #: The steps scheduled whose output has not come back yet, oldest first: one under
-        #: synchronous scheduling, two under async scheduling (update_from_output(N) comes
-        #: after schedule(N + 1)). Keyed by their SchedulerOutput.
-        self._in_flight: deque[InFlight] = deque()
-        #: step_timer() when the last step's output came back: a step runs from when it was
-        #: scheduled or when the step before it finished, whichever is later.
-        self._last_done = -math.inf
-        self._logged_service: ServiceModel | None = None
-        self._publish_service_model()
-        #: ADAPTIVELLM_STEP_TRACE's per-step trace (scheduler.step_trace); None: off. The step
-        #: in it: when schedule() was entered and returned, and its counts.
-        self.trace = StepTrace.from_env({
+        #: Each data-parallel rank has its own scheduler, counters and gauges (`rank` label).
+        rank = str(getattr(self.vllm_config.parallel_config, "data_parallel_index", 0))
+        self.observer = EngineObserver(self.fairness, rank, StepTrace.from_env({
             "policy": self.fairness.policy,
             "max_step_s": self.fairness.max_step_s,
             "fairness_preemption": self.fairness.preemption.enabled,
-            "preemption_mode": self.preemption.mode,
+            "preemption_mode": config.preemption.mode,
             "max_num_seqs": self.max_num_running_reqs,
-        })  # fmt: skip
+        }))  # fmt: skip
+        self.observer.service_model(self.service, self.service_times.fit)
 
     def _use_fcfs_queue(self) -> None:
         """The policy orders a FCFS queue itself, and a request's priority already scales its
@@ -213,18 +187,6 @@ class AdaptiveScheduler(Scheduler):
         self.waiting = create_request_queue(self.policy)
         self.kv_holding_waiting = create_request_queue(self.policy)
 
-    def _init_preemption(self, preemption: PreemptionConfig) -> None:
-        """Swap or recompute: the swap connector vLLM built, and the cost predictors."""
-        self.preemption = preemption
-        self.swap = self.connector if isinstance(self.connector, AdaptiveSwapConnector) else None
-        if self.preemption.mode != "recompute" and self.swap is None:
-            raise ValueError(
-                f"preemption mode {self.preemption.mode} needs AdaptiveSwapConnector as the KV "
-                "connector (adaptivellm serve configures it)"
-            )
-        self.costs = load_costs(self.vllm_config) if self.swap is not None else None
-        self.decisions: list[Decision] = []
-
     @property
     def vtc_counters(self) -> dict[str, float]:
         """Per-tenant virtual token counters (the policy's ledger; empty under fcfs/priority)."""
@@ -234,6 +196,16 @@ class AdaptiveScheduler(Scheduler):
     def live_requests(self) -> dict[str, int]:
         """Live (tracked) requests per active tenant."""
         return self.ledger.live
+
+    @property
+    def served_tokens(self) -> dict[str, float]:
+        """Tokens served per tenant label (the observer's)."""
+        return self.observer.served_tokens
+
+    @property
+    def service(self) -> ServiceModel:
+        """The service model requests are ranked with: learned, or the configured one."""
+        return self.service_times.model
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -279,7 +251,8 @@ class AdaptiveScheduler(Scheduler):
         """vLLM's step with AdaptiveLLM's order, preemptions and budget applied first. Each of
         those is fail-safe (scheduler.fail_safe): if one raises, this step keeps vLLM's own
         order, victims and budget, and the engine keeps serving."""
-        entered = time.perf_counter() if self.trace is not None else 0.0
+        trace = self.observer.trace
+        entered = time.perf_counter() if trace is not None else 0.0
         now = self.clock()
         if self._failed:
             with self.errors.guard("finish_failed"):
@@ -291,12 +264,12 @@ class AdaptiveScheduler(Scheduler):
                 self._preempt_for_turnaround(now)
             with self.errors.guard("order_running"):
                 if self._preemption_possible():
-                    self.running[:] = self._order(self.running, now)
+                    self.running[:] = self._order(self.running, now, victims=True)
         full_budget = self.max_num_scheduled_tokens
         threshold = self.scheduler_config.long_prefill_token_threshold
         budget, chunk = full_budget, 0
         with self.errors.guard("step_budget"):
-            budget, chunk = self._step_token_budget(full_budget)
+            budget, chunk = self.fairness_policy.step_budget(full_budget, self)
         self.max_num_scheduled_tokens = budget
         if chunk:
             self.scheduler_config.long_prefill_token_threshold = min(chunk, threshold or chunk)
@@ -308,13 +281,12 @@ class AdaptiveScheduler(Scheduler):
         prefill = decode = 0
         with self.errors.guard("accounting"):
             prefill, decode = self._account(output, now)
-            self._observe_fairness(output, now)
         step = InFlight(output, self.step_timer(), prefill, decode)
-        if self.trace is not None:
+        if trace is not None:
             with self.errors.guard("step_trace"):
                 counts = self._trace_counts(output, prefill, decode)
                 step.traced = (entered, time.perf_counter(), counts)
-        self._in_flight.append(step)
+        self.service_times.in_flight.append(step)
         return output
 
     def _trace_counts(self, output: SchedulerOutput, prefill: int, decode: int) -> dict[str, int]:
@@ -328,76 +300,39 @@ class AdaptiveScheduler(Scheduler):
             "preempted": len(output.preempted_req_ids or ()),
         }  # fmt: skip
 
-    def _step_token_budget(self, full: int) -> tuple[int, int]:
-        """This step's token budget and the most prompt tokens one request may take in it (0:
-        vLLM's own --long-prefill-token-threshold).
+    def step_load(self) -> StepLoad:
+        """What is in the engine now, for the policy's step budget."""
+        return StepLoad(
+            requests=sum(self.get_request_counts()),
+            running=len(self.running),
+            chunked_prefill=self.scheduler_config.enable_chunked_prefill,
+        )
 
-        vLLM's (`full`, 0), except under weighted-turnaround with max_step_s when chunked
-        prefill is on and at least two requests are in the engine: then the budget is about
-        max_step_s of prefill by the service model (never below MIN_STEP_TOKENS plus one token
-        per running request, for their decodes), so a long prompt goes in chunks while the
-        running requests keep decoding. vLLM schedules running requests first, so when two or
-        more requests have prompt tokens to compute (waiting with a free batch slot to go to, or
-        running in their prompt), one request's chunk is held to half the budget: a long prompt
-        being prefilled leaves the other half to admit the waiting requests (a short prompt in
-        full) this step, not after it. On a fast device the cap is above vLLM's budget, which
-        then stands unchanged."""
-        limit = self.fairness.max_step_s
-        if (
-            not self.fairness_policy.turnaround
-            or limit <= 0
-            or not self.scheduler_config.enable_chunked_prefill
-            or sum(self.get_request_counts()) < 2
-        ):
-            return full, 0
-        per_token = self.service.prefill_s_per_token
-        budget = max(int(limit / per_token) if per_token > 0 else full,
-                     MIN_STEP_TOKENS + len(self.running))  # fmt: skip
-        if budget >= full:
-            return full, 0
-        # Waiting requests count only as many as there are free batch slots: with every slot
-        # taken none is admitted this step, and halving a running prompt's chunk for them
-        # would only prefill it in more steps.
+    def prefilling(self) -> int:
+        """Requests with prompt tokens to compute this step. Waiting requests count only as
+        many as there are free batch slots: with every slot taken none is admitted this step,
+        and halving a running prompt's chunk for them would only prefill it in more steps."""
         free = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
-        prefilling = min(len(self.waiting), max(0, free)) + sum(
+        return min(len(self.waiting), max(0, free)) + sum(
             r.num_computed_tokens < r.num_prompt_tokens for r in self.running
         )
-        return budget, (budget // 2 if prefilling >= 2 else 0)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
-        step = self._step_done(scheduler_output)
-        if step is not None and self.fairness.learn_service:
+        step = self.service_times.done(scheduler_output)
+        if step is not None and self.service_times.learn:
             with self.errors.guard("service_fit"):
-                done = self.step_timer()
-                # Under async scheduling the step was scheduled while the one before it ran:
-                # it ran from when that one finished.
-                started = max(step.scheduled, self._last_done)
-                self._last_done = done
-                before = self.service_fit.model
-                self.service_fit.observe(done - started, step.prefill, step.decode)
-                if self.service_fit.model is not before:
-                    self._publish_service_model()
+                if self.service_times.observe(step, self.step_timer()):
+                    self.observer.service_model(self.service, self.service_times.fit)
         entered = time.perf_counter()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._errored:
             self._send_errors(outputs)
-        if self.trace is not None and step is not None and step.traced is not None:
-            start, returned, counts = step.traced
+        if step is not None and step.traced is not None:
             with self.errors.guard("step_trace"):
-                self.trace.step(start, returned - start, entered - returned,
-                                time.perf_counter() - entered, counts)  # fmt: skip
+                self.observer.trace_step(step.traced, entered, time.perf_counter())
         return outputs
-
-    def _step_done(self, output: SchedulerOutput) -> InFlight | None:
-        """The in-flight step whose output this is, removed with any older one (steps
-        finish in order; an older one left over had no output). None if it is not known."""
-        while self._in_flight:
-            step = self._in_flight.popleft()
-            if step.output is output:
-                return step
-        return None
 
     def _send_errors(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         """Add an error output for each request _finish_failed finished (as vLLM does for its
@@ -414,51 +349,6 @@ class AdaptiveScheduler(Scheduler):
             if (batch := outputs.get(request.client_index)) is None:
                 batch = outputs[request.client_index] = EngineCoreOutputs()
             batch.outputs.append(output)
-
-    @property
-    def service(self) -> ServiceModel:
-        """The service model requests are ranked with: learned, or the configured one."""
-        return self.service_fit.model if self.fairness.learn_service else self.fairness.service
-
-    def _publish_service_model(self) -> None:
-        """Set the gauges; log the learned model when it first appears or moves by > 25%."""
-        model = self.service
-        gauge = EngineMetrics.get().service_model
-        gauge.labels(term="prefill", rank=self.rank).set(model.prefill_s_per_token)
-        gauge.labels(term="decode", rank=self.rank).set(model.decode_s_per_token)
-        logged = self._logged_service
-        if self.service_fit.coefficients is None or (
-            logged is not None
-            and abs(model.decode_s_per_token / logged.decode_s_per_token - 1) <= 0.25
-            and abs(model.prefill_s_per_token / logged.prefill_s_per_token - 1) <= 0.25
-        ):
-            return
-        self._logged_service = model
-        logger.info(
-            "Service-time model learned from %d steps: %.3g ms per prompt token, %.3g ms per "
-            "output token",
-            self.service_fit.steps,
-            1e3 * model.prefill_s_per_token,
-            1e3 * model.decode_s_per_token,
-        )
-
-    def _observe_fairness(self, output: SchedulerOutput, now: float) -> None:
-        """Advance the fairness window: which tenants were left waiting by this step, and what
-        each was served. A closed window sets the Jain index gauge."""
-        if self._window is None or now - self._window[0] >= FAIRNESS_WINDOW_S:
-            if self._window is not None:
-                _, backlogged, served = self._window
-                weights = {t: self.fairness.weight_of(t) for t in backlogged or ()}
-                jain = backlogged_jain(backlogged or (), served, weights)
-                gauge = EngineMetrics.get().jain.labels(rank=self.rank)
-                gauge.set(1.0 if jain is None else jain)
-            self._window = (now, None, defaultdict(float))
-        start, backlogged, served = self._window
-        if backlogged is None or backlogged:
-            self._window = (start, self._waiting_tenants(backlogged), served)
-        for req_id, n in output.num_scheduled_tokens.items():
-            if (tracked := self.tracked.get(req_id)) is not None:
-                served[tracked.info.tenant] += n
 
     def _waiting_tenants(self, among: set[str] | None) -> set[str]:
         """The tenants (of `among`, None: all) with a request waiting. Every step: the scan
@@ -482,10 +372,8 @@ class AdaptiveScheduler(Scheduler):
         a short one behind it would; that one does not delay the head, which waits for the next
         slot to free either way. The victim's KV cache is swapped or recomputed like any
         victim's (_preempt_request)."""
-        rule = self.fairness.preemption
         if (
-            not self.fairness_policy.turnaround
-            or not rule.enabled
+            not self.fairness_policy.preempts_for_turnaround
             or not self.waiting
             or len(self.running) < self.max_num_active_reqs
         ):
@@ -509,10 +397,10 @@ class AdaptiveScheduler(Scheduler):
                     r.num_computed_tokens,
                     info.preempted,
                     preemptible,
-                    self._kept_tokens(r) if preemptible else 0,
+                    self.advisor.kept_tokens(r) if preemptible else 0,
                 )
             )
-        for candidate in list(self.waiting)[: rule.candidates]:
+        for candidate in list(self.waiting)[: self.fairness.preemption.candidates]:
             tracked = self.tracked.get(candidate.request_id)
             if tracked is None or candidate.status not in (
                 RequestStatus.WAITING,
@@ -535,15 +423,7 @@ class AdaptiveScheduler(Scheduler):
         # The victim was put at the head of the queue: the candidate goes first, into its slot.
         self.waiting.remove_request(candidate)
         self.waiting.prepend_request(candidate)
-        EngineMetrics.get().turnaround_preemptions.inc()
-
-    def _kept_tokens(self, request: Request) -> int:
-        """Computed tokens of `request` that a preemption now would swap out rather than drop
-        (0 under --preemption-mode recompute, or when the swap space has no room)."""
-        if self.swap is None or self.preemption.mode == "recompute":
-            return 0
-        tokens = self.swap.swappable_tokens(request, request.num_computed_tokens)
-        return tokens if self.swap.space.can_swap_out(self.swap.blocks_for(tokens)) else 0
+        self.observer.preempted_for_turnaround()
 
     def _preemption_possible(self) -> bool:
         """True when this step may have to preempt: fewer free KV blocks than running requests
@@ -553,11 +433,14 @@ class AdaptiveScheduler(Scheduler):
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         return free < len(self.running) + 1
 
-    def _order(self, requests: Iterable[Request], now: float) -> list[Request]:
-        """Most deserving first, by the configured policy."""
+    def _order(
+        self, requests: Iterable[Request], now: float, victims: bool = False
+    ) -> list[Request]:
+        """Most deserving first, by the configured policy (its victim order if `victims`)."""
         by_id = {r.request_id: r for r in requests}
         infos = [self.tracked[i].info for i in by_id if i in self.tracked]
-        ranked = self.fairness_policy.order(infos, by_id, now, self)
+        policy = self.fairness_policy
+        ranked = (policy.order_victims if victims else policy.order)(infos, by_id, now, self)
         ordered = [by_id[i.request_id] for i in ranked]
         # Requests we do not track (none expected) keep their place at the end.
         ordered += [r for i, r in by_id.items() if i not in self.tracked]
@@ -588,16 +471,10 @@ class AdaptiveScheduler(Scheduler):
             queue.extend(ordered)
 
     def _account(self, output: SchedulerOutput, now: float) -> tuple[int, int]:
-        """Charge scheduled tokens to tenants; count steps; note first-scheduled times. Returns
-        the step's prompt tokens and decoding requests. Runs every step on the engine core's
-        critical path: the tenant counter metric is added to once per tenant and step."""
-        metrics = EngineMetrics.get()
-        if output.total_num_scheduled_tokens:
-            metrics.scheduler_steps.inc()
-            metrics.step_tokens.observe(output.total_num_scheduled_tokens)
-        if self.swap is not None:
-            used = self.swap.space.used * self.swap.bytes_per_block
-            metrics.swap_space_bytes.labels(rank=self.rank).set(used)
+        """Charge scheduled tokens to tenants and tell the observer; note first-scheduled
+        times. Returns the step's prompt tokens and decoding requests. Runs every step on the
+        engine core's critical path."""
+        self.observer.step(output.total_num_scheduled_tokens, self.advisor.swap_space_bytes())
         prefill = decode = 0
         ledger = self.ledger if self.ledger.keeps_counters else None
         served: dict[str, int] = {}
@@ -616,19 +493,12 @@ class AdaptiveScheduler(Scheduler):
             info = tracked.info
             if tracked.first_scheduled is None:
                 tracked.first_scheduled = now
-                metrics.queue_wait.observe(max(0.0, now - info.arrival_time))
+                self.observer.first_scheduled(now - info.arrival_time)
             served[info.tenant] = served.get(info.tenant, 0) + n
             if ledger is not None:
                 charged = max(0, min(n, request.num_prompt_tokens - before))
                 ledger.charge(info.tenant, charged, n - charged, info.weight)
-        for tenant, tokens in served.items():
-            label = tenant
-            if label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
-                label = "other"
-            self.served_tokens[label] += tokens
-            if (child := self._tenant_tokens.get(label)) is None:
-                child = self._tenant_tokens[label] = metrics.tenant_tokens.labels(tenant=label)
-            child.inc(tokens)
+        self.observer.served(served, now, self._waiting_tenants)
         return prefill, decode
 
     # --- outputs ------------------------------------------------------------------------
@@ -642,33 +512,15 @@ class AdaptiveScheduler(Scheduler):
             decision = self._decide(request)
         super()._preempt_request(request, timestamp, drop_stale_output)
         with self.errors.guard("metrics"):
-            metrics = EngineMetrics.get()
-            metrics.preemptions.labels(mode=decision.mode).inc()
-            if decision.reason == "swap-space-full":
-                metrics.swap_fallbacks.inc()
+            self.observer.preempted(decision)
 
     def _decide(self, request: Request) -> Decision:
-        """Swap or recompute this victim; plans the swap-out with the connector."""
-        if self.swap is None or self.costs is None:
-            return Decision("recompute", "forced", math.nan, math.nan)
-        tokens = self.swap.swappable_tokens(request, request.num_computed_tokens)
-        blocks = self.swap.blocks_for(tokens)
-        if blocks == 0:  # preempted before any token was computed: nothing to swap
-            return choose_mode(self.preemption.mode, math.nan, math.nan, 0, False)
-        swap_s = recompute_s = math.nan  # a predictor bug costs a recompute, never the engine
-        with self.errors.guard("cost_predictor", request.request_id):
-            swap_s, recompute_s = self.costs(tokens, blocks)
-        room = self.swap.space.can_swap_out(blocks)
-        decision = choose_mode(self.preemption.mode, swap_s, recompute_s, blocks, room)
-        if decision.mode == "swap":
-            block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
-            if not self.swap.swap_out(request, list(block_ids), tokens):
-                decision = Decision("recompute", "swap-space-full", swap_s, recompute_s)
-        EngineMetrics.get().predicted_cost.labels(mode="swap").observe(swap_s)
-        EngineMetrics.get().predicted_cost.labels(mode="recompute").observe(recompute_s)
-        self.decisions.append(decision)
-        del self.decisions[:-1000]  # keep the recent ones for tests and debugging
-        return decision
+        """Swap or recompute this victim (the advisor's; it plans the swap-out)."""
+
+        def block_ids() -> list[int]:
+            return list(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+
+        return self.advisor.decide(request, block_ids)
 
     def _update_request_as_session(self, session: Request, update: Any) -> None:
         chunk = self.split_chunks.pop(session.request_id)
@@ -691,19 +543,18 @@ class AdaptiveScheduler(Scheduler):
             if tracked is not None:
                 self.ledger.leave(tracked.info.tenant)
                 self._record_finish(tracked, request)
-        if self.swap is not None:
+        if self.advisor.swap is not None:
             with self.errors.guard("swap_release", rid):
-                self.swap.release(rid)
+                self.advisor.release(rid)
         return super()._free_request(request, delay_free_blocks)
 
     def _record_finish(self, tracked: Tracked, request: Request) -> None:
         """Weighted turnaround (service time predicted with the actual output length) and output
         length prediction error."""
-        metrics = EngineMetrics.get()
         info, actual = tracked.info, request.num_output_tokens
         service = self.service.service_time(info.prompt_tokens, actual)
-        metrics.weighted_turnaround.observe(max(0.0, self.clock() - info.arrival_time) / service)
-        metrics.output_length_error.observe(abs(tracked.predicted_output - actual) / max(1, actual))
+        turnaround = self.clock() - info.arrival_time
+        self.observer.finished(turnaround, service, tracked.predicted_output, actual)
         self.output_estimate = self.output_estimate.update(info.max_tokens, actual)
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +97,59 @@ class ServiceFit:
         self.model = replace(
             self.prior, prefill_s_per_token=c_prefill, decode_s_per_token=c0 + c_decode
         )
+
+
+@dataclass
+class InFlight:
+    """A step scheduled and not yet back: for the service-time fit and the step trace."""
+
+    output: Any
+    """Its SchedulerOutput (steps are matched by identity)."""
+    scheduled: float
+    """The scheduler's step_timer() when schedule() returned."""
+    prefill: int
+    decode: int
+    traced: tuple[float, float, dict[str, int]] | None = None
+    """For the step trace: when schedule() was entered and returned, and the step's counts."""
+
+
+class ServiceTimes:
+    """The service-time model requests are ranked with (the fit's when `learn`, else the
+    configured `prior`), and the steps in flight it is learned from: one under synchronous
+    scheduling, two under async scheduling (update_from_output(N) comes after
+    schedule(N + 1)), each keyed by its SchedulerOutput."""
+
+    def __init__(self, prior: ServiceModel, learn: bool) -> None:
+        self.prior = prior
+        self.learn = learn
+        self.fit = ServiceFit(prior)
+        self.in_flight: deque[InFlight] = deque()
+        #: When the last step's output came back: a step runs from when it was scheduled or
+        #: when the step before it finished, whichever is later.
+        self.last_done = -math.inf
+
+    @property
+    def model(self) -> ServiceModel:
+        return self.fit.model if self.learn else self.prior
+
+    def done(self, output: Any) -> InFlight | None:
+        """The in-flight step whose output this is, removed with any older one (steps
+        finish in order; an older one left over had no output). None if it is not known."""
+        while self.in_flight:
+            step = self.in_flight.popleft()
+            if step.output is output:
+                return step
+        return None
+
+    def observe(self, step: InFlight, done: float) -> bool:
+        """`step` came back at `done`: fit its duration. True when the model changed. Under
+        async scheduling the step was scheduled while the one before it ran: it ran from when
+        that one finished."""
+        started = max(step.scheduled, self.last_done)
+        self.last_done = done
+        before = self.fit.model
+        self.fit.observe(done - started, step.prefill, step.decode)
+        return self.fit.model is not before
 
 
 def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:

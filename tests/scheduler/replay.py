@@ -95,7 +95,7 @@ def record(case: str) -> list[dict[str, Any]]:
 
 def _entry(scheduler: AdaptiveScheduler, out: SchedulerOutput) -> dict[str, Any]:
     preempted = sorted(out.preempted_req_ids or ())
-    swapped = scheduler.swap.space.swapped if scheduler.swap is not None else {}
+    swapped = scheduler.advisor.swap.space.swapped if scheduler.advisor.swap is not None else {}
     return {
         "scheduled": [[rid, n] for rid, n in out.num_scheduled_tokens.items()],
         "preempted": {rid: "swap" if rid in swapped else "recompute" for rid in preempted},

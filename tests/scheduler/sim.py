@@ -30,9 +30,9 @@ def check_no_leaks(scheduler: AdaptiveScheduler, num_blocks: int) -> None:
     assert not scheduler.requests
     assert not scheduler.tracked
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == num_blocks - 1
-    if scheduler.swap is not None:
-        scheduler.swap.space.check_integrity()
-        assert scheduler.swap.space.used == 0, "host swap slots leaked"
+    if scheduler.advisor.swap is not None:
+        scheduler.advisor.swap.space.check_integrity()
+        assert scheduler.advisor.swap.space.used == 0, "host swap slots leaked"
 
 
 def check_invariants(scheduler: AdaptiveScheduler, num_blocks: int) -> None:
@@ -42,10 +42,12 @@ def check_invariants(scheduler: AdaptiveScheduler, num_blocks: int) -> None:
     held = [b for rid in scheduler.requests for b in _block_ids(scheduler, rid)]
     assert len(held) == len(set(held)), "a device block is held by two requests"
     assert len(held) + pool.get_num_free_blocks() == num_blocks - 1, "device blocks leaked"
-    if scheduler.swap is not None:
-        scheduler.swap.space.check_integrity()
+    if scheduler.advisor.swap is not None:
+        scheduler.advisor.swap.space.check_integrity()
         running = {r.request_id for r in scheduler.running}
-        assert not running & set(scheduler.swap.space.swapped) - set(scheduler.swap._consumed)
+        assert not running & set(scheduler.advisor.swap.space.swapped) - set(
+            scheduler.advisor.swap._consumed
+        )
 
 
 def _block_ids(scheduler: AdaptiveScheduler, request_id: str) -> list[int]:

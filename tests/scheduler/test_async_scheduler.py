@@ -174,8 +174,8 @@ def test_service_time_is_learned_with_two_steps_in_flight(mode: str) -> None:
         run.until_idle()
     else:
         Pipeline(scheduler, clock, step_cost=lambda out: true_cost(out, scheduler)).until_idle()
-    learned = scheduler.service_fit.model
-    assert scheduler.service_fit.coefficients is not None
+    learned = scheduler.service_times.fit.model
+    assert scheduler.service_times.fit.coefficients is not None
     assert learned.prefill_s_per_token == pytest.approx(TRUE.prefill_s_per_token, rel=0.05)
     assert learned.decode_s_per_token == pytest.approx(TRUE.decode_s_per_token, rel=0.05)
 

@@ -198,8 +198,8 @@ def test_service_fit_and_step_budget_that_raise_are_contained(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     scheduler, clock = make_scheduler(WT, num_blocks=40, max_num_seqs=2)
-    monkeypatch.setattr(scheduler.service_fit, "observe", boom)
-    monkeypatch.setattr(scheduler, "_step_token_budget", boom)
+    monkeypatch.setattr(scheduler.service_times.fit, "observe", boom)
+    monkeypatch.setattr(scheduler.fairness_policy, "step_budget", boom)
     run = three_requests(scheduler, clock)
     assert len(run.finished) == 3
     assert scheduler.errors.counts["service_fit"] >= 1
@@ -258,7 +258,7 @@ def worker_connector() -> Any:
     """The swap connector over a real CPU KV tensor of 25 blocks, 8 host slots."""
     scheduler, _ = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
                                   preemption="swap", swap_slots=8)  # fmt: skip
-    connector = scheduler.swap
+    connector = scheduler.advisor.swap
     assert connector is not None and connector.num_slots == 8
     connector.register_kv_caches({"layer": torch.randn(25, 1, 16, 2)})
     return connector
@@ -302,7 +302,7 @@ def test_failed_swap_in_copy_reports_every_block_of_the_step(
 def test_scheduler_side_match_that_raises_recomputes(monkeypatch: pytest.MonkeyPatch) -> None:
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=25,
                                       preemption="swap", swap_slots=200)  # fmt: skip
-    connector = scheduler.swap
+    connector = scheduler.advisor.swap
     assert connector is not None
     monkeypatch.setattr(connector, "_matched_tokens", boom)
     for i in range(12):

@@ -103,7 +103,7 @@ def pressure_run(
 
 def test_swap_mode_swaps_and_restores_without_leaks() -> None:
     run = pressure_run("swap", slots=200)
-    decisions = run.scheduler.decisions
+    decisions = run.scheduler.advisor.decisions
     assert run.preempted and decisions
     assert {d.mode for d in decisions} == {"swap"}
     assert len(run.finished) == 12
@@ -111,7 +111,7 @@ def test_swap_mode_swaps_and_restores_without_leaks() -> None:
 
 def test_swap_space_exhaustion_falls_back_to_recompute() -> None:
     run = pressure_run("swap", slots=6)
-    reasons = {d.reason for d in run.scheduler.decisions}
+    reasons = {d.reason for d in run.scheduler.advisor.decisions}
     assert "swap-space-full" in reasons
     assert "forced" in reasons  # some did fit
     assert len(run.finished) == 12
@@ -131,8 +131,8 @@ def test_recompute_mode_never_swaps() -> None:
     before = {mode: preemptions_counted(mode) for mode in ("swap", "recompute")}
     run = pressure_run("recompute", slots=0)
     assert run.preempted
-    assert run.scheduler.swap is None and run.scheduler.costs is None
-    assert run.scheduler.decisions == []  # recorded only when there was a choice to make
+    assert run.scheduler.advisor.swap is None and run.scheduler.advisor.costs is None
+    assert run.scheduler.advisor.decisions == []  # recorded only when there was a choice to make
     assert preemptions_counted("recompute") - before["recompute"] == len(run.preempted)
     assert preemptions_counted("swap") == before["swap"]
     decision = run.scheduler._decide(make_request("x", 40, 10, run.clock.now))
@@ -143,8 +143,8 @@ def test_adaptive_follows_the_cheaper_prediction() -> None:
     """With the analytic predictor every victim is priced and goes the cheaper way (here always
     a swap: the sim's victims hold many tokens and host copies are cheap)."""
     run = pressure_run("adaptive", slots=200)
-    assert run.scheduler.decisions
-    for d in run.scheduler.decisions:
+    assert run.scheduler.advisor.decisions
+    for d in run.scheduler.advisor.decisions:
         assert d.reason == "cheaper", d
         assert (d.mode == "swap") == (d.swap_s < d.recompute_s), d
 
@@ -162,10 +162,10 @@ def test_adaptive_takes_either_way_as_the_prediction_says(cheaper: str) -> None:
         return {"swap": (1.0, 2.0), "recompute": (2.0, 1.0), "tie": (1.5, 1.5)}[cheaper]
 
     def stub(scheduler: AdaptiveScheduler) -> None:
-        scheduler.costs = predict
+        scheduler.advisor.costs = predict
 
     run = pressure_run("adaptive", slots=200, prepare=stub)
-    decisions = run.scheduler.decisions
+    decisions = run.scheduler.advisor.decisions
     assert decisions and {d.reason for d in decisions} == {"cheaper"}
     modes = {d.mode for d in decisions}
     assert len(decisions) == len(calls)
@@ -186,11 +186,11 @@ def test_abort_while_swapped_frees_host_copy() -> None:
     for i in range(8):
         scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
     run = Run(scheduler, clock)
-    while not scheduler.swap.space.swapped:  # type: ignore[union-attr]
+    while not scheduler.advisor.swap.space.swapped:  # type: ignore[union-attr]
         run.step()
-    victim = next(iter(scheduler.swap.space.swapped))  # type: ignore[union-attr]
+    victim = next(iter(scheduler.advisor.swap.space.swapped))  # type: ignore[union-attr]
     scheduler.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
-    assert victim not in scheduler.swap.space.swapped  # type: ignore[union-attr]
+    assert victim not in scheduler.advisor.swap.space.swapped  # type: ignore[union-attr]
     run.until_idle()
     check_no_leaks(scheduler, 25)
 
@@ -205,7 +205,7 @@ def test_victim_without_a_computed_token_is_recomputed(mode: str) -> None:
     scheduler.add_request(request)
     decision = scheduler._decide(request)
     assert (decision.mode, decision.reason) == ("recompute", "nothing-to-swap")
-    assert scheduler.swap is not None and not scheduler.swap.space.swapped
+    assert scheduler.advisor.swap is not None and not scheduler.advisor.swap.space.swapped
 
 
 def test_partly_filled_last_block_is_swapped_and_nothing_but_the_last_token_recomputed() -> None:
@@ -218,7 +218,7 @@ def test_partly_filled_last_block_is_swapped_and_nothing_but_the_last_token_reco
     copied_in: list[tuple[str, int]] = []
 
     def spy(scheduler: AdaptiveScheduler) -> None:
-        swap = scheduler.swap
+        swap = scheduler.advisor.swap
         assert swap is not None
         swap_out, matched, after_alloc = (swap.swap_out, swap.get_num_new_matched_tokens,
                                           swap.update_state_after_alloc)  # fmt: skip
@@ -260,11 +260,11 @@ def test_failing_predictor_recomputes_instead_of_crashing() -> None:
     def broken(num_tokens: int, num_blocks: int) -> tuple[float, float]:
         raise ValueError("predictor bug")
 
-    scheduler.costs = broken
+    scheduler.advisor.costs = broken
     for i in range(12):
         scheduler.add_request(make_request(f"r{i}", 100, 80, clock.now))
     run = Run(scheduler, clock)
     run.until_idle()
     assert run.preempted
-    assert {d.reason for d in scheduler.decisions} == {"no-prediction"}
+    assert {d.reason for d in scheduler.advisor.decisions} == {"no-prediction"}
     check_no_leaks(scheduler, 25)

@@ -303,7 +303,7 @@ def test_a_short_request_preempts_a_long_one_when_every_slot_is_taken(mode: str)
     run, scheduler = preempt_for_short(WT, mode=mode)
     assert run.preempted == ["long"]
     assert run.finished["short0"] < run.finished["long"]
-    assert [d.mode for d in scheduler.decisions] == ([mode] if mode == "swap" else [])
+    assert [d.mode for d in scheduler.advisor.decisions] == ([mode] if mode == "swap" else [])
 
 
 def test_fairness_preemption_can_be_turned_off_and_fcfs_never_does_it() -> None:

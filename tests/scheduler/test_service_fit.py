@@ -108,7 +108,7 @@ def step_cost(
 def test_the_scheduler_learns_the_service_model_from_timed_steps(
     learn: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adaptivellm.scheduler.scheduler")
+    caplog.set_level(logging.INFO, logger="adaptivellm.scheduler.observer")
     config = FairnessConfig(learn_service=learn)
     scheduler, clock = make_scheduler(config, num_blocks=200, max_num_seqs=4)
     run = Run(scheduler, clock, step_cost=step_cost)

@@ -79,7 +79,7 @@ def test_the_scheduler_writes_one_line_per_step(
         run.step()
         steps += 1
     check_no_leaks(scheduler, 40)
-    scheduler.trace.file.flush()  # type: ignore[union-attr]
+    scheduler.observer.trace.file.flush()  # type: ignore[union-attr]
     (path,) = tmp_path.glob("steps-*.jsonl")
     header, lines = read_trace(path)
     assert header["name"] == "traced" and header["policy"] == "weighted-turnaround"
@@ -96,7 +96,7 @@ def test_the_scheduler_writes_one_line_per_step(
 def test_no_trace_without_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(STEP_TRACE_ENV, raising=False)
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=40)
-    assert scheduler.trace is None
+    assert scheduler.observer.trace is None
     scheduler.add_request(make_request("r", 10, 3, clock.now))
     Run(scheduler, clock).until_idle()
     assert not list(tmp_path.iterdir())
