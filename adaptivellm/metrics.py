@@ -27,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -177,105 +177,126 @@ class EngineMetrics:
     @cache
     def get() -> EngineMetrics:
         """The process's metrics, created on first use."""
-        from prometheus_client import Counter, Gauge, Histogram
-
         _engine_side()
-        return EngineMetrics(
-            scheduler_steps=Counter(
-                f"{PREFIX}scheduler_steps",
-                "Engine steps that scheduled at least one token (counted in the engine core)",
-            ),
-            step_tokens=Histogram(
-                f"{PREFIX}step_tokens",
-                "Tokens scheduled in an engine step (prompt chunks and decodes; --max-step-s "
-                "caps it under weighted-turnaround)",
-                buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
-            ),
-            preemptions=Counter(
-                f"{PREFIX}preemptions",
-                "Requests preempted (for lack of KV cache blocks, or for a waiting request: "
-                "adaptivellm_turnaround_preemptions), by how their KV cache was handled",
-                labelnames=["mode"],
-            ),
-            turnaround_preemptions=Counter(
-                f"{PREFIX}turnaround_preemptions",
-                "Running requests preempted by weighted-turnaround for a shorter waiting request "
-                "while every batch slot was taken (--fairness-preemption)",
-            ),
-            queue_wait=Histogram(
-                f"{PREFIX}queue_wait_seconds",
-                "Time from arrival to first scheduled step",
-                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            ),
-            weighted_turnaround=Histogram(
-                f"{PREFIX}weighted_turnaround",
-                "Turnaround / service time of finished requests (service time predicted by the "
-                "fairness service model with the actual output length)",
-                buckets=(1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000),
-            ),
-            output_length_error=Histogram(
-                f"{PREFIX}output_length_prediction_error",
-                "|predicted - actual| / actual output tokens of finished requests",
-                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
-            ),
-            tenant_tokens=Counter(
-                f"{PREFIX}tenant_served_tokens",
-                "Tokens computed for each tenant (prompt and output)",
-                labelnames=["tenant"],
-            ),
-            jain=Gauge(
-                f"{PREFIX}tenant_jain_index",
-                "Jain's fairness index over the weight-normalised tokens served, in the last "
-                "window of fairness_window_s, to the tenants backlogged all through it (1 when "
-                "fewer than two were), per data-parallel rank (each rank schedules on its own)",
-                labelnames=["rank"],
-                multiprocess_mode="mostrecent",
-            ),
-            swap_fallbacks=Counter(
-                f"{PREFIX}swap_fallbacks",
-                "Victims recomputed because the swap space was full although swapping was chosen",
-            ),
-            swap_space_bytes=Gauge(
-                f"{PREFIX}swap_space_used_bytes",
-                "Host swap space holding swapped-out KV blocks, per data-parallel rank",
-                labelnames=["rank"],
-                multiprocess_mode="mostrecent",
-            ),
-            swap_seconds=Histogram(
-                f"{PREFIX}swap_copy_seconds",
-                "Measured time of one step's KV block copies, by direction (out: device to "
-                "host at preemption; in: host to device at resume)",
-                labelnames=["direction"],
-                buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1),
-            ),
-            swap_blocks=Counter(
-                f"{PREFIX}swap_blocks",
-                "KV blocks copied by the swap connector, by direction (in = swap-ins)",
-                labelnames=["direction"],
-            ),
-            predicted_cost=Histogram(
-                f"{PREFIX}predicted_preemption_cost_seconds",
-                "Predicted cost of each preemption victim, by mode (swap: out and back in; "
-                "recompute: prefill of the same tokens)",
-                labelnames=["mode"],
-                buckets=(1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
-            ),
-            service_model=Gauge(
-                f"{PREFIX}service_model_seconds_per_token",
-                "The service-time model weighted-turnaround ranks requests with, by term "
-                "(prefill: per prompt token; decode: per output token), learned from the "
-                "engine's steps unless --no-learn-service-time, per data-parallel rank",
-                labelnames=["term", "rank"],
-                multiprocess_mode="mostrecent",
-            ),
-            max_queue_wait=Gauge(
-                f"{PREFIX}max_queue_wait_seconds",
-                "The starvation bound of weighted-turnaround (--max-queue-wait-s), per "
-                "data-parallel rank: the starvation alert compares queue waits with it",
-                labelnames=["rank"],
-                multiprocess_mode="mostrecent",
-            ),
-        )
+        return EngineMetrics(**_step_metrics(), **_tenant_metrics(), **_preemption_metrics())
+
+
+def _step_metrics() -> dict[str, Any]:
+    """Steps, queue waits and turnaround."""
+    from prometheus_client import Counter, Histogram
+
+    return dict(
+        scheduler_steps=Counter(
+            f"{PREFIX}scheduler_steps",
+            "Engine steps that scheduled at least one token (counted in the engine core)",
+        ),
+        step_tokens=Histogram(
+            f"{PREFIX}step_tokens",
+            "Tokens scheduled in an engine step (prompt chunks and decodes; --max-step-s "
+            "caps it under weighted-turnaround)",
+            buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+        ),
+        queue_wait=Histogram(
+            f"{PREFIX}queue_wait_seconds",
+            "Time from arrival to first scheduled step",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        ),
+        weighted_turnaround=Histogram(
+            f"{PREFIX}weighted_turnaround",
+            "Turnaround / service time of finished requests (service time predicted by the "
+            "fairness service model with the actual output length)",
+            buckets=(1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000),
+        ),
+        output_length_error=Histogram(
+            f"{PREFIX}output_length_prediction_error",
+            "|predicted - actual| / actual output tokens of finished requests",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        ),
+    )
+
+
+def _tenant_metrics() -> dict[str, Any]:
+    """Tenants and the service-time model."""
+    from prometheus_client import Counter, Gauge
+
+    return dict(
+        tenant_tokens=Counter(
+            f"{PREFIX}tenant_served_tokens",
+            "Tokens computed for each tenant (prompt and output)",
+            labelnames=["tenant"],
+        ),
+        jain=Gauge(
+            f"{PREFIX}tenant_jain_index",
+            "Jain's fairness index over the weight-normalised tokens served, in the last "
+            "window of fairness_window_s, to the tenants backlogged all through it (1 when "
+            "fewer than two were), per data-parallel rank (each rank schedules on its own)",
+            labelnames=["rank"],
+            multiprocess_mode="mostrecent",
+        ),
+        service_model=Gauge(
+            f"{PREFIX}service_model_seconds_per_token",
+            "The service-time model weighted-turnaround ranks requests with, by term "
+            "(prefill: per prompt token; decode: per output token), learned from the "
+            "engine's steps unless --no-learn-service-time, per data-parallel rank",
+            labelnames=["term", "rank"],
+            multiprocess_mode="mostrecent",
+        ),
+        max_queue_wait=Gauge(
+            f"{PREFIX}max_queue_wait_seconds",
+            "The starvation bound of weighted-turnaround (--max-queue-wait-s), per "
+            "data-parallel rank: the starvation alert compares queue waits with it",
+            labelnames=["rank"],
+            multiprocess_mode="mostrecent",
+        ),
+    )
+
+
+def _preemption_metrics() -> dict[str, Any]:
+    """Preemptions, swap and the cost predictors."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return dict(
+        preemptions=Counter(
+            f"{PREFIX}preemptions",
+            "Requests preempted (for lack of KV cache blocks, or for a waiting request: "
+            "adaptivellm_turnaround_preemptions), by how their KV cache was handled",
+            labelnames=["mode"],
+        ),
+        turnaround_preemptions=Counter(
+            f"{PREFIX}turnaround_preemptions",
+            "Running requests preempted by weighted-turnaround for a shorter waiting request "
+            "while every batch slot was taken (--fairness-preemption)",
+        ),
+        swap_fallbacks=Counter(
+            f"{PREFIX}swap_fallbacks",
+            "Victims recomputed because the swap space was full although swapping was chosen",
+        ),
+        swap_space_bytes=Gauge(
+            f"{PREFIX}swap_space_used_bytes",
+            "Host swap space holding swapped-out KV blocks, per data-parallel rank",
+            labelnames=["rank"],
+            multiprocess_mode="mostrecent",
+        ),
+        swap_seconds=Histogram(
+            f"{PREFIX}swap_copy_seconds",
+            "Measured time of one step's KV block copies, by direction (out: device to "
+            "host at preemption; in: host to device at resume)",
+            labelnames=["direction"],
+            buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1),
+        ),
+        swap_blocks=Counter(
+            f"{PREFIX}swap_blocks",
+            "KV blocks copied by the swap connector, by direction (in = swap-ins)",
+            labelnames=["direction"],
+        ),
+        predicted_cost=Histogram(
+            f"{PREFIX}predicted_preemption_cost_seconds",
+            "Predicted cost of each preemption victim, by mode (swap: out and back in; "
+            "recompute: prefill of the same tokens)",
+            labelnames=["mode"],
+            buckets=(1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ none and are dropped (idle_counters_to_drop), so they do not pile up per tenant 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("fcfs", "priority", "vtc", "weighted-turnaround")
@@ -224,32 +224,46 @@ def order_by_turnaround(
     requests will take it past the slack gets no more through. Without it, a tenant could fill
     every batch slot with requests that each looked within the slack when admitted."""
     ranked = sorted(infos, key=lambda i: i.arrival_time)
-    least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
-    prices = costs or VTCWeights()
-    behind = [i for i in ranked if counters and counters.get(i.tenant, 0.0) <= least]
-    cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
-    pending = committed or {}
-
-    def projected(tenant: str) -> float:
-        return (counters.get(tenant, 0.0) if counters else 0.0) + pending.get(tenant, 0.0)
-
-    floor = min((projected(i.tenant) for i in behind), default=least)
+    is_owed = _owed_rule(ranked, out, counters, slack, costs or VTCWeights(), committed or {})
 
     def key(info: RequestInfo) -> tuple[int, int, float]:
         service = predicted_service(info, model, out)
         done = progress.get(info.request_id) if progress else None
         left = None if done is None else service_left(info, *done, model, out)
         starved, value = turnaround_key(info, now, service, max_wait_s, exponent, left)
+        return (starved, int(is_owed(info) or starved), value)
+
+    return sorted(ranked, key=key, reverse=True)
+
+
+def _owed_rule(
+    ranked: list[RequestInfo],
+    out: OutputLengthEstimate,
+    counters: Mapping[str, float] | None,
+    slack: float,
+    prices: VTCWeights,
+    pending: Mapping[str, float],
+) -> Callable[[RequestInfo], bool]:
+    """order_by_turnaround's test of whether a request is owed (see there)."""
+    least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
+    behind = [i for i in ranked if counters and counters.get(i.tenant, 0.0) <= least]
+    cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
+
+    def projected(tenant: str) -> float:
+        return (counters.get(tenant, 0.0) if counters else 0.0) + pending.get(tenant, 0.0)
+
+    floor = min((projected(i.tenant) for i in behind), default=least)
+
+    def owed(info: RequestInfo) -> bool:
         counter = counters.get(info.tenant, 0.0) if counters else 0.0
         cost = vtc_cost(info, out, prices) if counters and counter > least else 0.0
-        owed = (
+        return (
             not counters
             or counter <= least
             or (cost < cheapest and projected(info.tenant) + cost <= floor + slack)
         )
-        return (starved, int(owed or starved), value)
 
-    return sorted(ranked, key=key, reverse=True)
+    return owed
 
 
 # --- Preemption for turnaround -----------------------------------------------------------------

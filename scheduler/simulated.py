@@ -58,7 +58,41 @@ def make_scheduler(
     and ignores AdaptiveLLM's settings). `async_scheduling`: vLLM's async scheduling on, as on
     CUDA (the CPU platform turns it off while the config is built, so it is set back after):
     `AdaptiveScheduler` then builds `AdaptiveAsyncScheduler`; pass `AsyncScheduler` for stock's."""
-    model = str(ensure_model())  # only its config.json is read
+    vllm_config = _vllm_config(fairness, max_num_seqs, max_num_batched_tokens, max_model_len,
+                               preemption, swap_slots)  # fmt: skip
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
+    spec = FullAttentionSpec(BLOCK_SIZE, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    groups = [KVCacheGroupSpec(["layer"], spec)]
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    scheduler = scheduler_cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK_SIZE,
+        log_stats=True,
+    )
+    clock = Clock()
+    if isinstance(scheduler, AdaptiveScheduler):
+        scheduler.clock = clock
+    # A stock Scheduler is returned under the same type: callers that ask for one use only
+    # what both have.
+    return cast(AdaptiveScheduler, scheduler), clock
+
+
+def _vllm_config(
+    fairness: FairnessConfig,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    max_model_len: int,
+    preemption: str,
+    swap_slots: int,
+) -> VllmConfig:
+    """vLLM's config for make_scheduler, on the embedded tiny model (only its config.json is
+    read), with AdaptiveLLM's settings in additional_config as `adaptivellm serve` stores them."""
+    model = str(ensure_model())
     policy = waiting_queue(fairness)
     scheduler_config = SchedulerConfig(
         max_model_len=max_model_len,
@@ -92,26 +126,7 @@ def make_scheduler(
             kv_connector_extra_config={swap_connector.SWAP_BYTES_KEY: swap_slots},
         ),
     )
-    vllm_config.scheduler_config.async_scheduling = async_scheduling
-    spec = FullAttentionSpec(BLOCK_SIZE, num_kv_heads=1, head_size=1, dtype=torch.float32)
-    groups = [KVCacheGroupSpec(["layer"], spec)]
-    kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups
-    )
-    cache_config.num_gpu_blocks = num_blocks
-    scheduler = scheduler_cls(
-        vllm_config=vllm_config,
-        kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=BLOCK_SIZE,
-        log_stats=True,
-    )
-    clock = Clock()
-    if isinstance(scheduler, AdaptiveScheduler):
-        scheduler.clock = clock
-    # A stock Scheduler is returned under the same type: callers that ask for one use only
-    # what both have.
-    return cast(AdaptiveScheduler, scheduler), clock
+    return vllm_config
 
 
 def make_request(

@@ -69,30 +69,14 @@ def replay(
     with no KV connector; `fairness` is then ignored. `timing`: add to it the real seconds spent
     in schedule() and update_from_output() (keys `schedule_s`, `update_s`, and `waiting`, the
     waiting requests summed over steps; the figures count the steps)."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.outputs import ModelRunnerOutput
+    from adaptivellm.scheduler.simulated import make_request
 
-    from adaptivellm.scheduler.scheduler import AdaptiveScheduler
-    from adaptivellm.scheduler.simulated import make_request, make_scheduler
-
-    scheduler, clock = make_scheduler(
-        fairness,
-        num_blocks=2 + max_num_seqs * max_model_len // 16,  # never preempted for memory
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_model_len,
-        max_model_len=max_model_len,
-        preemption="recompute" if stock else "swap",
-        swap_slots=10 * max_num_seqs * max_model_len // 16,
-        scheduler_cls=Scheduler if stock else AdaptiveScheduler,
-    )
-    scheduler.step_timer = clock  # the service model learns from the simulated steps
+    scheduler, clock = _simulated_scheduler(fairness, max_num_seqs, max_model_len, stock)
     spent = timing if timing is not None else {}
     clock.now = 0.0
     pending = sorted(requests, key=lambda r: r.arrival_s)
     last_arrival = pending[-1].arrival_s
-    by_id = {f"r{r.index}": r for r in pending}
-    token_times: dict[str, list[float]] = defaultdict(list)
-    finished: dict[str, float] = {}
+    served = _Served()
     drain_s = 0.0  # time after the last arrival with nothing waiting and the batch part-empty
     i = steps = 0
     while i < len(pending) or scheduler.has_requests():
@@ -108,8 +92,7 @@ def replay(
         spent["waiting"] = spent.get("waiting", 0.0) + len(scheduler.waiting)
         started = time.perf_counter()
         out = scheduler.schedule()
-        scheduled = time.perf_counter()
-        spent["schedule_s"] = spent.get("schedule_s", 0.0) + scheduled - started
+        spent["schedule_s"] = spent.get("schedule_s", 0.0) + time.perf_counter() - started
         counts = out.num_scheduled_tokens
         decodes = sum(1 for n in counts.values() if n == 1)
         step = cost.step_s(decodes, sum(n for n in counts.values() if n > 1))
@@ -117,42 +100,87 @@ def replay(
             drain_s += step
         clock.now += step
         steps += 1
-        ids = list(counts)
-        sampled = [
-            [5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens
-            else []
-            for r in ids
-        ]  # fmt: skip
-        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
-                                   sampled_token_ids=sampled)  # fmt: skip
         started = time.perf_counter()
-        engine_outputs = scheduler.update_from_output(out, runner)
+        served.record(scheduler.update_from_output(out, _sampled(scheduler, out)), clock.now)
         spent["update_s"] = spent.get("update_s", 0.0) + time.perf_counter() - started
+    figures = served.figures(pending, cost)
+    return {**figures, "drain_s": drain_s, "steps": float(steps), "sim_time_s": clock.now}
+
+
+def _simulated_scheduler(
+    fairness: FairnessConfig, max_num_seqs: int, max_model_len: int, stock: bool
+) -> tuple[Any, Any]:
+    """The scheduler replay serves with, and its simulated clock (also its step timer, so
+    the service model learns from the simulated steps)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from adaptivellm.scheduler.scheduler import AdaptiveScheduler
+    from adaptivellm.scheduler.simulated import make_scheduler
+
+    scheduler, clock = make_scheduler(
+        fairness,
+        num_blocks=2 + max_num_seqs * max_model_len // 16,  # never preempted for memory
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_model_len,
+        max_model_len=max_model_len,
+        preemption="recompute" if stock else "swap",
+        swap_slots=10 * max_num_seqs * max_model_len // 16,
+        scheduler_cls=Scheduler if stock else AdaptiveScheduler,
+    )
+    scheduler.step_timer = clock
+    return scheduler, clock
+
+
+def _sampled(scheduler: Any, out: Any) -> Any:
+    """The model runner's output for the step `out`: one token for each request past its
+    prompt."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(out.num_scheduled_tokens)
+    sampled = [
+        [5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens
+        else []
+        for r in ids
+    ]  # fmt: skip
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                             sampled_token_ids=sampled)  # fmt: skip
+
+
+class _Served:
+    """When each request's tokens came and when it finished, on the simulated clock."""
+
+    def __init__(self) -> None:
+        self.token_times: dict[str, list[float]] = defaultdict(list)
+        self.finished: dict[str, float] = {}
+
+    def record(self, engine_outputs: Mapping[int, Any], now: float) -> None:
         for outputs in engine_outputs.values():
             for o in outputs.outputs:
                 if o.new_token_ids:
-                    token_times[o.request_id].append(clock.now)
+                    self.token_times[o.request_id].append(now)
                 if o.finish_reason is not None:
-                    finished[o.request_id] = clock.now
-    if len(finished) != len(requests):
-        raise RuntimeError(f"{len(requests) - len(finished)} requests did not finish")
-    results = [
-        RequestResult(r.index, r.tenant, r.prompt_tokens, r.max_tokens, r.arrival_s,
-                      token_times[rid][0], finished[rid], token_times=tuple(token_times[rid]))
-        for rid, r in by_id.items()
-    ]  # fmt: skip
-    start = min(r.arrival_s for r in results)
-    end = max(r.end_s for r in results)
-    turnarounds = [r.latency_s / cost.alone_s(r.prompt_tokens, r.output_tokens) for r in results]
-    return {
-        "avg_weighted_turnaround": statistics.mean(turnarounds),
-        "throughput_tokens_per_s": sum(r.output_tokens for r in results) / (end - start),
-        "jain": backlogged_jain(results).jain,
-        "p99_ttft_s": statistics.quantiles([r.ttft_s for r in results], n=100)[-1],
-        "drain_s": drain_s,
-        "steps": float(steps),
-        "sim_time_s": clock.now,
-    }
+                    self.finished[o.request_id] = now
+
+    def figures(self, requests: list[BenchRequest], cost: StepCost) -> dict[str, float]:
+        if len(self.finished) != len(requests):
+            raise RuntimeError(f"{len(requests) - len(self.finished)} requests did not finish")
+        times = self.token_times
+        results = [
+            RequestResult(r.index, r.tenant, r.prompt_tokens, r.max_tokens, r.arrival_s,
+                          times[f"r{r.index}"][0], self.finished[f"r{r.index}"],
+                          token_times=tuple(times[f"r{r.index}"]))
+            for r in requests
+        ]  # fmt: skip
+        start = min(r.arrival_s for r in results)
+        end = max(r.end_s for r in results)
+        turnarounds = [r.latency_s / cost.alone_s(r.prompt_tokens, r.output_tokens)
+                       for r in results]  # fmt: skip
+        return {
+            "avg_weighted_turnaround": statistics.mean(turnarounds),
+            "throughput_tokens_per_s": sum(r.output_tokens for r in results) / (end - start),
+            "jain": backlogged_jain(results).jain,
+            "p99_ttft_s": statistics.quantiles([r.ttft_s for r in results], n=100)[-1],
+        }
 
 
 def workload(scenario: str, seed: int, rate: float, num_requests: int) -> list[BenchRequest]:

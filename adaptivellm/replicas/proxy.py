@@ -183,6 +183,13 @@ class RouterMetrics:
             "Requests that waited at the router (every replica at the target backlog)",
             registry=r,
         )
+        self._tenant_series()
+        self._replica_series(replicas)
+
+    def _tenant_series(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        r = self.registry
         self.tenant_service = Counter(
             "adaptivellm_router_tenant_service",
             "Weight-normalised service given to each tenant over all replicas (VTC counter "
@@ -204,6 +211,11 @@ class RouterMetrics:
             registry=r,
         )
         self.jain.set(1.0)
+
+    def _replica_series(self, replicas: int) -> None:
+        from prometheus_client import Counter, Gauge
+
+        r = self.registry
         self.ready = Gauge(
             "adaptivellm_router_replica_ready",
             "1 while the replica answers /health, else 0",
@@ -693,41 +705,54 @@ class RouterServer:
                 raise NotStarted(f"{type(exc).__name__}: {exc}") from exc
             if not first:
                 raise NotStarted("the stream ended before its first byte")
-            response = web.StreamResponse(status=upstream.status, headers=headers)
-            await response.prepare(request)
-            seen = StreamUsage()
-            credited = 0.0
-            chunk = first
-            uncredited = 0
-            try:
-                while chunk:
-                    uncredited += seen.feed(chunk)
-                    if uncredited >= CREDIT_EVERY:  # service shows in the Jain window as it goes
-                        units = self.ledger.cost(tenant, 0, uncredited)
-                        self._serve(tenant, units)
-                        credited += units
-                        uncredited = 0
-                    try:
-                        await response.write(chunk)
-                    except (ConnectionError, RuntimeError):
-                        # The client went away: closing the upstream aborts the replica's request.
-                        return response, (seen.prompt_tokens, seen.events), credited
-                    chunk = await upstream.content.readany()
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError, asyncio.TimeoutError) as exc:  # fmt: skip
-                self.metrics.stream_errors.inc()
-                self._mark_failed(replica.index, f"stream cut: {exc}")
-                message = (
-                    f"replica {replica.index} failed while streaming this response "
-                    f"({type(exc).__name__}); the output is incomplete"
-                )
-                event = json.dumps(error_body(message, "ReplicaFailure", 502))
-                prefix = b"" if seen.at_boundary else b"\n\n"
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await response.write(prefix + f"data: {event}\n\ndata: [DONE]\n\n".encode())
+            return await self._relay_stream(request, upstream, first, headers, replica, tenant)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        headers: dict[str, str],
+        replica: ReplicaState,
+        tenant: str,
+    ) -> tuple[web.StreamResponse, tuple[int | None, int | None], float]:
+        """Relay an SSE stream whose first bytes are `first`, crediting the tenant's service as
+        it goes. A replica that fails mid-stream ends it with an error event."""
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        seen = StreamUsage()
+        credited = 0.0
+        chunk = first
+        uncredited = 0
+        try:
+            while chunk:
+                uncredited += seen.feed(chunk)
+                if uncredited >= CREDIT_EVERY:  # service shows in the Jain window as it goes
+                    units = self.ledger.cost(tenant, 0, uncredited)
+                    self._serve(tenant, units)
+                    credited += units
+                    uncredited = 0
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, RuntimeError):
+                    # The client went away: closing the upstream aborts the replica's request.
+                    return response, (seen.prompt_tokens, seen.events), credited
+                chunk = await upstream.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError, asyncio.TimeoutError) as exc:  # fmt: skip
+            self.metrics.stream_errors.inc()
+            self._mark_failed(replica.index, f"stream cut: {exc}")
+            message = (
+                f"replica {replica.index} failed while streaming this response "
+                f"({type(exc).__name__}); the output is incomplete"
+            )
+            event = json.dumps(error_body(message, "ReplicaFailure", 502))
+            prefix = b"" if seen.at_boundary else b"\n\n"
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write_eof()
-            return response, (seen.prompt_tokens, seen.completion_tokens or seen.events), credited
+                await response.write(prefix + f"data: {event}\n\ndata: [DONE]\n\n".encode())
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response, (seen.prompt_tokens, seen.completion_tokens or seen.events), credited
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Any other route: to a ready replica (rotating), retried on another if it fails."""
