@@ -4,9 +4,8 @@
     recompute_s = recompute_flops / flops_per_s + num_layers * layer_call_s
 
 The swap moves every block of the victim out to host memory and later back (hence the 2), one
-copy call per layer and direction. The recompute is one prefill of the victim's tokens together
-with the `batch_tokens` sharing its step, linear layers plus causal attention (quadratic in
-length), see `PreemptionFeatures.recompute_flops`.
+copy call per layer and direction. The recompute is one prefill of the victim's tokens, linear
+layers plus causal attention (quadratic in length), see `PreemptionFeatures.recompute_flops`.
 
 The constants are not measured: they are round numbers for a small x86 server CPU (one or two
 cores of AVX-512 in float32, memcpy-class copies) and for a datacenter GPU behind PCIe 4/5.
@@ -64,7 +63,7 @@ class AnalyticPredictor:
         return 2 * features.swap_bytes / c.copy_bytes_per_s + calls * c.copy_call_s
 
     def recompute_s(self, features: PreemptionFeatures) -> float:
-        """Seconds of the step that prefills the victim again with `batch_tokens` beside it."""
+        """Seconds of the step that prefills the victim again."""
         c = self.costs
         fixed = features.shape.num_layers * c.layer_call_s
         return features.recompute_flops() / c.flops_per_s + fixed

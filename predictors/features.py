@@ -37,16 +37,12 @@ class PreemptionFeatures:
     """KV blocks those tokens occupy (what a swap copies)."""
     block_size: int
     """Tokens per KV block."""
-    batch_tokens: int
-    """Other tokens scheduled in the step that would recompute the victim (0 if unknown)."""
     shape: ModelShape
     """The served model."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_tokens < 1:
             raise ValueError("block_size and num_tokens must be >= 1")
-        if self.batch_tokens < 0:
-            raise ValueError(f"batch_tokens must be >= 0, got {self.batch_tokens}")
         if self.num_blocks * self.block_size < self.num_tokens:
             raise ValueError(
                 f"{self.num_tokens} tokens do not fit in {self.num_blocks} blocks of "
@@ -59,12 +55,11 @@ class PreemptionFeatures:
         shape: ModelShape,
         num_tokens: int,
         block_size: int,
-        batch_tokens: int = 0,
         num_blocks: int | None = None,
     ) -> PreemptionFeatures:
         """Features of a victim; `num_blocks` defaults to the blocks `num_tokens` fill."""
         blocks = blocks_for(num_tokens, block_size) if num_blocks is None else num_blocks
-        return cls(num_tokens, blocks, block_size, batch_tokens, shape)
+        return cls(num_tokens, blocks, block_size, shape)
 
     @property
     def swap_bytes(self) -> int:
@@ -74,22 +69,16 @@ class PreemptionFeatures:
         return s.num_layers * self.num_blocks * block
 
     @property
-    def step_tokens(self) -> int:
-        """Tokens in the step that recomputes the victim."""
-        return self.num_tokens + self.batch_tokens
-
-    @property
     def attention_pairs(self) -> int:
-        """Causal (query, key) pairs of the victim's prefill and of the batch's tokens (taken as
-        one other prefill chunk): the quadratic term of recompute."""
-        n, b = self.num_tokens, self.batch_tokens
-        return n * (n + 1) // 2 + b * (b + 1) // 2
+        """Causal (query, key) pairs of the victim's prefill: the quadratic term of recompute."""
+        n = self.num_tokens
+        return n * (n + 1) // 2
 
     def recompute_flops(self) -> float:
         """FLOPs of the recompute step over all layers: 2 per weight per token for the linear
         layers, and 4 * head_dim per head per causal (query, key) pair for QK^T and AV."""
         s = self.shape
-        linear = 2.0 * s.layer_params * self.step_tokens
+        linear = 2.0 * s.layer_params * self.num_tokens
         attention = 4.0 * s.num_heads * s.head_dim * self.attention_pairs
         return s.num_layers * (linear + attention)
 
@@ -99,7 +88,6 @@ class PreemptionFeatures:
             "num_tokens": self.num_tokens,
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
-            "batch_tokens": self.batch_tokens,
         }
 
 

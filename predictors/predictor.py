@@ -2,7 +2,7 @@
 
     shape = ModelShape.from_hf_config(config_json_dict, dtype="float32")
     predictor = load_predictor(ProfileKey.for_shape(shape, "cpu", "float32", model="name"))
-    f = PreemptionFeatures.for_victim(shape, num_tokens, block_size, batch_tokens, num_blocks)
+    f = PreemptionFeatures.for_victim(shape, num_tokens, block_size, num_blocks=num_blocks)
     predictor.swap_s(f), predictor.recompute_s(f)
 
 `load_predictor` uses the stored profile of the key (XGBoost models measured on this machine),
@@ -47,7 +47,7 @@ class CostPredictor(Protocol):
         ...
 
     def recompute_s(self, features: PreemptionFeatures) -> float:
-        """Seconds of the step that prefills the victim again (with its batch_tokens)."""
+        """Seconds of the step that prefills the victim again."""
         ...
 
 
@@ -69,7 +69,7 @@ class ProfilePredictor:
         return self._predict("swap", features)
 
     def recompute_s(self, features: PreemptionFeatures) -> float:
-        """Seconds of the step that prefills the victim again (with its batch_tokens)."""
+        """Seconds of the step that prefills the victim again."""
         return self._predict("recompute", features)
 
     def _predict(self, kind: str, features: PreemptionFeatures) -> float:
@@ -131,17 +131,13 @@ def profile_command(key: ProfileKey) -> str:
 
 def oracle_agreement(predictor: CostPredictor) -> dict[str, Any]:
     """How often the predictors pick the mode whose measured cost was lower, over the sizes a
-    profile measured both costs at (recompute with no other batch tokens), plus the profile's
+    profile measured both costs at, plus the profile's
     held-out MAPEs. Empty for the analytic fallback, which has no measurements."""
     if not isinstance(predictor, ProfilePredictor):
         return {"mape": {}, "agreement": None, "pairs": 0}
     profile = predictor.profile
     swap = {s.features.num_tokens: s for s in profile.samples["swap"]}
-    recompute = {
-        s.features.num_tokens: s
-        for s in profile.samples["recompute"]
-        if s.features.batch_tokens == 0
-    }
+    recompute = {s.features.num_tokens: s for s in profile.samples["recompute"]}
     sizes = sorted(set(swap) & set(recompute))
     agree = 0
     for n in sizes:

@@ -8,14 +8,12 @@ back in, for every layer: on CUDA through pinned slots with non-blocking copies 
 stream ordered by events, elsewhere with synchronous copies. The copies are waited for after
 each direction (the step that needs them waits as long); the time is out + in.
 
-Recompute. One prefill step through real-size Llama decoder layers with random weights (RMSNorm,
-rotary q/k, causal GQA attention through SDPA, SwiGLU MLP). The step packs the victim's
-`num_tokens` with `batch_tokens` other tokens, as vLLM packs a batch: every linear layer sees all
-`num_tokens + batch_tokens` rows, while attention is causal within the victim and within the
-batch tokens, taken as one other prefill chunk. The time is the whole step, so with
-`batch_tokens = 0` it is the victim's recompute alone. At most `max_layers` layers are run and
-the time is scaled to `num_layers` (every layer costs the same), which keeps profiling of large
-models affordable.
+Recompute. One prefill step of the victim's `num_tokens` alone through real-size Llama decoder
+layers with random weights (RMSNorm, rotary q/k, causal GQA attention through SDPA, SwiGLU MLP):
+the cost its recompute adds to the later step that runs it, whose other requests are not known
+when the victim is chosen, which is what the scheduler asks. At most `max_layers` layers are run
+and the time is scaled to `num_layers` (every layer costs the same), which keeps profiling of
+large models affordable.
 
 Every point is timed `reps` times after a warm-up and the median is kept; a timing of a point
 faster than `min_run_s` averages several runs. The timings go in rounds over all points, each
@@ -47,8 +45,6 @@ class ProfileGrid:
 
     num_tokens: tuple[int, ...]
     """Victim sizes (tokens)."""
-    batch_tokens: tuple[int, ...]
-    """Other tokens in the recompute step."""
     block_size: int = 16
     """Tokens per KV block (vLLM's default)."""
     reps: int = 7
@@ -73,7 +69,7 @@ class ProfileGrid:
             raise ValueError(f"statistic must be 'median' or 'min', got {self.statistic!r}")
         if self.reps < 1 or self.block_size < 1 or self.max_layers < 1:
             raise ValueError("reps, block_size and max_layers must be >= 1")
-        if not self.num_tokens or min(self.num_tokens) < 1 or min(self.batch_tokens, default=0) < 0:
+        if not self.num_tokens or min(self.num_tokens) < 1:
             raise ValueError("num_tokens must be a non-empty set of sizes >= 1")
         if min(self.swap_num_tokens, default=1) < 1:
             raise ValueError("swap_num_tokens must be sizes >= 1")
@@ -85,14 +81,13 @@ class ProfileGrid:
 
     @classmethod
     def default(cls, quick: bool = False) -> ProfileGrid:
-        """The standard grid: 16 to 4096 tokens (1024 with `quick`), batches of 0 to 512."""
+        """The standard grid: 16 to 4096 tokens (1024 with `quick`)."""
         top = 1024 if quick else 4096
         steps = 16 if quick else 28
         return cls(
             num_tokens=geometric_sizes(16, top, steps),
             # Three swap sizes per recompute size, the recompute sizes among them.
             swap_num_tokens=geometric_sizes(16, top, 3 * (steps - 1) + 1),
-            batch_tokens=(0, 64, 256) if quick else (0, 32, 128, 256, 512),
             reps=5 if quick else 9,
         )
 
@@ -144,9 +139,7 @@ def _profile(
         PreemptionFeatures.for_victim(shape, n, grid.block_size) for n in grid.swap_sizes
     ]
     recompute_points = [
-        PreemptionFeatures.for_victim(shape, n, grid.block_size, b)
-        for n in grid.num_tokens
-        for b in grid.batch_tokens
+        PreemptionFeatures.for_victim(shape, n, grid.block_size) for n in grid.num_tokens
     ]
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -248,9 +241,9 @@ class _LayerStack:
         self.layers = [_random_layer(shape, dtype, device) for _ in range(count)]
 
     def run(self, features: PreemptionFeatures) -> float:
-        """Seconds of one packed prefill step over all `shape.num_layers` layers (scaled)."""
+        """Seconds of one prefill step over all `shape.num_layers` layers (scaled)."""
         s = self.shape
-        lengths = [n for n in (features.num_tokens, features.batch_tokens) if n]
+        lengths = [features.num_tokens]
         x = torch.randn(sum(lengths), s.hidden_size, dtype=self.dtype, device=self.device)
         rope = _rope(lengths, s.head_dim, self.dtype, self.device)
         _sync(self.device)

@@ -2,14 +2,16 @@
 
 A profile is one JSON file under `<adaptivellm cache>/profiles/` (see `profile_path`):
 
-    {"format": "adaptivellm-profile", "version": 1,
+    {"format": "adaptivellm-profile", "version": 2,
      "key": {"model", "config_hash", "device", "dtype", "vllm_version"},
      "shape": {ModelShape fields}, "created": ISO time, "command": how it was made,
      "grid": {profiler settings}, "threads": int | null,
      "costs": {"swap" | "recompute": {"coefficients", "booster_json", "mape",
                                        "baseline_mape", "n_train", "n_test"}},
-     "samples": {"swap" | "recompute": [{num_tokens, num_blocks, block_size, batch_tokens,
-                                          seconds}, ...]}}
+     "samples": {"swap" | "recompute": [{num_tokens, num_blocks, block_size, seconds}, ...]}}
+
+Version 1 also measured recompute beside other batch tokens, a feature the scheduler never
+asked with; its files are refused (make the profile again).
 
 `booster_json` is XGBoost's own JSON model text (`Booster.save_raw("json")`). A profile matches
 a key when the shape hash, device, dtype and vLLM version agree; the model name is a label (two
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "adaptivellm-profile"
 #: Bump when the file layout or the meaning of a field changes; older files are then refused.
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 #: The vLLM version of a profile measured with vLLM absent.
 NO_VLLM = "none"
 
@@ -202,7 +204,6 @@ def _sample(shape: ModelShape, data: dict[str, Any]) -> Sample:
         num_tokens=data["num_tokens"],
         num_blocks=data["num_blocks"],
         block_size=data["block_size"],
-        batch_tokens=data["batch_tokens"],
         shape=shape,
     )
     return Sample(features, float(data["seconds"]))

@@ -46,14 +46,14 @@ def baseline_terms(kind: str, f: PreemptionFeatures) -> list[float]:
     """The cost's physical terms (a constant first)."""
     if kind == "swap":
         return [1.0, float(f.swap_bytes)]
-    return [1.0, float(f.step_tokens), float(f.attention_pairs)]
+    return [1.0, float(f.num_tokens), float(f.attention_pairs)]
 
 
 def tree_features(kind: str, f: PreemptionFeatures) -> list[float]:
     """The XGBoost inputs: sizes on log scale (the grid spans decades)."""
     if kind == "swap":
         return [math.log1p(f.num_blocks), math.log1p(f.num_tokens)]
-    return [math.log1p(f.num_tokens), math.log1p(f.batch_tokens), math.log1p(f.step_tokens)]
+    return [math.log1p(f.num_tokens)]
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
 """The scheduler's view of the cost predictors: (num_tokens, num_blocks) -> (swap seconds,
 recompute seconds) for the served model on this device.
 
-Recompute is priced for the victim alone (`batch_tokens=0` in the features): the cost its
-recompute adds to the step that will run it later, whose other requests are not known when the
-victim is chosen. The profiler still measures recompute beside other tokens (`batch_tokens`
-in its grid): those samples train the same model along `step_tokens` (docs/predictors.md).
+Recompute is priced for the victim alone: the cost its recompute adds to the step that will run
+it later, whose other requests are not known when the victim is chosen. The profiler measures
+exactly that (docs/predictors.md).
 
 The predictor is the XGBoost profile made by `adaptivellm profile` for this model shape, device,
 dtype and vLLM version, or the analytic fallback (with a warning saying how to make a profile).
@@ -42,8 +41,9 @@ def costs_for_vllm_config(vllm_config: Any) -> CostFn:
     block_size = vllm_config.cache_config.block_size
 
     def costs(num_tokens: int, num_blocks: int) -> tuple[float, float]:
-        features = PreemptionFeatures.for_victim(shape, num_tokens, block_size, batch_tokens=0,
-                                                 num_blocks=num_blocks)  # fmt: skip
+        features = PreemptionFeatures.for_victim(
+            shape, num_tokens, block_size, num_blocks=num_blocks
+        )
         return predictor.swap_s(features), predictor.recompute_s(features)
 
     return costs

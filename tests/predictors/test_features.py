@@ -35,22 +35,20 @@ def test_kv_bytes_counts_whole_blocks_k_and_v_all_layers() -> None:
 
 
 def test_features_of_a_victim() -> None:
-    """40 tokens fill ceil(40 / 16) = 3 blocks; the step holds them and 10 other tokens."""
-    f = PreemptionFeatures.for_victim(SHAPE, 40, 16, batch_tokens=10)
-    assert (f.num_blocks, f.step_tokens) == (3, 50)
-    # Causal pairs: 40*41/2 + 10*11/2 = 820 + 55.
-    assert f.attention_pairs == 875
+    """40 tokens fill ceil(40 / 16) = 3 blocks; recomputing them is a 40-token prefill."""
+    f = PreemptionFeatures.for_victim(SHAPE, 40, 16)
+    assert f.num_blocks == 3
+    # Causal pairs: 40*41/2.
+    assert f.attention_pairs == 820
     # Per layer: 2 FLOPs per weight per token + 4 * heads * head_dim per pair.
     params = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256
     assert SHAPE.layer_params == params
-    assert f.recompute_flops() == 2 * (2.0 * params * 50 + 4.0 * 4 * 32 * 875)
+    assert f.recompute_flops() == 2 * (2.0 * params * 40 + 4.0 * 4 * 32 * 820)
 
 
 def test_features_validate() -> None:
     with pytest.raises(ValueError, match="do not fit"):
-        PreemptionFeatures(num_tokens=33, num_blocks=2, block_size=16, batch_tokens=0, shape=SHAPE)
-    with pytest.raises(ValueError):
-        PreemptionFeatures.for_victim(SHAPE, 16, 16, batch_tokens=-1)
+        PreemptionFeatures(num_tokens=33, num_blocks=2, block_size=16, shape=SHAPE)
     with pytest.raises(ValueError):
         PreemptionFeatures.for_victim(SHAPE, 0, 16)
     with pytest.raises(ValueError, match="multiple"):
@@ -94,16 +92,14 @@ def test_embedded_model_config_matches_spec() -> None:
 sizes = st.integers(min_value=1, max_value=8192)
 
 
-@given(n=sizes, extra=st.integers(1, 4096), b=st.integers(0, 2048))
-def test_analytic_is_monotonic(n: int, extra: int, b: int) -> None:
-    """More tokens never cost less to swap or recompute; more batch never costs less."""
+@given(n=sizes, extra=st.integers(1, 4096))
+def test_analytic_is_monotonic(n: int, extra: int) -> None:
+    """More tokens never cost less to swap, and always cost more to recompute."""
     p = AnalyticPredictor()
-    small = PreemptionFeatures.for_victim(SHAPE, n, 16, b)
-    large = PreemptionFeatures.for_victim(SHAPE, n + extra, 16, b)
-    busier = PreemptionFeatures.for_victim(SHAPE, n, 16, b + extra)
+    small = PreemptionFeatures.for_victim(SHAPE, n, 16)
+    large = PreemptionFeatures.for_victim(SHAPE, n + extra, 16)
     assert 0 < p.swap_s(small) <= p.swap_s(large)
     assert 0 < p.recompute_s(small) < p.recompute_s(large)
-    assert p.recompute_s(small) < p.recompute_s(busier)
 
 
 def test_analytic_recompute_is_quadratic_swap_linear() -> None:

@@ -33,7 +33,7 @@ TINY = ModelShape(
     num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32,
     intermediate_size=128,
 )  # fmt: skip
-GRID = ProfileGrid(num_tokens=(16, 32, 64, 128, 256), batch_tokens=(0, 32), reps=3)
+GRID = ProfileGrid(num_tokens=(16, 32, 64, 128, 256, 512), reps=3)
 KEY = ProfileKey.for_shape(TINY, "cpu", "float32", model="tiny", vllm_version="0.32.0")
 
 
@@ -46,9 +46,9 @@ def tiny_profile() -> Profile:
 
 
 def test_profile_measures_the_grid(tiny_profile: Profile) -> None:
-    """5 swap sizes; 5 sizes x 2 batches for recompute; all timings positive and finite."""
-    assert len(tiny_profile.samples["swap"]) == 5
-    assert len(tiny_profile.samples["recompute"]) == 10
+    """6 sizes, each measured for swap and for recompute; all timings positive and finite."""
+    assert len(tiny_profile.samples["swap"]) == 6
+    assert len(tiny_profile.samples["recompute"]) == 6
     for samples in tiny_profile.samples.values():
         assert all(0 < s.seconds < 10 for s in samples)
     for cost in tiny_profile.costs.values():
@@ -60,7 +60,7 @@ def test_swap_can_be_measured_at_its_own_sizes() -> None:
     """Swap sizes default to the recompute sizes; the standard grids measure swap (cheap) at
     three times as many sizes, the recompute sizes among them, so oracle_agreement still has
     every recompute size to compare at."""
-    grid = ProfileGrid(num_tokens=(16, 64), batch_tokens=(0,), reps=1, swap_num_tokens=(16, 32, 64))
+    grid = ProfileGrid(num_tokens=(16, 64), reps=1, swap_num_tokens=(16, 32, 64))
     result = profile(TINY, "float32", "cpu", grid, progress=False, threads=1)
     assert [s.features.num_tokens for s in result.swap] == [16, 32, 64]
     assert [s.features.num_tokens for s in result.recompute] == [16, 64]
@@ -70,7 +70,7 @@ def test_swap_can_be_measured_at_its_own_sizes() -> None:
         assert len(default.swap_sizes) == 3 * len(default.num_tokens) - 2
         assert set(default.num_tokens) <= set(default.swap_sizes)
     with pytest.raises(ValueError, match="swap_num_tokens"):
-        ProfileGrid(num_tokens=(16,), batch_tokens=(0,), swap_num_tokens=(0, 16))
+        ProfileGrid(num_tokens=(16,), swap_num_tokens=(0, 16))
 
 
 def test_round_trip_gives_same_predictions(tiny_profile: Profile, tmp_path: Path) -> None:
@@ -80,8 +80,8 @@ def test_round_trip_gives_same_predictions(tiny_profile: Profile, tmp_path: Path
     assert loaded.samples == tiny_profile.samples
     before, after = ProfilePredictor(tiny_profile), load_predictor(KEY, directory=tmp_path)
     assert isinstance(after, ProfilePredictor) and after.source == f"profile:{path}"
-    for n, b in [(16, 0), (100, 7), (300, 64), (2000, 500)]:
-        f = PreemptionFeatures.for_victim(TINY, n, 16, b)
+    for n in (16, 100, 300, 2000):
+        f = PreemptionFeatures.for_victim(TINY, n, 16)
         assert after.swap_s(f) == before.swap_s(f) > 0
         assert after.recompute_s(f) == before.recompute_s(f) > 0
 
@@ -122,6 +122,10 @@ def _corrupt(tiny_profile: Profile, tmp_path: Path, how: str) -> Path:
         path.write_text(text[: len(text) // 2])
     elif how == "version":
         path.write_text(json.dumps({**data, "version": 999}))
+    elif how == "version-1":  # also measured recompute beside other batch tokens
+        for sample in data["samples"]["recompute"]:
+            sample["batch_tokens"] = 0
+        path.write_text(json.dumps({**data, "version": 1}))
     elif how == "other-model":
         path.write_text(json.dumps({**data, "key": {**data["key"], "config_hash": "0" * 12}}))
     elif how == "bad-booster":
@@ -133,7 +137,8 @@ def _corrupt(tiny_profile: Profile, tmp_path: Path, how: str) -> Path:
     return path
 
 
-CORRUPTIONS = ["garbage", "truncated", "version", "other-model", "bad-booster", "missing-field"]
+CORRUPTIONS = ["garbage", "truncated", "version", "version-1", "other-model", "bad-booster",
+               "missing-field"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
