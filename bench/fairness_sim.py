@@ -21,7 +21,7 @@ read off the fairness run on this machine (bench/results/fairness-multi-tenant.j
 vLLM alone decodes at 18 ms per token, and at 25 ms per step with 4 sequences; prefill about
 1.2 ms per prompt token). Weighted turnaround divides by each request's service time alone by
 the same cost model; Jain's index is the benchmark's (adaptivellm.benchmark.metrics
-.backlogged_jain) over the simulated token times. Not modelled: the cost of the scheduler's own
+.window_fairness) over the simulated token times. Not modelled: the cost of the scheduler's own
 Python (bench/scheduler_overhead.py times it on these workloads: about 0.06 ms per step more than
 stock vLLM under weighted-turnaround, in one process), swap copies, and the machine's noise; so
 the simulated throughput ratio is an upper bound of the real one.

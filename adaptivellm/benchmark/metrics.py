@@ -5,7 +5,7 @@
 - weighted turnaround: turnaround / service time, where service time is the request's latency
   alone on the idle server, predicted by a calibration fit latency = a + b*prompt + c*output;
 - per-tenant served tokens, and Jain's fairness index over weight-normalised service among
-  the tenants backlogged through each time window (`backlogged_jain`);
+  the tenants backlogged through each time window (`window_fairness`);
 - deltas of Prometheus counters read before and after the run.
 """
 
@@ -119,7 +119,7 @@ class Summary:
     mean_weighted_turnaround: float
     jain_fairness: float
     """Mean over the run's windows of Jain's index among the tenants backlogged through the
-    window (1 for a window without two): see backlogged_jain."""
+    window (1 for a window without two): see window_fairness."""
     jain_contended: float
     """The same mean over contended windows only (nan when none)."""
     jain_windows: int
@@ -159,7 +159,7 @@ def fit_calibration(samples: Sequence[tuple[int, int, float]]) -> CalibrationFit
 
 @dataclass(frozen=True)
 class WindowFairness:
-    """Tenant fairness over the windows of a run (see backlogged_jain)."""
+    """Tenant fairness over the windows of a run (see window_fairness)."""
 
     jain: float
     """Mean over all windows, a window without two backlogged tenants counting 1.0."""
@@ -171,7 +171,7 @@ class WindowFairness:
     """All windows of the run."""
 
 
-def backlogged_jain(
+def window_fairness(
     results: Sequence[RequestResult],
     weights: Mapping[str, float] | None = None,
     window_s: float = FAIRNESS_WINDOW_S,
@@ -185,7 +185,8 @@ def backlogged_jain(
     token, output tokens as they stream). In any other window no tenant waited while another
     was served, which is fair (max-min fairness: a tenant that asked for less than its share got
     all it asked for): 1.0. Totals over a run cannot show fairness: once every request has
-    finished, each tenant has received exactly its demand."""
+    finished, each tenant has received exactly its demand. Each window's index is the
+    engine's own (scheduler.policies.backlogged_jain)."""
     weights = weights or {}
     ok = [r for r in results if r.ok]
     if not ok:
@@ -272,7 +273,7 @@ def summarise(
     duration = max((r.end_s for r in results), default=0.0) - start
     tokens = sum(r.output_tokens for r in ok)
     tenants = tenant_summaries(results, fit, weights)
-    fairness = backlogged_jain(results, weights, window_s)
+    fairness = window_fairness(results, weights, window_s)
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
     return Summary(
         requests=len(results),

@@ -8,7 +8,7 @@ Each simulated step lasts
 
 (`StepCost`; its defaults were read off a fairness run on the project's CPU benchmark model).
 Weighted turnaround divides by each request's service time alone by the same cost model; Jain's
-index is the benchmark's (`adaptivellm.benchmark.metrics.backlogged_jain`) over the simulated
+index is the benchmark's (`adaptivellm.benchmark.metrics.window_fairness`) over the simulated
 token times."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptivellm.benchmark.metrics import RequestResult, backlogged_jain
+from adaptivellm.benchmark.metrics import RequestResult, window_fairness
 from adaptivellm.benchmark.report import source_revision
 from adaptivellm.benchmark.scenarios import SCENARIOS
 from adaptivellm.benchmark.workloads import BenchRequest, build_workload
@@ -178,7 +178,7 @@ class _Served:
         return {
             "avg_weighted_turnaround": statistics.mean(turnarounds),
             "throughput_tokens_per_s": sum(r.output_tokens for r in results) / (end - start),
-            "jain": backlogged_jain(results).jain,
+            "jain": window_fairness(results).jain,
             "p99_ttft_s": statistics.quantiles([r.ttft_s for r in results], n=100)[-1],
         }
 

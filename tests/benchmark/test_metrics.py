@@ -12,7 +12,6 @@ from adaptivellm.benchmark.metrics import (
     MIN_SERVICE_S,
     CalibrationFit,
     RequestResult,
-    backlogged_jain,
     counter_deltas,
     fit_calibration,
     output_timeline,
@@ -20,6 +19,7 @@ from adaptivellm.benchmark.metrics import (
     ratios,
     summarise,
     weighted_turnarounds,
+    window_fairness,
 )
 from adaptivellm.benchmark.plots import service_over_time
 from adaptivellm.scheduler.policies import jain_index
@@ -184,19 +184,19 @@ def test_backlogged_jain_over_windows() -> None:
     a2 = RequestResult(1, "a", 1, 1, 0.5, 2.5, 2.5, True, "", (2.5,))
     b1 = RequestResult(2, "b", 1, 1, 0.5, 2.6, 2.6, True, "", (2.6,))
     # [0, 1): only a is backlogged through it -- fair (1.0). [1, 2): 0.5. Run: 2 windows.
-    f = backlogged_jain([a1, a2, b1], window_s=1.0)
+    f = window_fairness([a1, a2, b1], window_s=1.0)
     assert (f.contended_jain, f.contended_windows, f.windows) == (pytest.approx(0.5), 1, 2)
     assert f.jain == pytest.approx(0.75)
     # b also receives 14 tokens in [1, 2): even. b2 also makes b and a wait through [0, 1),
     # in which nobody is served: even too.
     b2 = RequestResult(3, "b", 13, 1, 0.0, 1.5, 1.5, True, "", (1.5,))
-    f = backlogged_jain([a1, a2, b1, b2], window_s=1.0)
+    f = window_fairness([a1, a2, b1, b2], window_s=1.0)
     assert (f.jain, f.contended_windows) == (pytest.approx(1.0), 2)
     # b weighs 2: entitled to twice a's share, it got the same.
-    f = backlogged_jain([a1, a2, b1, b2], {"b": 2.0}, window_s=1.0)
+    f = window_fairness([a1, a2, b1, b2], {"b": 2.0}, window_s=1.0)
     assert f.jain == pytest.approx((1.0 + jain_index([14.0, 7.0])) / 2)
     # Failed requests are not service; no successful request: trivially fair.
-    f = backlogged_jain([result(ok=False)])
+    f = window_fairness([result(ok=False)])
     assert (f.jain, f.contended_windows, f.windows) == (1.0, 0, 0)
 
 
