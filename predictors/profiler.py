@@ -59,10 +59,9 @@ class ProfileGrid:
     max_layers: int = 4
     """Decoder layers actually run for recompute; the time is scaled to all layers."""
     swap_num_tokens: tuple[int, ...] = ()
-    """Victim sizes for swap (default: `num_tokens`). A swap takes microseconds where a
-    recompute takes milliseconds, so the default grid measures three times as many sizes for it:
-    with 16 sizes (`BENCH_MODEL`, quick grid) its held-out MAPE over 20 splits was 2.97%, with
-    48 sizes 1.22%."""
+    """Victim sizes for swap (default: `num_tokens`, as in the standard grids). With 16 sizes
+    (`BENCH_MODEL`, quick grid) swap's held-out MAPE over 20 splits was 2.97%, with 48 sizes
+    1.22%."""
 
     def __post_init__(self) -> None:
         if self.statistic not in ("median", "min"):
@@ -82,12 +81,11 @@ class ProfileGrid:
     @classmethod
     def default(cls, quick: bool = False) -> ProfileGrid:
         """The standard grid: 16 to 4096 tokens (1024 with `quick`)."""
-        top = 1024 if quick else 4096
-        steps = 16 if quick else 28
+        # Recompute and swap at the same sizes (so oracle_agreement compares at every one):
+        # 82 sizes (46 quick). Recompute was measured at a third of them beside 3-5 batch
+        # sizes (profile version 1); the victim alone at all of them costs about as much.
         return cls(
-            num_tokens=geometric_sizes(16, top, steps),
-            # Three swap sizes per recompute size, the recompute sizes among them.
-            swap_num_tokens=geometric_sizes(16, top, 3 * (steps - 1) + 1),
+            num_tokens=geometric_sizes(16, 1024 if quick else 4096, 46 if quick else 82),
             reps=5 if quick else 9,
         )
 
