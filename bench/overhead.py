@@ -16,7 +16,10 @@ rotated each round (odd rounds: configuration first). The configurations are an 
 `--fairness vtc` and `--preemption-mode swap`. A round's ratio is the configuration's
 throughput (tokens streamed / wall seconds, both workloads) over stock's in that round; each
 configuration reports the median, p10 and p90 of its round ratios. The A/A spread is the noise
-floor: a ratio inside it is "met or unmeasurable".
+floor: a ratio inside it is "met or unmeasurable". Each round also gives a CPU ratio (`cpu_ratios`):
+stock's CPU milliseconds per output token (user + system time of its whole process group while
+it was driven) over the configuration's. It counts the work each server does, which what else
+the shared cores run disturbs less than it disturbs wall time.
 
 The engine core's time per model-running step is measured inside the live engine cores of
 stock and AdaptiveLLM: a `sitecustomize` on PYTHONPATH (written to a temp folder, active only
@@ -156,14 +159,34 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
 
 
 def drive_all(server: ServerProcess, args: argparse.Namespace, seed: int) -> dict:
-    """One round on one server: every workload in turn; throughput over both."""
+    """One round on one server: every workload in turn; throughput over both, and the CPU the
+    server's processes (API server, engine core, worker) spent per output token meanwhile."""
     parts = {}
+    assert server.proc is not None
+    cpu_before = group_cpu_s(server.proc.pid)
     for name, shape in WORKLOADS.items():
         reqs = workload(args.requests, seed, aborts=args.aborts, **shape)  # type: ignore[arg-type]
         parts[name] = asyncio.run(drive(server.base_url, args.served, reqs, args.concurrency))
+    cpu_s = group_cpu_s(server.proc.pid) - cpu_before
     tokens = sum(p["tokens"] for p in parts.values())
     seconds = sum(p["seconds"] for p in parts.values())
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **parts}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "cpu_s": cpu_s, "cpu_ms_per_token": 1e3 * cpu_s / max(1, tokens), **parts}  # fmt: skip
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of a process group (the server's)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def cpu_times() -> list[int]:
@@ -262,6 +285,7 @@ def bench(args: argparse.Namespace) -> int:
         "command": shlex.join(["python", *sys.argv]),
         "ratio": None,
         "ratios": {},
+        "cpu_ratios": {},
         "aa_ratio": None,
         "rounds": args.rounds,
         "engine_step_us": {"stock": None, "adaptivellm": None},
@@ -276,7 +300,9 @@ def bench(args: argparse.Namespace) -> int:
         },
         "method": "stock up for the whole run; each configuration started beside it in turn "
         "(two servers at once); per round both drive the light and pressure workloads, order "
-        "rotated each round; ratio = configuration tokens/s over stock tokens/s that round",
+        "rotated each round; ratio = configuration tokens/s over stock tokens/s that round; "
+        "cpu_ratio = stock's CPU ms per output token (its process group's user + system time "
+        "while it was driven) over the configuration's, that round",
         "machine": {"platform": platform.platform(), "cpus": cpu_count()},
         "versions": {"adaptivellm": __version__, "vllm": found[1] if found else None},
         "per_round": {},
@@ -298,6 +324,7 @@ def bench(args: argparse.Namespace) -> int:
                 other, cmd = setup.start(stack, cname, flags)
                 report.setdefault("commands", {})[cname] = shlex.join(cmd)
                 ratios: list[float] = []
+                cpu_ratios: list[float] = []
                 rows = report["per_round"].setdefault(cname, [])
                 for i in range(args.rounds + 1):
                     seed = args.seed + i
@@ -315,17 +342,24 @@ def bench(args: argparse.Namespace) -> int:
                         continue  # warm-up
                     ratio = res[cname]["tokens_per_s"] / res["stock"]["tokens_per_s"]
                     ratios.append(ratio)
+                    # CPU efficiency: stock's CPU per token over the configuration's (1.0: the
+                    # same work per token; 0.98: 2% more), less sensitive than wall time to
+                    # what else the shared cores run.
+                    cpu_ratio = res["stock"]["cpu_ms_per_token"] / res[cname]["cpu_ms_per_token"]
+                    cpu_ratios.append(cpu_ratio)
                     rows.append(
                         {
                             "round": i,
                             "first": pair[0][0],
                             "ratio": ratio,
+                            "cpu_ratio": cpu_ratio,
                             "stock": res["stock"],
                             cname: res[cname],
                             **mach,
                         }
                     )
                     report["ratios"][cname] = summary(ratios)
+                    report["cpu_ratios"][cname] = summary(cpu_ratios)
                     if cname == "aa":
                         report["aa_ratio"] = report["ratios"]["aa"]["median"]
                     if cname == "default":
@@ -340,7 +374,11 @@ def bench(args: argparse.Namespace) -> int:
                     write()
     print(json.dumps({k: report[k] for k in ("ratio", "aa_ratio", "engine_step_us")}, indent=2))
     for cname, s in report["ratios"].items():
-        print(f"{cname:16s} median {s['median']:.3f}  p10 {s['p10']:.3f}  p90 {s['p90']:.3f}")
+        c = report["cpu_ratios"][cname]
+        print(
+            f"{cname:16s} throughput median {s['median']:.3f} (p10 {s['p10']:.3f}, p90 "
+            f"{s['p90']:.3f}); CPU per token {c['median']:.3f} ({c['p10']:.3f}-{c['p90']:.3f})"
+        )
     return 0
 
 

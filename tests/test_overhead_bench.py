@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -40,6 +42,34 @@ def test_summary_quantiles(overhead: types.ModuleType) -> None:
     assert s["p10"] == pytest.approx(0.92)
     assert s["p90"] == pytest.approx(1.08)
     assert overhead.summary([0.97])["p10"] == 0.97
+
+
+def test_group_cpu_counts_every_process_of_the_group_and_no_other(
+    overhead: types.ModuleType,
+) -> None:
+    """A process group of a parent and a child, each burning 0.5 s of CPU and then waiting:
+    both are counted (the per-token CPU ratio's input), more than either alone could be; this
+    test process, outside the group, is not."""
+    burn = (
+        "import sys, time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.5: pass\nsys.stdin.read()\n"
+    )
+    code = (
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        f"exec({burn!r})\n"
+        "child.wait()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while overhead.group_cpu_s(proc.pid) < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 1.0 <= overhead.group_cpu_s(proc.pid) < 3.0
+        assert overhead.group_cpu_s(2**22 + 12345) == 0.0  # no such group
+    finally:
+        proc.communicate(b"", timeout=60)
 
 
 def test_top_table_counts_self_and_inclusive(overhead: types.ModuleType, tmp_path: Path) -> None:
