@@ -117,7 +117,7 @@ WORKLOADS = {
 async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -> dict:
     """Stream every request, `concurrency` at a time; return tokens, seconds, tokens/s."""
     queue = collections.deque(reqs)
-    tokens = 0
+    tokens = errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
 
@@ -133,17 +133,23 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
                 # lags, so tokens are counted (and aborts placed) by completion_tokens.
                 "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             }
+            nonlocal errors
             got = 0
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    usage = json.loads(line[6:]).get("usage")
-                    if usage:
-                        got = usage["completion_tokens"]
-                    if req.abort_after is not None and got >= req.abort_after:
-                        break  # leaving the block closes the connection: vLLM aborts it
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            got = usage["completion_tokens"]
+                        if req.abort_after is not None and got >= req.abort_after:
+                            break  # leaving the block closes the connection: vLLM aborts it
+            except httpx.TransportError:
+                # Counted, not fatal: one connection error (seen once, on stock, under a load
+                # average of 12) must not end a 25-minute run. The round keeps its tokens.
+                errors += 1
             return got
 
         async def worker() -> None:
@@ -155,7 +161,8 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "errors": errors}  # fmt: skip
 
 
 def drive_all(server: ServerProcess, args: argparse.Namespace, seed: int) -> dict:
@@ -163,21 +170,33 @@ def drive_all(server: ServerProcess, args: argparse.Namespace, seed: int) -> dic
     server's processes (API server, engine core, worker) spent per output token meanwhile."""
     parts = {}
     assert server.proc is not None
-    cpu_before = group_cpu_s(server.proc.pid)
+    cpu_before = group_cpu_by_role(server.proc.pid)
     for name, shape in WORKLOADS.items():
         reqs = workload(args.requests, seed, aborts=args.aborts, **shape)  # type: ignore[arg-type]
         parts[name] = asyncio.run(drive(server.base_url, args.served, reqs, args.concurrency))
-    cpu_s = group_cpu_s(server.proc.pid) - cpu_before
+    cpu_after = group_cpu_by_role(server.proc.pid)
+    by_role = {role: s - cpu_before.get(role, 0.0) for role, s in cpu_after.items()}
+    cpu_s = sum(by_role.values())
     tokens = sum(p["tokens"] for p in parts.values())
     seconds = sum(p["seconds"] for p in parts.values())
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "cpu_s": cpu_s, "cpu_ms_per_token": 1e3 * cpu_s / max(1, tokens), **parts}  # fmt: skip
+            "errors": sum(p["errors"] for p in parts.values()),
+            "cpu_s": cpu_s, "cpu_ms_per_token": 1e3 * cpu_s / max(1, tokens),
+            "cpu_ms_per_token_by_role": {r: 1e3 * c / max(1, tokens) for r, c in by_role.items()},
+            **parts}  # fmt: skip
 
 
 def group_cpu_s(pgid: int) -> float:
     """User + system CPU seconds of the live processes of a process group (the server's)."""
+    return sum(group_cpu_by_role(pgid).values())
+
+
+def group_cpu_by_role(pgid: int) -> dict[str, float]:
+    """group_cpu_s by role: `api` (the group's leader, the API server) and each other process
+    by its name (vLLM's `VLLM::EngineCore`, `VLLM::Worker`...; the kernel keeps 15 characters),
+    processes of one name summed."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    totals: dict[str, float] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -185,8 +204,12 @@ def group_cpu_s(pgid: int) -> float:
             stat = (d / "stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+                role = (
+                    "api" if int(d.name) == pgid else stat[stat.index("(") + 1 : stat.rindex(")")]
+                )
+                ticks_used = int(fields[11]) + int(fields[12])  # utime, stime
+                totals[role] = totals.get(role, 0.0) + ticks_used / ticks
+    return totals
 
 
 def cpu_times() -> list[int]:
@@ -286,6 +309,7 @@ def bench(args: argparse.Namespace) -> int:
         "ratio": None,
         "ratios": {},
         "cpu_ratios": {},
+        "cpu_ratios_by_role": {},
         "aa_ratio": None,
         "rounds": args.rounds,
         "engine_step_us": {"stock": None, "adaptivellm": None},
@@ -325,6 +349,7 @@ def bench(args: argparse.Namespace) -> int:
                 report.setdefault("commands", {})[cname] = shlex.join(cmd)
                 ratios: list[float] = []
                 cpu_ratios: list[float] = []
+                role_ratios: dict[str, list[float]] = {}
                 rows = report["per_round"].setdefault(cname, [])
                 for i in range(args.rounds + 1):
                     seed = args.seed + i
@@ -347,6 +372,10 @@ def bench(args: argparse.Namespace) -> int:
                     # what else the shared cores run.
                     cpu_ratio = res["stock"]["cpu_ms_per_token"] / res[cname]["cpu_ms_per_token"]
                     cpu_ratios.append(cpu_ratio)
+                    mine = res[cname]["cpu_ms_per_token_by_role"]
+                    for role, ms in res["stock"]["cpu_ms_per_token_by_role"].items():
+                        if ms > 0 and mine.get(role, 0) > 0:
+                            role_ratios.setdefault(role, []).append(ms / mine[role])
                     rows.append(
                         {
                             "round": i,
@@ -360,6 +389,9 @@ def bench(args: argparse.Namespace) -> int:
                     )
                     report["ratios"][cname] = summary(ratios)
                     report["cpu_ratios"][cname] = summary(cpu_ratios)
+                    report["cpu_ratios_by_role"][cname] = {
+                        role: summary(r) for role, r in role_ratios.items()
+                    }
                     if cname == "aa":
                         report["aa_ratio"] = report["ratios"]["aa"]["median"]
                     if cname == "default":

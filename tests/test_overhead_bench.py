@@ -67,6 +67,9 @@ def test_group_cpu_counts_every_process_of_the_group_and_no_other(
         while overhead.group_cpu_s(proc.pid) < 1.0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert 1.0 <= overhead.group_cpu_s(proc.pid) < 3.0
+        by_role = overhead.group_cpu_by_role(proc.pid)
+        assert "api" in by_role and len(by_role) == 2  # the leader, and the child by its name
+        assert min(by_role.values()) >= 0.4  # each burned 0.5 s
         assert overhead.group_cpu_s(2**22 + 12345) == 0.0  # no such group
     finally:
         proc.communicate(b"", timeout=60)
