@@ -72,6 +72,7 @@ TARGETS = (
         None,
         (
             ("tests/scheduler/test_preemption.py", "-k", "choose_mode or config"),
+            ("tests/scheduler/test_preemption_advisor.py",),
             ("tests/scheduler/test_preemption.py",),
         ),
     ),
@@ -119,6 +120,9 @@ TARGETS = (
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
 _OBT = "scheduler/policies.py::order_by_turnaround: "
 EQUIVALENT: dict[str, str] = {
+    "scheduler/preemption.py::PreemptionAdvisor.decide: constant: `False` -> `True`": (
+        "choose_mode with no swappable blocks answers nothing-to-swap before it reads the room"
+    ),
     "scheduler/policies.py::backlogged_jain: drop sorted: "
     "`sorted(set(backlogged))` -> `list(set(backlogged))`": (
         "Jain's index is symmetric in its values; the order changes only the float rounding of "
