@@ -118,7 +118,7 @@ TARGETS = (
 )
 
 #: Mutants that cannot change behaviour (by id, see Mutant.id), each with the reason.
-_OBT = "scheduler/policies.py::order_by_turnaround: "
+_OWED = "scheduler/policies.py::_owed_rule: "
 EQUIVALENT: dict[str, str] = {
     "scheduler/preemption.py::PreemptionAdvisor.decide: constant: `False` -> `True`": (
         "choose_mode with no swappable blocks answers nothing-to-swap before it reads the room"
@@ -131,24 +131,28 @@ EQUIVALENT: dict[str, str] = {
     "scheduler/policies.py::choose_turnaround_victim: constant: `0.0` -> `1.0`#1": (
         "own (the candidate tenant's counter) is read only when counters is non-empty"
     ),
-    _OBT + "constant: `0.0` -> `1.0`#1": (
+    _OWED + "constant: `0.0` -> `1.0`": (
         "least is read only when counters is non-empty: without counters every request is owed"
     ),
-    _OBT + "constant: `0.0` -> `1.0`#4": (
-        "min's default: used only for an empty queue, which has no key to compute"
+    _OWED + "constant: `0.0` -> `1.0`#3": (
+        "min's default: used only for an empty queue, which has no request to ask about"
     ),
-    _OBT + "constant: `0.0` -> `1.0`#5": (
+    _OWED + "constant: `0.0` -> `1.0`#4": (
         "projected() runs only with counters: without them `behind` is empty and every "
         "request is owed before it is called"
     ),
-    _OBT + "constant: `0.0` -> `1.0`#2": (
-        "without counters the key's counter is never read: owed is True and cost is 0.0"
+    _OWED + "constant: `0.0` -> `1.0`#1": (
+        "without counters the request's counter is never read: owed is True and cost is 0.0"
     ),
-    _OBT + "boolean: `and` -> `or`#1": (
+    _OWED + "boolean: `and` -> `or`#1": (
         "cost is read only when counter > least; when counter <= least owed is already True"
     ),
-    _OBT + "constant: `0.0` -> `1.0`#3": (
+    _OWED + "constant: `0.0` -> `1.0`#2": (
         "as above: a cost of a request at the least counter is never read"
+    ),
+    _OWED + "comparison: `>` -> `>=`": (
+        "least is the smallest counter of the ranked requests, so counter >= least always; at "
+        "counter == least owed is True whatever the cost"
     ),
     "split_client/planner.py::_to_units: drop operand: `bins + 1` -> `1`#1": (
         "the step is inf only with an infinite budget, and then bins is 0 (_resolve_step)"
