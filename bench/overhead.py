@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,16 @@ def group_cpu_by_role(pgid: int) -> dict[str, float]:
     processes of one name summed."""
     ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
+    for pid, name, fields in group_stats(pgid):
+        role = "api" if pid == pgid else name
+        ticks_used = int(fields[11]) + int(fields[12])  # utime, stime
+        totals[role] = totals.get(role, 0.0) + ticks_used / ticks
+    return totals
+
+
+def group_stats(pgid: int) -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, name, the /proc/PID/stat fields after the name) of each live process of a process
+    group; processes that end while being read are skipped."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -204,12 +215,7 @@ def group_cpu_by_role(pgid: int) -> dict[str, float]:
             stat = (d / "stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[2]) == pgid:
-                role = (
-                    "api" if int(d.name) == pgid else stat[stat.index("(") + 1 : stat.rindex(")")]
-                )
-                ticks_used = int(fields[11]) + int(fields[12])  # utime, stime
-                totals[role] = totals.get(role, 0.0) + ticks_used / ticks
-    return totals
+                yield int(d.name), stat[stat.index("(") + 1 : stat.rindex(")")], fields
 
 
 def cpu_times() -> list[int]:
@@ -415,17 +421,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def group_pids(pgid: int) -> dict[int, str]:
-    """pid -> command line of every process in a process group."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid:
-                found[int(d.name)] = (d / "comm").read_text().strip()
-    return found
+    """pid -> name of every process in a process group."""
+    return {pid: name for pid, name, _ in group_stats(pgid)}
 
 
 def top_table(raw: Path, n: int) -> str:
