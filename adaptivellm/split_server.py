@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from argparse import Namespace
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -85,7 +85,8 @@ class SplitService:
     server: ServerProfile
     #: The dtype frames travel in, client to server and on to the engine: the model's.
     wire_dtype: str = "float32"
-    open_sessions: set[str] = field(default_factory=set)
+    #: The open sessions, by request id.
+    open_sessions: dict[str, Session] = field(default_factory=dict)
     #: Exponentially weighted mean of observed decode steps (frame in to token out): the
     #: planner's per-step overhead, so predictions follow the server's real load.
     step_estimate_s: float = INITIAL_STEP_S
@@ -110,8 +111,18 @@ class SplitService:
             "max_model_len": self.max_model_len,
             "max_sessions": self.config.max_sessions,
             "open_sessions": len(self.open_sessions),
+            **self.waits(),
             "max_frame_bytes": self.config.max_frame_bytes,
         }
+
+    def waits(self) -> dict[str, Any]:
+        """What the open sessions wait for (`client`: its next message; `engine`: its next
+        token; `sending`; `finishing`: the engine's end of the session), and the longest wait:
+        a session that outlives its client shows here."""
+        now = time.monotonic()
+        states = Counter(s.state for s in self.open_sessions.values())
+        longest = max((now - s.since for s in self.open_sessions.values()), default=0.0)
+        return {"sessions_waiting_for": dict(states), "longest_wait_s": round(longest, 3)}
 
     def plan(self, request: Open) -> tuple[int, float | None, Literal["planner", "client"]]:
         """(k, predicted end-to-end latency, who chose k) for an Open, at the current load."""
@@ -295,7 +306,7 @@ async def session_endpoint(websocket: WebSocket) -> None:
         )
         return
     session = Session(service, websocket)
-    service.open_sessions.add(session.request_id)
+    service.open_sessions[session.request_id] = session
     metrics.sessions_open.inc()
     outcome = "error"
     try:
@@ -311,9 +322,16 @@ async def session_endpoint(websocket: WebSocket) -> None:
         await _fail(websocket, ProtocolError("engine_error", f"server error: {exc}"))
     finally:
         await session.abort()
-        service.open_sessions.discard(session.request_id)
+        service.open_sessions.pop(session.request_id, None)
         metrics.sessions_open.dec()
         metrics.sessions.labels(outcome=outcome).inc()
+
+
+def _decode_or_none(text: str) -> Any:
+    try:
+        return decode_message(text)
+    except ProtocolError:
+        return None
 
 
 async def _fail(websocket: WebSocket, error: ProtocolError) -> None:
@@ -333,6 +351,19 @@ class Session:
         self.outputs: AsyncIterator[Any] | None = None
         self.layer = 0
         self.finished = False
+        #: The socket's pending receive: started while the engine works (to see a client
+        #: leave), taken over by the next `_receive`.
+        self._receiving: asyncio.Future[Any] | None = None
+        #: What the session waits for now, and since when (SplitService.waits).
+        self.state: Literal["client", "engine", "sending", "finishing"] = "client"
+        self.since = time.monotonic()
+
+    def _wait_for(self, state: Literal["client", "engine", "sending", "finishing"]) -> None:
+        self.state, self.since = state, time.monotonic()
+
+    async def _send(self, message: Any) -> None:
+        self._wait_for("sending")
+        await self.websocket.send_text(encode_message(message))
 
     async def run(self) -> str:
         """Open, prefill, decode until a finish reason; returns how the session ended."""
@@ -356,7 +387,7 @@ class Session:
             planned_by=planned_by,
             server_decodes=self.layer == 0,
         )
-        await self.websocket.send_text(encode_message(plan))
+        await self._send(plan)
         began = time.monotonic()
         if self.layer == 0:
             await self._serve_whole(opened)
@@ -383,7 +414,7 @@ class Session:
         embeds = torch_tensor(prompt).to(self.service.engine.model_config.dtype)
         self.outputs = self.service.engine.generate(embeds_input(embeds), params, self.request_id)
         index = 0
-        async for output in self.outputs:
+        while (output := await self._engine_output()) is not None:
             completion = output.outputs[0]
             ids = list(completion.token_ids)
             for n, token_id in enumerate(ids):
@@ -393,10 +424,11 @@ class Session:
                     raise ProtocolError("engine_error", f"generation ended: {finish}")
                 text = completion.text if last else ""
                 step_s = time.monotonic() - began
-                await self.websocket.send_text(
-                    encode_message(Token(index, int(token_id), text, finish, step_s))
-                )
+                await self._send(Token(index, int(token_id), text, finish, step_s))
                 began, index = time.monotonic(), index + 1
+            if output.finished:  # the generator ends at once; a client's Close may come first
+                await anext(self.outputs, None)
+                break
         self.finished = True
 
     async def _serve_split(self, opened: Open) -> None:
@@ -419,9 +451,7 @@ class Session:
             metrics.step_seconds.labels(kind=kind).observe(step_s)
             if kind == "decode":
                 self.service.observe_step(step_s)
-            await self.websocket.send_text(
-                encode_message(Token(index, token_id, text, finish, step_s))
-            )
+            await self._send(Token(index, token_id, text, finish, step_s))
             if finish is not None:
                 break
 
@@ -449,10 +479,13 @@ class Session:
 
     async def _receive(self) -> str | bytes:
         timeout = self.service.config.idle_timeout_s
+        self._wait_for("client")
+        receiving = self._start_receiving()
         try:
-            message = await asyncio.wait_for(self.websocket.receive(), timeout)
+            message = await asyncio.wait_for(asyncio.shield(receiving), timeout)
         except TimeoutError:
             raise ProtocolError("bad_request", f"no message for {timeout:g} s; closing") from None
+        self._receiving = None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         if message.get("bytes") is not None:
@@ -524,12 +557,41 @@ class Session:
         while (chunk := await self.inputs.get()) is not None:
             yield chunk
 
-    async def _next_token(self) -> tuple[int, str]:
+    def _start_receiving(self) -> asyncio.Future[Any]:
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(self.websocket.receive())
+        return self._receiving
+
+    async def _engine_output(self) -> Any:
+        """The engine's next output (None at its end), while watching the socket: a client that
+        leaves while its token is being made ends the session at once, rather than when the
+        engine next answers (a request the engine holds back would keep its KV cache until
+        then). The client sends nothing while it waits for a token, so any message now is a
+        close, a disconnect or a protocol error."""
         assert self.outputs is not None
+        self._wait_for("engine")
+        output = asyncio.ensure_future(anext(self.outputs, None))
+        receiving = self._start_receiving()
         try:
-            output = await self.outputs.__anext__()
-        except StopAsyncIteration:
-            raise ProtocolError("engine_error", "the engine ended the session early") from None
+            await asyncio.wait((output, receiving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not output.done():
+                output.cancel()
+        if output.done() and not output.cancelled():
+            return output.result()
+        message = receiving.result()
+        self._receiving = None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text = message.get("text")
+        if text is not None and isinstance(_decode_or_none(text), Close):
+            raise WebSocketDisconnect(1000)
+        raise ProtocolError("bad_request", "a message arrived before the server's token")
+
+    async def _next_token(self) -> tuple[int, str]:
+        output = await self._engine_output()
+        if output is None:
+            raise ProtocolError("engine_error", "the engine ended the session early")
         completion = output.outputs[0]
         if not completion.token_ids:
             raise ProtocolError("engine_error", "the engine returned no token")
@@ -545,6 +607,7 @@ class Session:
 
     async def _finish(self) -> None:
         """End the input stream, let the engine close the session, then close the socket."""
+        self._wait_for("finishing")
         await self.inputs.put(None)
         if self.outputs is not None and not self.finished:
             with contextlib.suppress(StopAsyncIteration, TimeoutError):
@@ -556,6 +619,8 @@ class Session:
 
     async def abort(self) -> None:
         """Abort the engine request unless it finished: frees its KV cache."""
+        if self._receiving is not None:
+            self._receiving.cancel()
         if self.outputs is None or self.finished:
             return
         with contextlib.suppress(Exception):

@@ -711,13 +711,20 @@ def _kill_split_client(base_url: str, workdir: Path, layer: int, drain_s: float)
             "checks": checks, "ok": all(checks.values())}  # fmt: skip
 
 
-def open_sessions(base_url: str) -> float:
-    """Open split sessions, by the cheap `/v1/split/info` (its count and the gauge's are the
-    same set), so that a short session is not missed between two polls."""
+def split_info(base_url: str) -> dict[str, Any]:
+    """`GET /v1/split/info`: among others, what the open sessions wait for (a leak's clue)."""
     with contextlib.suppress(httpx.HTTPError, ValueError):
         info = httpx.get(f"{base_url}/v1/split/info", timeout=30)
         if info.status_code == 200:
-            return float(info.json().get("open_sessions", 0))
+            return dict(info.json())
+    return {}
+
+
+def open_sessions(base_url: str) -> float:
+    """Open split sessions, by the cheap `/v1/split/info` (its count and the gauge's are the
+    same set), so that a short session is not missed between two polls."""
+    if (info := split_info(base_url)) and "open_sessions" in info:
+        return float(info["open_sessions"])
     return gauges(base_url)["split_sessions"]
 
 
@@ -998,7 +1005,8 @@ def run(
         after = metrics_text(base)
         report.update({"leaked": {k: v for k, v in leaked(values).items()
                                   if k in ("kv_blocks", "swap_bytes", "split_sessions")},
-                       "drain": {"seconds": drain_s, "gauges": values},
+                       "drain": {"seconds": drain_s, "gauges": values,
+                                 "split_info": split_info(base)},
                        "counters": counter_delta(before, after)})  # fmt: skip
         for key in ("running_requests", "waiting_requests"):
             report["leaked"][key] = leaked(values)[key]

@@ -254,6 +254,11 @@ def test_silent_client_is_timed_out(server: Server) -> None:
         ws.send(encode_frame("prefill", hidden(16)))
         assert isinstance(decode_message(ws.recv(timeout=60)), Token)
         began = time.monotonic()
+        time.sleep(1.0)
+        # /v1/split/info says what the open session waits for, and how long it has waited.
+        info = httpx.get(f"{server.base_url}/v1/split/info", headers=server.headers, timeout=30)
+        assert info.json()["sessions_waiting_for"] == {"client": 1}, info.json()
+        assert 1.0 <= info.json()["longest_wait_s"] < SPLIT_IDLE_TIMEOUT_S
         error = expect_error(ws, "bad_request")  # sends nothing more
         assert "no message" in error.message
         assert time.monotonic() - began >= SPLIT_IDLE_TIMEOUT_S - 1
