@@ -345,6 +345,7 @@ class SplitServerMetrics:
     step_seconds: Histogram
     errors: Counter
     sla_met: Counter
+    latency_error: Histogram
 
     @staticmethod
     @cache
@@ -383,5 +384,13 @@ class SplitServerMetrics:
                 f"{PREFIX}split_sla",
                 "Finished split sessions by whether the server-observed latency met the SLA",
                 labelnames=["met"],
+            ),
+            latency_error=Histogram(
+                f"{PREFIX}split_latency_prediction_error",
+                "|predicted - measured| / measured end-to-end latency of finished split "
+                "sessions (the prediction the plan told the client), by direction: over "
+                "(predicted longer) or under",
+                labelnames=["direction"],
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5),
             ),
         )

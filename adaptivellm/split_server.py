@@ -178,6 +178,17 @@ def torch_tensor(array: np.ndarray) -> Any:
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
+def prediction_error(
+    predicted_s: float | None, measured_s: float
+) -> tuple[Literal["over", "under"], float] | None:
+    """(direction, |predicted - measured| / measured) of a session's latency prediction; None
+    without a prediction or a measurement."""
+    if predicted_s is None or not math.isfinite(predicted_s) or not measured_s > 0:
+        return None
+    direction: Literal["over", "under"] = "over" if predicted_s > measured_s else "under"
+    return direction, abs(predicted_s - measured_s) / measured_s
+
+
 def _latency(costs: Any, layer: int) -> float | None:
     on_server = np.arange(costs.num_layers) >= layer
     latency, _ = evaluate_placements(costs, on_server[None, :])
@@ -397,6 +408,8 @@ class Session:
         took = time.monotonic() - began
         if self.layer > 0:
             self.service.observe_session(predicted, took)
+        if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
+            metrics.latency_error.labels(direction=error[0]).observe(error[1])
         if opened.sla_s is not None:
             met = took <= opened.sla_s
             metrics.sla_met.labels(met=str(met).lower()).inc()

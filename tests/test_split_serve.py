@@ -300,3 +300,13 @@ def test_the_service_reads_its_shape_from_the_engine_config() -> None:
     assert (shape.num_layers, shape.head_dim, shape.num_kv_heads) == (3, 16, 2)
     assert (shape.dtype_bytes, shape.vocab_size, shape.name) == (2, 600, "llama")
     assert service.wire_dtype == "bfloat16"
+
+
+def test_prediction_error_is_relative_to_the_measured_latency() -> None:
+    from adaptivellm.split_server import prediction_error
+
+    assert prediction_error(1.5, 1.0) == ("over", 0.5)
+    assert prediction_error(0.5, 1.0) == ("under", 0.5)
+    assert prediction_error(None, 1.0) is None  # the plan predicted nothing
+    assert prediction_error(float("inf"), 1.0) is None
+    assert prediction_error(1.0, 0.0) is None

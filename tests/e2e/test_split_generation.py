@@ -299,3 +299,25 @@ def test_a_session_is_not_resumed_when_resumes_are_off(server: Server) -> None:
         with pytest.raises(SplitError) as err:
             client.generate(PROMPTS[1], max_tokens=6, ignore_eos=True, layer=3, on_token=drop)
     assert err.value.code == "connection_closed"
+
+
+def prediction_errors(server: Server) -> float:
+    text = metrics(server)
+    return sum(
+        metric_value(text, "adaptivellm_split_latency_prediction_error_count", label) or 0.0
+        for label in ('direction="over"', 'direction="under"')
+    )
+
+
+def test_each_finished_session_records_its_prediction_error(
+    split: SplitClient, server: Server
+) -> None:
+    """The plan's latency prediction against the latency measured: one observation per
+    finished session, on /metrics (planner and client-chosen k alike)."""
+    before = prediction_errors(server)
+    done = split.generate(PROMPTS[0], max_tokens=4, ignore_eos=True, layer=2)
+    assert done.plan.predicted_latency_s is not None and done.plan.predicted_latency_s > 0
+    deadline = time.monotonic() + 30
+    while prediction_errors(server) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert prediction_errors(server) == before + 1
