@@ -268,6 +268,14 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         help="Close a split session whose client is silent this long (default: %(default)s).",
     )
     group.add_argument(
+        "--split-queue-s",
+        type=float,
+        default=SplitConfig.queue_s,
+        help="A split session that finds every slot taken waits this long for one, in arrival "
+        "order, before it is refused with a retry-after hint; 0 refuses at once "
+        "(default: %(default)s).",
+    )
+    group.add_argument(
         "--split-server-flops",
         type=float,
         default=None,
@@ -508,6 +516,7 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             max_sessions=args.split_max_sessions,
             max_frame_mb=args.split_max_frame_mb,
             idle_timeout_s=args.split_idle_timeout_s,
+            queue_s=args.split_queue_s,
             server_flops_per_s=args.split_server_flops,
         )
     except ValueError as exc:

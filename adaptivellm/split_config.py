@@ -33,6 +33,10 @@ class SplitConfig:
     Clients send a longer prompt's hidden states in several frames."""
     idle_timeout_s: float = 60.0
     """A session whose client sends nothing for this long is closed and its KV cache freed."""
+    queue_s: float = 5.0
+    """A session that finds all `max_sessions` slots taken waits this long for one, in arrival
+    order; then it is refused with `too_many_sessions` and a `retry_after_s` hint. 0 refuses
+    at once."""
     server_flops_per_s: float | None = None
     """Server throughput the planner assumes (FLOP/s); None measures it at start-up on CPU and
     assumes the planner's GPU default (400 TFLOP/s) elsewhere."""
@@ -52,6 +56,8 @@ class SplitConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.queue_s) and self.queue_s >= 0):
+            raise ValueError(f"queue_s must be a number >= 0, got {self.queue_s}")
         for name in ("server_flops_per_s", "server_mem_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

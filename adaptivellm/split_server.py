@@ -87,6 +87,12 @@ class SplitService:
     wire_dtype: str = "float32"
     #: The open sessions, by request id.
     open_sessions: dict[str, Session] = field(default_factory=dict)
+    #: Slots taken (open sessions, and slots handed to a queued session not yet open).
+    taken: int = 0
+    #: Sessions waiting for a slot, in arrival order (`admit`).
+    queue: deque[asyncio.Future[None]] = field(default_factory=deque)
+    #: How long recent sessions held their slot (`retry_after_s`).
+    held_s: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     #: Exponentially weighted mean of observed decode steps (frame in to token out): the
     #: planner's per-step overhead, so predictions follow the server's real load.
     step_estimate_s: float = INITIAL_STEP_S
@@ -98,7 +104,53 @@ class SplitService:
         self.step_estimate_s += STEP_EWMA_WEIGHT * (seconds - self.step_estimate_s)
 
     def can_open(self) -> bool:
-        return len(self.open_sessions) < self.config.max_sessions
+        return self.taken < self.config.max_sessions
+
+    async def admit(self) -> bool:
+        """Take a slot: at once if one is free and no session queues, else wait for one, in
+        arrival order, up to `queue_s`. False when none came (the caller refuses)."""
+        if not self.queue and self.can_open():
+            self.taken += 1
+            return True
+        if self.config.queue_s <= 0:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.config.queue_s)
+        except TimeoutError:
+            pass
+        except BaseException:  # the server stops: a slot already handed over goes back
+            if waiter.done() and not waiter.cancelled():
+                self.release()
+            waiter.cancel()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(waiter)
+        if waiter.done() and not waiter.cancelled():
+            return True  # `release` handed it a slot (possibly as the wait timed out)
+        waiter.cancel()
+        return False
+
+    def release(self, held_s: float | None = None) -> None:
+        """Give a slot back: to the first queued session, else to the pool."""
+        if held_s is not None:
+            self.held_s.append(held_s)
+        while self.queue:
+            waiter = self.queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to it; `taken` is unchanged
+                return
+        self.taken = max(0, self.taken - 1)
+
+    def retry_after_s(self) -> float:
+        """About how long until a slot frees, for a refused session: the mean time recent
+        sessions held a slot, spread over the slots, times the sessions queued plus one (at
+        least 1 s; `queue_s` before any session ended)."""
+        mean = sum(self.held_s) / len(self.held_s) if self.held_s else self.config.queue_s
+        slots = self.config.max_sessions
+        return round(max(1.0, mean / slots * (len(self.queue) + 1)), 1)
 
     def info(self) -> dict[str, Any]:
         """What `GET /v1/split/info` answers: enough for a client to prepare a session."""
@@ -111,6 +163,7 @@ class SplitService:
             "max_model_len": self.max_model_len,
             "max_sessions": self.config.max_sessions,
             "open_sessions": len(self.open_sessions),
+            "queued_sessions": len(self.queue),
             **self.waits(),
             "max_frame_bytes": self.config.max_frame_bytes,
         }
@@ -306,16 +359,25 @@ async def session_endpoint(websocket: WebSocket) -> None:
     if service is None:
         await _fail(websocket, ProtocolError("bad_request", "split execution is not enabled"))
         return
-    if not service.can_open():
+    if not await service.admit():
         metrics.sessions.labels(outcome="refused").inc()
+        retry = service.retry_after_s()
         await _fail(
             websocket,
             ProtocolError(
                 "too_many_sessions",
-                f"{service.config.max_sessions} split sessions are open; try again later",
+                f"{service.config.max_sessions} split sessions are open"
+                + (
+                    f" and none ended in {service.config.queue_s:g} s"
+                    if service.config.queue_s
+                    else ""
+                )
+                + f"; retry in about {retry:g} s",
             ),
+            retry_after_s=retry,
         )
         return
+    admitted = time.monotonic()
     session = Session(service, websocket)
     service.open_sessions[session.request_id] = session
     metrics.sessions_open.inc()
@@ -334,6 +396,7 @@ async def session_endpoint(websocket: WebSocket) -> None:
     finally:
         await session.abort()
         service.open_sessions.pop(session.request_id, None)
+        service.release(time.monotonic() - admitted)
         metrics.sessions_open.dec()
         metrics.sessions.labels(outcome=outcome).inc()
 
@@ -345,9 +408,12 @@ def _decode_or_none(text: str) -> Any:
         return None
 
 
-async def _fail(websocket: WebSocket, error: ProtocolError) -> None:
+async def _fail(
+    websocket: WebSocket, error: ProtocolError, retry_after_s: float | None = None
+) -> None:
     with contextlib.suppress(Exception):
-        await websocket.send_text(encode_message(Error(code=error.code, message=str(error))))
+        message = Error(code=error.code, message=str(error), retry_after_s=retry_after_s)
+        await websocket.send_text(encode_message(message))
         await websocket.close(code=_CLOSE_CODES.get(error.code, 1008), reason=error.code)
 
 

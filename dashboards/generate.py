@@ -160,6 +160,13 @@ ROWS = (
         Panel("SLA attainment", "Share of finished split sessions that met their SLA.",
               (q(f"sum(rate(adaptivellm_split_sla_total{MET}[{RATE}])) / "
                  f"sum(rate(adaptivellm_split_sla_total{A}[{RATE}]))", "met"),), "percentunit"),
+        Panel("Planner latency prediction error", "|predicted - measured| / measured "
+              "latency of finished split sessions: median and p90 (the target is a median "
+              "within 25%).",
+              (q(p50("adaptivellm_split_latency_prediction_error"), "p50"),
+               q(p99("adaptivellm_split_latency_prediction_error").replace("0.99", "0.9", 1),
+                 "p90")),
+              "percentunit"),
         Panel("Split step time p99 and errors", "Server time of a split step; errors by code.",
               (q(p99("adaptivellm_split_step_seconds", "kind"), "{{kind}} p99"),
                q(f"sum by (code) (rate(adaptivellm_split_errors_total{A}[{RATE}]))",

@@ -94,12 +94,14 @@ _T = TypeVar("_T", Plan, Token)
 class SplitError(RuntimeError):
     """A split session failed. `code` is the server's `Error.code` (see `protocol.ErrorCode`) or
     one of the client's: `prompt_too_long`, `model_mismatch`, `protocol_error`, `timeout`, and
-    those of `SplitConnectionError`."""
+    those of `SplitConnectionError`. `retry_after_s`: with `too_many_sessions`, the server's
+    estimate of when a slot frees."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.message} [{self.code}]"
@@ -936,7 +938,7 @@ def _expect(connection: ClientConnection, cls: type[_T], timeout_s: float) -> _T
     except protocol.ProtocolError as exc:
         raise SplitError("protocol_error", f"bad message from the server: {exc}") from None
     if isinstance(message, protocol.Error):
-        raise SplitError(message.code, message.message)
+        raise SplitError(message.code, message.message, message.retry_after_s)
     if not isinstance(message, cls):
         raise SplitError(
             "protocol_error", f"expected {cls.__name__} from the server, got {message.type!r}"

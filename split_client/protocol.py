@@ -224,6 +224,8 @@ class Error:
 
     code: str
     message: str
+    #: With `too_many_sessions`: about how long until a slot frees (seconds). Sent only when set.
+    retry_after_s: float | None = None
     type: Literal["error"] = "error"
 
 
@@ -240,6 +242,8 @@ _MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
 def encode_message(message: Message) -> str:
     """JSON text of one message (NaN and infinities are refused by the JSON encoder)."""
     body = asdict(message)
+    if isinstance(message, Error) and message.retry_after_s is None:
+        del body["retry_after_s"]  # an error without a hint reads as before
     client = body.get("client")
     if isinstance(client, dict) and math.isinf(client.get("mem_bytes_per_s", 0.0)):
         client["mem_bytes_per_s"] = None  # JSON has no infinity; None means unbounded
@@ -307,7 +311,7 @@ _INT_FIELDS: Final = {
     "index",
     "token_id",
 }
-_FLOAT_FIELDS: Final = {"sla_s", "temperature", "top_p", "server_step_s"}
+_FLOAT_FIELDS: Final = {"sla_s", "temperature", "top_p", "server_step_s", "retry_after_s"}
 
 
 def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:

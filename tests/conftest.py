@@ -16,6 +16,7 @@ from tests.support import (
     SPLIT_IDLE_TIMEOUT_S,
     SPLIT_MAX_FRAME_MB,
     SPLIT_MAX_SESSIONS,
+    SPLIT_QUEUE_S,
     MustRun,
     Server,
 )
@@ -55,7 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
              "--kv-cache-memory-bytes", str(256 << 20),
              "--split-execution", "--split-max-sessions", str(SPLIT_MAX_SESSIONS),
              "--split-max-frame-mb", str(SPLIT_MAX_FRAME_MB),
-             "--split-idle-timeout-s", str(SPLIT_IDLE_TIMEOUT_S)]  # fmt: skip
+             "--split-idle-timeout-s", str(SPLIT_IDLE_TIMEOUT_S),
+             "--split-queue-s", str(SPLIT_QUEUE_S)]  # fmt: skip
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
     process = ServerProcess(adaptivellm_command(None, port, flags), port, log)
     process.start()

@@ -22,6 +22,7 @@ API_KEY = "test-key"
 SPLIT_MAX_SESSIONS = 4
 SPLIT_MAX_FRAME_MB = 1.0
 SPLIT_IDLE_TIMEOUT_S = 30.0
+SPLIT_QUEUE_S = 3.0
 
 
 @dataclass(frozen=True)

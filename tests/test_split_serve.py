@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,8 +103,16 @@ def test_bad_split_flags_are_clear(llama: str, flags: tuple[str, str]) -> None:
         apply_defaults(parse(llama, "--split-execution", *flags), False, is_cpu=True)
 
 
+def test_a_negative_queue_wait_is_refused_and_the_flag_reaches_the_config(llama: str) -> None:
+    with pytest.raises(SystemExit, match="queue_s must be a number >= 0"):
+        apply_defaults(parse(llama, "--split-execution", "--split-queue-s", "-1"), False, True)
+    args = parse(llama, "--split-execution", "--split-queue-s", "0")
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["split"]["queue_s"] == 0.0
+
+
 def test_config_round_trips_through_additional_config() -> None:
-    config = SplitConfig(max_sessions=5, max_frame_mb=2.0)
+    config = SplitConfig(max_sessions=5, max_frame_mb=2.0, queue_s=1.5)
     stored = {"adaptivellm": {"split": config.to_dict()}}
     assert AdaptiveConfig.from_additional_config(stored).split == config
     assert AdaptiveConfig.from_additional_config({"adaptivellm": {}}).split is None
@@ -221,10 +230,10 @@ class _Engine:
         return 3
 
 
-def _service() -> SplitService:
+def _service(config: SplitConfig | None = None) -> SplitService:
     shape = ModelShape(6, 256, 4, 2, 64, 1024, dtype_bytes=4, vocab_size=4096, name="tiny")
     return SplitService(
-        engine=_Engine(), config=SplitConfig(), shape=shape, served_names=("tiny",),
+        engine=_Engine(), config=config or SplitConfig(), shape=shape, served_names=("tiny",),
         eos_token_id=1, max_model_len=1024,
         server=ServerProfile(flops_per_s=5e10, mem_bytes_per_s=2e10),
     )  # fmt: skip
@@ -310,3 +319,62 @@ def test_prediction_error_is_relative_to_the_measured_latency() -> None:
     assert prediction_error(None, 1.0) is None  # the plan predicted nothing
     assert prediction_error(float("inf"), 1.0) is None
     assert prediction_error(1.0, 0.0) is None
+
+
+def test_a_full_server_queues_sessions_in_arrival_order_and_hands_them_slots() -> None:
+    import asyncio
+
+    async def run() -> list[str]:
+        service = _service(SplitConfig(max_sessions=1, queue_s=5.0))
+        order: list[str] = []
+        assert await service.admit()  # the one slot
+
+        async def queued(name: str) -> None:
+            if await service.admit():
+                order.append(name)
+
+        waiting = [asyncio.ensure_future(queued(n)) for n in ("first", "second")]
+        await asyncio.sleep(0.01)
+        assert service.info()["queued_sessions"] == 2 and order == []
+        service.release(2.0)  # the slot passes to the first in line, not to the pool
+        await asyncio.sleep(0.01)
+        assert order == ["first"] and service.taken == 1
+        service.release(2.0)
+        await asyncio.gather(*waiting)
+        service.release(2.0)
+        assert service.taken == 0 and not service.queue
+        return order
+
+    assert asyncio.run(run()) == ["first", "second"]
+
+
+def test_a_session_that_waits_too_long_is_refused_with_a_retry_hint() -> None:
+    import asyncio
+
+    async def run() -> tuple[bool, bool, float, int]:
+        service = _service(SplitConfig(max_sessions=2, queue_s=0.05))
+        assert await service.admit() and await service.admit()
+        service.held_s.extend([8.0, 12.0])  # sessions held their slot 10 s on average
+        refused = await service.admit()
+        service.release()
+        late = await service.admit()  # a free slot again: taken at once
+        return refused, late, service.retry_after_s(), service.taken
+
+    refused, late, retry, taken = asyncio.run(run())
+    assert not refused and late and taken == 2
+    assert retry == 5.0  # 10 s a session, 2 slots, nobody queued
+
+
+def test_queue_s_zero_refuses_at_once_and_bad_values_are_refused() -> None:
+    import asyncio
+
+    async def run() -> bool:
+        service = _service(SplitConfig(max_sessions=1, queue_s=0.0))
+        assert await service.admit()
+        return await service.admit()
+
+    assert asyncio.run(run()) is False
+    assert _service().retry_after_s() >= 1.0
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="queue_s"):
+            SplitConfig(queue_s=bad)

@@ -7,7 +7,7 @@ import json
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -22,6 +22,7 @@ from adaptivellm.split_client.protocol import (
     PROTOCOL_VERSION,
     SESSION_PATH,
     ClientSpec,
+    Close,
     Error,
     Open,
     Plan,
@@ -35,6 +36,7 @@ from tests.support import (
     SPLIT_IDLE_TIMEOUT_S,
     SPLIT_MAX_FRAME_MB,
     SPLIT_MAX_SESSIONS,
+    SPLIT_QUEUE_S,
     Server,
 )
 
@@ -216,17 +218,38 @@ def test_oversized_frame_is_refused(server: Server) -> None:
 
 
 def test_too_many_sessions_are_refused_and_slots_come_back(server: Server) -> None:
+    """A session that finds every slot taken waits up to --split-queue-s for one, then is
+    refused with a retry hint; the slots come back when the sessions end."""
     with session(server) as first, session(server) as second, session(server) as third:
         held = [first, second, third]
         with session(server) as fourth:
             held.append(fourth)
             for ws in held:
                 open_session(ws)
+            began = time.monotonic()
             with session(server) as extra:
+                extra.send(encode_message(Open(prompt_tokens=8, max_tokens=4, client=CLIENT)))
                 error = expect_error(extra, "too_many_sessions")
                 assert str(SPLIT_MAX_SESSIONS) in error.message
+                assert error.retry_after_s is not None and error.retry_after_s >= 1.0
+                assert time.monotonic() - began >= SPLIT_QUEUE_S - 0.5  # it queued first
     with session(server) as again:  # the slots were given back
         open_session(again)
+
+
+def test_a_queued_session_gets_the_next_free_slot(server: Server) -> None:
+    with ExitStack() as stack:
+        held = [stack.enter_context(session(server)) for _ in range(SPLIT_MAX_SESSIONS)]
+        for ws in held:
+            open_session(ws)
+        with session(server) as queued:
+            queued.send(encode_message(Open(prompt_tokens=8, max_tokens=4, client=CLIENT)))
+            time.sleep(0.5)
+            info = httpx.get(f"{server.base_url}/v1/split/info", headers=server.headers)
+            assert info.json()["queued_sessions"] == 1, info.json()
+            held[0].send(encode_message(Close()))  # a slot frees within the queue's wait
+            plan = decode_message(queued.recv(timeout=60))
+            assert isinstance(plan, Plan), plan
 
 
 def test_disconnect_mid_decode_frees_the_kv_cache(server: Server) -> None:

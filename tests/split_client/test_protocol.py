@@ -97,6 +97,7 @@ MESSAGES: list[Message] = [
     Token(index=5, token_id=1, text="", finish_reason="stop", server_step_s=0.0),
     Close(),
     Error(code="too_many_sessions", message="busy"),
+    Error(code="too_many_sessions", message="busy", retry_after_s=2.5),
 ]
 
 
@@ -113,6 +114,14 @@ def test_unbounded_memory_bandwidth_travels_as_null() -> None:
     assert json.loads(text)["client"]["mem_bytes_per_s"] is None
     decoded = decode_message(text)
     assert isinstance(decoded, Open) and math.isinf(decoded.client.mem_bytes_per_s)
+
+
+def test_an_error_without_a_retry_hint_reads_as_before() -> None:
+    assert json.loads(encode_message(Error("bad_request", "x"))) == {
+        "code": "bad_request", "message": "x", "type": "error",
+    }  # fmt: skip
+    with pytest.raises(ProtocolError, match="retry_after_s must be a number"):
+        decode_message('{"type": "error", "code": "c", "message": "m", "retry_after_s": "soon"}')
 
 
 def test_encoder_refuses_nan() -> None:
