@@ -273,10 +273,12 @@ def test_global_fairness_with_a_heavy_tenant_pinned_to_one_replica(router: str) 
     # Where light's requests go is not asserted: bench/scaleout.py measured 0-13% of them on
     # heavy's replica with the ledger and 34-43% without, but three fresh-clone CIs under load
     # read 31%, 63% and 61% with it (light 105 and 130 requests against heavy's 106 and 94).
-    # Open: docs/scaleout.md. What holds in every run: heavy is not starved by light's use of
-    # its replica, and the two tenants' service stays close (the replicas' speeds on shared
-    # cores differ: a CI read 612 against 1,416 tokens, Jain 0.86).
-    assert sent["heavy"][home] >= 0.5 * sum(sent["light"]), sent
+    # Open: docs/scaleout.md. What held in every run: light never took most of heavy's
+    # replica (heavy's share of it read 0.62, 0.54 in those CIs, 0.86-1.0 in the benchmark),
+    # and the two tenants' service stays close although the replicas' speeds on shared cores
+    # differ (a CI read 612 against 1,416 tokens, Jain 0.86; a local run 65 against 140
+    # requests with light entirely on its own replica).
+    assert sent["heavy"][home] >= 0.5 * (sent["heavy"][home] + sent["light"][home]), sent
     assert jain >= 0.75, (tokens, sent)
     text = httpx.get(f"{router}/metrics", timeout=30).text
     gauge = metric_value(text, "adaptivellm_router_tenant_jain_index")
