@@ -658,12 +658,8 @@ class Session:
                 output.cancel()
         if output.done() and not output.cancelled():
             return output.result()
-        message = receiving.result()
-        self._receiving = None
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
-        text = message.get("text")
-        if text is not None and isinstance(_decode_or_none(text), Close):
+        message = await self._receive()  # the one just received; a disconnect raises there
+        if isinstance(message, str) and isinstance(_decode_or_none(message), Close):
             raise WebSocketDisconnect(1000)
         raise ProtocolError("bad_request", "a message arrived before the server's token")
 

@@ -485,10 +485,8 @@ def gauges(base_url: str) -> dict[str, float]:
     text = metrics_text(base_url)
     values = {name: metric_value(text, metric) or 0.0 for name, metric in GAUGES.items()}
     values["kv_blocks"] = round(values["kv_usage"] * num_blocks(text), 3)
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        info = httpx.get(f"{base_url}/v1/split/info", timeout=30)
-        if info.status_code == 200:
-            values["split_info_open"] = float(info.json().get("open_sessions", 0))
+    if "open_sessions" in (info := split_info(base_url)):
+        values["split_info_open"] = float(info["open_sessions"])
     return values
 
 
