@@ -119,6 +119,7 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
     """Stream every request, `concurrency` at a time; return tokens, seconds, tokens/s."""
     queue = collections.deque(reqs)
     tokens = errors = 0
+    ttfts: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
 
@@ -136,12 +137,17 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
             }
             nonlocal errors
             got = 0
+            sent = time.perf_counter()
+            first = True
             try:
                 async with client.stream("POST", "/v1/completions", json=body) as resp:
                     resp.raise_for_status()
                     async for line in resp.aiter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
+                        if first:
+                            ttfts.append(time.perf_counter() - sent)
+                            first = False
                         usage = json.loads(line[6:]).get("usage")
                         if usage:
                             got = usage["completion_tokens"]
@@ -163,7 +169,7 @@ async def drive(base_url: str, served: str, reqs: list[Req], concurrency: int) -
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "errors": errors}  # fmt: skip
+            "errors": errors, "max_ttft_s": max(ttfts, default=None)}  # fmt: skip
 
 
 def drive_all(server: ServerProcess, args: argparse.Namespace, seed: int) -> dict:
