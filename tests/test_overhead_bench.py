@@ -106,3 +106,33 @@ def test_step_timer_counts_only_steps_that_ran_the_model(
         assert overhead.step_us(tmp_path)["steps"] == 256
     finally:
         sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Hook"]
+
+
+def test_switch_counts_collapsed_drives_per_workload() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_overhead_switch", ROOT / "bench" / "overhead_switch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    switch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(switch)
+
+    def drive(wl: str, tps: float, after_other: bool) -> dict:
+        return {"workload": wl, "tokens_per_s": tps, "after_other_server": after_other}
+
+    drives = [
+        drive("light", 1000, False),
+        drive("light", 900, True),
+        drive("light", 300, True),  # under half the median (900): collapsed
+        drive("light", 460, False),  # just above half: not
+        drive("pressure", 500, False),
+    ]
+    out = switch.collapses(drives)
+    assert out["light"]["drives"] == 4 and out["light"]["collapsed"] == 1
+    assert out["light"]["collapsed_after_other_server"] == 1
+    assert out["light"]["drives_after_other_server"] == 2
+    assert out["light"]["min_tokens_per_s"] == 300
+    assert out["pressure"]["collapsed"] == 0
+    assert (
+        switch.mode_name(types.SimpleNamespace(servers=2, freeze_other=True, pause=2.0))
+        == "servers2-freeze-pause2"
+    )
