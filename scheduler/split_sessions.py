@@ -36,6 +36,7 @@ __all__ = [
     "EXTRA_KEY",
     "SplitChunk",
     "SplitChunks",
+    "append_rows",
     "cache_salt",
     "extend_session",
     "pack",
@@ -109,7 +110,7 @@ def extend_session(
     del session._all_token_ids[computed:]
     del session.block_hashes[computed // hash_block_size :]
     session._output_token_ids.clear()
-    session.prompt_embeds = torch.cat([session.prompt_embeds[:computed], chunk.embeds])
+    session.prompt_embeds = append_rows(session, session.prompt_embeds, chunk.embeds)
     session._all_token_ids.extend([0] * chunk.embeds.shape[0])
     session.num_prompt_tokens = session.prompt_embeds.shape[0]
     session.update_block_hashes()
@@ -121,6 +122,38 @@ def extend_session(
     if log_stats:
         session.record_event(EngineCoreEventType.QUEUED)
     return was_waiting
+
+
+#: The request attribute holding a session's embeddings buffer (see `append_rows`).
+_BUFFER = "_adaptivellm_embeds_buffer"
+
+
+def append_rows(owner: object, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`embeds` with `rows` appended, without copying `embeds` at every call.
+
+    The result is a view of the first rows of a buffer kept on `owner` (the session's
+    Request) whose capacity doubles when it is full, so a session of T tokens copies
+    O(T) rows in all instead of O(T^2) (a `torch.cat` per token). Rows already handed out
+    are never written again: a view given to the model runner earlier keeps its contents.
+    A view of a prefix of a contiguous buffer is contiguous, so vLLM's shared-memory queue
+    sends only its rows. If `embeds` is not the buffer's own view (the first chunk, or
+    anything that replaced it), a new buffer is started from it."""
+    n, m = embeds.shape[0], rows.shape[0]
+    buffer, used = getattr(owner, _BUFFER, (None, 0))
+    if (
+        buffer is None
+        or used != n  # rows past n were handed out: never overwrite them
+        or buffer.data_ptr() != embeds.data_ptr()
+        or buffer.shape[1:] != embeds.shape[1:]
+        or buffer.dtype != embeds.dtype
+        or buffer.shape[0] < n + m
+    ):
+        capacity = max(2 * (n + m), 16)
+        buffer = embeds.new_empty((capacity, *embeds.shape[1:]))
+        buffer[:n] = embeds
+    buffer[n : n + m] = rows
+    setattr(owner, _BUFFER, (buffer, n + m))
+    return buffer[: n + m]
 
 
 def _rehash(request: Request) -> None:

@@ -21,6 +21,7 @@ from adaptivellm.scheduler.config import AdaptiveConfig
 from adaptivellm.scheduler.split_sessions import (
     EXTRA_KEY,
     SplitChunks,
+    append_rows,
     cache_salt,
     extend_session,
     pack,
@@ -378,3 +379,42 @@ def test_queue_s_zero_refuses_at_once_and_bad_values_are_refused() -> None:
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="queue_s"):
             SplitConfig(queue_s=bad)
+
+
+def test_append_rows_grows_a_buffer_instead_of_copying_the_context_each_token() -> None:
+    class Owner:
+        pass
+
+    owner = Owner()
+    first = torch.randn(4, 8)
+    embeds = first
+    rows = [torch.randn(1, 8) for _ in range(40)]
+    buffers = set()
+    handed_out = []
+    for row in rows:
+        embeds = append_rows(owner, embeds, row)
+        buffers.add(embeds.untyped_storage().data_ptr())
+        handed_out.append((embeds, embeds.clone()))
+        assert embeds.is_contiguous()
+    assert torch.equal(embeds, torch.cat([first, *rows]))
+    # Capacity doubles: 44 rows in a handful of buffers, not one per token.
+    assert len(buffers) <= 3
+    # A view handed out earlier (the model runner's) keeps its contents.
+    for view, copy in handed_out:
+        assert torch.equal(view, copy)
+
+
+def test_append_rows_starts_over_when_the_tensor_is_not_its_own_view() -> None:
+    class Owner:
+        pass
+
+    owner = Owner()
+    grown = append_rows(owner, torch.zeros(2, 4), torch.ones(1, 4))
+    shorter = grown[:2]  # something truncated the session: rows 2.. were handed out
+    again = append_rows(owner, shorter, torch.full((1, 4), 2.0))
+    assert torch.equal(grown, torch.cat([torch.zeros(2, 4), torch.ones(1, 4)]))
+    assert torch.equal(again[2], torch.full((4,), 2.0))
+    replaced = torch.randn(3, 4)  # a tensor from elsewhere: copied, never written through
+    out = append_rows(owner, replaced, torch.ones(2, 4))
+    assert out.shape == (5, 4) and torch.equal(out[:3], replaced)
+    assert out.data_ptr() != replaced.data_ptr()
