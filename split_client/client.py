@@ -358,9 +358,10 @@ def measure_client_spec(
     rtt_s: float = DEFAULT_RTT_S,
 ) -> ClientSpec:
     """Describe this machine: FLOP/s from a timed float32 matmul (about 50 ms), memory
-    bandwidth from a timed 32 MiB copy, and the fixed time of one decoder layer's forward pass
-    (eager PyTorch: dozens of small kernels, which dominates a decode step of a small model);
-    the link figures are given, not measured."""
+    bandwidth from a timed 32 MiB copy, the fixed time of one decoder layer's forward pass
+    (eager PyTorch: dozens of small kernels, which dominates a decode step of a small model),
+    and the memory it has free for the model's layers (`available_memory_bytes`); the link
+    figures are given, not measured."""
     return ClientSpec(
         flops_per_s=measure_flops(),
         uplink_bps=uplink_bps,
@@ -368,7 +369,21 @@ def measure_client_spec(
         rtt_s=rtt_s,
         mem_bytes_per_s=measure_memory_bandwidth(),
         layer_overhead_s=measure_layer_overhead(),
+        memory_bytes=available_memory_bytes(),
     )
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> float:
+    """Memory this machine can give the client's layers (their weights and KV cache): Linux's
+    MemAvailable (what can be allocated without swapping); inf where it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                kib = float(line.split()[1])
+                return kib * 1024 if kib > 0 else math.inf
+    except (OSError, ValueError, IndexError):
+        pass
+    return math.inf
 
 
 @torch.no_grad()
@@ -486,7 +501,10 @@ class SplitClient:
     (frames travel in the plan's dtype). `model` names the served model (None: the default).
     A prompt whose hidden states exceed the server's frame limit goes in several prefill frames;
     `max_frame_bytes` None asks the server once (`GET /v1/split/info`, falling back to
-    `DEFAULT_MAX_FRAME_BYTES` if it does not answer).
+    `DEFAULT_MAX_FRAME_BYTES` if it does not answer). `memory_bytes` is what this machine can
+    give the model's layers (their weights and their KV cache for the request); the planner
+    never asks for more layers than fit. None declares the spec's figure (measured:
+    MemAvailable).
 
     With `calibrate` (default), each finished `generate()` compares the time this client's
     layers really took with what the planner's cost model predicts from the declared spec, and
@@ -512,7 +530,10 @@ class SplitClient:
         max_frame_bytes: int | None = None,
         calibrate: bool = True,
         resumes: int = 3,
+        memory_bytes: float | None = None,
     ) -> None:
+        if memory_bytes is not None and not (memory_bytes > 0):  # also NaN
+            raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
         self.url = session_url(url)
         self.info_url = self.url.replace("ws", "http", 1).removesuffix(SESSION_PATH) + INFO_PATH
         self.model = ClientModel(model_path, dtype)
@@ -523,6 +544,8 @@ class SplitClient:
         self.timeout_s = timeout_s
         self.served_model = model
         self._spec = client_spec
+        #: Overrides the declared (or measured) memory for the model's layers; None keeps it.
+        self.memory_bytes = memory_bytes
         self._max_frame_bytes = max_frame_bytes
         self._open: list[ClientConnection] = []
         self.calibrate = calibrate
@@ -541,6 +564,8 @@ class SplitClient:
         if self._spec is None:
             self._spec = measure_client_spec()
         spec = scaled_spec(self._spec, self.calibration)
+        if self.memory_bytes is not None:
+            spec = dataclasses.replace(spec, memory_bytes=self.memory_bytes)
         if self.measured_rtt_s is not None and self.measured_rtt_s > spec.rtt_s:
             spec = dataclasses.replace(spec, rtt_s=self.measured_rtt_s)
         return spec

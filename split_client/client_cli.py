@@ -37,6 +37,13 @@ def add_split_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--layer", type=int, default=None, help="force the split layer k (default: server plans)"
     )
     parser.add_argument("--sla-s", type=float, default=None, help="end-to-end latency SLA")
+    parser.add_argument(
+        "--client-memory-gb",
+        type=float,
+        default=None,
+        help="memory this machine can give the model's layers, weights and KV cache "
+        "(default: the free memory measured here); the server plans no more layers than fit",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
@@ -66,6 +73,7 @@ def run_split_client(args: argparse.Namespace) -> int:
             layer=args.layer,
             sla_s=args.sla_s,
             timeout_s=args.timeout_s,
+            memory_bytes=None if args.client_memory_gb is None else args.client_memory_gb * 2**30,
         ) as client:
             done = client.generate(
                 args.prompt,

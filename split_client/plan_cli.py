@@ -53,6 +53,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="fixed client time per layer per forward pass (kernel launches)",
     )
+    client.add_argument(
+        "--client-memory-gb",
+        type=float,
+        default=None,
+        help="memory the client can give the model's layers, weights and KV cache "
+        "(default: no limit)",
+    )
     server = parser.add_argument_group("server")
     server.add_argument("--server-tflops", type=float, default=400.0, help="effective TFLOP/s")
     server.add_argument("--server-gbps", type=float, default=2500.0, help="memory bandwidth GB/s")
@@ -113,6 +120,7 @@ def _profiles(args: argparse.Namespace) -> tuple[ClientProfile, ServerProfile, R
         rtt_s=args.rtt_ms / 1e3,
         mem_bytes_per_s=args.client_gbps * 1e9,
         layer_overhead_s=args.client_overhead_us / 1e6,
+        memory_bytes=math.inf if args.client_memory_gb is None else args.client_memory_gb * 2**30,
     )
     server = ServerProfile(
         flops_per_s=args.server_tflops * 1e12,

@@ -118,10 +118,14 @@ class ClientProfile:
     mem_bytes_per_s: float = math.inf
     #: Fixed time per layer per forward pass (kernel launches; eager PyTorch on a laptop).
     layer_overhead_s: float = 0.0
+    #: Memory the client can give the model, in bytes: each layer it runs holds its weights and
+    #: its KV cache for the whole request. inf: no limit.
+    memory_bytes: float = math.inf
 
     def __post_init__(self) -> None:
         _check_real("flops_per_s", self.flops_per_s, positive=True)
         _check_real("mem_bytes_per_s", self.mem_bytes_per_s, positive=True)
+        _check_real("memory_bytes", self.memory_bytes, positive=True)
         _check_real("uplink_bps", self.uplink_bps)
         _check_real("downlink_bps", self.downlink_bps)
         _check_real("rtt_s", self.rtt_s, finite=True)
@@ -192,6 +196,8 @@ class SplitCosts:
                    + end_time[x[L-1]]
 
     and the server workload is fixed_work + sum of server_work over layers with x[j] = 1.
+    A placement whose client layers need more than `client_memory_budget` bytes in all
+    (`client_memory` per layer: weights plus KV cache) cannot run: its latency is inf.
     `start_time` prices bringing the input to layer 0 (the prompt starts at the client, each
     later token is sampled on the server); `end_time` prices bringing the last hidden state to
     the LM head on the server. Times may be `inf` (a link with no bandwidth), never NaN.
@@ -209,11 +215,16 @@ class SplitCosts:
     fixed_time: float
     fixed_work: float
     sla_s: float
+    #: Bytes each layer holds on the client when it runs there (None: nothing).
+    client_memory: FloatArray | None = None
+    client_memory_budget: float = math.inf
 
     def __post_init__(self) -> None:
         n = np.asarray(self.client_time).shape[0] if np.ndim(self.client_time) == 1 else 0
         if n < 1:
             raise ValueError("client_time must be a 1-d array with at least one layer")
+        if self.client_memory is None:
+            object.__setattr__(self, "client_memory", np.zeros(n))
         for name, size in (
             ("client_time", n),
             ("server_time", n),
@@ -222,10 +233,14 @@ class SplitCosts:
             ("down_time", n - 1),
             ("start_time", 2),
             ("end_time", 2),
+            ("client_memory", n),
         ):
             object.__setattr__(self, name, _frozen_array(name, getattr(self, name), size))
         if not np.all(np.isfinite(self.server_work)):
             raise ValueError("server_work must be finite")
+        if not np.all(np.isfinite(self.memory)):  # _frozen_array refused NaN and < 0
+            raise ValueError("client_memory must be finite")
+        _check_real("client_memory_budget", self.client_memory_budget, positive=True)
         _check_real("fixed_time", self.fixed_time)
         _check_real("fixed_work", self.fixed_work, finite=True)
         _check_real("sla_s", self.sla_s, positive=True)
@@ -234,6 +249,22 @@ class SplitCosts:
     def num_layers(self) -> int:
         """Number of placeable layers L."""
         return int(self.client_time.shape[0])
+
+    @property
+    def memory(self) -> FloatArray:
+        """`client_memory` as an array (never None after construction)."""
+        assert self.client_memory is not None
+        return self.client_memory
+
+    def max_client_layers(self) -> int | None:
+        """With equal per-layer client memory, how many layers fit the budget (None: the
+        layers differ). L when the budget does not bind."""
+        memory = self.memory
+        if math.isinf(self.client_memory_budget) or not np.any(memory):
+            return self.num_layers
+        if not np.all(memory == memory[0]):
+            return None
+        return min(self.num_layers, int(self.client_memory_budget // memory[0]))
 
 
 def _frozen_array(name: str, value: Any, size: int) -> FloatArray:
@@ -359,6 +390,12 @@ def build_costs(
         fixed_time=lm_time + token_down,
         fixed_work=lm_flops,
         sla_s=request.sla_s,
+        # A client layer holds its weights and its KV cache for the whole request.
+        client_memory=np.full(
+            layers,
+            float(shape.layer_weight_bytes) + float(shape.kv_bytes(n + request.output_tokens)),
+        ),
+        client_memory_budget=client.memory_bytes,
     )
 
 
@@ -415,6 +452,9 @@ def evaluate_placements(costs: SplitCosts, on_server: BoolArray) -> tuple[FloatA
         costs.start_time[mask[:, 0].astype(np.intp)] + costs.end_time[mask[:, -1].astype(np.intp)]
     )
     latency = costs.fixed_time + edges + compute + transfers
+    if not math.isinf(costs.client_memory_budget):
+        held = np.where(mask, 0.0, costs.memory).sum(axis=1)
+        latency = np.where(held > costs.client_memory_budget, math.inf, latency)
     work = costs.fixed_work + np.where(mask, costs.server_work, 0.0).sum(axis=1)
     return latency, work
 
@@ -578,9 +618,15 @@ def _entering_times(costs: SplitCosts, prefix_only: bool) -> FloatArray:
 
 
 def _discretise(
-    costs: SplitCosts, step_s: float | None, bins: int | None, prefix_only: bool
+    costs: SplitCosts,
+    step_s: float | None,
+    bins: int | None,
+    prefix_only: bool,
+    client_before: int | None = None,
 ) -> _Grid | None:
     enter = _entering_times(costs, prefix_only)
+    if client_before is not None:  # a prefix whose memory fits: no client layer from here on
+        enter[client_before:, :, 0] = math.inf
     # Every placement pays at least the cheapest way into each layer. Only the excess over
     # that floor is discretised, so the bins are spent where placements differ, and each
     # layer is rounded once (transfer and compute summed first).
@@ -637,9 +683,62 @@ def _dp_solve(grid: _Grid, server_work: FloatArray) -> BoolArray | None:
     return on_server
 
 
+def _dp_solve_capped(grid: _Grid, server_work: FloatArray, cap: int) -> BoolArray | None:
+    """`_dp_solve` with at most `cap` layers on the client (equal per-layer client memory).
+
+    The table gains a dimension, the client layers so far (0..cap): best[x][c][u]. Vectorised
+    over the budget axis like `_dp_table`, looped over layers and placements.
+    """
+    width, layers, counts = grid.bins + 1, len(server_work), cap + 1
+    units = np.arange(width)
+    cur = np.full((2, counts, 2 * width), np.inf)
+    if counts > 1:
+        cur[0, 1, width:] = np.where(units >= grid.enter[0][0][0], 0.0, np.inf)
+    cur[1, 0, width:] = np.where(units >= grid.enter[0][0][1], float(server_work[0]), np.inf)
+    came_from_server = np.zeros((layers, 2, counts, width), dtype=bool)
+    works = server_work.tolist()
+    for j in range(1, layers):
+        shift = grid.enter[j]
+        nxt = np.full((2, counts, 2 * width), np.inf)
+        for x2 in (0, 1):
+            s0, s1 = min(shift[0][x2], width), min(shift[1][x2], width)
+            from_client = cur[0, :, width - s0 : 2 * width - s0]
+            from_server = cur[1, :, width - s1 : 2 * width - s1]
+            better = from_server < from_client
+            best = np.minimum(from_client, from_server)
+            if x2 == 0:  # one more client layer: count c comes from c - 1
+                nxt[0, 1:, width:] = best[:-1]
+                came_from_server[j, 0, 1:] = better[:-1]
+            else:
+                nxt[1, :, width:] = best + works[j]
+                came_from_server[j, 1] = better
+        cur = nxt
+    last = cur[:, :, width + grid.bins]  # the full budget's column
+    index = np.unravel_index(int(np.argmin(last)), last.shape)
+    x, c, u = int(index[0]), int(index[1]), grid.bins
+    if math.isinf(last[x, c]):
+        return None
+    on_server = np.empty(layers, dtype=bool)
+    for j in range(layers - 1, 0, -1):
+        on_server[j] = x == 1
+        previous = int(came_from_server[j, x, c, u])
+        u -= grid.enter[j][previous][x]
+        c -= 1 if x == 0 else 0
+        x = previous
+    on_server[0] = x == 1
+    return on_server
+
+
+def _longest_prefix_fitting(costs: SplitCosts) -> int:
+    """The largest k whose client layers [0, k) fit the client's memory."""
+    held = np.concatenate([[0.0], np.cumsum(costs.memory)])
+    return int(np.flatnonzero(held <= costs.client_memory_budget)[-1])
+
+
 def _fastest(costs: SplitCosts, prefix_only: bool) -> BoolArray:
-    """Minimum-latency placement (exact two-state shortest path): the fallback answer."""
-    if prefix_only:
+    """Minimum-latency placement (exact two-state shortest path): the fallback answer. When
+    the client's memory binds, the fastest prefix placement that fits it."""
+    if prefix_only or costs.max_client_layers() != costs.num_layers:
         latency, _ = evaluate_placements(costs, prefix_masks(costs.num_layers))
         return prefix_masks(costs.num_layers)[int(np.argmin(latency))]
     time = np.stack([costs.client_time, costs.server_time])
@@ -675,11 +774,28 @@ def plan_dp(
     missed (measured in bench/split_planner.py). With `prefix_only` the server never hands
     back to the client, so the answer is a split k. When the rounded DP finds nothing, the
     exact fastest placement is returned; it is marked feasible only if it meets the SLA.
+
+    Client memory (`costs.client_memory_budget`): with prefix_only, client layers stop at the
+    longest prefix that fits; otherwise the table counts client layers and allows at most as
+    many as fit, which needs equal per-layer client memory (what `build_costs` prices).
     """
     method = "dp-prefix" if prefix_only else "dp"
-    grid = _discretise(costs, step_s, bins, prefix_only)
+    cap = costs.max_client_layers()
+    binds = cap != costs.num_layers
+    if binds and prefix_only:
+        cap = _longest_prefix_fitting(costs)
+    elif cap is None:
+        raise ValueError(
+            "plan_dp limits client memory only with equal per-layer client_memory (or "
+            "prefix_only=True); use plan_brute_force for other costs"
+        )
+    grid = _discretise(costs, step_s, bins, prefix_only, cap if binds and prefix_only else None)
     while grid is not None:
-        on_server = _dp_solve(grid, costs.server_work)
+        if binds and not prefix_only:
+            assert cap is not None
+            on_server = _dp_solve_capped(grid, costs.server_work, cap)
+        else:
+            on_server = _dp_solve(grid, costs.server_work)
         if on_server is None:
             break
         plan = _make_plan(costs, on_server, method)

@@ -79,7 +79,8 @@ class ProtocolError(ValueError):
 
 
 #: Allowed range of each field of an Open's `client` (inclusive): wide enough for any real client,
-#: narrow enough that the planner's arithmetic stays finite. mem_bytes_per_s may be inf (no limit).
+#: narrow enough that the planner's arithmetic stays finite. mem_bytes_per_s and memory_bytes may
+#: be inf (no limit).
 CLIENT_SPEC_RANGES: Final = {
     "flops_per_s": (0.0, 1e18),
     "uplink_bps": (0.0, 1e13),
@@ -87,6 +88,7 @@ CLIENT_SPEC_RANGES: Final = {
     "rtt_s": (0.0, 60.0),
     "mem_bytes_per_s": (0.0, math.inf),
     "layer_overhead_s": (0.0, 10.0),
+    "memory_bytes": (0.0, math.inf),
 }
 #: Largest token count, layer, SLA and sampling value an Open may carry (the server then checks
 #: tokens against its context and the layer against its model).
@@ -113,7 +115,7 @@ def check_client(values: dict[str, Any]) -> None:
             raise ProtocolError(
                 "bad_request", f"client.{name} must be between {low:g} and {high:g}"
             )
-    for name in ("flops_per_s", "mem_bytes_per_s"):
+    for name in ("flops_per_s", "mem_bytes_per_s", "memory_bytes"):
         if name in values and values[name] <= 0:
             raise ProtocolError("bad_request", f"client.{name} must be > 0")
 
@@ -245,8 +247,11 @@ def encode_message(message: Message) -> str:
     if isinstance(message, Error) and message.retry_after_s is None:
         del body["retry_after_s"]  # an error without a hint reads as before
     client = body.get("client")
-    if isinstance(client, dict) and math.isinf(client.get("mem_bytes_per_s", 0.0)):
-        client["mem_bytes_per_s"] = None  # JSON has no infinity; None means unbounded
+    if isinstance(client, dict):
+        if math.isinf(client.get("mem_bytes_per_s", 0.0)):
+            client["mem_bytes_per_s"] = None  # JSON has no infinity; None means unbounded
+        if math.isinf(client.get("memory_bytes", 0.0)):
+            del client["memory_bytes"]  # unbounded, as a client that predates the field says
     return json.dumps(body, allow_nan=False)
 
 
@@ -284,8 +289,9 @@ def _build(cls: type[Any], body: dict[str, Any]) -> Any:
         if name == "client":
             if not isinstance(value, dict):
                 raise ProtocolError("bad_request", "client must be an object")
-            if value.get("mem_bytes_per_s", 0) is None:
-                value = {**value, "mem_bytes_per_s": math.inf}
+            for unbounded in ("mem_bytes_per_s", "memory_bytes"):
+                if unbounded in value and value[unbounded] is None:
+                    value = {**value, unbounded: math.inf}
             check_client(value)
             kwargs[name] = _build(ClientProfile, value)
         elif name == "sampling":

@@ -169,6 +169,27 @@ def test_planner_chooses_k_and_output_still_matches(split: SplitClient, referenc
     assert result.token_ids == reference[prompt][0]
 
 
+def test_the_planner_asks_no_more_layers_than_the_clients_memory_holds(
+    split: SplitClient, reference: dict
+) -> None:
+    """A loose SLA and a fast client: the planner offloads as many layers as it can. Declaring
+    memory for two and a half layers (weights plus KV cache for the request) caps k at 2, and
+    the output is still the unsplit one."""
+    prompt = PROMPTS[0]
+    free = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, sla_s=120.0)
+    assert free.plan.planned_by == "planner"
+    assert free.layer > 2, f"precondition: a roomy client takes more than 2 layers, got {free}"
+    tokens = len(split.encode(prompt)) + MAX_TOKENS
+    shape = split.model.shape
+    split.memory_bytes = 2.5 * (shape.layer_weight_bytes + shape.kv_bytes(tokens))
+    try:
+        tight = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, sla_s=120.0)
+    finally:
+        split.memory_bytes = None
+    assert tight.plan.planned_by == "planner" and tight.layer == 2
+    assert tight.token_ids == reference[prompt][0]
+
+
 def test_stream_is_shaped_like_openai_and_matches(split: SplitClient, reference: dict) -> None:
     prompt = PROMPTS[1]
     chunks = list(split.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=2))

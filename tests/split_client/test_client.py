@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import socket
 import threading
@@ -37,6 +38,7 @@ from adaptivellm.split_client.client import (
     SplitClient,
     SplitConnectionError,
     SplitError,
+    available_memory_bytes,
     session_url,
 )
 from adaptivellm.split_client.client_cli import add_split_client_arguments, run_split_client
@@ -692,3 +694,30 @@ def test_calibration_scales_the_declared_spec_to_measured_speed(
                      calibrate=False) as fixed:  # fmt: skip
         fixed.generate(IDS, max_tokens=2, ignore_eos=True)
         assert fixed.calibration == 1.0 and fixed.client_spec == fast
+
+
+def test_free_memory_is_read_from_meminfo_and_unknown_means_no_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    2048 kB\n")
+    assert available_memory_bytes(meminfo) == 2048 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    assert math.isinf(available_memory_bytes(meminfo))
+    meminfo.write_text("MemAvailable: lots\n")
+    assert math.isinf(available_memory_bytes(meminfo))
+    assert math.isinf(available_memory_bytes(tmp_path / "missing"))
+    assert available_memory_bytes() > 0  # this machine's
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan])
+def test_bad_client_memory_is_refused_before_anything_loads(bad: float) -> None:
+    with pytest.raises(ValueError, match="memory_bytes must be > 0"):
+        SplitClient("http://127.0.0.1:9", "/nonexistent", memory_bytes=bad)
+
+
+def test_declared_memory_overrides_the_spec_and_survives_calibration() -> None:
+    client = SplitClient.__new__(SplitClient)  # the spec logic only: no model, no server
+    client._spec = ClientSpec(1e12, 1e9, 1e9, 0.001, memory_bytes=8e9)
+    client.calibration, client.measured_rtt_s, client.memory_bytes = 2.0, None, None
+    assert client.client_spec.memory_bytes == 8e9  # calibration scales speed, not memory
+    client.memory_bytes = 1e9
+    assert client.client_spec.memory_bytes == 1e9

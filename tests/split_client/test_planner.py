@@ -793,3 +793,87 @@ def test_bins_cut_the_budget_left_after_the_fixed_time() -> None:
     assert (oracle.placement_str, oracle.server_workload) == ("CSSS", 83.0)
     for plan in (plan_dp(costs, bins=3), plan_dp(costs, step_s=1.0)):
         assert (plan.placement_str, plan.server_workload, plan.feasible) == ("CSSS", 83.0, True)
+
+
+# --------------------------------------------------------------------------- client memory
+
+
+@FAST
+@given(instances(integer=True), st.integers(0, 8), st.booleans())
+def test_dp_with_a_client_memory_cap_equals_brute_force(
+    costs: SplitCosts, cap: int, prefix_only: bool
+) -> None:
+    """Equal per-layer memory, a budget of `cap` layers: the capped DP (and the prefix DP)
+    match brute force over the placements that fit, and none of their plans overflows."""
+    capped = replace_costs(costs, np.full(costs.num_layers, 10.0), 10.0 * cap + 5.0)
+    dp = plan_dp(capped, step_s=1.0, prefix_only=prefix_only)
+    oracle = plan_brute_force(capped, prefix_only=prefix_only)
+    assert dp.client_layers <= cap  # the fallback too: k = 0 always fits
+    assert dp.feasible == oracle.feasible
+    if oracle.feasible:
+        assert dp.server_workload == oracle.server_workload
+        assert oracle.client_layers <= cap
+        # And plain enumeration, written independently, agrees on the best workload.
+        fits = [
+            w
+            for mask, (lat, w) in zip(
+                masks_of(capped, prefix_only), scores(capped, prefix_only), strict=True
+            )
+            if lat <= capped.sla_s and math.isfinite(lat) and sum(not s for s in mask) <= cap
+        ]
+        assert min(fits) == oracle.server_workload
+
+
+def replace_costs(costs: SplitCosts, memory: np.ndarray, budget: float) -> SplitCosts:
+    fields = {k: v for k, v in vars(costs).items() if k not in ("client_memory",)}
+    fields["client_memory"] = memory
+    fields["client_memory_budget"] = budget
+    return SplitCosts(**fields)
+
+
+def masks_of(costs: SplitCosts, prefix_only: bool) -> list[tuple[bool, ...]]:
+    """The placements `scores` enumerates, in its order."""
+    n = costs.num_layers
+    if prefix_only:
+        return [tuple(j >= k for j in range(n)) for k in range(n + 1)]
+    return [tuple(bool((code >> j) & 1) for j in range(n)) for code in range(2**n)]
+
+
+def test_build_costs_prices_client_memory_and_the_serving_plan_respects_it() -> None:
+    shape = PRESETS["llama3-8b"]
+    request = Request(prompt_tokens=512, output_tokens=128, sla_s=60.0)
+    per_layer = shape.layer_weight_bytes + shape.kv_bytes(512 + 128)
+    roomy = build_costs(shape, LAPTOP, SERVER, request)
+    assert roomy.client_memory_budget == math.inf
+    assert np.allclose(roomy.memory, per_layer)
+    free = plan_prefix(roomy)
+    assert free.feasible and free.client_layers > 3  # the laptop would take more than 3
+    small = ClientProfile(
+        15e12, 100e6, 300e6, 0.02, mem_bytes_per_s=300e9, memory_bytes=3.5 * per_layer
+    )
+    tight = build_costs(shape, small, SERVER, request)
+    assert tight.max_client_layers() == 3
+    for plan in (plan_prefix(tight), plan_greedy(tight), plan_dp(tight, prefix_only=True)):
+        assert plan.client_layers <= 3, plan.method
+    assert plan_prefix(tight).client_layers == 3
+    assert choose_split_layer(shape, small, SERVER, request) == 3
+
+
+def test_bad_client_memory_is_refused() -> None:
+    with pytest.raises(ValueError, match="memory_bytes"):
+        ClientProfile(1e12, 1e6, 1e6, 0.01, memory_bytes=0.0)
+    with pytest.raises(ValueError, match="memory_bytes"):
+        ClientProfile(1e12, 1e6, 1e6, 0.01, memory_bytes=math.nan)
+    base = costs_from([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0], [0.0])
+    with pytest.raises(ValueError, match="client_memory must be >= 0"):
+        replace_costs(base, np.array([1.0, -1.0]), 10.0)
+    with pytest.raises(ValueError, match="client_memory must be finite"):
+        replace_costs(base, np.array([1.0, math.inf]), 10.0)
+    with pytest.raises(ValueError, match="client_memory_budget"):
+        replace_costs(base, np.array([1.0, 1.0]), -1.0)
+    uneven = replace_costs(base, np.array([1.0, 2.0]), 2.5)
+    with pytest.raises(ValueError, match="equal per-layer client_memory"):
+        plan_dp(uneven)
+    # Prefix planning handles uneven memory: only k = 0 and k = 1 fit 2.5 bytes.
+    assert plan_dp(uneven, prefix_only=True).client_layers <= 1
+    assert plan_brute_force(uneven).client_layers <= 1 or not plan_brute_force(uneven).feasible

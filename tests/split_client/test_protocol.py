@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,9 @@ MESSAGES: list[Message] = [
     Open(
         prompt_tokens=1,
         max_tokens=1,
-        client=ClientSpec(1.5e12, 1e9, 1e9, 0.001, mem_bytes_per_s=2e10, layer_overhead_s=1e-5),
+        client=ClientSpec(
+            1.5e12, 1e9, 1e9, 0.001, mem_bytes_per_s=2e10, layer_overhead_s=1e-5, memory_bytes=4e9
+        ),
         sla_s=2.5,
         layer=3,
         model="tiny",
@@ -114,6 +117,19 @@ def test_unbounded_memory_bandwidth_travels_as_null() -> None:
     assert json.loads(text)["client"]["mem_bytes_per_s"] is None
     decoded = decode_message(text)
     assert isinstance(decoded, Open) and math.isinf(decoded.client.mem_bytes_per_s)
+
+
+def test_unbounded_client_memory_is_left_out_so_older_servers_accept_the_open() -> None:
+    text = encode_message(Open(prompt_tokens=3, max_tokens=2, client=SPEC))
+    assert "memory_bytes" not in json.loads(text)["client"]
+    decoded = decode_message(text)
+    assert isinstance(decoded, Open) and math.isinf(decoded.client.memory_bytes)
+    limited = replace(SPEC, memory_bytes=2.5e9)
+    text = encode_message(Open(prompt_tokens=3, max_tokens=2, client=limited))
+    assert json.loads(text)["client"]["memory_bytes"] == 2.5e9
+    null = {**open_body()["client"], "memory_bytes": None}  # null: unbounded, as for bandwidth
+    decoded = decode_message(json.dumps(open_body(client=null)))
+    assert isinstance(decoded, Open) and math.isinf(decoded.client.memory_bytes)
 
 
 def test_an_error_without_a_retry_hint_reads_as_before() -> None:
@@ -227,6 +243,9 @@ def test_client_spec_values() -> None:
         ("uplink_bps", math.inf, "uplink_bps must be between 0 and 1e+13"),
         ("mem_bytes_per_s", 0, "mem_bytes_per_s must be > 0"),
         ("layer_overhead_s", 11, "layer_overhead_s must be between 0 and 10"),
+        ("memory_bytes", 0, "memory_bytes must be > 0"),
+        ("memory_bytes", -5, "memory_bytes must be between 0 and inf"),
+        ("memory_bytes", "4GB", "memory_bytes must be a number"),
     ]:
         client = {**open_body()["client"], name: value}
         assert fragment in rejected(json.dumps(open_body(client=client)))
