@@ -54,6 +54,7 @@ from adaptivellm.split_client.protocol import (
     ProtocolError,
     TensorFrame,
     Token,
+    Turn,
     decode_frame,
     decode_message,
     encode_message,
@@ -428,6 +429,8 @@ class Session:
         self.outputs: AsyncIterator[Any] | None = None
         self.layer = 0
         self.finished = False
+        #: Rows of hidden states fed to the engine session so far (all turns).
+        self.context = 0
         #: The socket's pending receive: started while the engine works (to see a client
         #: leave), taken over by the next `_receive`.
         self._receiving: asyncio.Future[Any] | None = None
@@ -463,6 +466,8 @@ class Session:
             running_requests=self.service.load(),
             planned_by=planned_by,
             server_decodes=self.layer == 0,
+            # Follow-up turns need the engine's streaming session: split sessions only.
+            multi_turn=opened.multi_turn and self.layer > 0,
         )
         await self._send(plan)
         began = time.monotonic()
@@ -470,8 +475,7 @@ class Session:
             await self._serve_whole(opened)
         else:
             await self._serve_split(opened)
-        await self._finish()
-        took = time.monotonic() - began
+        took = time.monotonic() - began  # until the last token was sent (the client holds it)
         if self.layer > 0:
             self.service.observe_session(predicted, took)
         if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
@@ -479,7 +483,43 @@ class Session:
         if opened.sla_s is not None:
             met = took <= opened.sla_s
             metrics.sla_met.labels(met=str(met).lower()).inc()
+        if plan.multi_turn:
+            while (turn := await self._next_turn()) is not None:
+                await self._serve_split(
+                    replace(
+                        opened,
+                        prompt_tokens=turn.prompt_tokens + 1,
+                        max_tokens=turn.max_tokens,
+                        sampling=turn.sampling,
+                    )
+                )
+        await self._finish()
         return "finished"
+
+    async def _next_turn(self) -> Turn | None:
+        """After a finished turn of a multi-turn session: the client's next `Turn`; None when it
+        sends `Close`, leaves, or stays silent for the idle timeout (the conversation is over,
+        which is no error). The turn must fit the model's context with what the session holds."""
+        try:
+            message = await self._receive()
+        except (ProtocolError, WebSocketDisconnect):  # the idle timeout, or gone
+            return None
+        if isinstance(message, bytes):
+            raise ProtocolError("bad_request", "expected a turn or close, got a binary frame")
+        parsed = decode_message(message)
+        if isinstance(parsed, Close):
+            return None
+        if not isinstance(parsed, Turn):
+            raise ProtocolError("bad_request", f"expected a turn or close, got {parsed.type}")
+        needed = self.context + parsed.prompt_tokens + 1 + parsed.max_tokens
+        if needed > self.service.max_model_len:
+            raise ProtocolError(
+                "bad_request",
+                f"the conversation holds {self.context} tokens; this turn's "
+                f"{parsed.prompt_tokens} + 1 prompt and {parsed.max_tokens} output tokens exceed "
+                f"the model's context of {self.service.max_model_len} tokens",
+            )
+        return parsed
 
     async def _serve_whole(self, opened: Open) -> None:
         """k = 0: an ordinary request on the prompt's embeddings; the engine decodes on its own
@@ -513,9 +553,10 @@ class Session:
     async def _serve_split(self, opened: Open) -> None:
         """k > 0: a streaming-input session, one chunk (hidden states at layer k) per token."""
         metrics = SplitServerMetrics.get()
-        self.outputs = self.service.engine.generate(
-            self._input_stream(), self._sampling(opened), self.request_id
-        )
+        if self.outputs is None:  # a later turn goes on in the same engine session
+            self.outputs = self.service.engine.generate(
+                self._input_stream(), self._sampling(opened), self.request_id
+            )
         for index in range(opened.max_tokens):
             kind = "prefill" if index == 0 else "decode"
             if index == 0:
@@ -523,6 +564,7 @@ class Session:
             else:
                 frame = await self._receive_frame("decode", 1, 1)
             step_began = time.monotonic()
+            self.context += frame.shape[0]
             await self.inputs.put(self._chunk(frame, opened))
             token_id, text = await self._next_token()
             finish = self._finish_reason(token_id, index, opened)

@@ -61,6 +61,7 @@ from adaptivellm.split_client.protocol import (
     Plan,
     Sampling,
     Token,
+    Turn,
 )
 from adaptivellm.split_client.shapes import DTYPE_BYTES, wire_dtype
 from adaptivellm.split_wire import TORCH_DTYPES
@@ -714,6 +715,14 @@ class SplitClient:
         request = self._request(prompt, max_tokens, sampling, layer, sla_s)
         return (_chunk(types, request, step) for step in self._steps(request))
 
+    def conversation(
+        self, *, layer: int | None = None, sla_s: float | None = None
+    ) -> SplitConversation:
+        """A multi-turn session (`SplitConversation`): each `send` or `chat` is a turn, and the
+        conversation's KV cache stays on both sides between turns. `layer` and `sla_s` as in
+        `generate`; the first turn's plan sets k for the whole conversation."""
+        return SplitConversation(self, layer=layer, sla_s=sla_s)
+
     def close(self) -> None:
         """End the sessions still open (abandoned streams); the loaded layers stay cached."""
         while self._open:
@@ -888,6 +897,149 @@ class SplitClient:
             raise SplitConnectionError(
                 "connection_failed", f"cannot open {self.url}: {exc}"
             ) from None
+
+
+class SplitConversation:
+    """A multi-turn split session (`SplitClient.conversation()`).
+
+    Each `send` is a turn: its prompt follows everything said so far. The first turn opens a
+    session that asks the server to keep it (`Open.multi_turn`); the server grants that for
+    split sessions (k > 0). Then the server keeps the conversation's KV cache and this client
+    keeps its cache of layers [0, k), and a later turn sends a `Turn` and the hidden states of
+    its new tokens only (the last reply's final token first: it was never fed back). Where
+    the server does not keep the session (k = 0, an idle timeout, a refused turn, a restart),
+    the next turn opens a new session with the whole conversation as its prompt: the output is
+    the same, only the reuse is lost. `sessions` counts the sessions opened and
+    `reused_tokens` the tokens a turn did not send again. A session that drops mid-turn raises
+    `SplitConnectionError` (no resume inside a conversation); the next turn starts over. A
+    server older than `Open.multi_turn` refuses it (`bad_request`, unknown field): use
+    `generate` per turn there.
+    """
+
+    def __init__(self, client: SplitClient, *, layer: int | None, sla_s: float | None) -> None:
+        self.client = client
+        self.layer = layer
+        self.sla_s = sla_s
+        #: Every token of the conversation so far: each turn's prompt and reply.
+        self.history: list[int] = []
+        self.sessions = 0
+        self.reused_tokens = 0
+        self._connection: ClientConnection | None = None
+        self._plan: Plan | None = None
+        self._replay: _Replay | None = None
+
+    def send(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        on_token: Callable[[Token], None] | None = None,
+    ) -> SplitCompletion:
+        """One turn: `prompt` (text is tokenized as `generate` does, special tokens
+        included; pass ids to control them) after the conversation so far. Raises
+        `SplitError`."""
+        ids = self.client.encode(prompt)
+        sampling = Sampling(temperature, top_p, top_k, seed, ignore_eos)
+        request = self.client._request(ids, max_tokens, sampling, self.layer, self.sla_s)
+        start = time.perf_counter()
+        steps: list[_Step] = []
+
+        def take(step: _Step) -> None:
+            steps.append(step)
+            if on_token is not None:
+                on_token(step.token)
+
+        try:
+            if self._connection is not None:
+                try:
+                    self._follow_up(ids, request.open, take)
+                except SplitConnectionError:
+                    if steps:
+                        raise
+                    self._end()  # the server let the session go: start over below
+            if not steps:
+                self._open(self.history + ids, request.open, take)
+        except BaseException:
+            self._end()
+            raise
+        self.history += ids + [step.token.token_id for step in steps]
+        done = _completion(request, steps, time.perf_counter() - start)
+        self.client._calibrate(done)
+        return done
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> SplitCompletion:
+        """A turn of a chat: `messages` is the whole conversation (as the openai client sends
+        it), rendered with the chat template as `SplitClient.chat` does. When the conversation
+        so far is a prefix of the rendering, only the rest is sent; otherwise (the template
+        renders a reply differently from the tokens generated) the conversation starts over
+        with the rendering. Keyword arguments are `send`'s."""
+        ids = self.client.chat_prompt(messages)
+        if (
+            self.history
+            and ids[: len(self.history)] == self.history
+            and len(ids) > len(self.history)
+        ):
+            return self.send(ids[len(self.history) :], **kwargs)
+        self.close()
+        self.history = []
+        return self.send(ids, **kwargs)
+
+    def close(self) -> None:
+        """End the session (the server frees its KV cache); the history stays."""
+        self._end()
+
+    def __enter__(self) -> SplitConversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, context: list[int], opened: Open, take: Callable[[_Step], None]) -> None:
+        client = self.client
+        opened = dataclasses.replace(opened, prompt_tokens=len(context), multi_turn=True)
+        connection = client._connect()
+        client._open.append(connection)
+        self._connection = connection
+        self.sessions += 1
+        _send(connection, protocol.encode_message(opened), client.timeout_s)
+        plan = client._check_plan(
+            _expect(connection, Plan, client.timeout_s), _Request(context, opened)
+        )
+        client.model.ensure_layers(plan.layer)
+        replay = _Replay(pending_ids=list(context), layer=plan.layer)
+        for step in client._exchange(connection, plan, replay):
+            take(step)
+        if plan.multi_turn:
+            self._plan, self._replay = plan, replay
+        else:
+            self._end()
+
+    def _follow_up(self, ids: list[int], opened: Open, take: Callable[[_Step], None]) -> None:
+        assert self._connection is not None and self._plan is not None
+        replay = self._replay
+        assert replay is not None and replay.delivered
+        turn = Turn(prompt_tokens=len(ids), max_tokens=opened.max_tokens, sampling=opened.sampling)
+        _send(self._connection, protocol.encode_message(turn), self.client.timeout_s)
+        # The last reply's final token was never fed back: it goes first, then the new prompt.
+        replay.pending_ids, replay.sent = [replay.delivered[-1], *ids], []
+        replay.delivered = []
+        plan = dataclasses.replace(self._plan, max_tokens=opened.max_tokens)
+        self.reused_tokens += len(self.history) - 1
+        for step in self.client._exchange(self._connection, plan, replay):
+            take(step)
+
+    def _end(self) -> None:
+        connection, self._connection = self._connection, None
+        self._plan = self._replay = None
+        if connection is not None:
+            if connection in self.client._open:
+                self.client._open.remove(connection)
+            _hang_up(connection)
 
 
 def _status_error(status: int, url: str, api_key: str | None) -> SplitConnectionError:

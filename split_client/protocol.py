@@ -157,6 +157,9 @@ class Open:
     layer: int | None = None
     model: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    #: Keep the session after a turn finishes, for follow-up `Turn`s on the same KV cache (both
+    #: sides). The server grants it for split sessions (k > 0): `Plan.multi_turn`.
+    multi_turn: bool = False
     version: int = PROTOCOL_VERSION
     type: Literal["open"] = "open"
 
@@ -197,6 +200,8 @@ class Plan:
     #: True for k = 0: the server runs every layer, so after the prefill it decodes on its own
     #: and streams every token; the client sends no decode frames (no round trip per token).
     server_decodes: bool = False
+    #: The server keeps this session after each turn and accepts a `Turn` (or `Close`) then.
+    multi_turn: bool = False
     version: int = PROTOCOL_VERSION
     type: Literal["plan"] = "plan"
 
@@ -211,6 +216,30 @@ class Token:
     finish_reason: Literal["stop", "length"] | None
     server_step_s: float
     type: Literal["token"] = "token"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A follow-up turn of a multi-turn session, sent after the last turn's final token. Its
+    prefill frames carry `prompt_tokens + 1` rows of hidden states at layer k: the last turn's
+    final token (never fed back while that turn ran) and then the new prompt's tokens. The
+    session's KV cache (server) and the client's cache of its layers are kept, so only the new
+    tokens are computed."""
+
+    prompt_tokens: int
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    type: Literal["turn"] = "turn"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prompt_tokens <= MAX_TOKENS_FIELD:
+            raise ProtocolError(
+                "bad_request", f"prompt_tokens must be between 1 and {MAX_TOKENS_FIELD}"
+            )
+        if not 1 <= self.max_tokens <= MAX_TOKENS_FIELD:
+            raise ProtocolError(
+                "bad_request", f"max_tokens must be between 1 and {MAX_TOKENS_FIELD}"
+            )
 
 
 @dataclass(frozen=True)
@@ -231,11 +260,12 @@ class Error:
     type: Literal["error"] = "error"
 
 
-Message = Open | Plan | Token | Close | Error
+Message = Open | Plan | Token | Turn | Close | Error
 _MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
     "open": Open,
     "plan": Plan,
     "token": Token,
+    "turn": Turn,
     "close": Close,
     "error": Error,
 }
@@ -246,6 +276,8 @@ def encode_message(message: Message) -> str:
     body = asdict(message)
     if isinstance(message, Error) and message.retry_after_s is None:
         del body["retry_after_s"]  # an error without a hint reads as before
+    if isinstance(message, Open | Plan) and not message.multi_turn:
+        del body["multi_turn"]  # a single-turn session reads as before (older peers too)
     client = body.get("client")
     if isinstance(client, dict):
         if math.isinf(client.get("mem_bytes_per_s", 0.0)):
@@ -330,7 +362,7 @@ def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
             not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
         ):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be a number")
-        if name in ("ignore_eos", "server_decodes") and not isinstance(value, bool):
+        if name in ("ignore_eos", "server_decodes", "multi_turn") and not isinstance(value, bool):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be true or false")
 
 

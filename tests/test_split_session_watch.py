@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi import WebSocketDisconnect
 
-from adaptivellm.split_client.protocol import Close, ProtocolError, encode_message
+from adaptivellm.split_client.protocol import Close, ProtocolError, Token, Turn, encode_message
 from adaptivellm.split_server import Session
 
 
@@ -170,3 +170,70 @@ def test_the_service_reports_what_its_sessions_wait_for() -> None:
     assert during["longest_wait_s"] >= 0.04
     assert after["sessions_waiting_for"] == {"client": 1}
     assert after["longest_wait_s"] < 0.04
+
+
+# --------------------------------------------------------------------------- multi-turn
+
+
+def turn_session(context: int, max_model_len: int = 64, idle: float = 5.0) -> tuple:
+    s, socket, _ = session(idle)
+    s.service.max_model_len = max_model_len  # type: ignore[attr-defined]
+    s.context = context
+    return s, socket
+
+
+def next_turn(context: int, message: dict[str, Any] | None, **kw: Any) -> Any:
+    async def run() -> Any:
+        s, socket = turn_session(context, **kw)
+        if message is not None:
+            socket.inbox.put_nowait(message)
+        return await s._next_turn()
+
+    return asyncio.run(run())
+
+
+def text(message: Any) -> dict[str, Any]:
+    return {"type": "websocket.receive", "text": encode_message(message)}
+
+
+def test_a_turn_after_a_finished_turn_is_accepted_when_it_fits() -> None:
+    turn = Turn(prompt_tokens=10, max_tokens=13)
+    assert next_turn(40, text(turn)) == turn  # 40 + 10 + 1 + 13 = 64: fits exactly
+
+
+def test_a_turn_that_overflows_the_context_is_a_clear_error() -> None:
+    with pytest.raises(ProtocolError, match="holds 41 tokens") as err:
+        next_turn(41, text(Turn(prompt_tokens=10, max_tokens=13)))
+    assert err.value.code == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [text(Close()), {"type": "websocket.disconnect", "code": 1006}, None],
+    ids=["close", "disconnect", "idle-timeout"],
+)
+def test_close_a_disconnect_or_silence_between_turns_ends_the_conversation(
+    message: dict[str, Any] | None,
+) -> None:
+    assert next_turn(10, message, idle=0.05) is None
+
+
+@pytest.mark.parametrize(
+    "message, fragment",
+    [
+        ({"type": "websocket.receive", "bytes": b"\x00" * 8}, "binary frame"),
+        (text(Token(0, 1, "x", None, 0.0)), "expected a turn or close, got token"),
+        (
+            {
+                "type": "websocket.receive",
+                "text": '{"type": "turn", "prompt_tokens": 0, "max_tokens": 1}',
+            },
+            "prompt_tokens must be between",
+        ),
+    ],
+)
+def test_anything_else_between_turns_is_a_protocol_error(
+    message: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ProtocolError, match=fragment):
+        next_turn(10, message)

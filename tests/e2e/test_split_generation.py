@@ -349,3 +349,64 @@ def test_each_finished_session_records_its_prediction_error(
     while prediction_errors(server) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert prediction_errors(server) == before + 1
+
+
+def unsplit(openai_client: openai.OpenAI, server: Server, ids: list[int], tokens: int) -> list:
+    return list(
+        openai_client.completions.create(
+            model=server.model, prompt=ids, max_tokens=tokens, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        ).choices[0].token_ids or []  # type: ignore[attr-defined]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", [3, 0])
+def test_a_conversation_keeps_its_session_and_matches_unsplit(
+    split: SplitClient, server: Server, openai_client: openai.OpenAI, layer: int
+) -> None:
+    """Three turns. At k = 3 one session serves them all: each later turn sends only its new
+    tokens (and the last reply's final token), on the KV cache both sides kept. At k = 0 the
+    server does not keep sessions, so each turn opens one with the whole conversation. Either
+    way each reply equals the unsplit completion of the conversation so far, and nothing is
+    left open on the server."""
+    before_open = open_sessions(server)
+    turns = [split.encode(PROMPTS[0]), split.encode(PROMPTS[1])[1:], split.encode("and then")[1:]]
+    with split.conversation(layer=layer) as conv:
+        context: list[int] = []
+        for ids in turns:
+            done = conv.send(ids, max_tokens=MAX_TOKENS, ignore_eos=True)
+            context += ids
+            assert done.layer == layer and done.prompt_token_ids == ids
+            assert done.token_ids == unsplit(openai_client, server, context, MAX_TOKENS)
+            context += done.token_ids
+        assert conv.history == context
+        if layer:
+            assert conv.sessions == 1
+            held = len(turns[0]) + MAX_TOKENS + len(turns[1]) + MAX_TOKENS
+            assert conv.reused_tokens == (len(turns[0]) + MAX_TOKENS - 1) + (held - 1)
+            assert open_sessions(server) == before_open + 1  # kept between turns
+        else:
+            assert conv.sessions == len(turns) and conv.reused_tokens == 0
+    deadline = time.monotonic() + 30
+    while open_sessions(server) != before_open and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open_sessions(server) == before_open
+
+
+def test_a_turn_beyond_the_context_is_refused_and_the_next_starts_over(
+    split: SplitClient, server: Server, openai_client: openai.OpenAI
+) -> None:
+    """A turn that would overflow the model's context with what the session holds gets a clear
+    bad_request (the session ends); the conversation's next turn opens a new session with the
+    whole history, and its reply still equals unsplit."""
+    limit = int(split.info()["max_model_len"])
+    first = split.encode(PROMPTS[0])
+    with split.conversation(layer=2) as conv:
+        conv.send(first, max_tokens=4, ignore_eos=True)
+        with pytest.raises(SplitError) as err:
+            conv.send([5] * 8, max_tokens=limit, ignore_eos=True)
+        assert err.value.code == "bad_request" and "context" in str(err.value)
+        follow = split.encode(PROMPTS[1])[1:]
+        done = conv.send(follow, max_tokens=4, ignore_eos=True)
+        assert conv.sessions == 2
+        assert done.token_ids == unsplit(openai_client, server, conv.history[:-4], 4)

@@ -25,6 +25,7 @@ from adaptivellm.split_client.protocol import (
     ProtocolError,
     Sampling,
     Token,
+    Turn,
     decode_frame,
     decode_message,
     encode_frame,
@@ -99,6 +100,9 @@ MESSAGES: list[Message] = [
     Token(index=0, token_id=42, text=" river", finish_reason=None, server_step_s=0.003),
     Token(index=5, token_id=1, text="", finish_reason="stop", server_step_s=0.0),
     Close(),
+    Turn(prompt_tokens=5, max_tokens=8),
+    Turn(prompt_tokens=1, max_tokens=1, sampling=Sampling(temperature=0.5, seed=3)),
+    Open(prompt_tokens=2, max_tokens=3, client=SPEC, multi_turn=True),
     Error(code="too_many_sessions", message="busy"),
     Error(code="too_many_sessions", message="busy", retry_after_s=2.5),
 ]
@@ -130,6 +134,25 @@ def test_unbounded_client_memory_is_left_out_so_older_servers_accept_the_open() 
     null = {**open_body()["client"], "memory_bytes": None}  # null: unbounded, as for bandwidth
     decoded = decode_message(json.dumps(open_body(client=null)))
     assert isinstance(decoded, Open) and math.isinf(decoded.client.memory_bytes)
+
+
+def test_single_turn_sessions_read_as_before_and_turns_are_checked() -> None:
+    single = json.loads(encode_message(Open(prompt_tokens=3, max_tokens=2, client=SPEC)))
+    assert "multi_turn" not in single  # an older server accepts a single-turn Open
+    multi = json.loads(
+        encode_message(Open(prompt_tokens=3, max_tokens=2, client=SPEC, multi_turn=True))
+    )
+    assert multi["multi_turn"] is True
+    for body, fragment in [
+        ({"type": "turn", "prompt_tokens": 0, "max_tokens": 1}, "prompt_tokens must be between"),
+        ({"type": "turn", "prompt_tokens": 1, "max_tokens": 0}, "max_tokens must be between"),
+        ({"type": "turn", "prompt_tokens": "2", "max_tokens": 1}, "must be an integer"),
+        ({"type": "turn", "prompt_tokens": 1}, "max_tokens"),
+        ({"type": "turn", "prompt_tokens": 1, "max_tokens": 1, "layer": 2}, "unknown fields"),
+    ]:
+        assert fragment in rejected(json.dumps(body))
+    opened = {**open_body(), "multi_turn": "yes"}
+    assert "multi_turn must be true or false" in rejected(json.dumps(opened))
 
 
 def test_an_error_without_a_retry_hint_reads_as_before() -> None:
