@@ -144,6 +144,13 @@ class Sampling:
             raise ProtocolError("bad_request", "sampling.seed must be a 64-bit integer")
 
 
+def _check_token_counts(prompt_tokens: int, max_tokens: int) -> None:
+    """ProtocolError unless both counts are between 1 and MAX_TOKENS_FIELD (Open and Turn)."""
+    for name, value in (("prompt_tokens", prompt_tokens), ("max_tokens", max_tokens)):
+        if not 1 <= value <= MAX_TOKENS_FIELD:
+            raise ProtocolError("bad_request", f"{name} must be between 1 and {MAX_TOKENS_FIELD}")
+
+
 @dataclass(frozen=True)
 class Open:
     """First message of a session. `sla_s` bounds the end-to-end latency of the whole request
@@ -165,14 +172,7 @@ class Open:
 
     def __post_init__(self) -> None:
         check_client(asdict(self.client))
-        if not 1 <= self.prompt_tokens <= MAX_TOKENS_FIELD:
-            raise ProtocolError(
-                "bad_request", f"prompt_tokens must be between 1 and {MAX_TOKENS_FIELD}"
-            )
-        if not 1 <= self.max_tokens <= MAX_TOKENS_FIELD:
-            raise ProtocolError(
-                "bad_request", f"max_tokens must be between 1 and {MAX_TOKENS_FIELD}"
-            )
+        _check_token_counts(self.prompt_tokens, self.max_tokens)
         if self.sla_s is not None and not 0 < self.sla_s <= MAX_SLA_S:
             raise ProtocolError(
                 "bad_request", f"sla_s must be > 0 and at most {MAX_SLA_S:g} (or null for no SLA)"
@@ -232,14 +232,7 @@ class Turn:
     type: Literal["turn"] = "turn"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.prompt_tokens <= MAX_TOKENS_FIELD:
-            raise ProtocolError(
-                "bad_request", f"prompt_tokens must be between 1 and {MAX_TOKENS_FIELD}"
-            )
-        if not 1 <= self.max_tokens <= MAX_TOKENS_FIELD:
-            raise ProtocolError(
-                "bad_request", f"max_tokens must be between 1 and {MAX_TOKENS_FIELD}"
-            )
+        _check_token_counts(self.prompt_tokens, self.max_tokens)
 
 
 @dataclass(frozen=True)
