@@ -37,6 +37,7 @@ from adaptivellm.scheduler.preemption import MODES, PreemptionConfig
 from adaptivellm.split_config import (
     ARCHITECTURE,
     SPLIT_PLUGIN_NAME,
+    SPLIT_POLICIES,
     SUPPORTED_ARCHITECTURES,
     SplitConfig,
 )
@@ -274,6 +275,15 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         help="A split session that finds every slot taken waits this long for one, in arrival "
         "order, before it is refused with a retry-after hint; 0 refuses at once "
         "(default: %(default)s).",
+    )
+    group.add_argument(
+        "--split-policy",
+        choices=SPLIT_POLICIES,
+        default=SplitConfig.policy,
+        help="How the server picks k for each split session: 'planner', the least server work "
+        "that meets the request's SLA; 'greedy', the client takes layers from the front until "
+        "the next would break the SLA; 'static', every layer on the client when that meets "
+        "the SLA, else none (default: %(default)s).",
     )
     group.add_argument(
         "--split-server-flops",
@@ -518,6 +528,7 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             idle_timeout_s=args.split_idle_timeout_s,
             queue_s=args.split_queue_s,
             server_flops_per_s=args.split_server_flops,
+            policy=args.split_policy,
         )
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: {exc}") from None

@@ -19,6 +19,8 @@ ARCHITECTURE = "AdaptiveSplitLlamaForCausalLM"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 #: uvicorn closes WebSockets on messages over 16 MiB (its ws_max_size default).
 MAX_FRAME_MB = 16.0
+#: `--split-policy` choices (split_client.planner.SERVING_POLICIES, without importing numpy here).
+SPLIT_POLICIES = ("planner", "greedy", "static")
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,14 @@ class SplitConfig:
     server_mem_bytes_per_s: float | None = None
     """Server memory bandwidth the planner assumes (bytes/s); None: 20 GB/s on CPU, the
     planner's GPU default (2.5 TB/s) elsewhere."""
+    policy: str = "planner"
+    """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
+    meets the SLA; `greedy`, the client takes layers from the front until the next one would
+    break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
 
     def __post_init__(self) -> None:
+        if self.policy not in SPLIT_POLICIES:
+            raise ValueError(f"policy must be one of {list(SPLIT_POLICIES)}, got {self.policy!r}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.max_frame_mb > MAX_FRAME_MB:

@@ -163,6 +163,7 @@ class SplitService:
             "dtype": self.wire_dtype,
             "max_model_len": self.max_model_len,
             "max_sessions": self.config.max_sessions,
+            "policy": self.config.policy,
             "open_sessions": len(self.open_sessions),
             "queued_sessions": len(self.queue),
             **self.waits(),
@@ -197,7 +198,7 @@ class SplitService:
                 )
             return request.layer, _latency(costs, request.layer), "client"
         try:
-            layer = choose_split_layer(self.shape, client, server, work)
+            layer = choose_split_layer(self.shape, client, server, work, self.config.policy)
         except InfeasibleSLAError:
             # No split meets the SLA: serve it whole (k = 0 runs as an ordinary request, with no
             # round trip per token, so it is the fastest in practice). The Plan's predicted

@@ -13,9 +13,10 @@ never import torch or vLLM: it runs inside the client library and the server's s
    time to move the hidden state across each layer boundary, summed over the prefill and every
    decode step of the request.
 2. Planners over a `SplitCosts`: `plan_dp` (the DP, general or prefix placement), `plan_prefix`
-   (exact scan of the L+1 prefix splits), `plan_greedy`, `plan_server_only` and
-   `plan_brute_force` (the oracle for small layer counts). Each returns a `Plan`. Only
-   `plan_prefix` is on the serving path; the others feed `adaptivellm plan`, the workload study
+   (exact scan of the L+1 prefix splits), `plan_greedy`, `plan_static`, `plan_server_only`
+   and `plan_brute_force` (the oracle for small layer counts). Each returns a `Plan`.
+   `plan_prefix` is the serving path's default (`plan_greedy` and `plan_static` can be chosen
+   with `--split-policy`, as baselines); the others feed `adaptivellm plan`, the workload study
    (`workload.py`) and bench/split_planner.py.
 3. `choose_split_layer`: the k that the server uses for each split session (the client runs
    layers [0, k)); adaptivellm.split_server calls it. It is `plan_prefix`, not the DP: on costs
@@ -528,6 +529,18 @@ def plan_greedy(costs: SplitCosts) -> Plan:
     return _make_plan(costs, prefix_masks(costs.num_layers)[k], "greedy")
 
 
+def plan_static(costs: SplitCosts) -> Plan:
+    """All-or-nothing baseline: the client runs every layer when that meets the SLA, else the
+    server runs them all (reported infeasible when that misses the SLA too).
+
+    What a deployment without a planner does: split-capable clients either take the whole
+    decoder or none of it."""
+    masks = prefix_masks(costs.num_layers)
+    latency, _ = evaluate_placements(costs, masks[[costs.num_layers]])
+    k = costs.num_layers if bool(_meets_sla(latency, costs.sla_s)[0]) else 0
+    return _make_plan(costs, masks[k], "static")
+
+
 def plan_brute_force(costs: SplitCosts, *, prefix_only: bool = False) -> Plan:
     """Oracle: score all 2**L placements (or the L+1 prefixes). For L <= BRUTE_FORCE_MAX_LAYERS."""
     if prefix_only:
@@ -810,15 +823,28 @@ def plan_dp(
 # --------------------------------------------------------------------------- serving entry point
 
 
+#: What `adaptivellm serve --split-policy` can name: how the server picks k per session.
+SERVING_POLICIES: Final = {"planner": plan_prefix, "greedy": plan_greedy, "static": plan_static}
+
+
 def choose_split_layer(
-    shape: ModelShape, client: ClientProfile, server: ServerProfile, request: Request
+    shape: ModelShape,
+    client: ClientProfile,
+    server: ServerProfile,
+    request: Request,
+    policy: str = "planner",
 ) -> int:
     """The split k for the serving protocol: the client runs layers [0, k), the server the rest.
 
-    k minimises server workload among prefix splits that meet the SLA (k = 0 is server-only).
-    Raises `InfeasibleSLAError` (a ValueError carrying the fastest plan) when none does.
+    With the `planner` policy, k minimises server workload among prefix splits that meet the
+    SLA (k = 0 is server-only); `greedy` and `static` are the baselines `plan_greedy` and
+    `plan_static`, for operators who want them and for the capacity benchmark. Raises
+    `InfeasibleSLAError` (a ValueError carrying the plan) when the policy finds no placement
+    that meets the SLA, and ValueError for an unknown policy.
     """
-    plan = plan_prefix(build_costs(shape, client, server, request))
+    if policy not in SERVING_POLICIES:
+        raise ValueError(f"unknown split policy {policy!r}; use one of {list(SERVING_POLICIES)}")
+    plan = SERVING_POLICIES[policy](build_costs(shape, client, server, request))
     if not plan.feasible:
         raise InfeasibleSLAError(plan)
     return plan.client_layers

@@ -30,9 +30,9 @@ from adaptivellm.scheduler.split_sessions import (
     take_chunk,
 )
 from adaptivellm.serve import apply_defaults, build_parser
-from adaptivellm.split_client.planner import ModelShape, ServerProfile
+from adaptivellm.split_client.planner import SERVING_POLICIES, ModelShape, ServerProfile
 from adaptivellm.split_client.protocol import ClientSpec, Open
-from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SplitConfig
+from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
 from adaptivellm.split_server import SplitService
 
 
@@ -110,6 +110,20 @@ def test_a_negative_queue_wait_is_refused_and_the_flag_reaches_the_config(llama:
     args = parse(llama, "--split-execution", "--split-queue-s", "0")
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["split"]["queue_s"] == 0.0
+
+
+def test_the_split_policy_flag_reaches_the_config_and_bad_ones_are_refused(llama: str) -> None:
+    args = parse(llama, "--split-execution", "--split-policy", "static")
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["split"]["policy"] == "static"
+    args = parse(llama, "--split-execution")
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["split"]["policy"] == "planner"
+    with pytest.raises(SystemExit):  # argparse refuses a name it does not know
+        parse(llama, "--split-execution", "--split-policy", "best")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        SplitConfig(policy="best")
+    assert tuple(SERVING_POLICIES) == SPLIT_POLICIES  # the flag's names are the planner's
 
 
 def test_config_round_trips_through_additional_config() -> None:
@@ -240,8 +254,8 @@ def _service(config: SplitConfig | None = None) -> SplitService:
     )  # fmt: skip
 
 
-def _open(sla_s: float | None, layer: int | None = None) -> Open:
-    client = ClientSpec(flops_per_s=1e11, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001)
+def _open(sla_s: float | None, layer: int | None = None, flops: float = 1e11) -> Open:
+    client = ClientSpec(flops_per_s=flops, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.001)
     return Open(prompt_tokens=64, max_tokens=16, client=client, sla_s=sla_s, layer=layer)
 
 
@@ -253,6 +267,30 @@ def test_loose_sla_moves_layers_to_a_fast_client_and_infeasible_serves_whole() -
     assert layer == 0
     layer, _, by = service.plan(_open(sla_s=None, layer=2))
     assert (layer, by) == (2, "client")
+
+
+def test_the_service_plans_with_its_policy() -> None:
+    """One Open, three servers: the planner takes the interior split that fits the SLA; static
+    cannot (every layer on the client misses it), so it serves the request whole; each
+    server's info names its policy."""
+    slow = 2e9  # a client slower than the server, so latency grows with k
+    planner = _service()
+    _, all_client, _ = planner.plan(_open(None, layer=6, flops=slow))
+    _, server_only, _ = planner.plan(_open(None, layer=0, flops=slow))
+    assert all_client is not None and server_only is not None and all_client > server_only
+    sla = (all_client + server_only) / 2
+    layer, _, by = planner.plan(_open(sla, flops=slow))
+    assert by == "planner" and 0 < layer < 6
+    static = _service(SplitConfig(policy="static"))
+    assert static.plan(_open(sla, flops=slow))[0] == 0
+    assert static.plan(_open(all_client * 1.01, flops=slow))[0] == 6
+    greedy = _service(SplitConfig(policy="greedy"))
+    assert 0 < greedy.plan(_open(sla, flops=slow))[0] < 6
+    assert [s.info()["policy"] for s in (planner, static, greedy)] == [
+        "planner",
+        "static",
+        "greedy",
+    ]
 
 
 def test_slack_follows_the_tail_of_measured_over_predicted() -> None:

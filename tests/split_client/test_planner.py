@@ -19,6 +19,7 @@ from adaptivellm.split_client.planner import (
     MAX_DEFAULT_BINS,
     MIN_DEFAULT_BINS,
     PRESETS,
+    SERVING_POLICIES,
     ClientProfile,
     InfeasibleSLAError,
     Location,
@@ -36,6 +37,7 @@ from adaptivellm.split_client.planner import (
     plan_greedy,
     plan_prefix,
     plan_server_only,
+    plan_static,
     prefix_masks,
     transfer_time,
 )
@@ -314,6 +316,53 @@ def test_greedy_misses_what_the_dp_finds_behind_a_transfer_hump() -> None:
     assert plan_greedy(costs).feasible
     assert plan_dp(costs).placement_str == "CCC"
     assert plan_prefix(costs).split_layer == 3
+
+
+def test_static_is_all_or_nothing() -> None:
+    """Static puts every layer on the client when that meets the SLA, else none: it never
+    takes the interior split the planner finds, and says so when server-only misses too."""
+    hump = dict(client=[1, 1, 1], server=[3, 3, 3], work=[1, 1, 1], up=[5, 5], down=[5, 5],
+                start=(0, 0), end=(5, 0))  # fmt: skip
+    plan = plan_static(costs_from(**hump, sla=9))  # type: ignore[arg-type]
+    assert (plan.client_layers, plan.feasible, plan.method) == (3, True, "static")
+    plan = plan_static(costs_from(**hump, sla=8.5))  # type: ignore[arg-type]
+    assert (plan.client_layers, plan.feasible) == (3, True)
+    plan = plan_static(costs_from(**hump, sla=7.5))  # type: ignore[arg-type]
+    assert (plan.client_layers, plan.feasible) == (0, False)
+    # k = 2 (5 s) is the only split inside 6 s: server-only takes 9 s, k = 3 12 s.
+    interior = costs_from(client=[1, 1, 10], server=[3, 3, 3], work=[1, 1, 1], up=[0, 0],
+                          down=[0, 0], sla=6)  # fmt: skip
+    assert plan_prefix(interior).split_layer == 2
+    assert (plan_static(interior).client_layers, plan_static(interior).feasible) == (0, False)
+    assert not plan_greedy(interior).feasible
+
+
+@given(instances(integer=False))
+@FAST
+def test_static_and_greedy_never_save_more_than_the_planner(costs: SplitCosts) -> None:
+    best = plan_prefix(costs)
+    for baseline in (plan_static(costs), plan_greedy(costs)):
+        assert baseline.split_layer is not None
+        if baseline.feasible:
+            assert best.feasible
+            assert best.server_workload <= baseline.server_workload + 1e-9
+
+
+def test_choose_split_layer_follows_the_policy() -> None:
+    shape = PRESETS["llama3-8b"]
+    request = Request(512, 128, 6.0)
+    chosen = {p: choose_split_layer(shape, LAPTOP, SERVER, request, p) for p in SERVING_POLICIES}
+    costs = build_costs(shape, LAPTOP, SERVER, request)
+    assert chosen["planner"] == plan_prefix(costs).client_layers
+    assert chosen["greedy"] == plan_greedy(costs).client_layers
+    assert choose_split_layer(shape, LAPTOP, SERVER, request) == chosen["planner"]
+    with pytest.raises(ValueError, match="unknown split policy 'best'"):
+        choose_split_layer(shape, LAPTOP, SERVER, request, "best")
+    # The planner takes an interior split; k = 32 misses 6 s on this laptop, so static serves
+    # it whole.
+    assert 0 < chosen["planner"] < 32 and chosen["static"] == 0
+    with pytest.raises(InfeasibleSLAError):
+        choose_split_layer(shape, LAPTOP, SERVER, Request(512, 128, 0.01), "static")
 
 
 # --------------------------------------------------------------------------- edge cases
