@@ -295,16 +295,30 @@ class ClientModel:
         module.load_state_dict(state, strict=True, assign=True)
         return module.eval()
 
-    @torch.no_grad()
     def hidden_states(self, token_ids: list[int], k: int, cache: DynamicCache) -> torch.Tensor:
         """(tokens, hidden) residual stream entering layer k for `token_ids`, which follow the
         tokens already in `cache` (positions continue from there); the cache is updated."""
+        return self._forward(token_ids, k, cache)[-1]
+
+    def layer_states(self, token_ids: list[int], k: int | None = None) -> torch.Tensor:
+        """(k + 1, tokens, hidden): the residual stream entering each layer 0..k (default: every
+        layer, k = num_layers) for `token_ids` from position 0. What a replay of this client
+        sends at any split (bench/split_serving.py precomputes it)."""
+        k = self.num_layers if k is None else k
+        return torch.stack(self._forward(token_ids, k, DynamicCache(), keep_all=True))
+
+    @torch.no_grad()
+    def _forward(
+        self, token_ids: list[int], k: int, cache: DynamicCache, keep_all: bool = False
+    ) -> list[torch.Tensor]:
+        """The residual stream entering layer k (with `keep_all`, entering each layer 0..k)."""
         self.ensure_layers(k)
         assert self.embed is not None
         ids = torch.tensor([token_ids], dtype=torch.long)
         hidden = self.embed(ids)
+        kept = [hidden[0]]
         if k == 0:
-            return hidden[0]
+            return kept
         past = cache.get_seq_length()
         positions = torch.arange(past, past + len(token_ids)).unsqueeze(0)
         mask = create_causal_mask(
@@ -324,7 +338,8 @@ class ClientModel:
                 use_cache=True,
                 position_embeddings=rope,
             )
-        return hidden[0]
+            kept = [*kept, hidden[0]] if keep_all else [hidden[0]]
+        return kept
 
 
 # --------------------------------------------------------------------------- measuring

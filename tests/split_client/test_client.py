@@ -297,6 +297,19 @@ def test_hidden_states_match_hugging_face(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_layer_states_hold_every_split_of_the_hidden_states(
+    hf_model: LlamaForCausalLM, client_model: ClientModel
+) -> None:
+    """What the split benchmark's replay clients send: row k of `layer_states` is what a client
+    at split k computes, for every k."""
+    expected = hf_hidden_states(hf_model, IDS)
+    every = client_model.layer_states(IDS)
+    assert every.shape == (NUM_LAYERS + 1, len(IDS), 256)
+    for k in range(NUM_LAYERS + 1):
+        torch.testing.assert_close(every[k], expected[k], rtol=0, atol=1e-5)
+    assert client_model.layer_states(IDS, 2).shape == (3, len(IDS), 256)
+
+
 def test_final_hidden_state_of_hugging_face_is_normed(hf_model: LlamaForCausalLM) -> None:
     """Why the k = N reference above comes from a hook: HF normalises its last hidden state."""
     with torch.no_grad():
