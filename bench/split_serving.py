@@ -1,357 +1,638 @@
-"""Split execution served end to end: the same request mix all-ordinary, then by split clients.
+"""Split execution's server capacity: the highest open-loop arrival rate served within SLA.
 
-One `adaptivellm serve --split-execution` server (embedded model). The mix: `--requests`
-requests with ShareGPT-shaped prompt lengths (the benchmark package's ShareGPT lengths, seeded,
-clipped to `--max-prompt`), `--max-tokens` greedy output tokens each (ignore_eos), sent by
-`--concurrency` closed-loop workers.
+An open-loop capacity benchmark of `adaptivellm serve --split-execution` on a deeper model than
+the embedded one (`--layers`, default 16, so that splits can be interior), one server per
+`--split-policy`, every request from one process:
 
-1. all ordinary: the real `openai` client, `/v1/completions` with the token ids;
-2. split mix: the same requests by `SplitClient`s (one per worker, the real client library),
-   each declaring this machine as measured by the client (`measure_client_spec`, then
-   calibrated by the client from its own measured layer times). Each request carries an
-   end-to-end SLA of first_s + per_token_s x (max_tokens - 1) seconds from one of three
-   classes in turn (`SLA_CLASSES`: tight, medium and loose interactive budgets). The server's
-   planner picks k per request within its SLA, at the server's current load.
+- **Arrivals.** Poisson at each rate of `--rates` (requests/s) for `--duration` seconds, the same
+  seeded sequence of requests for every policy at a rate. Each request's latency counts from
+  its scheduled arrival, so a server that falls behind pays for its queue.
+- **The mix.** `--ordinary-share` of the requests come from ordinary clients (the real `openai`
+  client, `/v1/completions`); the rest from split-capable clients of three tiers (`TIERS`:
+  phone, laptop, workstation; each a declared `ClientSpec`), each request in one of three SLA
+  classes (`SLA_CLASSES`: SLA = first_s + per_token_s x (output tokens - 1)). Prompt and
+  output lengths are the benchmark package's ShareGPT pairs, clipped to `--max-prompt` and
+  `--max-tokens`.
+- **Replay clients.** Split requests go through the real `SplitClient` (WebSocket protocol,
+  frames, resumes), with its model replaced by a replay: the layer-k hidden states of every
+  request were computed once (`ClientModel.layer_states`) over the tokens of a reference run
+  (the same request served whole, greedy), and instead of computing them the replay sleeps for
+  what its tier's declared machine would take (the planner's own cost model: roofline time of
+  k layers plus per-layer overhead) and for its link (uplink frame and token back, each with
+  half the round trip). So the clients cost this 2-core machine almost nothing, and the server
+  is the only thing measured. Ordinary requests sleep for their tier's link too.
+- **Policies.** `off` (every client sends ordinary requests), `planner` (the server's planner
+  picks k: the least server work that meets the SLA), `greedy` (the client takes layers from
+  the front until the next would break the SLA) and `static` (every layer on the client when
+  that meets the SLA, else none). The last three are `--split-policy` of the server; `off` and
+  `planner` share a server.
 
-Server compute is read from the server's own counters (`/metrics` deltas over each run): the
-wall time of the model's forward passes (`adaptivellm_split_forward_seconds_total`) and the
-decoder-layer passes over tokens (`adaptivellm_split_token_layers_total{kind="computed"}`).
-Clients and server share this machine's cores, so client compute slows the server's forward
-passes in run 2: the measured ratio is pessimistic for split. Greedy outputs of the two runs
-are compared token for token.
+For each policy and rate: SLA attainment (a request meets its SLA when it finished, with every
+token, within it; errors miss), server forward-seconds per request and forward passes that mix
+split and ordinary rows (the server's `adaptivellm_split_*` counters), KV block-seconds per
+request (vLLM's `kv_cache_usage_perc` sampled every `KV_SAMPLE_S`, times the cache's blocks),
+the chosen k, and the planner's latency prediction error. A policy's sweep stops at the first
+rate it fails. The **sustainable rate** is the highest rate reached with attainment >=
+`--target` (0.99).
 
     python bench/split_serving.py            # writes bench/results/split_serving.json + .png
+    python bench/split_serving.py --quick    # two rates, short runs: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import platform
 import queue
+import re
 import shlex
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import openai
+import torch
 from tqdm import tqdm
 
 from adaptivellm import __version__
-from adaptivellm.benchmark.workloads import SHAREGPT_LENGTHS
+from adaptivellm.benchmark.workloads import sharegpt_pairs
 from adaptivellm.compat import installed_vllm
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
-from adaptivellm.model import ensure_model
-from adaptivellm.split_client.client import measure_client_spec
+from adaptivellm.model import ModelSpec, ensure_model
+from adaptivellm.split_client.client import ClientModel, SplitClient, SplitError
+from adaptivellm.split_client.planner import TOKEN_ID_BYTES, _roofline, transfer_time
+from adaptivellm.split_client.protocol import ClientSpec
+from adaptivellm.split_client.shapes import ModelShape
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-LENGTHS = SHAREGPT_LENGTHS
+POLICIES = ("off", "planner", "greedy", "static")
+#: How often the KV cache's usage is read from /metrics.
+KV_SAMPLE_S = 0.25
+#: Bytes of one float32 value on the wire (the model is float32).
+WIRE_BYTES = 4
 
+#: Split-capable client tiers. Compute and memory figures of a phone-class NPU, a laptop GPU and
+#: a workstation GPU running eager PyTorch layer by layer (layer_overhead_s: the fixed cost of
+#: one small layer's dozens of kernel launches); links as such clients see them.
+TIERS: dict[str, ClientSpec] = {
+    "phone": ClientSpec(flops_per_s=2e11, uplink_bps=50e6, downlink_bps=100e6, rtt_s=0.030,
+                        mem_bytes_per_s=3e10, layer_overhead_s=4e-3),
+    "laptop": ClientSpec(flops_per_s=2e12, uplink_bps=200e6, downlink_bps=500e6, rtt_s=0.010,
+                         mem_bytes_per_s=1e11, layer_overhead_s=1e-3),
+    "workstation": ClientSpec(flops_per_s=2e13, uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.002,
+                              mem_bytes_per_s=5e11, layer_overhead_s=2e-4),
+}  # fmt: skip
+#: The link of ordinary (not split-capable) clients.
+ORDINARY_LINK = ClientSpec(flops_per_s=1e9, uplink_bps=100e6, downlink_bps=100e6, rtt_s=0.010)
 
-#: SLA classes, (first_s, per_token_s): the SLA of a request of n tokens is
-#: first_s + per_token_s * (n - 1). Interactive is 10 tokens/s (faster than people read),
-#: relaxed 5 tokens/s. `--sla-class NAME=FIRST+PER_TOKEN` (repeated) replaces them.
+#: SLA classes, (first_s, per_token_s): a request of n output tokens has
+#: first_s + per_token_s * (n - 1) seconds end to end.
 SLA_CLASSES: dict[str, tuple[float, float]] = {
-    "interactive": (1.0, 0.1),
+    "tight": (0.5, 0.05),
+    "standard": (1.0, 0.1),
     "relaxed": (2.0, 0.2),
 }
 
 
-def parse_sla_class(text: str) -> tuple[str, tuple[float, float]]:
-    """'tight=0.3+0.02' -> ('tight', (0.3, 0.02))."""
-    try:
-        name, _, budget = text.partition("=")
-        first, _, per_token = budget.partition("+")
-        return name, (float(first), float(per_token))
-    except ValueError:
-        raise SystemExit(f"--sla-class {text!r}: expected NAME=FIRST+PER_TOKEN") from None
-
-
-def sla_class(item: Item) -> str:
-    return list(SLA_CLASSES)[item.index % len(SLA_CLASSES)]
-
-
-def sla_of(item: Item) -> float:
-    first, per_token = SLA_CLASSES[sla_class(item)]
-    return first + per_token * (item.max_tokens - 1)
-
-
 @dataclass(frozen=True)
 class Item:
-    """One request of the mix."""
+    """One distinct request of the pool."""
 
     index: int
     prompt: list[int]
     max_tokens: int
+    tier: str  # a TIERS key, or "ordinary"
+    sla_class: str
+
+    @property
+    def sla_s(self) -> float:
+        first, per_token = SLA_CLASSES[self.sla_class]
+        return first + per_token * (self.max_tokens - 1)
 
 
-def workload(n: int, max_prompt: int, max_tokens: int, seed: int) -> list[Item]:
-    """Seeded requests: ShareGPT prompt lengths, random token ids."""
+@dataclass
+class Reference:
+    """A request served whole once: its output tokens and the hidden state entering every layer
+    at every position a client sends (the prompt and every output token but the last)."""
+
+    item: Item
+    output: list[int]
+    states: np.ndarray  # (layers + 1, prompt + output - 1, hidden) float32
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.item.prompt, *self.output[:-1]]
+
+
+def pool(n: int, max_prompt: int, max_tokens: int, ordinary_share: float, seed: int) -> list[Item]:
+    """`n` seeded requests: ShareGPT (prompt, output) lengths clipped to the limits, random token
+    ids, a tier (ordinary with probability `ordinary_share`, else one of TIERS) and an SLA class
+    (uniform)."""
     rng = np.random.default_rng(seed)
-    pairs = json.loads(LENGTHS.read_text())["pairs"]
-    picks = rng.choice(len(pairs), size=n)
+    pairs = sharegpt_pairs()
+    tiers, classes = list(TIERS), list(SLA_CLASSES)
     items = []
-    for i, pick in enumerate(picks):
-        length = int(min(max(4, pairs[pick][0]), max_prompt))
-        prompt = rng.integers(10, 4000, size=length).tolist()
-        items.append(Item(i, prompt, max_tokens))
+    for i in range(n):
+        prompt_len, out_len = pairs[int(rng.integers(len(pairs)))]
+        prompt = rng.integers(10, 4000, size=int(np.clip(prompt_len, 4, max_prompt))).tolist()
+        ordinary = rng.random() < ordinary_share
+        tier = "ordinary" if ordinary else tiers[int(rng.integers(len(tiers)))]
+        sla = classes[int(rng.integers(len(classes)))]
+        items.append(Item(i, prompt, int(np.clip(out_len, 4, max_tokens)), tier, sla))
     return items
 
 
-def run_pool(
-    items: list[Item], workers: int, make: Callable[[], Any], call: Callable[..., dict], label: str
-) -> tuple[list[dict], float]:
-    """Closed loop: `workers` threads, each with its own client from `make()`."""
-    todo: queue.Queue[Item] = queue.Queue()
-    for item in items:
-        todo.put(item)
-    results: list[dict] = []
-    lock = threading.Lock()
-    bar = tqdm(total=len(items), desc=label, unit="req")
-
-    def worker() -> None:
-        client = make()
-        while True:
-            try:
-                item = todo.get_nowait()
-            except queue.Empty:
-                return
-            result = call(client, item)
-            with lock:
-                results.append(result)
-                bar.update(1)
-
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    bar.close()
-    return sorted(results, key=lambda r: r["index"]), time.perf_counter() - began
+def arrivals(rate: float, duration_s: float, n_items: int, seed: int) -> list[tuple[float, int]]:
+    """Poisson arrivals at `rate`/s over `duration_s`: (time, pool index), seeded by the rate so
+    that every policy sees the same sequence at a rate."""
+    rng = np.random.default_rng([seed, int(rate * 1000)])
+    out, t = [], float(rng.exponential(1 / rate))
+    while t < duration_s:
+        out.append((t, int(rng.integers(n_items))))
+        t += float(rng.exponential(1 / rate))
+    return out
 
 
-_CLIENT: Any = None
+def client_compute_s(shape: ModelShape, spec: ClientSpec, k: int, new: int, past: int) -> float:
+    """What the planner's cost model says `spec` takes to run layers [0, k) over `new` tokens
+    after `past` ones (roofline per layer plus the fixed per-layer overhead)."""
+    if k == 0:
+        return 0.0
+    flops = float(shape.layer_flops(new, past))
+    traffic = float(shape.layer_weight_bytes) + float(shape.kv_bytes(past + new))
+    per_layer = float(_roofline(flops, traffic, spec.flops_per_s, spec.mem_bytes_per_s))
+    return k * (per_layer + spec.layer_overhead_s)
 
 
-def _init_split_worker(base: str, model_path: str, spec: dict[str, float]) -> None:
-    """Each split client is its own process, as on its own device (no shared GIL)."""
-    import torch
-
-    from adaptivellm.split_client.client import SplitClient
-    from adaptivellm.split_client.protocol import ClientSpec
-
-    torch.set_num_threads(1)  # the clients share this machine's cores with the server
-    global _CLIENT
-    _CLIENT = SplitClient(base, model_path, client_spec=ClientSpec(**spec), timeout_s=300)
+def link_s(spec: ClientSpec, up_bytes: float) -> float:
+    """One exchange over the tier's link: the frame up, a token id back, a round trip."""
+    return transfer_time(up_bytes, spec.uplink_bps, spec.rtt_s) + transfer_time(
+        TOKEN_ID_BYTES, spec.downlink_bps, spec.rtt_s
+    )
 
 
-def _split_task(item: Item, sla_s: float) -> dict:
-    began = time.perf_counter()
-    out = _CLIENT.generate(item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=sla_s)
-    latency = time.perf_counter() - began
-    predicted = out.plan.predicted_latency_s
-    return {
-        "index": item.index,
-        "latency_s": latency,
-        "token_ids": out.token_ids,
-        "layer": out.layer,
-        "predicted_latency_s": predicted,
-        "prediction_error": (predicted - latency) / latency if predicted is not None else None,
-        "sla_s": sla_s,
-        "sla_class": sla_class(item),
-        "met_sla": latency <= sla_s,
-        "client_compute_s": sum(t.client_compute_s for t in out.timings),
-        "client_calibration": _CLIENT.calibration,
-    }
+def sustainable_rate(attainment: dict[float, float], target: float) -> float:
+    """Highest rate whose attainment, and every lower rate's, is at least `target` (0 when even
+    the lowest misses it)."""
+    best = 0.0
+    for rate in sorted(attainment):
+        if attainment[rate] < target:
+            break
+        best = rate
+    return best
 
 
-def split_pool(workers: int, base: str, model_path: str, spec: dict[str, float]) -> Any:
-    """`workers` client processes; each keeps its client (and its calibration) for the run."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+class ReplayModel(ClientModel):
+    """A `ClientModel` that sends the reference run's hidden states instead of computing them,
+    after sleeping for what its tier's machine and link would take. `begin` sets the request
+    about to be generated; `mismatches` counts steps whose token ids differ from the reference
+    (the server sampled another token: the rows sent are then the reference's)."""
 
-    return ProcessPoolExecutor(
-        workers, mp.get_context("spawn"), initializer=_init_split_worker,
-        initargs=(base, model_path, spec),
-    )  # fmt: skip
+    def __init__(self, model_path: Path, spec: ClientSpec) -> None:
+        super().__init__(model_path)
+        self.spec = spec
+        self.current: Reference | None = None
+        self.mismatches = 0
+
+    def begin(self, reference: Reference) -> None:
+        self.current = reference
+
+    def ensure_layers(self, k: int) -> None:
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer {k} out of range [0, {self.num_layers}]")
+
+    def hidden_states(self, token_ids: list[int], k: int, cache: Any) -> torch.Tensor:
+        ref = self.current
+        assert ref is not None, "begin() a request first"
+        past = int(getattr(cache, "replay_pos", 0))
+        new = len(token_ids)
+        if ref.ids[past : past + new] != list(token_ids):
+            self.mismatches += 1
+        rows = ref.states[k, past : past + new]
+        if len(rows) < new:  # past the reference (a mismatch made it longer): repeat the last
+            rows = np.concatenate([rows, np.repeat(ref.states[k, -1:], new - len(rows), 0)])
+        cache.replay_pos = past + new
+        up = new * self.hidden_size * WIRE_BYTES
+        time.sleep(client_compute_s(self.shape, self.spec, k, new, past) + link_s(self.spec, up))
+        return torch.from_numpy(np.ascontiguousarray(rows))
 
 
-def run_split(pool: Any, items: list[Item], label: str) -> tuple[list[dict], float]:
-    """Closed loop over the pool's client processes."""
-    from concurrent.futures import as_completed
+@dataclass
+class Outcome:
+    """One request of one run."""
 
-    began = time.perf_counter()
-    futures = [pool.submit(_split_task, item, sla_of(item)) for item in items]
-    results = [f.result() for f in tqdm(as_completed(futures), total=len(items), desc=label)]
-    return sorted(results, key=lambda r: r["index"]), time.perf_counter() - began
+    index: int
+    tier: str
+    sla_class: str
+    sla_s: float
+    latency_s: float
+    layer: int | None = None  # None: sent as an ordinary request
+    predicted_s: float | None = None
+    tokens_match: bool = False
+    error: str | None = None
+    late_start_s: float = 0.0  # how late the client pool started it (open-loop health)
+
+    @property
+    def met(self) -> bool:
+        return self.error is None and self.latency_s <= self.sla_s
 
 
-def counters(base_url: str) -> dict[str, float]:
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    return {
-        "forward_s": metric_value(text, "adaptivellm_split_forward_seconds_total") or 0.0,
-        "token_layers": metric_value(
-            text, "adaptivellm_split_token_layers_total", 'kind="computed"'
+@dataclass
+class Bench:
+    """Shared state of one server's runs: its URL, the references, and idle clients."""
+
+    base: str
+    model: str
+    model_path: Path
+    refs: dict[int, Reference]
+    max_frame_bytes: int
+    clients: dict[str, queue.SimpleQueue[SplitClient]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.openai = openai.OpenAI(
+            base_url=f"{self.base}/v1", api_key="none", max_retries=0, timeout=120
         )
-        or 0.0,
-        "saved_token_layers": metric_value(
-            text, "adaptivellm_split_token_layers_total", 'kind="saved"'
-        )
-        or 0.0,
-        "forward_passes": metric_value(text, "adaptivellm_split_forward_passes_total") or 0.0,
-        "mixed_passes": metric_value(
-            text, "adaptivellm_split_forward_passes_total", 'batch="mixed"'
-        )
-        or 0.0,
-    }
+
+    def client(self, tier: str) -> SplitClient:
+        idle = self.clients.setdefault(tier, queue.SimpleQueue())
+        try:
+            return idle.get_nowait()
+        except queue.Empty:
+            client = SplitClient(
+                self.base, self.model_path, client_spec=TIERS[tier], calibrate=False,
+                max_frame_bytes=self.max_frame_bytes, timeout_s=120,
+            )  # fmt: skip
+            client.model = ReplayModel(self.model_path, TIERS[tier])
+            return client
+
+    def release(self, tier: str, client: SplitClient) -> None:
+        self.clients[tier].put(client)
 
 
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before[k] for k in after}
-
-
-def ordinary_call(base_url: str, model: str) -> Callable[..., dict]:
-    def call(client: openai.OpenAI, item: Item) -> dict:
-        began = time.perf_counter()
-        out = client.completions.create(
-            model=model,
-            prompt=item.prompt,
-            max_tokens=item.max_tokens,
-            temperature=0.0,
+def ordinary(bench: Bench, ref: Reference, began: float) -> Outcome:
+    item = ref.item
+    spec = TIERS.get(item.tier, ORDINARY_LINK)
+    outcome = Outcome(item.index, item.tier, item.sla_class, item.sla_s, math.inf)
+    try:
+        time.sleep(link_s(spec, len(item.prompt) * TOKEN_ID_BYTES))
+        out = bench.openai.completions.create(
+            model=bench.model, prompt=item.prompt, max_tokens=item.max_tokens, temperature=0.0,
             extra_body={"ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        ids = list(getattr(out.choices[0], "token_ids", None) or [])
+        outcome.tokens_match = ids == ref.output
+        if len(ids) != item.max_tokens:
+            outcome.error = f"{len(ids)} of {item.max_tokens} tokens"
+    except openai.APIError as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"[:200]
+    outcome.latency_s = time.perf_counter() - began
+    return outcome
+
+
+def split(bench: Bench, ref: Reference, began: float) -> Outcome:
+    item = ref.item
+    outcome = Outcome(item.index, item.tier, item.sla_class, item.sla_s, math.inf)
+    client = bench.client(item.tier)
+    try:
+        assert isinstance(client.model, ReplayModel)
+        client.model.begin(ref)
+        done = client.generate(
+            item.prompt, max_tokens=item.max_tokens, ignore_eos=True, sla_s=item.sla_s
         )
-        latency = time.perf_counter() - began
-        choice = out.choices[0]
-        ids = getattr(choice, "token_ids", None) or []
-        return {"index": item.index, "latency_s": latency, "token_ids": list(ids)}
-
-    return call
-
-
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)  # the clients share 2 cores with the server
-    spec = measure_client_spec()  # what every client declares: this machine, honestly
-    model_path = ensure_model()
-    items = workload(args.requests, args.max_prompt, args.max_tokens, args.seed)
-    port = free_port()
-    flags = ["--enforce-eager", "--max-model-len", "2048", "--split-execution",
-             "--split-max-sessions", str(args.concurrency * 2)]  # fmt: skip
-    command = adaptivellm_command(None, port, flags)
-    log = RESULTS / "logs" / "split_serving.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        server = stack.enter_context(running_server(command, port, log))
-        base = server.base_url
-        model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-
-        def make_openai() -> openai.OpenAI:
-            return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-
-        warm = items[: args.concurrency]
-        run_pool(warm, args.concurrency, make_openai, ordinary_call(base, model), "warm-up")
-        pool = stack.enter_context(
-            split_pool(args.concurrency, base, str(model_path), dataclasses.asdict(spec))
-        )
-        run_split(pool, warm * 3, "warm-up split")  # each client calibrates itself
-
-        before = counters(base)
-        ordinary, ordinary_wall = run_pool(
-            items, args.concurrency, make_openai, ordinary_call(base, model), "all ordinary"
-        )
-        middle = counters(base)
-        split, split_wall = run_split(pool, items, "split mix")
-        after = counters(base)
-    result = report(args, command, items, ordinary, split, ordinary_wall, split_wall,
-                    delta(middle, before), delta(after, middle))  # fmt: skip
-    result["client_spec"] = dataclasses.asdict(spec)
-    return result
+        outcome.layer = done.layer
+        outcome.predicted_s = done.plan.predicted_latency_s
+        outcome.tokens_match = list(done.token_ids) == ref.output
+        if len(done.token_ids) != item.max_tokens:
+            outcome.error = f"{len(done.token_ids)} of {item.max_tokens} tokens"
+    except SplitError as exc:
+        outcome.error = f"{exc.code}: {exc}"[:200]
+    finally:
+        bench.release(item.tier, client)
+    outcome.latency_s = time.perf_counter() - began
+    return outcome
 
 
-def report(
-    args: argparse.Namespace,
-    command: list[str],
-    items: list[Item],
-    ordinary: list[dict],
-    split: list[dict],
-    ordinary_wall: float,
-    split_wall: float,
-    ordinary_counters: dict[str, float],
-    split_counters: dict[str, float],
-) -> dict[str, Any]:
-    n = len(items)
-    per_request = {
-        "ordinary": {k: v / n for k, v in ordinary_counters.items()},
-        "split": {k: v / n for k, v in split_counters.items()},
+def counters(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+
+    def value(name: str, labels: str = "") -> float:
+        return metric_value(text, name, labels) or 0.0
+
+    return {
+        "forward_s": value("adaptivellm_split_forward_seconds_total"),
+        "forward_passes": value("adaptivellm_split_forward_passes_total"),
+        "mixed_passes": value("adaptivellm_split_forward_passes_total", 'batch="mixed"'),
+        "token_layers": value("adaptivellm_split_token_layers_total", 'kind="computed"'),
+        "saved_token_layers": value("adaptivellm_split_token_layers_total", 'kind="saved"'),
     }
-    matches = [o["token_ids"] == s["token_ids"] for o, s in zip(ordinary, split, strict=True)]
-    layers = [s["layer"] for s in split]
+
+
+def kv_blocks(base: str) -> int:
+    """Blocks of the server's KV cache (vLLM's cache_config_info)."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    found = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text)
+    if not found:
+        raise RuntimeError("the server's /metrics has no cache_config_info num_gpu_blocks")
+    return int(found.group(1))
+
+
+@contextlib.contextmanager
+def kv_sampler(base: str, blocks: int) -> Iterator[list[float]]:
+    """Integrates the KV cache's used blocks over time while the block runs; the yielded list
+    holds one number afterwards, the block-seconds."""
+    stop = threading.Event()
+    total = [0.0]
+
+    def sample() -> None:
+        with httpx.Client(timeout=10) as http:
+            last = time.perf_counter()
+            while not stop.wait(KV_SAMPLE_S):
+                with contextlib.suppress(httpx.HTTPError):
+                    usage = metric_value(http.get(f"{base}/metrics").text,
+                                         "vllm:kv_cache_usage_perc") or 0.0  # fmt: skip
+                    now = time.perf_counter()
+                    total[0] += usage * blocks * (now - last)
+                    last = now
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out: list[float] = []
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out.append(total[0])
+
+
+def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    """One open-loop run of `policy` at `rate`: every arrival on its own pooled thread."""
+    schedule = arrivals(rate, args.duration, len(bench.refs), args.seed)
+    before = counters(bench.base)
+    futures: list[Future[Outcome]] = []
+    bar = tqdm(total=len(schedule), desc=f"{policy} @ {rate:g}/s", unit="req", leave=False)
+    blocks = kv_blocks(bench.base)
+    with kv_sampler(bench.base, blocks) as kv, ThreadPoolExecutor(args.max_clients) as workers:
+        start = time.perf_counter()
+        for at, index in schedule:
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            ref = bench.refs[index]
+            is_split = policy != "off" and ref.item.tier in TIERS
+            call = split if is_split else ordinary
+            future = workers.submit(_timed, call, bench, ref, start + at)
+            future.add_done_callback(lambda _: bar.update(1))
+            futures.append(future)
+        outcomes = [f.result() for f in futures]
+    bar.close()
+    after = counters(bench.base)
+    return summarise(policy, rate, outcomes, after, before, kv[0], blocks)
+
+
+def _timed(call: Any, bench: Bench, ref: Reference, scheduled: float) -> Outcome:
+    late = time.perf_counter() - scheduled
+    outcome: Outcome = call(bench, ref, scheduled)
+    outcome.late_start_s = late
+    return outcome
+
+
+def summarise(
+    policy: str,
+    rate: float,
+    outcomes: list[Outcome],
+    after: dict[str, float],
+    before: dict[str, float],
+    kv_block_s: float,
+    blocks: int,
+) -> dict[str, Any]:
+    n = len(outcomes)
+    used = {k: after[k] - before[k] for k in after}
+    splits = [o for o in outcomes if o.layer is not None]
+    interior = [o for o in splits if 0 < (o.layer or 0) < NUM_LAYERS[0]]
+    errors = [
+        abs(o.predicted_s - o.latency_s) / o.latency_s
+        for o in splits
+        if o.predicted_s and o.error is None and o.latency_s > 0
+    ]
+    latencies = sorted(o.latency_s for o in outcomes if o.error is None)
+    return {
+        "policy": policy,
+        "rate": rate,
+        "requests": n,
+        "sla_attainment": sum(o.met for o in outcomes) / n if n else None,
+        "errors": sum(o.error is not None for o in outcomes),
+        "server_seconds_per_request": used["forward_s"] / n if n else None,
+        "kv_block_seconds_per_request": kv_block_s / n if n else None,
+        "kv_blocks": blocks,
+        "mixed_pass_share": used["mixed_passes"] / used["forward_passes"]
+        if used["forward_passes"]
+        else 0.0,
+        "split_requests": len(splits),
+        "interior_split_share": len(interior) / len(splits) if splits else None,
+        "chosen_layers": _histogram([o.layer for o in splits]),
+        "latency_error_p50": statistics.median(errors) if errors else None,
+        "latency_s": {
+            "p50": _quantile(latencies, 0.5),
+            "p99": _quantile(latencies, 0.99),
+        },
+        "token_match": sum(o.tokens_match for o in outcomes) / n if n else None,
+        "max_late_start_s": max((o.late_start_s for o in outcomes), default=0.0),
+        "counters": used,
+        "outcomes": [{**asdict(o), "met": o.met} for o in outcomes],
+    }
+
+
+def _histogram(values: list[int | None]) -> dict[str, int]:
+    return {str(v): values.count(v) for v in sorted({v for v in values if v is not None})}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return float(np.quantile(values, q)) if values else None
+
+
+#: Layers of the benchmark model, set once it is known (summarise reads it).
+NUM_LAYERS = [0]
+
+
+def reference_run(
+    base: str, model: str, model_path: Path, items: list[Item]
+) -> dict[int, Reference]:
+    """Serve every request of the pool whole (greedy), then compute the hidden state entering
+    every layer over its tokens: what a split client at any k sends."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+    full = ClientModel(model_path)
+    refs = {}
+    for item in tqdm(items, desc="reference run", unit="req"):
+        out = client.completions.create(
+            model=model, prompt=item.prompt, max_tokens=item.max_tokens, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        output = list(getattr(out.choices[0], "token_ids", None) or [])
+        if len(output) != item.max_tokens:
+            raise RuntimeError(f"reference run: {len(output)} of {item.max_tokens} tokens")
+        ids = [*item.prompt, *output[:-1]]
+        states = full.layer_states(ids).numpy().astype(np.float32)
+        refs[item.index] = Reference(item, output, states)
+    return refs
+
+
+def sweep(bench: Bench, policy: str, args: argparse.Namespace, out: list[dict]) -> None:
+    """Rising rates until one misses the target; each run is appended to `out` (and saved)."""
+    for rate in args.rates:
+        run = run_rate(bench, policy, rate, args)
+        out.append(run)
+        save(args, out, partial=True)
+        print(f"{policy:8s} {rate:5.2f}/s  SLA met {run['sla_attainment']:.3f}  "
+              f"server s/req {run['server_seconds_per_request']:.4f}  "
+              f"k {run['chosen_layers']}", flush=True)  # fmt: skip
+        if run["sla_attainment"] < args.target:
+            return
+
+
+def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
+    return [
+        "--enforce-eager", "--max-model-len", "2048", "--split-execution",
+        "--split-max-sessions", str(args.max_clients), "--split-policy", policy,
+        "--served-model-name", "split-bench", *args.server_arg,
+    ]  # fmt: skip
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(1)  # the reference run's client layers share 2 cores with the server
+    model_path = ensure_model(ModelSpec(num_layers=args.layers), name="adaptivellm-deep-llama")
+    NUM_LAYERS[0] = args.layers
+    items = pool(args.pool, args.max_prompt, args.max_tokens, args.ordinary_share, args.seed)
+    runs: list[dict] = []
+    refs: dict[int, Reference] | None = None
+    servers = {"planner": ("off", "planner"), "greedy": ("greedy",), "static": ("static",)}
+    for server_policy, policies in servers.items():
+        wanted = [p for p in policies if p in args.policies]
+        if not wanted:
+            continue
+        port = free_port()
+        command = adaptivellm_command(str(model_path), port, server_flags(args, server_policy))
+        args.server_commands[server_policy] = shlex.join(command)
+        log = RESULTS / "logs" / f"split_serving-{server_policy}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with running_server(command, port, log) as server:
+            base = server.base_url
+            if refs is None:
+                refs = reference_run(base, "split-bench", model_path, items)
+            info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
+            bench = Bench(base, "split-bench", model_path, refs, int(info["max_frame_bytes"]))
+            for ref in list(refs.values())[:6]:  # the server's first passes, client start-up
+                if ref.item.tier in TIERS:
+                    split(bench, ref, time.perf_counter())
+            for policy in wanted:
+                sweep(bench, policy, args, runs)
+    return runs
+
+
+def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[str, Any]:
+    by_policy: dict[str, dict[float, dict]] = {}
+    for run in runs:
+        by_policy.setdefault(run["policy"], {})[run["rate"]] = run
+    rates = {
+        p: sustainable_rate({r: v["sla_attainment"] for r, v in runs_.items()}, args.target)
+        for p, runs_ in by_policy.items()
+    }
+    at_rate = {p: by_policy[p].get(rates[p]) for p in by_policy}
+    # Equal load: the highest rate both off and the planner sustained.
+    both = min(rates.get("off", 0.0), rates.get("planner", 0.0))
+    common = sorted(r for r in by_policy.get("off", {}) if r in by_policy.get("planner", {}))
+    common = [r for r in common if r <= both]
+    equal = common[-1] if common else None
+
+    def per_request(policy: str, key: str) -> float | None:
+        return by_policy[policy][equal][key] if equal is not None else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    planner_runs = [by_policy["planner"][r] for r in sorted(by_policy.get("planner", {}))
+                    if r <= rates.get("planner", 0)]  # fmt: skip
+    errors = [
+        abs(o["predicted_s"] - o["latency_s"]) / o["latency_s"]
+        for run in planner_runs
+        for o in run["outcomes"]
+        if o["layer"] is not None and o["predicted_s"] and o["error"] is None
+    ]
+    planner_at = at_rate.get("planner")
     found = installed_vllm()
     return {
         "benchmark": "split_serving",
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "server_command": shlex.join(command),
-        "server_compute_per_request_ratio": _ratio(
-            per_request["split"]["forward_s"], per_request["ordinary"]["forward_s"]
+        "partial": partial,
+        "command": shlex.join(["python", *sys.argv]),
+        "server_commands": args.server_commands,
+        "sustainable_rate": {p: rates.get(p) for p in POLICIES},
+        "sustainable_rate_ratio": {
+            "planner_over_off": ratio(rates.get("planner"), rates.get("off")),
+            "planner_over_greedy": ratio(rates.get("planner"), rates.get("greedy")),
+            "planner_over_static": ratio(rates.get("planner"), rates.get("static")),
+        },
+        "equal_load_rate": equal,
+        "server_seconds_per_request_ratio": ratio(
+            per_request("planner", "server_seconds_per_request"),
+            per_request("off", "server_seconds_per_request"),
         ),
-        "server_token_layers_per_request_ratio": _ratio(
-            per_request["split"]["token_layers"], per_request["ordinary"]["token_layers"]
+        "kv_block_seconds_per_request_ratio": ratio(
+            per_request("planner", "kv_block_seconds_per_request"),
+            per_request("off", "kv_block_seconds_per_request"),
         ),
-        "throughput_ratio": _ratio(n / split_wall, n / ordinary_wall),
-        "sla_attainment": sum(s["met_sla"] for s in split) / n,
-        "greedy_token_match": sum(matches) / n,
-        "targets": {"server_compute_per_request_ratio": 0.6, "sla_attainment": 0.99},
-        "requests": n,
-        "concurrency": args.concurrency,
-        "max_tokens": args.max_tokens,
-        "sla_classes": {k: {"first_s": a, "per_token_s": b} for k, (a, b) in SLA_CLASSES.items()},
-        "sla_attainment_by_class": {
-            name: _mean([s["met_sla"] for s in split if s["sla_class"] == name])
-            for name in SLA_CLASSES
+        "interior_split_share": planner_at["interior_split_share"] if planner_at else None,
+        "mixed_pass_share": planner_at["mixed_pass_share"] if planner_at else None,
+        "sla_attainment": {p: v["sla_attainment"] if v else None for p, v in at_rate.items()},
+        "planner_latency_error_p50": statistics.median(errors) if errors else None,
+        "targets": {
+            "server_seconds_per_request_ratio": 0.67,
+            "sustainable_rate_planner_over_off": 1.5,
+            "sustainable_rate_planner_over_greedy": 1.19,
+            "sla_attainment": args.target,
+            "planner_latency_error_p50": 0.25,
         },
-        "layers_by_class": {
-            name: [s["layer"] for s in split if s["sla_class"] == name] for name in SLA_CLASSES
+        "setup": {
+            "layers": args.layers,
+            "pool": args.pool,
+            "duration_s": args.duration,
+            "rates": args.rates,
+            "ordinary_share": args.ordinary_share,
+            "max_prompt": args.max_prompt,
+            "max_tokens": args.max_tokens,
+            "tiers": {name: asdict(spec) for name, spec in TIERS.items()},
+            "ordinary_link": asdict(ORDINARY_LINK),
+            "sla_classes": {
+                k: {"first_s": a, "per_token_s": b} for k, (a, b) in SLA_CLASSES.items()
+            },
+            "kv_sample_s": KV_SAMPLE_S,
         },
-        "chosen_layers": {str(k): layers.count(k) for k in sorted(set(layers))},
-        "mean_layer": statistics.fmean(layers),
-        "throughput_requests_per_s": {"ordinary": n / ordinary_wall, "split": n / split_wall},
-        # Fraction of the run the server spent in forward passes: in a closed loop the split
-        # run's requests/s is bound by the clients' round trips, not by the server.
-        "server_busy_fraction": {
-            "ordinary": ordinary_counters["forward_s"] / ordinary_wall,
-            "split": split_counters["forward_s"] / split_wall,
-        },
-        "latency_s": {
-            "ordinary_mean": statistics.fmean(o["latency_s"] for o in ordinary),
-            "split_mean": statistics.fmean(s["latency_s"] for s in split),
-        },
-        "per_request_server": per_request,
-        "split_requests": split,
-        "ordinary_latencies_s": [o["latency_s"] for o in ordinary],
         "machine": {"platform": platform.platform(), "cpus": _cpus()},
         "versions": {"adaptivellm": __version__, "vllm": found[1] if found else None},
+        "runs": runs,
     }
 
 
-def _mean(values: list[bool]) -> float | None:
-    return sum(values) / len(values) if values else None
+def save(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[str, Any]:
+    result = report(args, runs, partial)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    return result
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(type(value))
 
 
 def _cpus() -> int:
@@ -367,21 +648,22 @@ def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    layers = result["chosen_layers"]
-    left.bar(list(layers), list(layers.values()), color="tab:blue")
-    left.set_xlabel("split layer k chosen by the planner (client runs [0, k))")
-    left.set_ylabel("requests")
-    left.set_title("k per request")
-    ordinary = sorted(result["ordinary_latencies_s"])
-    split = sorted(s["latency_s"] for s in result["split_requests"])
-    for values, label in ((ordinary, "all ordinary"), (split, "split mix")):
-        right.plot(values, np.linspace(0, 1, len(values)), label=label)
-    right.set_xlabel("end-to-end latency (s)")
-    right.set_ylabel("fraction of requests")
-    right.set_title(
-        f"compute/request x{result['server_compute_per_request_ratio']:.2f}, "
-        f"SLA met {result['sla_attainment']:.0%}"
-    )
+    for policy in POLICIES:
+        runs = sorted((r for r in result["runs"] if r["policy"] == policy), key=lambda r: r["rate"])
+        if not runs:
+            continue
+        rates = [r["rate"] for r in runs]
+        left.plot(rates, [r["sla_attainment"] for r in runs], marker="o", label=policy)
+        right.plot(rates, [r["server_seconds_per_request"] for r in runs], marker="o", label=policy)
+    left.axhline(result["targets"]["sla_attainment"], color="grey", linestyle=":")
+    left.set_xlabel("arrival rate (requests/s, Poisson)")
+    left.set_ylabel("share of requests within SLA")
+    sustained = result["sustainable_rate"].items()
+    left.set_title("sustained: " + ", ".join(f"{p} {v:g}/s" for p, v in sustained if v))
+    left.legend()
+    right.set_xlabel("arrival rate (requests/s, Poisson)")
+    right.set_ylabel("server forward-seconds per request")
+    right.set_title("server compute per request")
     right.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -389,37 +671,37 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the model")
+    parser.add_argument("--pool", type=int, default=48, help="distinct requests")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[1, 2, 3, 4, 5, 6, 8, 10, 12])  # fmt: skip
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    parser.add_argument("--ordinary-share", type=float, default=0.25)
     parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-clients", type=int, default=96, help="client threads")
+    parser.add_argument("--target", type=float, default=0.99, help="SLA attainment target")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra `adaptivellm serve` flag (repeat)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
-    parser.add_argument("--quick", action="store_true", help="12 requests, 16 tokens")
-    parser.add_argument(
-        "--sla-class", action="append", default=None, metavar="NAME=FIRST+PER_TOKEN",
-        help="SLA classes the requests take in turn, e.g. tight=0.3+0.02 (seconds)",
-    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="8 requests, 2 rates, 8 s runs")
     args = parser.parse_args(argv)
-    if args.sla_class:
-        SLA_CLASSES.clear()
-        SLA_CLASSES.update(parse_sla_class(text) for text in args.sla_class)
     if args.quick:
-        args.requests, args.max_tokens = 12, 16
-    result = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.pool, args.rates, args.duration, args.max_tokens = 8, [0.5, 1.0], 8.0, 16
+    if not 0 <= args.ordinary_share <= 1 or not all(r > 0 for r in args.rates):
+        parser.error("--ordinary-share must be in [0, 1] and every rate > 0")
+    args.rates = sorted(args.rates)
+    args.server_commands = {}
+    runs = measure(args)
+    result = save(args, runs, partial=False)
     plot(result, args.out.with_suffix(".png"))
-    keys = (
-        "server_compute_per_request_ratio",
-        "server_token_layers_per_request_ratio",
-        "throughput_ratio",
-        "sla_attainment",
-        "greedy_token_match",
-        "chosen_layers",
-    )
+    keys = ("sustainable_rate", "sustainable_rate_ratio", "server_seconds_per_request_ratio",
+            "interior_split_share", "mixed_pass_share", "sla_attainment",
+            "planner_latency_error_p50")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}, indent=2))
-    return 0 if all(math.isfinite(result[k] or math.nan) for k in keys[:4]) else 1
+    return 0
 
 
 if __name__ == "__main__":
