@@ -1,0 +1,125 @@
+"""bench/split_serving.py's pure parts: the seeded pool and arrivals, the sustainable rate, the
+replay clients' modelled time (the planner's own cost model), and the replay model (no
+server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from adaptivellm.model import ensure_model
+from adaptivellm.split_client.planner import Request as PlannerRequest
+from adaptivellm.split_client.planner import ServerProfile, build_costs
+from adaptivellm.split_client.shapes import ModelShape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> types.ModuleType:
+    path = ROOT / "bench" / "split_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_split_serving", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_split_serving"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pool_is_seeded_clipped_and_mixed(bench: types.ModuleType) -> None:
+    a = bench.pool(300, 64, 24, 0.25, seed=1)
+    assert a == bench.pool(300, 64, 24, 0.25, seed=1)
+    assert a != bench.pool(300, 64, 24, 0.25, seed=2)
+    assert all(4 <= len(i.prompt) <= 64 and 4 <= i.max_tokens <= 24 for i in a)
+    tiers = [i.tier for i in a]
+    assert 0.15 < tiers.count("ordinary") / len(a) < 0.35
+    assert set(tiers) == {"ordinary", *bench.TIERS}
+    assert {i.sla_class for i in a} == set(bench.SLA_CLASSES)
+    assert all(bench.pool(50, 64, 24, 0.0, seed=0)[j].tier != "ordinary" for j in range(50))
+    first, per_token = bench.SLA_CLASSES[a[0].sla_class]
+    assert a[0].sla_s == pytest.approx(first + per_token * (a[0].max_tokens - 1))
+
+
+def test_arrivals_are_poisson_at_the_rate_and_the_same_for_every_policy(
+    bench: types.ModuleType,
+) -> None:
+    times = [t for t, _ in bench.arrivals(5.0, 400.0, 10, seed=0)]
+    assert times == sorted(times) and times[-1] < 400
+    assert 1800 < len(times) < 2200  # 2,000 expected, sd 45
+    gaps = np.diff(times)
+    assert np.std(gaps) == pytest.approx(np.mean(gaps), rel=0.1)  # exponential: sd = mean
+    assert bench.arrivals(2.0, 30, 8, 0) == bench.arrivals(2.0, 30, 8, 0)
+    assert bench.arrivals(2.0, 30, 8, 0) != bench.arrivals(3.0, 30, 8, 0)
+    assert all(0 <= i < 8 for _, i in bench.arrivals(2.0, 30, 8, 0))
+
+
+def test_sustainable_rate_is_the_last_rate_before_the_first_miss(bench: types.ModuleType) -> None:
+    assert bench.sustainable_rate({1: 1.0, 2: 0.995, 3: 0.97, 4: 1.0}, 0.99) == 2
+    assert bench.sustainable_rate({1: 0.5, 2: 1.0}, 0.99) == 0.0
+    assert bench.sustainable_rate({3: 1.0, 1: 1.0, 2: 1.0}, 0.99) == 3
+    assert bench.sustainable_rate({}, 0.99) == 0.0
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 16])
+def test_replayed_client_time_is_what_the_planner_predicts(bench: types.ModuleType, k: int) -> None:
+    """The replay sleeps, step by step, exactly the client time the server's planner assumes
+    for the whole request, so the benchmark's clients are the clients the planner plans for."""
+    shape = ModelShape(16, 256, 4, 2, 64, 1024, dtype_bytes=4, vocab_size=4096, name="deep")
+    spec = bench.TIERS["phone"]
+    prompt, out = 100, 12
+    costs = build_costs(shape, spec, ServerProfile(), PlannerRequest(prompt, out, math.inf))
+    planned = float(costs.client_time[:k].sum())
+    steps = bench.client_compute_s(shape, spec, k, prompt, 0) + sum(
+        bench.client_compute_s(shape, spec, k, 1, prompt + i) for i in range(out - 1)
+    )
+    assert steps == pytest.approx(planned, rel=1e-9)
+    assert (steps > 0) == (k > 0)
+
+
+def test_the_link_costs_a_round_trip_and_the_frame(bench: types.ModuleType) -> None:
+    spec = bench.TIERS["laptop"]
+    assert bench.link_s(spec, 0) == pytest.approx(spec.rtt_s + 32 / spec.downlink_bps)
+    assert bench.link_s(spec, 1e6) - bench.link_s(spec, 0) == pytest.approx(8e6 / spec.uplink_bps)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return ensure_model()
+
+
+def test_the_replay_model_sends_the_reference_rows_and_sleeps(
+    bench: types.ModuleType, model_path: Path
+) -> None:
+    layers, hidden = 6, 256
+    item = bench.Item(0, [5, 6, 7], 3, "laptop", "tight")
+    states = np.random.default_rng(0).standard_normal((layers + 1, 5, hidden)).astype(np.float32)
+    ref = bench.Reference(item, [8, 9, 10], states)
+    fast = bench.TIERS["workstation"]
+    model = bench.ReplayModel(model_path, fast)
+    model.ensure_layers(layers)
+    with pytest.raises(ValueError, match="out of range"):
+        model.ensure_layers(layers + 1)
+    model.begin(ref)
+    cache = DynamicCache()
+    began = time.perf_counter()
+    prefill = model.hidden_states([5, 6, 7], 4, cache)
+    assert time.perf_counter() - began >= bench.link_s(fast, 3 * hidden * 4)
+    torch.testing.assert_close(prefill, torch.from_numpy(states[4, :3]))
+    torch.testing.assert_close(
+        model.hidden_states([8], 4, cache)[0], torch.from_numpy(states[4, 3])
+    )
+    assert model.mismatches == 0
+    model.hidden_states([99], 4, cache)  # not the reference's next token: counted, still sent
+    assert model.mismatches == 1
+    extra = model.hidden_states([1, 2], 4, cache)  # past the reference: the last row repeated
+    assert extra.shape == (2, hidden) and model.mismatches == 2
+    torch.testing.assert_close(extra[1], torch.from_numpy(states[4, -1]))
