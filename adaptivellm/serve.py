@@ -39,6 +39,7 @@ from adaptivellm.split_config import (
     SPLIT_PLUGIN_NAME,
     SPLIT_POLICIES,
     SUPPORTED_ARCHITECTURES,
+    WHEN_BUSY,
     SplitConfig,
 )
 from adaptivellm.tenancy import ENV as TENANCY_ENV
@@ -286,6 +287,14 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         "the SLA, else none (default: %(default)s).",
     )
     group.add_argument(
+        "--split-when-busy",
+        choices=WHEN_BUSY,
+        default=SplitConfig.when_busy,
+        help="A split session whose SLA no split meets at the current load, though an idle "
+        "server would meet it: 'refuse' it with an infeasible_sla error and a retry-after hint, "
+        "or 'serve' it whole, late (default: %(default)s).",
+    )
+    group.add_argument(
         "--split-server-flops",
         type=float,
         default=None,
@@ -529,6 +538,7 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             queue_s=args.split_queue_s,
             server_flops_per_s=args.split_server_flops,
             policy=args.split_policy,
+            when_busy=args.split_when_busy,
         )
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: {exc}") from None

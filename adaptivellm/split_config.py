@@ -21,6 +21,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 MAX_FRAME_MB = 16.0
 #: `--split-policy` choices (split_client.planner.SERVING_POLICIES, without importing numpy here).
 SPLIT_POLICIES = ("planner", "greedy", "static")
+#: `--split-when-busy` choices (SplitConfig.when_busy).
+WHEN_BUSY = ("refuse", "serve")
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,19 @@ class SplitConfig:
     server_mem_bytes_per_s: float | None = None
     """Server memory bandwidth the planner assumes (bytes/s); None: 20 GB/s on CPU, the
     planner's GPU default (2.5 TB/s) elsewhere."""
+    when_busy: str = "refuse"
+    """What a session whose SLA no split meets at the current load gets, when the server idle
+    would meet it: `refuse` (an `infeasible_sla` error with a retry-after hint, so the load
+    already admitted keeps its SLAs) or `serve` (served whole, k = 0, late). An SLA no split
+    meets even on an idle server is always served whole: waiting would not help."""
     policy: str = "planner"
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would
     break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
 
     def __post_init__(self) -> None:
+        if self.when_busy not in WHEN_BUSY:
+            raise ValueError(f"when_busy must be one of {list(WHEN_BUSY)}, got {self.when_busy!r}")
         if self.policy not in SPLIT_POLICIES:
             raise ValueError(f"policy must be one of {list(SPLIT_POLICIES)}, got {self.policy!r}")
         if self.max_sessions < 1:

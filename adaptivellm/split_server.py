@@ -70,7 +70,7 @@ STEP_EWMA_WEIGHT = 0.05
 SLACK_QUANTILE = 0.9
 MIN_RATIOS = 4
 #: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
-_CLOSE_CODES = {"too_many_sessions": 1013, "engine_error": 1011}
+_CLOSE_CODES = {"too_many_sessions": 1013, "infeasible_sla": 1013, "engine_error": 1011}
 
 
 @dataclass
@@ -200,11 +200,30 @@ class SplitService:
         try:
             layer = choose_split_layer(self.shape, client, server, work, self.config.policy)
         except InfeasibleSLAError:
-            # No split meets the SLA: serve it whole (k = 0 runs as an ordinary request, with no
-            # round trip per token, so it is the fastest in practice). The Plan's predicted
-            # latency tells the client; the SLA metric counts a miss.
+            if self.config.when_busy == "refuse" and self._idle_would_meet(client, server, work):
+                retry = self.retry_after_s()
+                raise ProtocolError(
+                    "infeasible_sla",
+                    f"no split meets the {request.sla_s:g} s SLA with {self.load()} requests "
+                    f"running; an idle server would: retry in about {retry:g} s",
+                    retry_after_s=retry,
+                ) from None
+            # No split meets the SLA, and waiting would not help (or the operator asked for
+            # it): serve it whole (k = 0 runs as an ordinary request, with no round trip per
+            # token, so it is the fastest in practice). The Plan's predicted latency tells the
+            # client; the SLA metric counts a miss.
             layer = 0
         return layer, _latency(costs, layer), "planner"
+
+    def _idle_would_meet(self, client: Any, server: ServerProfile, work: Request) -> bool:
+        """Whether the request's SLA is reachable on `server` with nothing else running (the
+        step overhead as observed: an idle server's may be lower still)."""
+        idle = replace(server, decode_batch=1)
+        try:
+            choose_split_layer(self.shape, client, idle, work, self.config.policy)
+        except InfeasibleSLAError:
+            return False
+        return True
 
     def slack(self) -> float:
         """Factor by which split sessions ran later than predicted: the 90th percentile of the
@@ -388,6 +407,8 @@ async def session_endpoint(websocket: WebSocket) -> None:
         outcome = await session.run()
     except ProtocolError as exc:
         metrics.errors.labels(code=exc.code).inc()
+        if exc.code == "infeasible_sla":  # admission control, as a full server's refusal
+            outcome = "refused"
         await _fail(websocket, exc)
     except WebSocketDisconnect:
         outcome = "disconnected"
@@ -413,6 +434,7 @@ def _decode_or_none(text: str) -> Any:
 async def _fail(
     websocket: WebSocket, error: ProtocolError, retry_after_s: float | None = None
 ) -> None:
+    retry_after_s = retry_after_s if retry_after_s is not None else error.retry_after_s
     with contextlib.suppress(Exception):
         message = Error(code=error.code, message=str(error), retry_after_s=retry_after_s)
         await websocket.send_text(encode_message(message))

@@ -96,7 +96,8 @@ class SplitError(RuntimeError):
     """A split session failed. `code` is the server's `Error.code` (see `protocol.ErrorCode`) or
     one of the client's: `prompt_too_long`, `model_mismatch`, `protocol_error`, `timeout`, and
     those of `SplitConnectionError`. `retry_after_s`: with `too_many_sessions`, the server's
-    estimate of when a slot frees."""
+    estimate of when a slot frees; with `infeasible_sla`, of when the load that makes the SLA
+    unreachable has passed (retry then, or send without an SLA to be served at once)."""
 
     def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)

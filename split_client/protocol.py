@@ -70,9 +70,11 @@ ErrorCode = Literal[
 class ProtocolError(ValueError):
     """A message that does not follow the protocol; `code` is what the server reports."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
+        #: With `too_many_sessions` and `infeasible_sla`: when to try again (seconds).
+        self.retry_after_s = retry_after_s
 
 
 # --------------------------------------------------------------------------- JSON messages
@@ -248,7 +250,8 @@ class Error:
 
     code: str
     message: str
-    #: With `too_many_sessions`: about how long until a slot frees (seconds). Sent only when set.
+    #: With `too_many_sessions` (about how long until a slot frees) and `infeasible_sla` (until
+    #: the load that makes the SLA unreachable has passed), in seconds. Sent only when set.
     retry_after_s: float | None = None
     type: Literal["error"] = "error"
 

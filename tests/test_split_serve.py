@@ -31,7 +31,7 @@ from adaptivellm.scheduler.split_sessions import (
 )
 from adaptivellm.serve import apply_defaults, build_parser
 from adaptivellm.split_client.planner import SERVING_POLICIES, ModelShape, ServerProfile
-from adaptivellm.split_client.protocol import ClientSpec, Open
+from adaptivellm.split_client.protocol import ClientSpec, Open, ProtocolError
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
 from adaptivellm.split_server import SplitService
 
@@ -119,6 +119,10 @@ def test_the_split_policy_flag_reaches_the_config_and_bad_ones_are_refused(llama
     args = parse(llama, "--split-execution")
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["split"]["policy"] == "planner"
+    assert args.additional_config["adaptivellm"]["split"]["when_busy"] == "refuse"
+    args = parse(llama, "--split-execution", "--split-when-busy", "serve")
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["split"]["when_busy"] == "serve"
     with pytest.raises(SystemExit):  # argparse refuses a name it does not know
         parse(llama, "--split-execution", "--split-policy", "best")
     with pytest.raises(ValueError, match="policy must be one of"):
@@ -241,14 +245,17 @@ def test_chunks_are_applied_in_arrival_order() -> None:
 
 
 class _Engine:
+    def __init__(self, load: int = 3) -> None:
+        self.load = load
+
     def get_num_unfinished_requests(self) -> int:
-        return 3
+        return self.load
 
 
-def _service(config: SplitConfig | None = None) -> SplitService:
+def _service(config: SplitConfig | None = None, load: int = 3) -> SplitService:
     shape = ModelShape(6, 256, 4, 2, 64, 1024, dtype_bytes=4, vocab_size=4096, name="tiny")
     return SplitService(
-        engine=_Engine(), config=config or SplitConfig(), shape=shape, served_names=("tiny",),
+        engine=_Engine(load), config=config or SplitConfig(), shape=shape, served_names=("tiny",),
         eos_token_id=1, max_model_len=1024,
         server=ServerProfile(flops_per_s=5e10, mem_bytes_per_s=2e10),
     )  # fmt: skip
@@ -293,6 +300,54 @@ def test_the_service_plans_with_its_policy() -> None:
     ]
 
 
+def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> None:
+    """An SLA the idle server meets but the loaded one does not: refused (`infeasible_sla`,
+    with when to retry), or served whole with --split-when-busy serve. One that even an idle
+    server misses is served whole either way: waiting would not help."""
+    idle = _service(load=0)
+    _, fastest_idle, _ = idle.plan(_open(None, layer=0))
+    assert fastest_idle is not None
+    busy = _service(load=5000)
+    _, fastest_busy, _ = busy.plan(_open(None, layer=0))
+    assert fastest_busy is not None and fastest_busy > 2 * fastest_idle
+    sla = fastest_idle * 1.5
+    assert idle.plan(_open(sla))[0] >= 0  # idle: planned
+    with pytest.raises(ProtocolError, match="retry in about") as refused:
+        busy.plan(_open(sla))
+    assert refused.value.code == "infeasible_sla"
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+    serving = _service(SplitConfig(when_busy="serve"), load=5000)
+    assert serving.plan(_open(sla))[0] == 0
+    assert busy.plan(_open(fastest_idle / 10))[0] == 0  # unreachable even idle: served whole
+    with pytest.raises(ValueError, match="when_busy must be one of"):
+        SplitConfig(when_busy="queue")
+
+
+def test_a_refusal_carries_its_retry_hint_and_closes_with_try_again_later() -> None:
+    import asyncio
+
+    from adaptivellm.split_client.protocol import Error, decode_message
+    from adaptivellm.split_server import _fail
+
+    class Socket:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+            self.closed: tuple[int, str] | None = None
+
+        async def send_text(self, text: str) -> None:
+            self.sent.append(text)
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closed = (code, reason)
+
+    socket = Socket()
+    error = ProtocolError("infeasible_sla", "busy", retry_after_s=2.5)
+    asyncio.run(_fail(socket, error))  # type: ignore[arg-type]
+    message = decode_message(socket.sent[0])
+    assert isinstance(message, Error) and message.retry_after_s == 2.5
+    assert socket.closed == (1013, "infeasible_sla")
+
+
 def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     service = _service()
     for _ in range(3):
@@ -307,8 +362,9 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
 
 
 def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:
-    """An SLA the plan meets on paper is refused once sessions are known to run 10x late."""
-    service = _service()
+    """An SLA the plan meets on paper is served whole once sessions are known to run 10x late
+    (on an idle server: with load, that is a refusal, tested above)."""
+    service = _service(load=0)
     _, fastest_all_client, _ = service.plan(_open(sla_s=None, layer=6))
     assert fastest_all_client is not None
     sla = fastest_all_client * 3
