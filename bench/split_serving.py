@@ -49,6 +49,7 @@ import platform
 import queue
 import re
 import shlex
+import signal
 import statistics
 import sys
 import threading
@@ -432,6 +433,7 @@ def summarise(
         "requests": n,
         "sla_attainment": sum(o.met for o in outcomes) / n if n else None,
         "errors": sum(o.error is not None for o in outcomes),
+        "error_codes": _histogram_str([o.error.split(":")[0] for o in outcomes if o.error]),
         "server_seconds_per_request": used["forward_s"] / n if n else None,
         "kv_block_seconds_per_request": kv_block_s / n if n else None,
         "kv_blocks": blocks,
@@ -455,6 +457,10 @@ def summarise(
 
 def _histogram(values: list[int | None]) -> dict[str, int]:
     return {str(v): values.count(v) for v in sorted({v for v in values if v is not None})}
+
+
+def _histogram_str(values: list[str]) -> dict[str, int]:
+    return {v: values.count(v) for v in sorted(set(values))}
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -688,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
     parser.add_argument("--quick", action="store_true", help="8 requests, 2 rates, 8 s runs")
     args = parser.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so that the servers are stopped (running_server's exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.pool, args.rates, args.duration, args.max_tokens = 8, [0.5, 1.0], 8.0, 16
     if not 0 <= args.ordinary_share <= 1 or not all(r > 0 for r in args.rates):
