@@ -1,0 +1,257 @@
+"""Is per-request split planning enough, or must concurrent sessions be planned jointly?
+
+The server plans each split session alone (`choose_split_layer`): the least server work that
+meets its SLA, pricing its server layers as if every running request shared every layer's
+decode step (`decode_batch` = the requests running). But sessions share the server: a layer
+that every session runs on its client is not run on the server at all, and a layer with fewer
+rows is faster. So the sessions' choices interact, and a joint plan could do better. This
+study measures by how much, with the planner's own cost model, by exhaustive search.
+
+A scenario is `--sessions` sessions decoding together, with the same prompt and output length
+(ShareGPT pairs) and each its own client tier and SLA class (bench/split_serving.py's TIERS and
+SLA_CLASSES). For a vector k (session s runs layers [0, k_s) on its client), layer l carries
+rows_l = #{s : k_s <= l} rows per step, and
+
+- session s's latency is the planner's latency of its placement with each server layer priced
+  at rows_l rows (`build_costs` with decode_batch = rows_l);
+- the server's busy time is the sum over layers with rows_l > 0 of that layer's time at rows_l
+  rows (a layer no session runs on the server costs nothing);
+- the server's FLOPs are the sum of each session's server layers' FLOPs.
+
+Per-request planning (what the server does) is compared with the joint optimum over all
+(L + 1)^S vectors: most sessions within SLA first, then the least busy time. Both are scored in
+the joint model. Two setups: the capacity benchmark's 16-layer model on this machine's CPU
+server profile (`--cpu-flops`, `--cpu-mem`), the same model on a compute-bound server (where
+a step's row count sets its time), and Llama-3-8B on an H100 profile; each alone and beside
+`--background` ordinary requests that share every decode step.
+
+    python bench/split_joint.py        # writes bench/results/split_joint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from adaptivellm.benchmark.workloads import sharegpt_pairs
+from adaptivellm.split_client.planner import (
+    PRESETS,
+    ServerProfile,
+    SplitCosts,
+    build_costs,
+    evaluate_placements,
+    plan_prefix,
+    prefix_masks,
+)
+from adaptivellm.split_client.planner import Request as PlannerRequest
+from adaptivellm.split_client.shapes import ModelShape
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from split_serving import SLA_CLASSES, TIERS  # the capacity benchmark's mix
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    name: str
+    shape: ModelShape
+    server: ServerProfile
+
+
+def setups(args: argparse.Namespace) -> list[Setup]:
+    tiny = ModelShape(args.layers, 256, 4, 2, 64, 1024, dtype_bytes=4, vocab_size=4096,
+                      name=f"tiny-{args.layers}")  # fmt: skip
+    cpu = ServerProfile(flops_per_s=args.cpu_flops, mem_bytes_per_s=args.cpu_mem,
+                        step_overhead_s=args.cpu_step_s)  # fmt: skip
+    # A server whose layers are compute-bound (slow arithmetic, fast memory): the row count of
+    # a step then sets its time, which is where sessions' choices interact.
+    compute_bound = dataclasses.replace(cpu, flops_per_s=2e9, mem_bytes_per_s=1e12)
+    return [
+        Setup("tiny16-cpu", tiny, cpu),
+        Setup("tiny16-compute-bound", tiny, compute_bound),
+        Setup("llama3-8b-h100", PRESETS["llama3-8b"], ServerProfile()),
+    ]
+
+
+def scenario(
+    rng: np.random.Generator, sessions: int, max_prompt: int, max_tokens: int
+) -> tuple[int, int, list[str], list[str]]:
+    pairs = sharegpt_pairs()
+    prompt, out = pairs[int(rng.integers(len(pairs)))]
+    tiers = [list(TIERS)[int(rng.integers(len(TIERS)))] for _ in range(sessions)]
+    classes = [list(SLA_CLASSES)[int(rng.integers(len(SLA_CLASSES)))] for _ in range(sessions)]
+    return int(np.clip(prompt, 4, max_prompt)), int(np.clip(out, 4, max_tokens)), tiers, classes
+
+
+def sla_s(sla_class: str, out: int) -> float:
+    first, per_token = SLA_CLASSES[sla_class]
+    return first + per_token * (out - 1)
+
+
+def study(
+    setup: Setup, scen: tuple[int, int, list[str], list[str]], background: int
+) -> dict[str, Any]:
+    """Per-request plans against the joint optimum for one scenario; `background` ordinary
+    requests share every decode step."""
+    prompt, out, tiers, classes = scen
+    sessions, layers = len(tiers), setup.shape.num_layers
+
+    def priced(tier: str, sla_class: str, rows: int) -> SplitCosts:
+        server = dataclasses.replace(setup.server, decode_batch=max(1, background + rows))
+        request = PlannerRequest(prompt, out, sla_s(sla_class, out))
+        return build_costs(setup.shape, TIERS[tier], server, request)
+
+    # costs[s][j]: session s priced with j split rows (and the background) in each step.
+    costs = [
+        [priced(tier, c, j) for j in range(sessions + 1)]
+        for tier, c in zip(tiers, classes, strict=True)
+    ]
+    # What the server does: each session alone, every layer priced at the full batch.
+    served = []
+    for s in range(sessions):
+        plan = plan_prefix(costs[s][sessions])
+        served.append(plan.client_layers if plan.feasible else 0)
+    vectors = np.array(list(itertools.product(range(layers + 1), repeat=sessions)))  # (V, S)
+    met, busy, flops = joint_scores(costs, vectors, layers, background)
+    index = {tuple(v): i for i, v in enumerate(vectors.tolist())}
+    mine = index[tuple(served)]
+    best = int(np.lexsort((busy, -met))[0])
+
+    def scored(i: int, ks: list[int]) -> dict[str, Any]:
+        return {"k": ks, "met": int(met[i]), "busy_s": float(busy[i]), "flops": float(flops[i])}
+
+    return {
+        "prompt": prompt,
+        "output": out,
+        "tiers": tiers,
+        "sla_classes": classes,
+        "per_request": scored(mine, served),
+        "joint": scored(best, vectors[best].tolist()),
+    }
+
+
+def joint_scores(
+    costs: list[list[SplitCosts]], vectors: np.ndarray, layers: int, background: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each k vector: sessions within SLA, server busy time, server FLOPs (joint model)."""
+    sessions = vectors.shape[1]
+    on_server = np.arange(layers)[None, None, :] >= vectors[:, :, None]  # (V, S, L)
+    rows = on_server.sum(axis=1)  # (V, L): split rows per layer
+    # Every layer has the same shape, so one layer's time at j rows stands for each layer.
+    layer_time = np.array([costs[0][j].server_time[0] for j in range(sessions + 1)])
+    runs = (rows > 0) | (background > 0)
+    busy = np.where(runs, layer_time[rows], 0.0).sum(axis=1)
+    met = np.zeros(len(vectors), dtype=np.int64)
+    flops = np.zeros(len(vectors))
+    masks = prefix_masks(layers)
+    for s in range(sessions):
+        k = vectors[:, s]
+        # Session s's latency: its placement's latency priced at 1 split row, plus, for each
+        # of its server layers, the extra time of that layer's real row count; the LM head
+        # runs for every session at the full batch.
+        base, work = evaluate_placements(costs[s][1], masks)
+        lm_head = costs[s][sessions].fixed_time - costs[s][1].fixed_time
+        extra_per_rows = np.array([c.server_time[0] - costs[s][1].server_time[0]
+                                   for c in costs[s]])  # fmt: skip
+        extra = np.where(on_server[:, s, :], extra_per_rows[rows], 0.0).sum(axis=1)
+        latency = base[k] + extra + lm_head
+        met += (latency <= costs[s][1].sla_s) & np.isfinite(latency)
+        flops += work[k]
+    return met, busy, flops
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    same = [r for r in rows if r["joint"]["met"] == r["per_request"]["met"]]
+    busy_ratio = [_ratio(r, "busy_s") for r in same if r["per_request"]["busy_s"]]
+    flops_ratio = [_ratio(r, "flops") for r in same if r["per_request"]["flops"]]
+    return {
+        "scenarios": len(rows),
+        "joint_meets_more_slas": sum(r["joint"]["met"] > r["per_request"]["met"] for r in rows),
+        "sla_met_share": {
+            "per_request": sum(r["per_request"]["met"] for r in rows)
+            / sum(len(r["tiers"]) for r in rows),
+            "joint": sum(r["joint"]["met"] for r in rows) / sum(len(r["tiers"]) for r in rows),
+        },
+        "busy_time_ratio_joint_over_per_request": _spread(busy_ratio),
+        "flops_ratio_joint_over_per_request": _spread(flops_ratio),
+        "scenarios_where_joint_saves_over_5pct_busy": sum(r < 0.95 for r in busy_ratio),
+    }
+
+
+def _ratio(row: dict[str, Any], key: str) -> float:
+    return float(row["joint"][key] / row["per_request"][key])
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p10": None, "median": None, "p90": None}
+    q = np.quantile(values, [0.1, 0.5, 0.9])
+    return {"mean": statistics.fmean(values), "p10": float(q[0]), "median": float(q[1]),
+            "p90": float(q[2])}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", type=int, default=200)
+    parser.add_argument("--sessions", type=int, default=3, help="sessions decoding together")
+    parser.add_argument("--layers", type=int, default=16, help="layers of the tiny model")
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--cpu-flops", type=float, default=5e10, help="CPU server FLOP/s")
+    parser.add_argument("--cpu-mem", type=float, default=2e10, help="CPU server bytes/s")
+    parser.add_argument("--cpu-step-s", type=float, default=0.01, help="CPU step overhead")
+    parser.add_argument(
+        "--background", type=int, nargs="+", default=[0, 32],
+        help="ordinary requests sharing every decode step (one study each)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "split_joint.json")
+    args = parser.parse_args(argv)
+    if not 1 <= args.sessions <= 4:
+        parser.error("--sessions must be 1 to 4 (the search is exhaustive: (L + 1)^S vectors)")
+    result: dict[str, Any] = {"command": shlex.join(["python", *sys.argv]), "setups": {}}
+    for setup in setups(args):
+        for background in args.background:
+            rng = np.random.default_rng(args.seed)
+            name = f"{setup.name}-background{background}"
+            rows = [
+                study(
+                    setup,
+                    scenario(rng, args.sessions, args.max_prompt, args.max_tokens),
+                    background,
+                )
+                for _ in tqdm(range(args.scenarios), desc=name)
+            ]
+            result["setups"][name] = {
+                "server": dataclasses.asdict(setup.server),
+                "layers": setup.shape.num_layers,
+                "background_requests": background,
+                **summary(rows),
+                "rows": rows,
+            }
+            print(name, json.dumps(summary(rows)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=_finite) + "\n")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(type(value))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
