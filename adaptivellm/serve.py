@@ -287,6 +287,14 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         "the SLA, else none (default: %(default)s).",
     )
     group.add_argument(
+        "--split-sla-target",
+        type=float,
+        default=SplitConfig.sla_target,
+        help="Share of split sessions to keep within their SLA (0.5 to 1): the planner plans "
+        "against the SLA shrunk by this quantile of how late recent sessions ran against "
+        "their predictions (default: %(default)s).",
+    )
+    group.add_argument(
         "--split-when-busy",
         choices=WHEN_BUSY,
         default=SplitConfig.when_busy,
@@ -539,6 +547,7 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             server_flops_per_s=args.split_server_flops,
             policy=args.split_policy,
             when_busy=args.split_when_busy,
+            sla_target=args.split_sla_target,
         )
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: {exc}") from None

@@ -52,12 +52,18 @@ class SplitConfig:
     would meet it: `refuse` (an `infeasible_sla` error with a retry-after hint, so the load
     already admitted keeps its SLAs) or `serve` (served whole, k = 0, late). An SLA no split
     meets even on an idle server is always served whole: waiting would not help."""
+    sla_target: float = 0.99
+    """Share of split sessions the planner aims to keep within their SLA: it plans against the
+    SLA divided by this quantile of recent measured / predicted latency ratios (a plan that
+    only just fits on paper misses as often as predictions run late)."""
     policy: str = "planner"
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would
     break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.sla_target) and 0.5 <= self.sla_target <= 1):
+            raise ValueError(f"sla_target must be in [0.5, 1], got {self.sla_target}")
         if self.when_busy not in WHEN_BUSY:
             raise ValueError(f"when_busy must be one of {list(WHEN_BUSY)}, got {self.when_busy!r}")
         if self.policy not in SPLIT_POLICIES:

@@ -66,8 +66,8 @@ logger = logging.getLogger(__name__)
 #: Planner's per-step overhead before any split step was observed, and the EWMA weight.
 INITIAL_STEP_S = 0.01
 STEP_EWMA_WEIGHT = 0.05
-#: The planner's slack is this quantile of the recent latency ratios, once this many are known.
-SLACK_QUANTILE = 0.9
+#: The planner's slack is a quantile (SplitConfig.sla_target) of the recent latency ratios, once
+#: this many are known.
 MIN_RATIOS = 4
 #: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
 _CLOSE_CODES = {"too_many_sessions": 1013, "infeasible_sla": 1013, "engine_error": 1011}
@@ -226,11 +226,14 @@ class SplitService:
         return True
 
     def slack(self) -> float:
-        """Factor by which split sessions ran later than predicted: the 90th percentile of the
-        recent (measured / predicted) latencies, at least 1 (1 until a few are known)."""
+        """Factor by which split sessions ran later than predicted: the `sla_target` quantile
+        (0.99: nearly the worst) of the recent (measured / predicted) latencies, at least 1 (1
+        until a few are known). Planning against the SLA divided by it keeps about that share
+        of sessions within their SLA when predictions err as they recently did."""
         if len(self.latency_ratios) < MIN_RATIOS:
             return 1.0
-        return max(1.0, float(np.quantile(np.array(self.latency_ratios), SLACK_QUANTILE)))
+        quantile = self.config.sla_target
+        return max(1.0, float(np.quantile(np.array(self.latency_ratios), quantile)))
 
     def observe_session(self, predicted_s: float | None, measured_s: float) -> None:
         """Record a finished split session's measured latency against its prediction."""

@@ -120,9 +120,13 @@ def test_the_split_policy_flag_reaches_the_config_and_bad_ones_are_refused(llama
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["split"]["policy"] == "planner"
     assert args.additional_config["adaptivellm"]["split"]["when_busy"] == "refuse"
-    args = parse(llama, "--split-execution", "--split-when-busy", "serve")
+    args = parse(llama, "--split-execution", "--split-when-busy", "serve",
+                 "--split-sla-target", "0.9")  # fmt: skip
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["split"]["when_busy"] == "serve"
+    assert args.additional_config["adaptivellm"]["split"]["sla_target"] == 0.9
+    with pytest.raises(SystemExit, match="sla_target must be in"):
+        apply_defaults(parse(llama, "--split-execution", "--split-sla-target", "nan"), False, True)
     with pytest.raises(SystemExit):  # argparse refuses a name it does not know
         parse(llama, "--split-execution", "--split-policy", "best")
     with pytest.raises(ValueError, match="policy must be one of"):
@@ -356,6 +360,13 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0):
         service.observe_session(0.1, 0.1 * ratio)
     assert 3.0 <= service.slack() <= 5.0
+    assert service.slack() > 4.5  # the 0.99 quantile: nearly the worst ratio seen
+    median = _service(SplitConfig(sla_target=0.5))
+    for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0, 3.0):
+        median.observe_session(0.1, 0.1 * ratio)
+    assert median.slack() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="sla_target must be in"):
+        SplitConfig(sla_target=0.3)
     service.observe_session(None, 1.0)  # no prediction: ignored
     service.observe_session(0.0, 1.0)
     assert len(service.latency_ratios) == 10
