@@ -498,7 +498,7 @@ def sweep(bench: Bench, policy: str, args: argparse.Namespace, out: list[dict]) 
     for rate in args.rates:
         run = run_rate(bench, policy, rate, args)
         out.append(run)
-        save(args, out, partial=True)
+        save(args, [*args.kept_runs, *out], partial=True)
         print(f"{policy:8s} {rate:5.2f}/s  SLA met {run['sla_attainment']:.3f}  "
               f"server s/req {run['server_seconds_per_request']:.4f}  "
               f"k {run['chosen_layers']}", flush=True)  # fmt: skip
@@ -581,6 +581,7 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
         "partial": partial,
         "command": shlex.join(["python", *sys.argv]),
         "server_commands": args.server_commands,
+        "kept_from": getattr(args, "kept_from", None),
         "sustainable_rate": {p: rates.get(p) for p in POLICIES},
         "sustainable_rate_ratio": {
             "planner_over_off": ratio(rates.get("planner"), rates.get("off")),
@@ -693,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra `adaptivellm serve` flag (repeat)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "split_serving.json")
     parser.add_argument("--quick", action="store_true", help="8 requests, 2 rates, 8 s runs")
+    parser.add_argument(
+        "--keep-from", type=Path, default=None,
+        help="an earlier result whose runs of the policies not in --policies are kept",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # A SIGTERM unwinds like Ctrl-C, so that the servers are stopped (running_server's exit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -702,7 +707,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ordinary-share must be in [0, 1] and every rate > 0")
     args.rates = sorted(args.rates)
     args.server_commands = {}
-    runs = measure(args)
+    kept: list[dict] = []
+    if args.keep_from is not None:
+        earlier = json.loads(args.keep_from.read_text())
+        kept = [r for r in earlier["runs"] if r["policy"] not in args.policies]
+        args.kept_from = {
+            "path": str(args.keep_from), "command": earlier.get("command"),
+            "server_commands": earlier.get("server_commands"),
+            "policies": sorted({r["policy"] for r in kept}),
+        }  # fmt: skip
+    args.kept_runs = kept
+    runs = [*kept, *measure(args)]
     result = save(args, runs, partial=False)
     plot(result, args.out.with_suffix(".png"))
     keys = ("sustainable_rate", "sustainable_rate_ratio", "server_seconds_per_request_ratio",
