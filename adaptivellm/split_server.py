@@ -99,6 +99,9 @@ class SplitService:
     step_estimate_s: float = INITIAL_STEP_S
     #: Recent (measured / predicted) end-to-end latencies of split sessions (see `slack`).
     latency_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    #: The same of sessions served whole (k = 0): ordinary requests, whose predictions err
+    #: otherwise (no client, no round trip per token).
+    whole_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def observe_step(self, seconds: float) -> None:
         """Fold one observed decode step into the estimate."""
@@ -200,6 +203,10 @@ class SplitService:
         try:
             layer = choose_split_layer(self.shape, client, server, work, self.config.policy)
         except InfeasibleSLAError:
+            whole = _latency(costs, 0)
+            if whole is not None and whole * self.slack(whole=True) <= (request.sla_s or 0):
+                # Served whole, the request meets its SLA as such sessions have run lately.
+                return 0, whole, "planner"
             if self.config.when_busy == "refuse" and self._idle_would_meet(client, server, work):
                 retry = self.retry_after_s()
                 raise ProtocolError(
@@ -225,20 +232,28 @@ class SplitService:
             return False
         return True
 
-    def slack(self) -> float:
+    def slack(self, whole: bool = False) -> float:
         """Factor by which split sessions ran later than predicted: the `sla_target` quantile
         (0.99: nearly the worst) of the recent (measured / predicted) latencies, at least 1 (1
         until a few are known). Planning against the SLA divided by it keeps about that share
-        of sessions within their SLA when predictions err as they recently did."""
-        if len(self.latency_ratios) < MIN_RATIOS:
-            return 1.0
-        quantile = self.config.sla_target
-        return max(1.0, float(np.quantile(np.array(self.latency_ratios), quantile)))
+        of sessions within their SLA when predictions err as they recently did.
 
-    def observe_session(self, predicted_s: float | None, measured_s: float) -> None:
-        """Record a finished split session's measured latency against its prediction."""
+        With `whole`, the same quantile for sessions served whole (k = 0), not held to at least
+        1: their predictions (an ordinary request priced by the split cost model) run early
+        as often as late, and it is the SLA check of serving whole that reads it."""
+        ratios = self.whole_ratios if whole else self.latency_ratios
+        if len(ratios) < MIN_RATIOS:
+            return 1.0
+        tail = float(np.quantile(np.array(ratios), self.config.sla_target))
+        return tail if whole else max(1.0, tail)
+
+    def observe_session(
+        self, predicted_s: float | None, measured_s: float, whole: bool = False
+    ) -> None:
+        """Record a finished session's measured latency against its prediction (`whole`: a
+        session served whole)."""
         if predicted_s and predicted_s > 0 and math.isfinite(measured_s / predicted_s):
-            self.latency_ratios.append(measured_s / predicted_s)
+            (self.whole_ratios if whole else self.latency_ratios).append(measured_s / predicted_s)
 
     def load(self) -> int:
         """Requests in flight on this server (the planner's decode batch)."""
@@ -475,7 +490,7 @@ class Session:
         """Open, prefill, decode until a finish reason; returns how the session ended."""
         opened = await self._receive_open()
         self.layer, predicted, planned_by = self.service.plan(opened)
-        slack = self.service.slack()
+        slack = self.service.slack(whole=self.layer == 0)
         metrics = SplitServerMetrics.get()
         metrics.chosen_layer.observe(self.layer)
         plan = Plan(
@@ -502,8 +517,7 @@ class Session:
         else:
             await self._serve_split(opened)
         took = time.monotonic() - began  # until the last token was sent (the client holds it)
-        if self.layer > 0:
-            self.service.observe_session(predicted, took)
+        self.service.observe_session(predicted, took, whole=self.layer == 0)
         if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
             metrics.latency_error.labels(direction=error[0]).observe(error[1])
         if opened.sla_s is not None:

@@ -320,6 +320,13 @@ def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> No
         busy.plan(_open(sla))
     assert refused.value.code == "infeasible_sla"
     assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+    # Sessions served whole have run far faster than predicted: such a session now meets the
+    # SLA served whole, so it is served, not refused; split sessions' slack is kept apart.
+    ratio = 0.5 * sla / fastest_busy
+    for _ in range(8):
+        busy.observe_session(1.0, ratio, whole=True)
+    assert busy.slack(whole=True) == pytest.approx(ratio) and busy.slack() == 1.0
+    assert busy.plan(_open(sla))[:1] == (0,)
     serving = _service(SplitConfig(when_busy="serve"), load=5000)
     assert serving.plan(_open(sla))[0] == 0
     assert busy.plan(_open(fastest_idle / 10))[0] == 0  # unreachable even idle: served whole
