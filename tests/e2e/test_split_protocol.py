@@ -111,6 +111,7 @@ def test_info_describes_the_model(server: Server) -> None:
     assert info["num_layers"] == 6 and info["hidden_size"] == HIDDEN
     assert info["protocol_version"] == PROTOCOL_VERSION
     assert info["max_sessions"] == SPLIT_MAX_SESSIONS
+    assert info["policy"] == "planner"  # --split-policy's default reaches the endpoint
 
 
 def test_unauthenticated_client_is_refused(server: Server) -> None:
