@@ -247,6 +247,15 @@ class SplitService:
         tail = float(np.quantile(np.array(ratios), self.config.sla_target))
         return tail if whole else max(1.0, tail)
 
+    def calibration(self, whole: bool = False) -> float:
+        """Median of the recent (measured / predicted) latencies of split sessions (`whole`:
+        of sessions served whole); 1 until a few are known. The Plan's predicted latency is
+        the cost model's times this: the server's best estimate, where `slack` is its bound."""
+        ratios = self.whole_ratios if whole else self.latency_ratios
+        if len(ratios) < MIN_RATIOS:
+            return 1.0
+        return float(np.median(np.array(ratios)))
+
     def observe_session(
         self, predicted_s: float | None, measured_s: float, whole: bool = False
     ) -> None:
@@ -490,7 +499,7 @@ class Session:
         """Open, prefill, decode until a finish reason; returns how the session ended."""
         opened = await self._receive_open()
         self.layer, predicted, planned_by = self.service.plan(opened)
-        slack = self.service.slack(whole=self.layer == 0)
+        calibration = self.service.calibration(whole=self.layer == 0)
         metrics = SplitServerMetrics.get()
         metrics.chosen_layer.observe(self.layer)
         plan = Plan(
@@ -502,7 +511,7 @@ class Session:
             model=self.service.served_names[0],
             max_tokens=opened.max_tokens,
             max_prompt_tokens=self.service.max_model_len - opened.max_tokens,
-            predicted_latency_s=predicted * slack if predicted is not None else None,
+            predicted_latency_s=predicted * calibration if predicted is not None else None,
             sla_s=opened.sla_s,
             running_requests=self.service.load(),
             planned_by=planned_by,

@@ -368,6 +368,8 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
         service.observe_session(0.1, 0.1 * ratio)
     assert 3.0 <= service.slack() <= 5.0
     assert service.slack() > 4.5  # the 0.99 quantile: nearly the worst ratio seen
+    assert service.calibration() == pytest.approx(3.0)  # the median: the best estimate
+    assert service.calibration(whole=True) == 1.0  # none served whole yet
     median = _service(SplitConfig(sla_target=0.5))
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0, 3.0):
         median.observe_session(0.1, 0.1 * ratio)
