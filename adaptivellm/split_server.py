@@ -67,8 +67,10 @@ logger = logging.getLogger(__name__)
 INITIAL_STEP_S = 0.01
 STEP_EWMA_WEIGHT = 0.05
 #: The planner's slack is a quantile (SplitConfig.sla_target) of the recent latency ratios, once
-#: this many are known.
+#: this many are known; until then split sessions plan with INITIAL_SLACK (a fresh server has
+#: not yet seen how late its sessions run).
 MIN_RATIOS = 4
+INITIAL_SLACK = 1.2
 #: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
 _CLOSE_CODES = {"too_many_sessions": 1013, "infeasible_sla": 1013, "engine_error": 1011}
 
@@ -234,16 +236,17 @@ class SplitService:
 
     def slack(self, whole: bool = False) -> float:
         """Factor by which split sessions ran later than predicted: the `sla_target` quantile
-        (0.99: nearly the worst) of the recent (measured / predicted) latencies, at least 1 (1
-        until a few are known). Planning against the SLA divided by it keeps about that share
-        of sessions within their SLA when predictions err as they recently did.
+        (0.99: nearly the worst) of the recent (measured / predicted) latencies, at least 1
+        (INITIAL_SLACK until a few are known). Planning against the SLA divided by it keeps
+        about that share of sessions within their SLA when predictions err as they recently
+        did.
 
         With `whole`, the same quantile for sessions served whole (k = 0), not held to at least
         1: their predictions (an ordinary request priced by the split cost model) run early
         as often as late, and it is the SLA check of serving whole that reads it."""
         ratios = self.whole_ratios if whole else self.latency_ratios
         if len(ratios) < MIN_RATIOS:
-            return 1.0
+            return 1.0 if whole else INITIAL_SLACK
         tail = float(np.quantile(np.array(ratios), self.config.sla_target))
         return tail if whole else max(1.0, tail)
 

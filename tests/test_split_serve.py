@@ -33,7 +33,7 @@ from adaptivellm.serve import apply_defaults, build_parser
 from adaptivellm.split_client.planner import SERVING_POLICIES, ModelShape, ServerProfile
 from adaptivellm.split_client.protocol import ClientSpec, Open, ProtocolError
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
-from adaptivellm.split_server import SplitService
+from adaptivellm.split_server import INITIAL_SLACK, SplitService
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -294,7 +294,7 @@ def test_the_service_plans_with_its_policy() -> None:
     assert by == "planner" and 0 < layer < 6
     static = _service(SplitConfig(policy="static"))
     assert static.plan(_open(sla, flops=slow))[0] == 0
-    assert static.plan(_open(all_client * 1.01, flops=slow))[0] == 6
+    assert static.plan(_open(all_client * INITIAL_SLACK * 1.01, flops=slow))[0] == 6
     greedy = _service(SplitConfig(policy="greedy"))
     assert 0 < greedy.plan(_open(sla, flops=slow))[0] < 6
     assert [s.info()["policy"] for s in (planner, static, greedy)] == [
@@ -325,7 +325,7 @@ def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> No
     ratio = 0.5 * sla / fastest_busy
     for _ in range(8):
         busy.observe_session(1.0, ratio, whole=True)
-    assert busy.slack(whole=True) == pytest.approx(ratio) and busy.slack() == 1.0
+    assert busy.slack(whole=True) == pytest.approx(ratio) and busy.slack() == INITIAL_SLACK
     assert busy.plan(_open(sla))[:1] == (0,)
     serving = _service(SplitConfig(when_busy="serve"), load=5000)
     assert serving.plan(_open(sla))[0] == 0
@@ -363,7 +363,7 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     service = _service()
     for _ in range(3):
         service.observe_session(0.1, 0.3)
-    assert service.slack() == 1.0  # too few sessions to judge
+    assert service.slack() == INITIAL_SLACK  # too few sessions to judge
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0):
         service.observe_session(0.1, 0.1 * ratio)
     assert 3.0 <= service.slack() <= 5.0
