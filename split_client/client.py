@@ -77,6 +77,9 @@ DEFAULT_DOWNLINK_BPS: Final = 1e9
 DEFAULT_RTT_S: Final = 0.001
 #: Seconds to wait for the handshake and for each server message.
 DEFAULT_TIMEOUT_S: Final = 60.0
+#: Refusals that say when to come back, and the longest such wait the client sits out.
+BUSY_CODES: Final = ("too_many_sessions", "infeasible_sla")
+MAX_BUSY_WAIT_S: Final = 30.0
 #: Frame limit assumed when the server's `GET /v1/split/info` does not say (uvicorn's WebSocket
 #: message limit, the most an AdaptiveLLM server accepts).
 DEFAULT_MAX_FRAME_BYTES: Final = 16 << 20
@@ -142,6 +145,8 @@ class SplitCompletion:
     total_s: float
     #: Times the session was reopened after its connection dropped (`SplitClient.resumes`).
     resumes: int = 0
+    #: Times the server asked to come back later and the client did (`SplitClient.busy_retries`).
+    busy_retries: int = 0
 
     @property
     def layer(self) -> int:
@@ -490,6 +495,8 @@ class _Request:
     open: Open
     created: int = field(default_factory=lambda: int(time.time()))
     resumes: int = 0
+    busy_retries: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -521,7 +528,9 @@ class SplitClient:
     `DEFAULT_MAX_FRAME_BYTES` if it does not answer). `memory_bytes` is what this machine can
     give the model's layers (their weights and their KV cache for the request); the planner
     never asks for more layers than fit. None declares the spec's figure (measured:
-    MemAvailable).
+    MemAvailable). A refusal that says when to come back (`too_many_sessions`,
+    `infeasible_sla`) is waited out and retried `busy_retries` times, with what is left of the
+    SLA.
 
     With `calibrate` (default), each finished `generate()` compares the time this client's
     layers really took with what the planner's cost model predicts from the declared spec, and
@@ -548,6 +557,7 @@ class SplitClient:
         calibrate: bool = True,
         resumes: int = 3,
         memory_bytes: float | None = None,
+        busy_retries: int = 2,
     ) -> None:
         if memory_bytes is not None and not (memory_bytes > 0):  # also NaN
             raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
@@ -568,6 +578,8 @@ class SplitClient:
         self.calibrate = calibrate
         #: How many times a session whose connection drops is reopened (0: never).
         self.resumes = resumes
+        #: How many times a refusal with a retry-after hint is waited out and retried (0: never).
+        self.busy_retries = busy_retries
         #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
         self.calibration = 1.0
         #: Running mean of the per-token time outside both sides' compute (round trip minus the
@@ -791,6 +803,32 @@ class SplitClient:
                     len(replay.delivered), request.resumes, self.resumes,
                 )  # fmt: skip
                 time.sleep(min(2.0, 0.25 * 2**request.resumes))
+            except SplitError as exc:
+                if replay.layer is not None or not self._come_back_later(request, exc):
+                    raise
+
+    def _come_back_later(self, request: _Request, exc: SplitError) -> bool:
+        """After a refusal that says when to come back (`too_many_sessions`,
+        `infeasible_sla`), wait that long and let the caller try again, `busy_retries` times;
+        an SLA shrinks by the time spent, and is not retried once nothing of it would be left.
+        Returns False to raise the refusal."""
+        if exc.code not in BUSY_CODES or exc.retry_after_s is None:
+            return False
+        if request.busy_retries >= self.busy_retries:
+            return False
+        wait = min(exc.retry_after_s, MAX_BUSY_WAIT_S)
+        opened = request.open
+        if opened.sla_s is not None:
+            left = opened.sla_s - (time.perf_counter() - request.started) - wait
+            if left <= 0:
+                return False
+            # The retry asks for what will be left of the SLA (its clock started at the call).
+            request.open = dataclasses.replace(opened, sla_s=left)
+        request.busy_retries += 1
+        logger.info("split server busy (%s); retrying in %.1f s (%d of %d)",
+                    exc.code, wait, request.busy_retries, self.busy_retries)  # fmt: skip
+        time.sleep(wait)
+        return True
 
     def _session(self, request: _Request, replay: _Replay) -> Iterator[_Step]:
         """One connection's share of the session (all of it, unless the connection drops)."""
@@ -1160,6 +1198,7 @@ def _completion(request: _Request, steps: list[_Step], total_s: float) -> SplitC
         created=request.created,
         total_s=total_s,
         resumes=request.resumes,
+        busy_retries=request.busy_retries,
     )
 
 

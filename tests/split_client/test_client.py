@@ -73,6 +73,7 @@ class Behaviour:
     """How the fake server departs from a correct one."""
 
     error_on_open: protocol.Error | None = None
+    error_opens: int = 1 << 30  # how many opens get error_on_open (the rest are served)
     error_after_plan: protocol.Error | None = None
     close_after_prefill: bool = False
     silent: bool = False
@@ -136,7 +137,10 @@ class FakeSplitServer:
         message = protocol.decode_message(ws.recv(timeout=10))
         assert isinstance(message, Open)
         self.opens.append(message)
-        if self.behaviour.error_on_open is not None:
+        if (
+            self.behaviour.error_on_open is not None
+            and len(self.opens) <= self.behaviour.error_opens
+        ):
             ws.send(protocol.encode_message(self.behaviour.error_on_open))
             return
         plan = self._plan(message)
@@ -554,6 +558,35 @@ def test_server_error_becomes_split_error(fake: FakeSplitServer, model_path: Pat
         client.generate(IDS)
     assert info.value.code == "too_many_sessions"
     assert "64 sessions are open" in str(info.value)
+
+
+BUSY = protocol.Error("infeasible_sla", "busy: retry in about 0.1 s", retry_after_s=0.1)
+
+
+@misbehaving(error_on_open=BUSY, error_opens=1)
+def test_a_refusal_with_a_retry_hint_is_waited_out_and_retried_with_what_is_left_of_the_sla(
+    fake: FakeSplitServer, model_path: Path
+) -> None:
+    with client_for(fake, model_path) as client:
+        done = client.generate(IDS, max_tokens=2, ignore_eos=True, sla_s=30.0)
+    assert done.busy_retries == 1 and len(done.token_ids) == 2
+    first, retry = (o.sla_s for o in fake.opens)
+    assert first == 30.0 and retry is not None and 29.0 < retry <= 30.0 - 0.1
+
+
+@misbehaving(error_on_open=BUSY)
+def test_busy_retries_are_bounded_and_never_outlive_the_sla(
+    fake: FakeSplitServer, model_path: Path
+) -> None:
+    with client_for(fake, model_path) as client, pytest.raises(SplitError) as info:
+        client.generate(IDS, max_tokens=2, sla_s=30.0)
+    assert info.value.code == "infeasible_sla" and len(fake.opens) == 3  # 1 + busy_retries=2
+    with client_for(fake, model_path) as client, pytest.raises(SplitError):
+        client.generate(IDS, max_tokens=2, sla_s=0.05)  # nothing left after a 0.1 s wait
+    assert len(fake.opens) == 4
+    with client_for(fake, model_path, busy_retries=0) as client, pytest.raises(SplitError):
+        client.generate(IDS, max_tokens=2)
+    assert len(fake.opens) == 5
 
 
 @misbehaving(error_after_plan=protocol.Error("engine_error", "the engine died"))
