@@ -49,9 +49,10 @@ class SplitConfig:
     planner's GPU default (2.5 TB/s) elsewhere."""
     when_busy: str = "refuse"
     """What a session whose SLA no split meets at the current load gets, when the server idle
-    would meet it: `refuse` (an `infeasible_sla` error with a retry-after hint, so the load
-    already admitted keeps its SLAs) or `serve` (served whole, k = 0, late). An SLA no split
-    meets even on an idle server is always served whole: waiting would not help."""
+    would meet it and is busy (requests in flight at least half of `max_sessions`): `refuse`
+    (an `infeasible_sla` error with a retry-after hint, so the load already admitted keeps its
+    SLAs) or `serve` (served whole, k = 0, late). An SLA no split meets even on an idle server
+    is always served whole: waiting would not help."""
     sla_target: float = 0.99
     """Share of split sessions the planner aims to keep within their SLA: it plans against the
     SLA divided by this quantile of recent measured / predicted latency ratios (a plan that

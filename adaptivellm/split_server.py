@@ -209,7 +209,11 @@ class SplitService:
             if whole is not None and whole * self.slack(whole=True) <= (request.sla_s or 0):
                 # Served whole, the request meets its SLA as such sessions have run lately.
                 return 0, whole, "planner"
-            if self.config.when_busy == "refuse" and self._idle_would_meet(client, server, work):
+            if (
+                self.config.when_busy == "refuse"
+                and self.busy()
+                and self._idle_would_meet(client, server, work)
+            ):
                 retry = self.retry_after_s()
                 raise ProtocolError(
                     "infeasible_sla",
@@ -223,6 +227,12 @@ class SplitService:
             # client; the SLA metric counts a miss.
             layer = 0
         return layer, _latency(costs, layer), "planner"
+
+    def busy(self) -> bool:
+        """Whether the server is busy enough to refuse sessions whose SLA only load makes
+        unreachable: at least half as many requests in flight as split session slots (and
+        at least 2). Below that, one more request barely moves a step's time."""
+        return self.load() >= max(2, self.config.max_sessions // 2)
 
     def _idle_would_meet(self, client: Any, server: ServerProfile, work: Request) -> bool:
         """Whether the request's SLA is reachable on `server` with nothing else running (the

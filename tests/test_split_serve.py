@@ -330,6 +330,11 @@ def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> No
     serving = _service(SplitConfig(when_busy="serve"), load=5000)
     assert serving.plan(_open(sla))[0] == 0
     assert busy.plan(_open(fastest_idle / 10))[0] == 0  # unreachable even idle: served whole
+    # One request in flight is not busy: a session only that one request makes late is served.
+    quiet = _service(load=1)
+    _, fastest_quiet, _ = quiet.plan(_open(None, layer=0))
+    assert fastest_quiet is not None and not quiet.busy() and busy.busy()
+    assert quiet.plan(_open(fastest_quiet * 0.999))[0] == 0
     with pytest.raises(ValueError, match="when_busy must be one of"):
         SplitConfig(when_busy="queue")
 
