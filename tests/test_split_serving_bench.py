@@ -4,7 +4,6 @@ server)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import time
@@ -20,19 +19,14 @@ from adaptivellm.model import ensure_model
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.planner import ServerProfile, build_costs
 from adaptivellm.split_client.shapes import ModelShape
+from tests.support import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench() -> types.ModuleType:
-    path = ROOT / "bench" / "split_serving.py"
-    spec = importlib.util.spec_from_file_location("bench_split_serving", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_split_serving"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("split_serving")
 
 
 def test_the_pool_is_seeded_clipped_and_mixed(bench: types.ModuleType) -> None:
@@ -127,14 +121,8 @@ def test_the_replay_model_sends_the_reference_rows_and_sleeps(
 
 @pytest.fixture(scope="module")
 def joint() -> types.ModuleType:
-    sys.path.insert(0, str(ROOT / "bench"))
-    path = ROOT / "bench" / "split_joint.py"
-    spec = importlib.util.spec_from_file_location("bench_split_joint", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_split_joint"] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "bench"))  # it imports split_serving's tiers
+    return load_bench_script("split_joint")
 
 
 def test_the_joint_optimum_is_never_worse_and_per_request_plans_stay_feasible(
