@@ -254,20 +254,23 @@ class SplitService:
         With `whole`, the same quantile for sessions served whole (k = 0), not held to at least
         1: their predictions (an ordinary request priced by the split cost model) run early
         as often as late, and it is the SLA check of serving whole that reads it."""
-        ratios = self.whole_ratios if whole else self.latency_ratios
-        if len(ratios) < MIN_RATIOS:
+        ratios = self._ratios(whole)
+        if ratios is None:
             return 1.0 if whole else INITIAL_SLACK
-        tail = float(np.quantile(np.array(ratios), self.config.sla_target))
+        tail = float(np.quantile(ratios, self.config.sla_target))
         return tail if whole else max(1.0, tail)
 
     def calibration(self, whole: bool = False) -> float:
         """Median of the recent (measured / predicted) latencies of split sessions (`whole`:
         of sessions served whole); 1 until a few are known. The Plan's predicted latency is
         the cost model's times this: the server's best estimate, where `slack` is its bound."""
+        ratios = self._ratios(whole)
+        return 1.0 if ratios is None else float(np.median(ratios))
+
+    def _ratios(self, whole: bool) -> np.ndarray | None:
+        """The recent ratios of split sessions (`whole`: served whole); None while too few."""
         ratios = self.whole_ratios if whole else self.latency_ratios
-        if len(ratios) < MIN_RATIOS:
-            return 1.0
-        return float(np.median(np.array(ratios)))
+        return np.array(ratios) if len(ratios) >= MIN_RATIOS else None
 
     def observe_session(
         self, predicted_s: float | None, measured_s: float, whole: bool = False
@@ -434,8 +437,8 @@ async def session_endpoint(websocket: WebSocket) -> None:
                     else ""
                 )
                 + f"; retry in about {retry:g} s",
+                retry_after_s=retry,
             ),
-            retry_after_s=retry,
         )
         return
     admitted = time.monotonic()
@@ -471,12 +474,9 @@ def _decode_or_none(text: str) -> Any:
         return None
 
 
-async def _fail(
-    websocket: WebSocket, error: ProtocolError, retry_after_s: float | None = None
-) -> None:
-    retry_after_s = retry_after_s if retry_after_s is not None else error.retry_after_s
+async def _fail(websocket: WebSocket, error: ProtocolError) -> None:
     with contextlib.suppress(Exception):
-        message = Error(code=error.code, message=str(error), retry_after_s=retry_after_s)
+        message = Error(code=error.code, message=str(error), retry_after_s=error.retry_after_s)
         await websocket.send_text(encode_message(message))
         await websocket.close(code=_CLOSE_CODES.get(error.code, 1008), reason=error.code)
 

@@ -252,16 +252,19 @@ class Outcome:
 
 @dataclass
 class Bench:
-    """Shared state of one server's runs: its URL, the references, and idle clients."""
+    """Shared state of one server's runs: its URL, the model's layers, the KV cache's blocks,
+    the references, and idle clients."""
 
     base: str
     model: str
     model_path: Path
+    layers: int
     refs: dict[int, Reference]
     max_frame_bytes: int
     clients: dict[str, queue.SimpleQueue[SplitClient]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.blocks = kv_blocks(self.base)
         self.openai = openai.OpenAI(
             base_url=f"{self.base}/v1", api_key="none", max_retries=0, timeout=120
         )
@@ -384,8 +387,10 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
     before = counters(bench.base)
     futures: list[Future[Outcome]] = []
     bar = tqdm(total=len(schedule), desc=f"{policy} @ {rate:g}/s", unit="req", leave=False)
-    blocks = kv_blocks(bench.base)
-    with kv_sampler(bench.base, blocks) as kv, ThreadPoolExecutor(args.max_clients) as workers:
+    with (
+        kv_sampler(bench.base, bench.blocks) as kv,
+        ThreadPoolExecutor(args.max_clients) as workers,
+    ):
         start = time.perf_counter()
         for at, index in schedule:
             time.sleep(max(0.0, start + at - time.perf_counter()))
@@ -398,7 +403,7 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
         outcomes = [f.result() for f in futures]
     bar.close()
     after = counters(bench.base)
-    return summarise(policy, rate, outcomes, after, before, kv[0], blocks)
+    return summarise(bench, policy, rate, outcomes, after, before, kv[0])
 
 
 def _timed(call: Any, bench: Bench, ref: Reference, scheduled: float) -> Outcome:
@@ -409,18 +414,18 @@ def _timed(call: Any, bench: Bench, ref: Reference, scheduled: float) -> Outcome
 
 
 def summarise(
+    bench: Bench,
     policy: str,
     rate: float,
     outcomes: list[Outcome],
     after: dict[str, float],
     before: dict[str, float],
     kv_block_s: float,
-    blocks: int,
 ) -> dict[str, Any]:
     n = len(outcomes)
     used = {k: after[k] - before[k] for k in after}
     splits = [o for o in outcomes if o.layer is not None]
-    interior = [o for o in splits if 0 < (o.layer or 0) < NUM_LAYERS[0]]
+    interior = [o for o in splits if 0 < (o.layer or 0) < bench.layers]
     errors = [
         abs(o.predicted_s - o.latency_s) / o.latency_s
         for o in splits
@@ -433,16 +438,16 @@ def summarise(
         "requests": n,
         "sla_attainment": sum(o.met for o in outcomes) / n if n else None,
         "errors": sum(o.error is not None for o in outcomes),
-        "error_codes": _histogram_str([o.error.split(":")[0] for o in outcomes if o.error]),
+        "error_codes": _histogram([o.error.split(":")[0] for o in outcomes if o.error]),
         "server_seconds_per_request": used["forward_s"] / n if n else None,
         "kv_block_seconds_per_request": kv_block_s / n if n else None,
-        "kv_blocks": blocks,
+        "kv_blocks": bench.blocks,
         "mixed_pass_share": used["mixed_passes"] / used["forward_passes"]
         if used["forward_passes"]
         else 0.0,
         "split_requests": len(splits),
         "interior_split_share": len(interior) / len(splits) if splits else None,
-        "chosen_layers": _histogram([o.layer for o in splits]),
+        "chosen_layers": _histogram([o.layer for o in splits if o.layer is not None]),
         "latency_error_p50": statistics.median(errors) if errors else None,
         "latency_s": {
             "p50": _quantile(latencies, 0.5),
@@ -455,20 +460,12 @@ def summarise(
     }
 
 
-def _histogram(values: list[int | None]) -> dict[str, int]:
-    return {str(v): values.count(v) for v in sorted({v for v in values if v is not None})}
-
-
-def _histogram_str(values: list[str]) -> dict[str, int]:
-    return {v: values.count(v) for v in sorted(set(values))}
+def _histogram(values: list[Any]) -> dict[str, int]:
+    return {str(v): values.count(v) for v in sorted(set(values))}
 
 
 def _quantile(values: list[float], q: float) -> float | None:
     return float(np.quantile(values, q)) if values else None
-
-
-#: Layers of the benchmark model, set once it is known (summarise reads it).
-NUM_LAYERS = [0]
 
 
 def reference_run(
@@ -517,7 +514,6 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
 def measure(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)  # the reference run's client layers share 2 cores with the server
     model_path = ensure_model(ModelSpec(num_layers=args.layers), name="adaptivellm-deep-llama")
-    NUM_LAYERS[0] = args.layers
     items = pool(args.pool, args.max_prompt, args.max_tokens, args.ordinary_share, args.seed)
     runs: list[dict] = []
     refs: dict[int, Reference] | None = None
@@ -536,7 +532,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             if refs is None:
                 refs = reference_run(base, "split-bench", model_path, items)
             info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
-            bench = Bench(base, "split-bench", model_path, refs, int(info["max_frame_bytes"]))
+            bench = Bench(base, "split-bench", model_path, args.layers, refs,
+                          int(info["max_frame_bytes"]))  # fmt: skip
             for tier in TIERS:  # made now, not inside a timed request (a tokenizer load each)
                 made = [bench.client(tier) for _ in range(args.clients_per_tier)]
                 for client in made:
