@@ -35,6 +35,7 @@ from starlette.requests import Request as StarletteRequest
 from adaptivellm.metrics import SplitServerMetrics
 from adaptivellm.scheduler.config import AdaptiveConfig
 from adaptivellm.split_client.planner import (
+    ClientProfile,
     InfeasibleSLAError,
     ModelShape,
     Request,
@@ -71,6 +72,11 @@ STEP_EWMA_WEIGHT = 0.05
 #: not yet seen how late its sessions run).
 MIN_RATIOS = 4
 INITIAL_SLACK = 1.2
+#: A client with no compute time and a free link: the prediction of a session with it is the
+#: server's share of the session's latency (SplitService.client_share_s).
+INSTANT_CLIENT = ClientProfile(
+    flops_per_s=math.inf, uplink_bps=math.inf, downlink_bps=math.inf, rtt_s=0.0
+)
 #: WebSocket close codes: 1000 normal, 1008 policy violation, 1011 server error, 1013 try later.
 _CLOSE_CODES = {"too_many_sessions": 1013, "infeasible_sla": 1013, "engine_error": 1011}
 
@@ -172,7 +178,22 @@ class SplitService:
             "open_sessions": len(self.open_sessions),
             "queued_sessions": len(self.queue),
             **self.waits(),
+            "calibration": self.calibration_report(),
             "max_frame_bytes": self.config.max_frame_bytes,
+        }
+
+    def calibration_report(self) -> dict[str, Any]:
+        """How the planner corrects its cost model now: the slack it plans against, the factor
+        on its predictions, each for split sessions and for sessions served whole, and how
+        many recent sessions they rest on (an operator's answer to "why does the planner keep
+        sessions whole?")."""
+        return {
+            kind: {
+                "sessions": len(self.whole_ratios if whole else self.latency_ratios),
+                "slack": round(self.slack(whole), 3),
+                "calibration": round(self.calibration(whole), 3),
+            }
+            for kind, whole in (("split", False), ("whole", True))
         }
 
     def waits(self) -> dict[str, Any]:
@@ -273,12 +294,29 @@ class SplitService:
         return np.array(ratios) if len(ratios) >= MIN_RATIOS else None
 
     def observe_session(
-        self, predicted_s: float | None, measured_s: float, whole: bool = False
+        self,
+        predicted_s: float | None,
+        measured_s: float,
+        whole: bool = False,
+        client_late_s: float = 0.0,
     ) -> None:
         """Record a finished session's measured latency against its prediction (`whole`: a
-        session served whole)."""
+        session served whole). `client_late_s`, the time the session waited for its client
+        beyond the client's predicted share, is not counted: a client slower than it declared
+        is late on its own account, and must not make the server plan every later session
+        more cautiously (one stalled client would otherwise set the slack for the next 64)."""
+        measured_s -= max(0.0, client_late_s)
         if predicted_s and predicted_s > 0 and math.isfinite(measured_s / predicted_s):
             (self.whole_ratios if whole else self.latency_ratios).append(measured_s / predicted_s)
+
+    def client_share_s(self, client: ClientProfile, work: Request, layer: int) -> float:
+        """The client's predicted share of a session's latency at split `layer`: its layers,
+        the transfers and the link (the prediction with an instant client and link is the
+        server's share; the server's profile cancels out)."""
+        costs = build_costs(self.shape, client, self.server, work)
+        server_only = build_costs(self.shape, INSTANT_CLIENT, self.server, work)
+        total, server = _latency(costs, layer), _latency(server_only, layer)
+        return max(0.0, total - server) if total is not None and server is not None else 0.0
 
     def load(self) -> int:
         """Requests in flight on this server (the planner's decode batch)."""
@@ -500,9 +538,18 @@ class Session:
         #: What the session waits for now, and since when (SplitService.waits).
         self.state: Literal["client", "engine", "sending", "finishing"] = "client"
         self.since = time.monotonic()
+        #: Seconds spent in each state before the current one (since `_wait_for` last reset).
+        self.waited: Counter[str] = Counter()
 
     def _wait_for(self, state: Literal["client", "engine", "sending", "finishing"]) -> None:
-        self.state, self.since = state, time.monotonic()
+        now = time.monotonic()
+        self.waited[self.state] += now - self.since
+        self.state, self.since = state, now
+
+    def waited_for(self, state: str) -> float:
+        """Seconds this session has waited in `state`, the current wait included."""
+        current = time.monotonic() - self.since if self.state == state else 0.0
+        return self.waited[state] + current
 
     async def _send(self, message: Any) -> None:
         self._wait_for("sending")
@@ -534,12 +581,18 @@ class Session:
         )
         await self._send(plan)
         began = time.monotonic()
+        self.waited.clear()
         if self.layer == 0:
             await self._serve_whole(opened)
         else:
             await self._serve_split(opened)
         took = time.monotonic() - began  # until the last token was sent (the client holds it)
-        self.service.observe_session(predicted, took, whole=self.layer == 0)
+        late = 0.0
+        if self.layer > 0:  # waiting for a client slower than it declared: not the server's
+            work = Request(opened.prompt_tokens, opened.max_tokens, math.inf)
+            share = self.service.client_share_s(opened.client, work, self.layer)
+            late = self.waited_for("client") - share
+        self.service.observe_session(predicted, took, whole=self.layer == 0, client_late_s=late)
         if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
             metrics.latency_error.labels(direction=error[0]).observe(error[1])
         if opened.sla_s is not None:

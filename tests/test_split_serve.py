@@ -30,10 +30,17 @@ from adaptivellm.scheduler.split_sessions import (
     take_chunk,
 )
 from adaptivellm.serve import apply_defaults, build_parser
-from adaptivellm.split_client.planner import SERVING_POLICIES, ModelShape, ServerProfile
+from adaptivellm.split_client.planner import (
+    SERVING_POLICIES,
+    ModelShape,
+    ServerProfile,
+    build_costs,
+    evaluate_placements,
+)
+from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import ClientSpec, Open, ProtocolError
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
-from adaptivellm.split_server import INITIAL_SLACK, SplitService
+from adaptivellm.split_server import INITIAL_SLACK, INSTANT_CLIENT, Session, SplitService
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -384,6 +391,75 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     service.observe_session(None, 1.0)  # no prediction: ignored
     service.observe_session(0.0, 1.0)
     assert len(service.latency_ratios) == 10
+
+
+def test_the_clients_share_is_the_prediction_less_the_servers() -> None:
+    """client_share_s: the prediction at split k less the prediction with an instant client and
+    link. It grows with the layers a slow client runs, is 0 for an instant client, and the two
+    shares add up to the prediction the planner makes."""
+    service = _service(load=0)
+    slow = _open(None, flops=1e9).client
+    work = PlannerRequest(64, 16, math.inf)
+    shares = [service.client_share_s(slow, work, k) for k in range(7)]
+    assert shares == sorted(shares) and shares[6] > 10 * shares[0] > 0
+    assert [service.client_share_s(INSTANT_CLIENT, work, k) for k in (0, 3, 6)] == [0.0] * 3
+    on_server = np.arange(7)[:, None] <= np.arange(6)[None, :]  # row k: layers k.. on the server
+    total, _ = evaluate_placements(
+        build_costs(service.shape, slow, service.server, work), on_server
+    )
+    server_share, _ = evaluate_placements(
+        build_costs(service.shape, INSTANT_CLIENT, service.server, work), on_server
+    )
+    assert np.array(shares) + server_share == pytest.approx(total)
+    assert (server_share > 0).all()
+
+
+def test_a_client_slower_than_it_declared_does_not_raise_the_slack() -> None:
+    """Sessions that ran 10x late because their client kept the server waiting leave the slack
+    as it was; the same lateness on the server's side raises it."""
+    clients_fault, servers_fault = _service(), _service()
+    for _ in range(8):
+        clients_fault.observe_session(1.0, 1.0)
+        servers_fault.observe_session(1.0, 1.0)
+    before = clients_fault.slack()
+    for _ in range(8):
+        clients_fault.observe_session(1.0, 10.0, client_late_s=9.0)
+        servers_fault.observe_session(1.0, 10.0)
+    assert clients_fault.slack() == pytest.approx(before)
+    assert servers_fault.slack() > 9.0
+    clients_fault.observe_session(1.0, 2.0, client_late_s=-5.0)  # early client: no credit
+    assert clients_fault.latency_ratios[-1] == pytest.approx(2.0)
+
+
+def test_a_session_counts_the_time_it_waited_for_each_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([0.0, 1.0, 3.0, 3.5, 6.0, 7.0])
+    monkeypatch.setattr("adaptivellm.split_server.time.monotonic", lambda: next(clock))
+    session = Session(_service(), object())  # type: ignore[arg-type]  # since 0
+    session._wait_for("engine")  # 1: 1 s waiting for the client
+    session._wait_for("client")  # 3: 2 s for the engine
+    session._wait_for("sending")  # 3.5: 0.5 s more for the client
+    assert session.waited_for("client") == pytest.approx(1.5)  # not waiting for it now
+    session._wait_for("client")  # 6
+    assert session.waited_for("client") == pytest.approx(2.5)  # read at 7: the current wait too
+    assert session.waited["engine"] == pytest.approx(2.0)
+
+
+def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
+    service = _service()
+    report = service.calibration_report()
+    assert report == {
+        "split": {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0},
+        "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0},
+    }
+    for ratio in (2.0, 2.0, 2.0, 2.0):
+        service.observe_session(1.0, ratio)
+        service.observe_session(1.0, ratio / 4, whole=True)
+    report = service.calibration_report()
+    assert report["split"] == {"sessions": 4, "slack": 2.0, "calibration": 2.0}
+    assert report["whole"] == {"sessions": 4, "slack": 0.5, "calibration": 0.5}
+    assert service.info()["calibration"] == report
 
 
 def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:

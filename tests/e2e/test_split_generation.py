@@ -178,7 +178,10 @@ def test_the_planner_asks_no_more_layers_than_the_clients_memory_holds(
     prompt = PROMPTS[0]
     free = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, sla_s=120.0)
     assert free.plan.planned_by == "planner"
-    assert free.layer > 2, f"precondition: a roomy client takes more than 2 layers, got {free}"
+    assert free.layer > 2, (
+        f"precondition: a roomy client takes more than 2 layers, got {free.layer}: "
+        f"{free.plan}, client {split.client_spec}, server {split.info()['calibration']}"
+    )
     tokens = len(split.encode(prompt)) + MAX_TOKENS
     shape = split.model.shape
     split.memory_bytes = 2.5 * (shape.layer_weight_bytes + shape.kv_bytes(tokens))
@@ -341,14 +344,19 @@ def test_each_finished_session_records_its_prediction_error(
     split: SplitClient, server: Server
 ) -> None:
     """The plan's latency prediction against the latency measured: one observation per
-    finished session, on /metrics (planner and client-chosen k alike)."""
+    finished session, on /metrics (planner and client-chosen k alike), and in the calibration
+    that /v1/split/info reports."""
     before = prediction_errors(server)
+    seen = split.info()["calibration"]["split"]["sessions"]
     done = split.generate(PROMPTS[0], max_tokens=4, ignore_eos=True, layer=2)
     assert done.plan.predicted_latency_s is not None and done.plan.predicted_latency_s > 0
     deadline = time.monotonic() + 30
     while prediction_errors(server) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert prediction_errors(server) == before + 1
+    calibration = split.info()["calibration"]["split"]
+    assert calibration["sessions"] == min(seen + 1, 64)  # the recent window holds 64
+    assert calibration["slack"] >= 1.0 and calibration["calibration"] > 0
 
 
 def unsplit(openai_client: openai.OpenAI, server: Server, ids: list[int], tokens: int) -> list:
