@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from argparse import Namespace
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -539,7 +539,7 @@ class Session:
         self.state: Literal["client", "engine", "sending", "finishing"] = "client"
         self.since = time.monotonic()
         #: Seconds spent in each state before the current one (since `_wait_for` last reset).
-        self.waited: Counter[str] = Counter()
+        self.waited: defaultdict[str, float] = defaultdict(float)
 
     def _wait_for(self, state: Literal["client", "engine", "sending", "finishing"]) -> None:
         now = time.monotonic()
