@@ -382,8 +382,10 @@ class SplitServerMetrics:
             ),
             sla_met=Counter(
                 f"{PREFIX}split_sla",
-                "Finished split sessions by whether the server-observed latency met the SLA",
-                labelnames=["met"],
+                "Finished split turns by whether the server-observed latency met the SLA: a "
+                "session's first turn, or a follow-up turn of a multi-turn session (each turn "
+                "is held to the session's SLA)",
+                labelnames=["met", "turn"],
             ),
             latency_error=Histogram(
                 f"{PREFIX}split_latency_prediction_error",

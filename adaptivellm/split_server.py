@@ -326,6 +326,12 @@ class SplitService:
             return 0
 
 
+def _count_sla(sla_s: float | None, took_s: float, turn: Literal["first", "follow_up"]) -> None:
+    """Count one turn against its SLA on /metrics (nothing without an SLA)."""
+    if sla_s is not None:
+        SplitServerMetrics.get().sla_met.labels(met=str(took_s <= sla_s).lower(), turn=turn).inc()
+
+
 def torch_tensor(array: np.ndarray) -> Any:
     """A float32 torch tensor holding a copy of `array` (the engine keeps it)."""
     import torch
@@ -595,11 +601,10 @@ class Session:
         self.service.observe_session(predicted, took, whole=self.layer == 0, client_late_s=late)
         if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
             metrics.latency_error.labels(direction=error[0]).observe(error[1])
-        if opened.sla_s is not None:
-            met = took <= opened.sla_s
-            metrics.sla_met.labels(met=str(met).lower()).inc()
+        _count_sla(opened.sla_s, took, "first")
         if plan.multi_turn:
             while (turn := await self._next_turn()) is not None:
+                began = time.monotonic()
                 await self._serve_split(
                     replace(
                         opened,
@@ -608,6 +613,8 @@ class Session:
                         sampling=turn.sampling,
                     )
                 )
+                # The conversation's SLA holds for each turn, from its Turn to its last token.
+                _count_sla(opened.sla_s, time.monotonic() - began, "follow_up")
         await self._finish()
         return "finished"
 

@@ -510,6 +510,14 @@ class _Replay:
     sent: list[np.ndarray] = field(default_factory=list)
     delivered: list[int] = field(default_factory=list)
     layer: int | None = None
+    #: The first of `sent` that the next prefill carries: 0 for a new (or resumed) session,
+    #: the turn's first rows for a follow-up turn of a conversation (the server holds the rest).
+    prefill_from: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows the next new session's prefill carries: every one sent, and those pending."""
+        return sum(len(rows) for rows in self.sent) + len(self.pending_ids)
 
 
 class SplitClient:
@@ -748,7 +756,8 @@ class SplitClient:
     ) -> SplitConversation:
         """A multi-turn session (`SplitConversation`): each `send` or `chat` is a turn, and the
         conversation's KV cache stays on both sides between turns. `layer` and `sla_s` as in
-        `generate`; the first turn's plan sets k for the whole conversation."""
+        `generate`; the first turn's plan sets k for the whole conversation, and `sla_s` holds
+        for each turn (the server counts every turn against it on /metrics)."""
         return SplitConversation(self, layer=layer, sla_s=sla_s)
 
     def close(self) -> None:
@@ -845,20 +854,12 @@ class SplitClient:
         try:
             _send(connection, protocol.encode_message(opened), self.timeout_s)
             plan = self._check_plan(_expect(connection, Plan, self.timeout_s), request)
-            if replay.layer is not None and plan.layer != replay.layer:
-                raise SplitError(
-                    "protocol_error",
-                    f"resumed at layer {plan.layer}; the session ran at {replay.layer}",
-                )
+            _check_resumed_layer(plan, replay)
             replay.layer = plan.layer
             self.model.ensure_layers(plan.layer)
             offset = len(replay.delivered)
             for step in self._exchange(connection, plan, replay):
-                if offset:
-                    index = offset + step.token.index
-                    token = dataclasses.replace(step.token, index=index)
-                    step = _Step(step.plan, token, dataclasses.replace(step.timing, index=index))
-                yield step
+                yield _shifted(step, offset)
         finally:
             if connection in self._open:
                 self._open.remove(connection)
@@ -878,7 +879,10 @@ class SplitClient:
                 replay.sent.append(fresh.float().numpy())
                 replay.pending_ids = []
             # A new session's prefill replays every row sent before (a resumed session).
-            hidden = np.concatenate(replay.sent) if kind == "prefill" else replay.sent[-1]
+            if kind == "prefill":
+                hidden = np.concatenate(replay.sent[replay.prefill_from :])
+            else:
+                hidden = replay.sent[-1]
             frames = [
                 protocol.encode_frame(kind, hidden[i : i + rows], wire)
                 for i in range(0, len(hidden), rows)
@@ -953,6 +957,23 @@ class SplitClient:
             ) from None
 
 
+def _check_resumed_layer(plan: Plan, replay: _Replay) -> None:
+    """A resumed session must run at the k its inputs were computed for."""
+    if replay.layer is not None and plan.layer != replay.layer:
+        raise SplitError(
+            "protocol_error", f"resumed at layer {plan.layer}; the session ran at {replay.layer}"
+        )
+
+
+def _shifted(step: _Step, offset: int) -> _Step:
+    """`step` of a resumed session, numbered after the `offset` tokens delivered before."""
+    if not offset:
+        return step
+    index = offset + step.token.index
+    token = dataclasses.replace(step.token, index=index)
+    return _Step(step.plan, token, dataclasses.replace(step.timing, index=index))
+
+
 class SplitConversation:
     """A multi-turn split session (`SplitClient.conversation()`).
 
@@ -964,10 +985,12 @@ class SplitConversation:
     the server does not keep the session (k = 0, an idle timeout, a refused turn, a restart),
     the next turn opens a new session with the whole conversation as its prompt: the output is
     the same, only the reuse is lost. `sessions` counts the sessions opened and
-    `reused_tokens` the tokens a turn did not send again. A session that drops mid-turn raises
-    `SplitConnectionError` (no resume inside a conversation); the next turn starts over. A
-    server older than `Open.multi_turn` refuses it (`bad_request`, unknown field): use
-    `generate` per turn there.
+    `reused_tokens` the tokens a turn did not send again. A session whose connection drops
+    mid-turn is resumed as `generate` resumes (up to `SplitClient.resumes` times): a new
+    session at the same k, whose prefill replays the layer-k inputs of the whole conversation
+    (the client keeps them), goes on with the turn and keeps serving later turns;
+    `SplitCompletion.resumes` counts it. A server older than `Open.multi_turn` refuses it
+    (`bad_request`, unknown field): use `generate` per turn there.
     """
 
     def __init__(self, client: SplitClient, *, layer: int | None, sla_s: float | None) -> None:
@@ -1009,15 +1032,20 @@ class SplitConversation:
                 on_token(step.token)
 
         try:
-            if self._connection is not None:
-                try:
-                    self._follow_up(ids, request.open, take)
-                except SplitConnectionError:
-                    if steps:
-                        raise
-                    self._end()  # the server let the session go: start over below
-            if not steps:
-                self._open(self.history + ids, request.open, take)
+            try:
+                if self._connection is not None:
+                    try:
+                        self._follow_up(ids, request.open, take)
+                    except SplitConnectionError:
+                        if steps:
+                            raise
+                        self._end()  # the server let the session go: start over below
+                if not steps:
+                    self._open(self.history + ids, request.open, take)
+            except SplitConnectionError as exc:
+                if not steps:
+                    raise
+                self._resume(request, take, exc)  # dropped mid-turn
         except BaseException:
             self._end()
             raise
@@ -1065,12 +1093,60 @@ class SplitConversation:
             _expect(connection, Plan, client.timeout_s), _Request(context, opened)
         )
         client.model.ensure_layers(plan.layer)
-        replay = _Replay(pending_ids=list(context), layer=plan.layer)
+        self._plan = plan
+        self._replay = replay = _Replay(pending_ids=list(context), layer=plan.layer)
         for step in client._exchange(connection, plan, replay):
             take(step)
-        if plan.multi_turn:
-            self._plan, self._replay = plan, replay
-        else:
+        if not plan.multi_turn:
+            self._end()
+
+    def _resume(self, request: _Request, take: Callable[[_Step], None], exc: Exception) -> None:
+        """Go on with a turn whose connection dropped (`exc`) in a new session at the same k,
+        replaying the conversation's layer-k inputs; raises the last drop once
+        `SplitClient.resumes` are spent."""
+        client, error = self.client, exc
+        while self._replay is not None and request.resumes < client.resumes:
+            request.resumes += 1
+            logger.warning(
+                "split conversation dropped after %d tokens of a turn; resuming (%d of %d)",
+                len(self._replay.delivered), request.resumes, client.resumes,
+            )  # fmt: skip
+            self._hang_up()
+            time.sleep(min(2.0, 0.25 * 2**request.resumes))
+            try:
+                self._reopen(request, take)
+                return
+            except SplitConnectionError as again:
+                error = again
+        raise error
+
+    def _reopen(self, request: _Request, take: Callable[[_Step], None]) -> None:
+        """A new session that replays every layer-k input of the conversation, then finishes
+        the turn (the tokens still to come)."""
+        client, replay = self.client, self._replay
+        assert replay is not None
+        opened = dataclasses.replace(
+            request.open,
+            prompt_tokens=replay.rows,
+            max_tokens=request.open.max_tokens - len(replay.delivered),
+            layer=replay.layer,
+            multi_turn=True,
+        )
+        connection = client._connect()
+        client._open.append(connection)
+        self._connection = connection
+        self.sessions += 1
+        _send(connection, protocol.encode_message(opened), client.timeout_s)
+        context = self.history + request.prompt_ids + replay.delivered
+        plan = client._check_plan(
+            _expect(connection, Plan, client.timeout_s), _Request(context, opened)
+        )
+        _check_resumed_layer(plan, replay)
+        self._plan, replay.prefill_from = plan, 0
+        offset = len(replay.delivered)
+        for step in client._exchange(connection, plan, replay):
+            take(_shifted(step, offset))
+        if not plan.multi_turn:
             self._end()
 
     def _follow_up(self, ids: list[int], opened: Open, take: Callable[[_Step], None]) -> None:
@@ -1080,16 +1156,21 @@ class SplitConversation:
         turn = Turn(prompt_tokens=len(ids), max_tokens=opened.max_tokens, sampling=opened.sampling)
         _send(self._connection, protocol.encode_message(turn), self.client.timeout_s)
         # The last reply's final token was never fed back: it goes first, then the new prompt.
-        replay.pending_ids, replay.sent = [replay.delivered[-1], *ids], []
+        # The rows sent before stay (a resumed session replays them); the server holds them.
+        replay.pending_ids, replay.prefill_from = [replay.delivered[-1], *ids], len(replay.sent)
         replay.delivered = []
         plan = dataclasses.replace(self._plan, max_tokens=opened.max_tokens)
-        self.reused_tokens += len(self.history) - 1
         for step in self.client._exchange(self._connection, plan, replay):
             take(step)
+        self.reused_tokens += len(self.history) - 1  # not if it dropped: a resume sends them
 
     def _end(self) -> None:
-        connection, self._connection = self._connection, None
+        self._hang_up()
         self._plan = self._replay = None
+
+    def _hang_up(self) -> None:
+        """Close the session's connection (the replay stays, for a resume)."""
+        connection, self._connection = self._connection, None
         if connection is not None:
             if connection in self.client._open:
                 self.client._open.remove(connection)

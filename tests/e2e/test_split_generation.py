@@ -329,7 +329,46 @@ def test_a_session_is_not_resumed_when_resumes_are_off(server: Server) -> None:
 
         with pytest.raises(SplitError) as err:
             client.generate(PROMPTS[1], max_tokens=6, ignore_eos=True, layer=3, on_token=drop)
-    assert err.value.code == "connection_closed"
+        assert err.value.code == "connection_closed"
+        with client.conversation(layer=3) as conv, pytest.raises(SplitError) as err:
+            conv.send(PROMPTS[1], max_tokens=6, ignore_eos=True, on_token=drop)
+        assert err.value.code == "connection_closed" and conv.sessions == 1
+
+
+def test_a_conversation_dropped_mid_turn_resumes_and_goes_on(
+    split: SplitClient, server: Server, openai_client: openai.OpenAI
+) -> None:
+    """The connection drops in the middle of a conversation's second turn: a new session at the
+    same k replays the layer-k inputs of the whole conversation, the turn goes on token for
+    token as unsplit, and the third turn is a follow-up on the resumed session (its new tokens
+    only). The dropped session is freed on the server."""
+    before_open = open_sessions(server)
+    turns = [split.encode(PROMPTS[0]), split.encode(PROMPTS[1])[1:], split.encode("and then")[1:]]
+    dropped: list[int] = []
+
+    def drop(token: Token) -> None:
+        if token.index == 4 and not dropped:
+            split._open[-1].socket.shutdown(socket.SHUT_RDWR)
+            dropped.append(token.index)
+
+    with split.conversation(layer=3) as conv:
+        context: list[int] = []
+        for number, ids in enumerate(turns):
+            done = conv.send(ids, max_tokens=MAX_TOKENS, ignore_eos=True,
+                             on_token=drop if number == 1 else None)  # fmt: skip
+            context += ids
+            assert done.token_ids == unsplit(openai_client, server, context, MAX_TOKENS), number
+            assert [t.index for t in done.timings] == list(range(MAX_TOKENS))
+            assert done.resumes == (1 if number == 1 else 0) and done.layer == 3
+            context += done.token_ids
+        assert dropped == [4] and conv.history == context
+        assert conv.sessions == 2  # the first, and the resumed one that served turns 2 and 3
+        # Only the third turn reused the session's tokens: the resumed second sent them all.
+        assert conv.reused_tokens == len(context) - len(turns[2]) - MAX_TOKENS - 1
+    deadline = time.monotonic() + 60
+    while open_sessions(server) != before_open and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert open_sessions(server) == before_open
 
 
 def prediction_errors(server: Server) -> float:
@@ -376,10 +415,12 @@ def test_a_conversation_keeps_its_session_and_matches_unsplit(
     tokens (and the last reply's final token), on the KV cache both sides kept. At k = 0 the
     server does not keep sessions, so each turn opens one with the whole conversation. Either
     way each reply equals the unsplit completion of the conversation so far, and nothing is
-    left open on the server."""
+    left open on the server. The conversation's SLA holds for each turn: /metrics counts every
+    turn against it, the first of each session and the follow-up turns apart."""
     before_open = open_sessions(server)
+    before = {turn: sla_turns(server, turn) for turn in ("first", "follow_up")}
     turns = [split.encode(PROMPTS[0]), split.encode(PROMPTS[1])[1:], split.encode("and then")[1:]]
-    with split.conversation(layer=layer) as conv:
+    with split.conversation(layer=layer, sla_s=600.0) as conv:
         context: list[int] = []
         for ids in turns:
             done = conv.send(ids, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -399,6 +440,13 @@ def test_a_conversation_keeps_its_session_and_matches_unsplit(
     while open_sessions(server) != before_open and time.monotonic() < deadline:
         time.sleep(0.2)
     assert open_sessions(server) == before_open
+    counted = {turn: sla_turns(server, turn) - before[turn] for turn in before}
+    assert counted == {"first": conv.sessions, "follow_up": len(turns) - conv.sessions}
+
+
+def sla_turns(server: Server, turn: str) -> float:
+    """Turns counted against an SLA on /metrics (met or not)."""
+    return metric_value(metrics(server), "adaptivellm_split_sla_total", f'turn="{turn}"') or 0.0
 
 
 def test_a_turn_beyond_the_context_is_refused_and_the_next_starts_over(
