@@ -63,6 +63,23 @@ def test_sustainable_rate_is_the_last_rate_before_the_first_miss(bench: types.Mo
     assert bench.sustainable_rate({}, 0.99) == 0.0
 
 
+def test_latency_counts_from_the_clients_start_and_the_harness_lateness_apart(
+    bench: types.ModuleType,
+) -> None:
+    """A request the harness started 0.5 s late meets a 1 s SLA if it took 0.7 s from its
+    start, but not counted from its scheduled arrival; `_timed` measures that lateness."""
+    late = bench.Outcome(0, "phone", "tight", 1.0, 0.7, late_start_s=0.5)
+    assert late.met and not late.met_from_arrival
+    assert not bench.Outcome(0, "phone", "tight", 1.0, 0.7, error="boom").met
+    scheduled = time.perf_counter() - 0.25
+
+    def call(_bench: object, _ref: object, began: float) -> object:
+        return bench.Outcome(0, "phone", "tight", 1.0, time.perf_counter() - began)
+
+    outcome = bench._timed(call, None, None, scheduled)
+    assert 0.25 <= outcome.late_start_s < 5 and outcome.latency_s < outcome.late_start_s
+
+
 @pytest.mark.parametrize("k", [0, 1, 5, 16])
 def test_replayed_client_time_is_what_the_planner_predicts(bench: types.ModuleType, k: int) -> None:
     """The replay sleeps, step by step, exactly the client time the server's planner assumes
