@@ -63,6 +63,21 @@ def test_sustainable_rate_is_the_last_rate_before_the_first_miss(bench: types.Mo
     assert bench.sustainable_rate({}, 0.99) == 0.0
 
 
+def test_decisions_compare_the_planners_k_with_each_baseline(bench: types.ModuleType) -> None:
+    """On the benchmark's own pool the planner never costs the server more than a baseline (it
+    takes the least server work that meets the SLA), and the shares are of split requests only
+    (ordinary ones are not planned)."""
+    items = bench.pool(24, 512, 48, 0.25, 0)
+    out = bench.decisions(items, 16, batches=(1, 8), slacks=(1.2,))
+    split = sum(item.tier in bench.TIERS for item in items)
+    assert out["requests"] == 2 * split > 0
+    for policy in ("greedy", "static"):
+        assert 0 <= out["same_k_share"][policy] <= 1
+        assert out["planner_server_work_ratio"][policy] <= 1 + 1e-12
+    # Static takes every layer or none: the planner's interior splits differ from it.
+    assert out["same_k_share"]["static"] < 1
+
+
 def test_latency_counts_from_the_clients_start_and_the_harness_lateness_apart(
     bench: types.ModuleType,
 ) -> None:
