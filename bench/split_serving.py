@@ -220,7 +220,7 @@ def decisions(
     shape = ModelShape.from_spec(ModelSpec(num_layers=layers))
     masks = prefix_masks(layers)
     same: Counter[str] = Counter()
-    work: Counter[str] = Counter()
+    work: dict[str, float] = dict.fromkeys(("planner", "greedy", "static"), 0.0)
     count = 0
     for batch in batches:
         server = replace(OFFLINE_SERVER, decode_batch=batch)
