@@ -36,7 +36,9 @@ For each policy and rate: SLA attainment (a request meets its SLA when it finish
 token, within it; errors miss), server forward-seconds per request and forward passes that mix
 split and ordinary rows (the server's `adaptivellm_split_*` counters), KV block-seconds per
 request (vLLM's `kv_cache_usage_perc` sampled every `KV_SAMPLE_S`, times the cache's blocks),
-the chosen k, and the planner's latency prediction error. A policy's sweep stops at the first
+the chosen k, the planner's latency prediction error, and the CPU seconds each role spent
+(`cpu_s_by_role`: the server's API process, vLLM's engine core, and `client`, this process
+driving every client). A policy's sweep stops at the first
 rate it fails. The **sustainable rate** is the highest rate reached with attainment >=
 `--target` (0.99).
 
@@ -73,6 +75,7 @@ import torch
 from tqdm import tqdm
 
 from adaptivellm import __version__
+from adaptivellm.benchmark.harness import cpu_deltas, process_cpu_s
 from adaptivellm.benchmark.workloads import sharegpt_pairs
 from adaptivellm.compat import installed_vllm
 from adaptivellm.launch import adaptivellm_command, free_port, metric_value, running_server
@@ -336,6 +339,8 @@ class Bench:
     refs: dict[int, Reference]
     max_frame_bytes: int
     clients: dict[str, queue.SimpleQueue[SplitClient]] = field(default_factory=dict)
+    #: The server's process (its API server; vLLM's engine core and workers are children).
+    server_pid: int | None = None
 
     def __post_init__(self) -> None:
         self.blocks = kv_blocks(self.base)
@@ -459,6 +464,7 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
     """One open-loop run of `policy` at `rate`: every arrival on its own pooled thread."""
     schedule = arrivals(rate, args.duration, len(bench.refs), args.seed)
     before = counters(bench.base)
+    cpu_before = process_cpu_s(bench.server_pid)
     futures: list[Future[Outcome]] = []
     bar = tqdm(total=len(schedule), desc=f"{policy} @ {rate:g}/s", unit="req", leave=False)
     with (
@@ -475,9 +481,18 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
             future.add_done_callback(lambda _: bar.update(1))
             futures.append(future)
         outcomes = [f.result() for f in futures]
+        took = time.perf_counter() - start
     bar.close()
     after = counters(bench.base)
-    return summarise(bench, policy, rate, outcomes, after, before, kv[0])
+    run = summarise(bench, policy, rate, outcomes, after, before, kv[0])
+    # CPU seconds by role over the run (the API server, vLLM's engine core, and `client`: this
+    # process, every client at once), and each role's share of the machine's cores.
+    cpu = cpu_deltas(cpu_before, process_cpu_s(bench.server_pid))
+    run["cpu_s_by_role"] = {role: round(seconds, 2) for role, seconds in sorted(cpu.items())}
+    run["cpu_share_by_role"] = {
+        role: round(seconds / (took * _cpus()), 3) for role, seconds in sorted(cpu.items())
+    }
+    return run
 
 
 def _timed(call: Any, bench: Bench, ref: Reference, scheduled: float) -> Outcome:
@@ -612,7 +627,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 refs = reference_run(base, "split-bench", model_path, items)
             info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
             bench = Bench(base, "split-bench", model_path, args.layers, refs,
-                          int(info["max_frame_bytes"]))  # fmt: skip
+                          int(info["max_frame_bytes"]),
+                          server_pid=server.proc.pid if server.proc else None)  # fmt: skip
             for tier in TIERS:  # made now, not inside a timed request (a tokenizer load each)
                 made = [bench.client(tier) for _ in range(args.clients_per_tier)]
                 for client in made:
