@@ -373,13 +373,23 @@ def test_a_replica_that_starts_late(router: str, tmp_path: Path) -> None:
 
 
 def test_a_replica_killed_mid_stream(router: str) -> None:
-    stream = client(router).completions.create(
-        model=MODEL, prompt="a long one", max_tokens=480, stream=True,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    chunks = iter(stream)
-    next(chunks)
-    victim = next(r for r in status(router)["replicas"] if r["inflight"])
+    # The stream lasts a second or two on the tiny model. A stall on a busy CI machine between
+    # its first chunk and the router's status can let it end first (a fresh-clone CI saw no
+    # replica in flight): then it is drained and started again, up to 3 times.
+    for _ in range(3):
+        stream = client(router).completions.create(
+            model=MODEL, prompt="a long one", max_tokens=480, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        next(chunks)
+        victim = next((r for r in status(router)["replicas"] if r["inflight"]), None)
+        if victim is not None:
+            break
+        for _ in chunks:
+            pass
+    else:
+        pytest.fail("three 480-token streams each ended before the router's status was read")
     doomed = processes_of(victim)
     os.kill(victim["endpoint"]["actor_pid"], signal.SIGKILL)
     with pytest.raises(openai.APIError, match="failed while streaming"):
