@@ -2,7 +2,9 @@
 
 Tenants a, b and c run 12, 6 and 2 closed-loop request streams (equal weights) against one
 `adaptivellm serve` (weighted-turnaround, `--max-num-seqs 4`, so that requests queue in the
-engine where fairness decides). Three phases, each on the same server:
+engine where fairness decides). Three phases, in this order on the same server (with
+`--fresh-server`, each on a newly started one, so that no phase inherits the fairness counters
+of the one before: what the e2e test's short phases need):
 
 - `honest`: every tenant names itself (`user`), authenticated with an operator key
   (`--api-key`), which may declare tenants;
@@ -18,7 +20,7 @@ index over the three tenants' shares (1 = equal). The target (issue 37) is a Jai
 least 0.9 in `forged_keyed`: the key file leaves honest tenants their fair share.
 
     python bench/forged_tenants.py                 # writes bench/results/forged-tenants.json
-    python bench/forged_tenants.py --phase-s 15    # shorter (the e2e test runs this)
+    python bench/forged_tenants.py --phase-s 12 --warmup-s 3 --fresh-server   # the e2e test
 """
 
 from __future__ import annotations
@@ -128,17 +130,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                  "--kv-cache-memory-bytes", str(256 << 20),
                  "--max-num-seqs", str(args.max_num_seqs),
                  "--api-key", OPERATOR_KEY, "--tenant-keys", str(key_file(folder))]  # fmt: skip
-        port = free_port()
-        server = ServerProcess(adaptivellm_command(None, port, flags), port, folder / "server.log")
-        server.start()
-        try:
-            server.wait_ready(timeout=600)
-            phases = {}
-            for phase in PHASES:
-                phases[phase] = asyncio.run(run_phase(server.base_url, phase, args))
-                print(phase, json.dumps(phases[phase]), flush=True)
-        finally:
-            server.stop()
+        phases = {}
+        # One server for every phase, or (--fresh-server) a new one for each: then no phase
+        # inherits the fairness counters of the one before (a short phase is mostly transient).
+        groups = [[p] for p in PHASES] if args.fresh_server else [list(PHASES)]
+        for group in groups:
+            port = free_port()
+            log = folder / f"server-{group[0]}.log"
+            server = ServerProcess(adaptivellm_command(None, port, flags), port, log)
+            server.start()
+            try:
+                server.wait_ready(timeout=600)
+                for phase in group:
+                    phases[phase] = asyncio.run(run_phase(server.base_url, phase, args))
+                    print(phase, json.dumps(phases[phase]), flush=True)
+            finally:
+                server.stop()
     keyed = phases["forged_keyed"]["jain"]
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -156,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase-s", type=float, default=40.0, help="measured seconds a phase")
     parser.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured start a phase")
+    parser.add_argument("--fresh-server", action="store_true",
+                        help="run each phase on a newly started server")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS / "forged-tenants.json")

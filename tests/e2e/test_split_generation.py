@@ -301,6 +301,9 @@ def test_a_dropped_connection_resumes_with_the_same_tokens(
         extra_body={"ignore_eos": True, "return_token_ids": True},
     ).choices[0].token_ids  # fmt: skip
     before_open = open_sessions(server)
+    # At k = 0 the server may have sent every token before the client, slowed on a busy machine,
+    # handles the fifth (a fresh-clone CI: 200 tokens in 1.2 s, no resume needed): such a run
+    # proves nothing, and is made again, up to 3 times.
     dropped: list[int] = []
 
     def drop(token: Token) -> None:
@@ -308,8 +311,12 @@ def test_a_dropped_connection_resumes_with_the_same_tokens(
             split._open[-1].socket.shutdown(socket.SHUT_RDWR)
             dropped.append(token.index)
 
-    done = split.generate(prompt, max_tokens=tokens, ignore_eos=True, layer=layer,
-                          on_token=drop)  # fmt: skip
+    for _ in range(3):
+        dropped.clear()
+        done = split.generate(prompt, max_tokens=tokens, ignore_eos=True, layer=layer,
+                              on_token=drop)  # fmt: skip
+        if done.resumes or done.token_ids != expected:
+            break
     assert dropped == [4] and done.resumes == 1 and done.layer == layer
     assert done.token_ids == expected
     assert [t.index for t in done.timings] == list(range(tokens))
