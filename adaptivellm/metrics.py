@@ -21,6 +21,7 @@ a metric.
 from __future__ import annotations
 
 import atexit
+import bisect
 import os
 import shutil
 import sys
@@ -30,7 +31,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.metrics_core import Metric
@@ -120,6 +121,33 @@ def _engine_side() -> None:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", path)
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """Observe each of `values` in `histogram` (a histogram without labels, or one child) as
+    `observe` would, with one write for the sum and one per bucket that moved: in the engine
+    core each write is a write to a multi-process file. Uses prometheus_client's `_sum`,
+    `_buckets` and `_upper_bounds` (unchanged since 0.4; buckets are kept non-cumulative), and
+    observes one by one where a version lacks them."""
+    if not values:
+        return
+    total = getattr(histogram, "_sum", None)
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if total is None or buckets is None or bounds is None or len(buckets) != len(bounds):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts: dict[int, int] = {}
+    for value in values:  # observe() counts a value in the first bucket whose bound holds it
+        if value != value:  # NaN: in the sum, in no bucket (as observe())
+            continue
+        i = bisect.bisect_left(bounds, value)
+        counts[i] = counts.get(i, 0) + 1
+    total.inc(sum(values))
+    for i, n in counts.items():
+        if i < len(buckets):  # the last bound is +Inf: every number (not NaN) lands
+            buckets[i].inc(n)
 
 
 def publish_info(**labels: str) -> None:

@@ -16,6 +16,9 @@ Python costs when the engine core's step is on the critical path. A live server 
 machine runs the same code about 2-4x slower than this single process (the engine core shares
 a core with the API server and the worker's busy-waiting), so the shares are lower bounds.
 
+AdaptiveLLM's metrics are written to multi-process files, as in the live engine core
+(`--metrics memory` keeps them in memory).
+
     python bench/scheduler_overhead.py [--repeats 5]
                                         # writes bench/results/scheduler-overhead.json
 """
@@ -23,8 +26,12 @@ a core with the API server and the worker's busy-waiting), so the shares are low
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,21 +44,28 @@ from adaptivellm.scheduler.config import FairnessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-#: Configurations timed: None = stock vLLM's Scheduler; else AdaptiveScheduler with this policy.
-CONFIGS: dict[str, str | None] = {
-    "stock": None,
-    "fcfs": "fcfs",
-    "vtc": "vtc",
-    "weighted-turnaround": "weighted-turnaround",
+#: Configurations timed: (fairness policy, preemption mode); policy None = stock vLLM's
+#: Scheduler (which always recomputes), else AdaptiveScheduler. `fcfs-recompute` is vLLM's own
+#: policy with no swap connector (`--fairness fcfs --preemption-mode recompute`); the others
+#: run with the swap connector.
+CONFIGS: dict[str, tuple[str | None, str]] = {
+    "stock": (None, "recompute"),
+    "fcfs-recompute": ("fcfs", "recompute"),
+    "fcfs": ("fcfs", "swap"),
+    "vtc": ("vtc", "swap"),
+    "weighted-turnaround": ("weighted-turnaround", "swap"),
 }
 #: The same under vLLM's async scheduling (CUDA's default): stock vLLM's AsyncScheduler against
 #: AdaptiveAsyncScheduler, two steps in flight (replay_async).
-ASYNC_CONFIGS: dict[str, str | None] = {f"{name}_async": p for name, p in CONFIGS.items()}
+ASYNC_CONFIGS: dict[str, tuple[str | None, str]] = {
+    f"{name}_async": config for name, config in CONFIGS.items()
+}
 
 
 def replay_async(
     requests: list[Any], fairness: FairnessConfig, cost: StepCost, stock: bool,
     timing: dict[str, float], max_num_seqs: int = 4, max_model_len: int = 2048,
+    preemption: str = "swap",
 ) -> dict[str, float]:  # fmt: skip
     """fairness_sim.replay's workload with two steps in flight, as vLLM's engine core drives
     an async scheduler: schedule(N + 1) before update_from_output(N). Times the two calls into
@@ -67,8 +81,9 @@ def replay_async(
     scheduler, clock = make_scheduler(
         fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len,
-        max_model_len=max_model_len, preemption="recompute" if stock else "swap",
-        swap_slots=10 * max_num_seqs * max_model_len // 16,
+        max_model_len=max_model_len, preemption="recompute" if stock else preemption,
+        swap_slots=0 if preemption == "recompute" and not stock
+        else 10 * max_num_seqs * max_model_len // 16,
         scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler, async_scheduling=True,
     )  # fmt: skip
     scheduler.step_timer = clock
@@ -110,6 +125,18 @@ def replay_async(
     return {"steps": float(steps), "sim_time_s": clock.now}
 
 
+def metrics_to_files() -> None:
+    """Have the metrics created from now on write to multi-process files in a temporary folder
+    (removed at exit), as the engine core of `adaptivellm serve` does: a counter's inc() is then
+    a write to an mmap'ed file, which the scheduler pays on its step."""
+    from prometheus_client import values
+
+    path = tempfile.mkdtemp(prefix="adaptivellm-scheduler-overhead-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values.ValueClass = values.MultiProcessValue()
+
+
 def time_replays(
     scenario: str, num_requests: int, rate: float, repeats: int, cost: StepCost
 ) -> dict[str, Any]:
@@ -120,11 +147,13 @@ def time_replays(
     figures: dict[str, dict[str, float]] = {}
     configs = {**CONFIGS, **ASYNC_CONFIGS}
     for _ in range(repeats):
-        for name, policy in configs.items():  # interleaved: drifts of the machine hit all alike
+        for name, (policy, mode) in configs.items():  # interleaved: machine drifts hit all
             timing: dict[str, float] = {}
             fairness = FairnessConfig(policy=policy or "fcfs")
             run = replay_async if name in ASYNC_CONFIGS else replay
-            figures[name] = run(requests, fairness, cost, stock=policy is None, timing=timing)
+            figures[name] = run(
+                requests, fairness, cost, stock=policy is None, timing=timing, preemption=mode
+            )
             total = timing["schedule_s"] + timing["update_s"]
             if name not in best or total < best[name]["schedule_s"] + best[name]["update_s"]:
                 best[name] = timing
@@ -173,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=120)
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests/s offered")
     parser.add_argument("--scenarios", default=",".join(FAIRNESS_SCENARIOS.values()))
+    parser.add_argument(
+        "--metrics", choices=("files", "memory"), default="files",
+        help="files (default): AdaptiveLLM's metrics are written to multi-process files, as in "
+        "a live engine core; memory: kept in memory (only where none was created before)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "scheduler-overhead.json")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.num_requests < 2 or args.rate <= 0:
@@ -182,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if not scenarios or any(s not in known for s in scenarios):
         parser.error(f"unknown scenario(s) {args.scenarios!r}; known: {', '.join(known)}")
     logging.disable(logging.WARNING)  # a vLLM start-up line for every scheduler built
+    if args.metrics == "files":
+        metrics_to_files()
     cost = StepCost()
     by_key = {v: k for k, v in FAIRNESS_SCENARIOS.items()}
     results = {
@@ -193,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_requests": args.num_requests,
         "repeats": args.repeats,
         "max_num_seqs": 4,
+        "metrics": args.metrics,
         "scenarios": results,
     }, table(results))  # fmt: skip
     return 0

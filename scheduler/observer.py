@@ -9,11 +9,12 @@ scheduler calls it at each point of a request's and a step's life; no policy rea
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from adaptivellm.metrics import EngineMetrics
+from adaptivellm.metrics import EngineMetrics, observe_many
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.policies import (
     FAIRNESS_WINDOW_S,
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 #: Tenants beyond this many share the metric label "other" (bounded label cardinality).
 MAX_TENANT_LABELS = 64
+#: The per-step metrics (steps, tokens per step, tokens per tenant, swap space) are written to
+#: Prometheus at most this often while the engine is busy, and at once when it goes idle
+#: (`flush`): in the engine core every write is a write to a multi-process file, and a step of a
+#: small model on a fast device lasts a few milliseconds. A scrape sees them this late at most.
+METRICS_FLUSH_S = 0.5
 
 
 class EngineObserver:
@@ -47,18 +53,47 @@ class EngineObserver:
         #: before the first step), tokens served per tenant.
         self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
         self._logged_service: ServiceModel | None = None
+        #: Per-step metric values not yet written (flush): steps, tokens of each step, tokens
+        #: per tenant label; when they were last written; the swap-space gauge's value.
+        self._steps = 0
+        self._step_tokens: list[int] = []
+        self._tenant_pending: dict[str, int] = {}
+        self._flushed_at = time.monotonic()
+        self._swap_space: float | None = None
         metrics = EngineMetrics.get()
         metrics.jain.labels(rank=rank).set(1.0)  # no tenant has waited yet
         metrics.max_queue_wait.labels(rank=rank).set(fairness.max_wait_s)
 
     def step(self, scheduled_tokens: int, swap_space_bytes: float | None) -> None:
-        """A step was scheduled with `scheduled_tokens` tokens."""
-        metrics = EngineMetrics.get()
+        """A step was scheduled with `scheduled_tokens` tokens. Its metrics are written with the
+        others at the next flush (every METRICS_FLUSH_S while busy, and when idle)."""
         if scheduled_tokens:
-            metrics.scheduler_steps.inc()
-            metrics.step_tokens.observe(scheduled_tokens)
+            self._steps += 1
+            self._step_tokens.append(scheduled_tokens)
         if swap_space_bytes is not None:
-            metrics.swap_space_bytes.labels(rank=self.rank).set(swap_space_bytes)
+            self._swap_space = swap_space_bytes
+        if time.monotonic() - self._flushed_at >= METRICS_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the per-step metrics gathered since the last flush: one write per counter,
+        histogram bucket and tenant that moved, however many steps they span."""
+        self._flushed_at = time.monotonic()
+        metrics = EngineMetrics.get()
+        if self._steps:
+            metrics.scheduler_steps.inc(self._steps)
+            observe_many(metrics.step_tokens, self._step_tokens)
+            self._steps, self._step_tokens = 0, []
+        if self._tenant_pending:
+            pending, self._tenant_pending = self._tenant_pending, {}
+            tenant_tokens = metrics.tenant_tokens
+            for label, tokens in pending.items():
+                if (child := self._tenant_tokens.get(label)) is None:
+                    child = self._tenant_tokens[label] = tenant_tokens.labels(tenant=label)
+                child.inc(tokens)
+        if self._swap_space is not None:
+            metrics.swap_space_bytes.labels(rank=self.rank).set(self._swap_space)
+            self._swap_space = None
 
     def first_scheduled(self, waited_s: float) -> None:
         """A request was scheduled for the first time, `waited_s` after it arrived."""
@@ -73,16 +108,15 @@ class EngineObserver:
         """This step served `served` tokens per tenant. Counts them per tenant label, and
         advances the fairness window: which tenants were left waiting by this step
         (`waiting_tenants(among)`: those of `among`, None: all, with a request waiting), and
-        what each was served. A closed window sets the Jain index gauge."""
-        tenant_tokens = EngineMetrics.get().tenant_tokens
+        what each was served. A closed window sets the Jain index gauge. The per-tenant
+        counters are written at the next flush."""
+        pending = self._tenant_pending
         for tenant, tokens in served.items():
             label = tenant
             if label not in self.served_tokens and len(self.served_tokens) >= MAX_TENANT_LABELS:
                 label = "other"
             self.served_tokens[label] += tokens
-            if (child := self._tenant_tokens.get(label)) is None:
-                child = self._tenant_tokens[label] = tenant_tokens.labels(tenant=label)
-            child.inc(tokens)
+            pending[label] = pending.get(label, 0) + tokens
         if self._window is None or now - self._window[0] >= FAIRNESS_WINDOW_S:
             if self._window is not None:
                 self._close_window(*self._window[1:])

@@ -329,10 +329,25 @@ class AdaptiveScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self._errored:
             self._send_errors(outputs)
+        self._flush_if_idle()
         if step is not None and step.traced is not None:
             with self.errors.guard("step_trace"):
                 self.observer.trace_step(step.traced, entered, time.perf_counter())
         return outputs
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus
+    ) -> list[Request]:
+        finished = super().finish_requests(request_ids, finished_status)
+        self._flush_if_idle()  # the last requests aborted: no step will follow
+        return finished
+
+    def _flush_if_idle(self) -> None:
+        """With nothing left to run, write the per-step metrics the observer holds back
+        (EngineObserver.flush): a scrape of an idle engine sees every step."""
+        if not self.has_unfinished_requests():
+            with self.errors.guard("metrics"):
+                self.observer.flush()
 
     def _send_errors(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         """Add an error output for each request _finish_failed finished (as vLLM does for its

@@ -62,16 +62,20 @@ def replay(
     max_model_len: int = 2048,
     stock: bool = False,
     timing: dict[str, float] | None = None,
+    preemption: str | None = None,
 ) -> dict[str, float]:
     """Serve `requests` (arriving at their arrival_s) on the simulated clock; their figures.
 
     `stock`: stock vLLM's Scheduler (what `vllm serve` runs on CPU) instead of AdaptiveLLM's,
     with no KV connector; `fairness` is then ignored. `timing`: add to it the real seconds spent
     in schedule() and update_from_output() (keys `schedule_s`, `update_s`, and `waiting`, the
-    waiting requests summed over steps; the figures count the steps)."""
+    waiting requests summed over steps; the figures count the steps). `preemption`: AdaptiveLLM's
+    preemption mode (None: swap; stock vLLM always recomputes)."""
     from adaptivellm.scheduler.simulated import make_request
 
-    scheduler, clock = _simulated_scheduler(fairness, max_num_seqs, max_model_len, stock)
+    scheduler, clock = _simulated_scheduler(
+        fairness, max_num_seqs, max_model_len, stock, preemption or "swap"
+    )
     spent = timing if timing is not None else {}
     clock.now = 0.0
     pending = sorted(requests, key=lambda r: r.arrival_s)
@@ -108,8 +112,9 @@ def replay(
 
 
 def _simulated_scheduler(
-    fairness: FairnessConfig, max_num_seqs: int, max_model_len: int, stock: bool
-) -> tuple[Any, Any]:
+    fairness: FairnessConfig, max_num_seqs: int, max_model_len: int, stock: bool,
+    preemption: str = "swap",
+) -> tuple[Any, Any]:  # fmt: skip
     """The scheduler replay serves with, and its simulated clock (also its step timer, so
     the service model learns from the simulated steps)."""
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -117,14 +122,15 @@ def _simulated_scheduler(
     from adaptivellm.scheduler.scheduler import AdaptiveScheduler
     from adaptivellm.scheduler.simulated import make_scheduler
 
+    own = None if stock else preemption  # stock's settings as they always were
     scheduler, clock = make_scheduler(
         fairness,
         num_blocks=2 + max_num_seqs * max_model_len // 16,  # never preempted for memory
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_model_len,
         max_model_len=max_model_len,
-        preemption="recompute" if stock else "swap",
-        swap_slots=10 * max_num_seqs * max_model_len // 16,
+        preemption=own or "recompute",
+        swap_slots=0 if own == "recompute" else 10 * max_num_seqs * max_model_len // 16,
         scheduler_cls=Scheduler if stock else AdaptiveScheduler,
     )
     scheduler.step_timer = clock

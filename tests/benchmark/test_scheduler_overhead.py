@@ -15,12 +15,14 @@ bench = load_bench_script("scheduler_overhead")
 
 def test_run_writes_per_step_times_next_to_stock_vllm(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
+    # memory: files would switch this test process's metrics to multi-process mode.
     argv = ["--repeats", "2", "--num-requests", "12", "--rate", "3", "--scenarios", "sharegpt",
-            "--out", str(out)]  # fmt: skip
+            "--metrics", "memory", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["command"].startswith("python bench/scheduler_overhead.py --repeats 2")
     assert report["repeats"] == 2 and report["num_requests"] == 12
+    assert report["metrics"] == "memory"
     configs = report["scenarios"]["mixed_length"]
     assert set(configs) == set(bench.CONFIGS) | set(bench.ASYNC_CONFIGS)
     stock = configs["stock"]
@@ -41,6 +43,7 @@ def test_run_writes_per_step_times_next_to_stock_vllm(tmp_path: Path) -> None:
         assert 10 < r["mean_step_ms"] < 1000, name  # the simulator's step-cost model
     # AdaptiveLLM's fcfs is vLLM's own policy: the same workload takes the same steps.
     assert configs["fcfs"]["steps"] == stock["steps"]
+    assert configs["fcfs-recompute"]["steps"] == stock["steps"]
 
 
 @pytest.mark.parametrize(

@@ -427,3 +427,77 @@ def test_a_short_request_behind_a_long_head_of_queue_may_preempt(candidates: int
     run.until_idle()
     check_no_leaks(scheduler, 40)
     assert run.finished["short"] < run.finished["long"]
+
+
+def _steps_metric() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("adaptivellm_scheduler_steps_total") or 0.0
+
+
+def test_step_metrics_are_held_back_while_busy_and_written_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-step metrics are written at most every METRICS_FLUSH_S while requests run (each
+    write is a multi-process file write in the engine core), and all of them once none is
+    left: a scrape of an idle engine sees every step and every tenant's tokens."""
+    from adaptivellm.scheduler import observer
+
+    monkeypatch.setattr(observer, "METRICS_FLUSH_S", 3600.0)
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=60)
+    before = _steps_metric()
+    scheduler.add_request(make_request("r0", 20, 6, clock.now, tenant="held"))
+    run, steps = Run(scheduler, clock), 0
+    for _ in range(3):
+        steps += run.step().total_num_scheduled_tokens > 0
+    assert steps == 3 and _steps_metric() == before  # three steps run, none written yet
+    while scheduler.has_requests():
+        steps += run.step().total_num_scheduled_tokens > 0
+    assert _steps_metric() - before == steps
+
+
+def test_aborting_the_last_requests_writes_the_held_back_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import REGISTRY
+    from vllm.v1.request import RequestStatus
+
+    from adaptivellm.scheduler import observer
+
+    monkeypatch.setattr(observer, "METRICS_FLUSH_S", 3600.0)
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=60)
+    before = _steps_metric()
+    tokens_before = REGISTRY.get_sample_value(
+        "adaptivellm_tenant_served_tokens_total", {"tenant": "aborts"}
+    )
+    for i in range(2):
+        scheduler.add_request(make_request(f"a{i}", 24, 50, clock.now, tenant="aborts"))
+    run = Run(scheduler, clock)
+    for _ in range(4):
+        run.step()
+    assert _steps_metric() == before
+    scheduler.finish_requests(["a0"], RequestStatus.FINISHED_ABORTED)
+    assert _steps_metric() == before  # a1 still runs
+    scheduler.finish_requests(["a1"], RequestStatus.FINISHED_ABORTED)
+    assert _steps_metric() == before + 4
+    served = REGISTRY.get_sample_value(
+        "adaptivellm_tenant_served_tokens_total", {"tenant": "aborts"}
+    )
+    assert served is not None and served - (tokens_before or 0.0) == sum(
+        scheduler.served_tokens.values()
+    )
+
+
+def test_step_metrics_are_written_every_flush_interval_while_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from adaptivellm.scheduler import observer
+
+    monkeypatch.setattr(observer, "METRICS_FLUSH_S", 0.0)  # every step
+    scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=60)
+    before = _steps_metric()
+    scheduler.add_request(make_request("b0", 20, 30, clock.now, tenant="busy"))
+    run = Run(scheduler, clock)
+    for _ in range(3):
+        run.step()
+    assert _steps_metric() - before >= 2  # the third step's flush wrote the first two or more
