@@ -52,6 +52,7 @@ from adaptivellm.split_client.protocol import (
     Error,
     Open,
     Plan,
+    Prompt,
     ProtocolError,
     TensorFrame,
     Token,
@@ -584,12 +585,14 @@ class Session:
             server_decodes=self.layer == 0,
             # Follow-up turns need the engine's streaming session: split sessions only.
             multi_turn=opened.multi_turn and self.layer > 0,
+            # Served whole, the prompt goes up as token ids where the client can send them.
+            prompt_ids=opened.prompt_ids and self.layer == 0,
         )
         await self._send(plan)
         began = time.monotonic()
         self.waited.clear()
         if self.layer == 0:
-            await self._serve_whole(opened)
+            await self._serve_whole(opened, plan.prompt_ids)
         else:
             await self._serve_split(opened)
         took = time.monotonic() - began  # until the last token was sent (the client holds it)
@@ -643,17 +646,22 @@ class Session:
             )
         return parsed
 
-    async def _serve_whole(self, opened: Open) -> None:
-        """k = 0: an ordinary request on the prompt's embeddings; the engine decodes on its own
-        and every token streams to the client."""
-        from vllm.inputs.engine import embeds_input
+    async def _serve_whole(self, opened: Open, prompt_ids: bool) -> None:
+        """k = 0: an ordinary request, on the prompt's token ids (`prompt_ids`) or on its
+        embeddings; the engine decodes on its own and every token streams to the client."""
+        from vllm.inputs.engine import EmbedsInput, TokensInput, embeds_input, tokens_input
 
-        prompt = await self._receive_prefill(opened.prompt_tokens)
+        inputs: TokensInput | EmbedsInput
+        if prompt_ids:
+            inputs = tokens_input(await self._receive_prompt_ids(opened.prompt_tokens))
+        else:
+            prompt = await self._receive_prefill(opened.prompt_tokens)
+            embeds = torch_tensor(prompt).to(self.service.engine.model_config.dtype)
+            inputs = embeds_input(embeds)
         began = time.monotonic()
         params = self._sampling(opened)
         params.max_tokens, params.extra_args = opened.max_tokens, None
-        embeds = torch_tensor(prompt).to(self.service.engine.model_config.dtype)
-        self.outputs = self.service.engine.generate(embeds_input(embeds), params, self.request_id)
+        self.outputs = self.service.engine.generate(inputs, params, self.request_id)
         index = 0
         while (output := await self._engine_output()) is not None:
             completion = output.outputs[0]
@@ -734,6 +742,28 @@ class Session:
         if message.get("bytes") is not None:
             return bytes(message["bytes"])
         return str(message.get("text") or "")
+
+    async def _receive_prompt_ids(self, tokens: int) -> list[int]:
+        """The prompt's `tokens` token ids, in one `Prompt` message (Plan.prompt_ids)."""
+        message = await self._receive()
+        if isinstance(message, bytes):
+            raise ProtocolError("bad_request", "expected the prompt's token ids, got a frame")
+        parsed = decode_message(message)
+        if isinstance(parsed, Close):
+            raise WebSocketDisconnect(1000)
+        if not isinstance(parsed, Prompt):
+            raise ProtocolError("bad_request", f"expected a prompt, got {parsed.type}")
+        ids = parsed.token_ids
+        if len(ids) != tokens:
+            raise ProtocolError(
+                "bad_request", f"the prompt has {len(ids)} token ids; the Open said {tokens}"
+            )
+        vocab = self.service.engine.model_config.get_vocab_size()
+        if max(ids) >= vocab:
+            raise ProtocolError(
+                "bad_request", f"token id {max(ids)} is outside the vocabulary of {vocab} tokens"
+            )
+        return ids
 
     async def _receive_prefill(self, tokens: int) -> np.ndarray:
         """The prompt's hidden states, in one frame or several (a frame is at most

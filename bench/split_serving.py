@@ -301,6 +301,17 @@ class ReplayModel(ClientModel):
         return torch.from_numpy(np.ascontiguousarray(rows))
 
 
+class ReplayClient(SplitClient):
+    """A `SplitClient` whose prompt, sent as token ids to a server that serves the session whole
+    (k = 0), takes its tier's link time as `ReplayModel`'s frames do (no hidden states are
+    computed then, so the model's sleep does not run)."""
+
+    def _exchange_ids(self, connection: Any, plan: Any, replay: Any) -> Iterator[Any]:
+        assert isinstance(self.model, ReplayModel)
+        time.sleep(link_s(self.model.spec, len(replay.pending_ids) * TOKEN_ID_BYTES))
+        yield from super()._exchange_ids(connection, plan, replay)
+
+
 @dataclass
 class Outcome:
     """One request of one run."""
@@ -353,7 +364,7 @@ class Bench:
         try:
             return idle.get_nowait()
         except queue.Empty:
-            client = SplitClient(
+            client = ReplayClient(
                 self.base, self.model_path, client_spec=TIERS[tier], calibrate=False,
                 max_frame_bytes=self.max_frame_bytes, timeout_s=120,
             )  # fmt: skip

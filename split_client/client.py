@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from adaptivellm.split_client.protocol import (
     Close,
     Open,
     Plan,
+    Prompt,
     Sampling,
     Token,
     Turn,
@@ -538,7 +540,8 @@ class SplitClient:
     never asks for more layers than fit. None declares the spec's figure (measured:
     MemAvailable). A refusal that says when to come back (`too_many_sessions`,
     `infeasible_sla`) is waited out and retried `busy_retries` times, with what is left of the
-    SLA.
+    SLA. With `prompt_ids` (default) a session the server serves whole (k = 0) sends the
+    prompt's token ids rather than its embeddings, and loads none of the model here.
 
     With `calibrate` (default), each finished `generate()` compares the time this client's
     layers really took with what the planner's cost model predicts from the declared spec, and
@@ -566,6 +569,7 @@ class SplitClient:
         resumes: int = 3,
         memory_bytes: float | None = None,
         busy_retries: int = 2,
+        prompt_ids: bool = True,
     ) -> None:
         if memory_bytes is not None and not (memory_bytes > 0):  # also NaN
             raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
@@ -588,6 +592,10 @@ class SplitClient:
         self.resumes = resumes
         #: How many times a refusal with a retry-after hint is waited out and retried (0: never).
         self.busy_retries = busy_retries
+        #: Offer to send the prompt as token ids when the server runs every layer (k = 0), as
+        #: an ordinary request does, instead of their embeddings (Open.prompt_ids). False for a
+        #: server older than the field (it refuses an Open that names it).
+        self.prompt_ids = prompt_ids
         #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
         self.calibration = 1.0
         #: Running mean of the per-token time outside both sides' compute (round trip minus the
@@ -790,6 +798,7 @@ class SplitClient:
             layer=self.layer if layer is None else layer,
             model=self.served_model,
             sampling=sampling,
+            prompt_ids=self.prompt_ids,
         )
         return _Request(ids, message)
 
@@ -856,7 +865,8 @@ class SplitClient:
             plan = self._check_plan(_expect(connection, Plan, self.timeout_s), request)
             _check_resumed_layer(plan, replay)
             replay.layer = plan.layer
-            self.model.ensure_layers(plan.layer)
+            if not plan.prompt_ids:
+                self.model.ensure_layers(plan.layer)
             offset = len(replay.delivered)
             for step in self._exchange(connection, plan, replay):
                 yield _shifted(step, offset)
@@ -868,6 +878,9 @@ class SplitClient:
     def _exchange(
         self, connection: ClientConnection, plan: Plan, replay: _Replay
     ) -> Iterator[_Step]:
+        if plan.prompt_ids:
+            yield from self._exchange_ids(connection, plan, replay)
+            return
         wire = wire_dtype(plan.dtype)
         row_bytes = plan.hidden_size * DTYPE_BYTES[wire]
         rows = max(1, (self.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes)
@@ -909,6 +922,35 @@ class SplitClient:
         raise SplitError(
             "protocol_error", f"the server sent {plan.max_tokens} tokens without finishing"
         )
+
+    def _exchange_ids(
+        self, connection: ClientConnection, plan: Plan, replay: _Replay
+    ) -> Iterator[_Step]:
+        """k = 0 with `Plan.prompt_ids`: the prompt goes up as token ids, and the server decodes
+        on its own. `replay.pending_ids` stays every id the server's inputs hold (the prompt,
+        then each token delivered), so a resumed session sends them all, as ids or, where its
+        plan asks for embeddings, as those."""
+        if replay.sent:  # embeddings went up before; a plan for ids cannot go on from them
+            raise SplitError(
+                "protocol_error", "the server asked for token ids in a session that sent embeddings"
+            )
+        start = time.perf_counter()
+        _send(connection, protocol.encode_message(Prompt(list(replay.pending_ids))), self.timeout_s)
+        sent = time.perf_counter()
+        token = _expect(connection, Token, self.timeout_s)
+        timing = StepTiming(
+            token.index, sent - start, time.perf_counter() - sent, token.server_step_s
+        )
+        steps = itertools.chain(
+            [_Step(plan, token, timing)],
+            ()
+            if token.finish_reason is not None
+            else _server_stream(connection, plan, self.timeout_s),
+        )
+        for step in steps:
+            replay.delivered.append(step.token.token_id)
+            replay.pending_ids.append(step.token.token_id)
+            yield step
 
     def _check_plan(self, plan: Plan, request: _Request) -> Plan:
         model = self.model
@@ -1092,7 +1134,8 @@ class SplitConversation:
         plan = client._check_plan(
             _expect(connection, Plan, client.timeout_s), _Request(context, opened)
         )
-        client.model.ensure_layers(plan.layer)
+        if not plan.prompt_ids:
+            client.model.ensure_layers(plan.layer)
         self._plan = plan
         self._replay = replay = _Replay(pending_ids=list(context), layer=plan.layer)
         for step in client._exchange(connection, plan, replay):

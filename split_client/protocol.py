@@ -13,6 +13,11 @@ Bearer` header). One WebSocket is one generation:
              <------------------------------ Token (JSON) ... until finish_reason is set
     Close (JSON, optional) ----------------> frees the session's KV cache at once
 
+When the server runs every layer (k = 0) it decodes on its own: after the prefill it streams
+every token, and the client sends no decode frames (`Plan.server_decodes`). A client that
+offers it (`Open.prompt_ids`) then sends its prompt as one `Prompt` message of token ids
+(`Plan.prompt_ids`), as an ordinary request would, rather than as embeddings.
+
 The prompt's hidden states may come in several prefill frames (consecutive token ranges, in
 order) when one would exceed the server's frame limit (`GET /v1/split/info`:
 `max_frame_bytes`); the server starts the prefill when it holds all `prompt_tokens` rows.
@@ -169,6 +174,9 @@ class Open:
     #: Keep the session after a turn finishes, for follow-up `Turn`s on the same KV cache (both
     #: sides). The server grants it for split sessions (k > 0): `Plan.multi_turn`.
     multi_turn: bool = False
+    #: The client can send its prompt as token ids (`Prompt`) when the server runs every layer
+    #: (k = 0), instead of their embeddings (hidden_size values per token). Sent only when set.
+    prompt_ids: bool = False
     version: int = PROTOCOL_VERSION
     type: Literal["open"] = "open"
 
@@ -204,6 +212,9 @@ class Plan:
     server_decodes: bool = False
     #: The server keeps this session after each turn and accepts a `Turn` (or `Close`) then.
     multi_turn: bool = False
+    #: k = 0 and the client offered it (`Open.prompt_ids`): the prompt comes as one `Prompt`
+    #: message of token ids, not as prefill frames. Sent only when set.
+    prompt_ids: bool = False
     version: int = PROTOCOL_VERSION
     type: Literal["plan"] = "plan"
 
@@ -238,6 +249,25 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """The prompt as token ids, in place of the prefill frames where the `Plan` says
+    `prompt_ids` (k = 0: the server embeds them itself). A resumed session's prompt is the
+    original one followed by the tokens delivered before the drop."""
+
+    token_ids: list[int]
+    type: Literal["prompt"] = "prompt"
+
+    def __post_init__(self) -> None:
+        ids = self.token_ids
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_TOKENS_FIELD:
+            raise ProtocolError("bad_request", "Prompt.token_ids must be a non-empty list")
+        if not all(type(i) is int and 0 <= i < MAX_TOKENS_FIELD for i in ids):
+            raise ProtocolError(
+                "bad_request", "Prompt.token_ids must hold non-negative integer token ids"
+            )
+
+
+@dataclass(frozen=True)
 class Close:
     """The client is done (the server frees the session now rather than at disconnect)."""
 
@@ -256,12 +286,13 @@ class Error:
     type: Literal["error"] = "error"
 
 
-Message = Open | Plan | Token | Turn | Close | Error
+Message = Open | Plan | Token | Turn | Prompt | Close | Error
 _MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
     "open": Open,
     "plan": Plan,
     "token": Token,
     "turn": Turn,
+    "prompt": Prompt,
     "close": Close,
     "error": Error,
 }
@@ -274,6 +305,8 @@ def encode_message(message: Message) -> str:
         del body["retry_after_s"]  # an error without a hint reads as before
     if isinstance(message, Open | Plan) and not message.multi_turn:
         del body["multi_turn"]  # a single-turn session reads as before (older peers too)
+    if isinstance(message, Open | Plan) and not message.prompt_ids:
+        del body["prompt_ids"]  # embeddings at k = 0, as before (older peers too)
     client = body.get("client")
     if isinstance(client, dict):
         if math.isinf(client.get("mem_bytes_per_s", 0.0)):
@@ -358,7 +391,9 @@ def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
             not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
         ):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be a number")
-        if name in ("ignore_eos", "server_decodes", "multi_turn") and not isinstance(value, bool):
+        if name in ("ignore_eos", "server_decodes", "multi_turn", "prompt_ids") and not isinstance(
+            value, bool
+        ):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be true or false")
 
 

@@ -139,6 +139,7 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
             for prompt, result in results.items():
                 assert result.layer == layer and result.plan.planned_by == "client"
                 assert result.plan.server_decodes == (layer == 0)  # k = 0: no round trip per token
+                assert result.plan.prompt_ids == (layer == 0)  # k = 0: the prompt as ids
                 assert result.token_ids == reference[prompt][0], prompt
                 assert result.text == reference[prompt][1]
                 assert result.finish_reason == "length"
@@ -282,6 +283,19 @@ def test_split_chat_equals_the_servers_chat_completion(
     assert len(done.token_ids) == MAX_TOKENS
     with pytest.raises(ValueError, match="role and content"):
         split.chat([{"role": "user"}], max_tokens=2)
+
+
+def test_served_whole_the_prompt_goes_up_as_embeddings_for_a_client_that_asks(
+    server: Server, reference: dict
+) -> None:
+    """A client that does not offer token ids (`prompt_ids=False`, as one older than the field)
+    sends the prompt's embeddings at k = 0, and gets the same tokens."""
+    with SplitClient(server.base_url, ensure_model(), api_key=API_KEY, client_spec=SPEC,
+                     prompt_ids=False) as client:  # fmt: skip
+        for prompt in PROMPTS:
+            result = client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=0)
+            assert result.plan.server_decodes and not result.plan.prompt_ids
+            assert result.token_ids == reference[prompt][0], prompt
 
 
 @pytest.mark.parametrize("layer", [0, 3])

@@ -26,6 +26,8 @@ from adaptivellm.split_client.protocol import (
     Error,
     Open,
     Plan,
+    Prompt,
+    Sampling,
     Token,
     decode_message,
     encode_frame,
@@ -181,6 +183,53 @@ def _forged_dtype(dtype: str) -> bytes:
     header = json.dumps({"kind": "prefill", "dtype": dtype, "shape": [8, HIDDEN]}).encode()
     payload = hidden(8).astype(np.float64).tobytes()
     return struct.pack("<4sBI", b"ASPL", PROTOCOL_VERSION, len(header)) + header + payload
+
+
+def test_a_session_served_whole_takes_its_prompt_as_token_ids(server: Server) -> None:
+    """k = 0 with Open.prompt_ids: the Plan asks for a Prompt of token ids, and the server
+    streams the tokens an ordinary greedy request gives. Without the offer (an older client),
+    or at k > 0, the plan asks for frames as before."""
+    ids = [5, 17, 200, 3, 99, 41, 8, 250]
+    client = openai.OpenAI(base_url=server.api_url, api_key=API_KEY, max_retries=0, timeout=120)
+    expected = client.completions.create(
+        model=server.model, prompt=ids, max_tokens=6, temperature=0.0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    with session(server) as ws:
+        plan = open_session(ws, max_tokens=6, layer=0, prompt_ids=True,
+                            sampling=Sampling(ignore_eos=True))  # fmt: skip
+        assert plan.prompt_ids and plan.server_decodes
+        ws.send(encode_message(Prompt(ids)))
+        tokens = [decode_message(ws.recv(timeout=60)) for _ in range(6)]
+    assert all(isinstance(t, Token) for t in tokens)
+    assert [t.token_id for t in tokens] == expected  # type: ignore[union-attr]
+    assert tokens[-1].finish_reason == "length"  # type: ignore[union-attr]
+    for fields in ({"layer": 0}, {"layer": 3, "prompt_ids": True}):
+        with session(server) as ws:
+            assert not open_session(ws, **fields).prompt_ids
+
+
+@pytest.mark.parametrize(
+    ("message", "fragment"),
+    [
+        (lambda: encode_message(Prompt([1, 2, 3])), "has 3 token ids; the Open said 8"),
+        (lambda: encode_message(Prompt([1] * 7 + [10**6])), "outside the vocabulary"),
+        (lambda: '{"type": "prompt", "token_ids": [1, 2, -3, 4, 5, 6, 7, 8]}', "non-negative"),
+        (lambda: '{"type": "prompt", "token_ids": [1.5, 2, 3, 4, 5, 6, 7, 8]}', "integer"),
+        (lambda: '{"type": "prompt", "token_ids": "12345678"}', "non-empty list"),
+        (lambda: encode_frame("prefill", hidden(8)), "got a frame"),
+        (lambda: encode_message(Open(prompt_tokens=1, max_tokens=1, client=CLIENT)),
+         "expected a prompt"),
+    ],
+)  # fmt: skip
+def test_bad_prompt_ids_are_a_clear_error(server: Server, message: Any, fragment: str) -> None:
+    with session(server) as ws:
+        assert open_session(ws, layer=0, prompt_ids=True).prompt_ids
+        ws.send(message())
+        error = expect_error(ws, "bad_request")
+        assert fragment in error.message, error.message
+    wait_idle(server)
+    still_serves(server)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from adaptivellm.split_client.protocol import (
     Message,
     Open,
     Plan,
+    Prompt,
     ProtocolError,
     Sampling,
     Token,
@@ -103,6 +104,8 @@ MESSAGES: list[Message] = [
     Turn(prompt_tokens=5, max_tokens=8),
     Turn(prompt_tokens=1, max_tokens=1, sampling=Sampling(temperature=0.5, seed=3)),
     Open(prompt_tokens=2, max_tokens=3, client=SPEC, multi_turn=True),
+    Open(prompt_tokens=2, max_tokens=3, client=SPEC, prompt_ids=True),
+    Prompt([0, 7, 31999]),
     Error(code="too_many_sessions", message="busy"),
     Error(code="too_many_sessions", message="busy", retry_after_s=2.5),
 ]
@@ -153,6 +156,30 @@ def test_single_turn_sessions_read_as_before_and_turns_are_checked() -> None:
         assert fragment in rejected(json.dumps(body))
     opened = {**open_body(), "multi_turn": "yes"}
     assert "multi_turn must be true or false" in rejected(json.dumps(opened))
+
+
+def test_prompt_ids_are_offered_only_when_set_and_checked() -> None:
+    plain = json.loads(encode_message(Open(prompt_tokens=3, max_tokens=2, client=SPEC)))
+    assert "prompt_ids" not in plain  # an older server accepts an Open that does not offer them
+    plan = MESSAGES[2]
+    assert isinstance(plan, Plan) and "prompt_ids" not in json.loads(encode_message(plan))
+    with_ids = replace(plan, layer=0, server_decodes=True, prompt_ids=True)
+    assert json.loads(encode_message(with_ids))["prompt_ids"] is True
+    assert decode_message(encode_message(with_ids)) == with_ids
+    for body, fragment in [
+        ({"type": "prompt", "token_ids": []}, "non-empty list"),
+        ({"type": "prompt", "token_ids": 5}, "non-empty list"),
+        ({"type": "prompt", "token_ids": [1, -1]}, "non-negative integer"),
+        ({"type": "prompt", "token_ids": [1, True]}, "non-negative integer"),
+        ({"type": "prompt", "token_ids": [1, 2.0]}, "non-negative integer"),
+        ({"type": "prompt", "token_ids": [1, 1 << 31]}, "non-negative integer"),
+        ({"type": "prompt"}, "token_ids"),
+        ({"type": "prompt", "token_ids": [1], "layer": 0}, "unknown fields"),
+    ]:
+        assert fragment in rejected(json.dumps(body)), body
+    assert "prompt_ids must be true or false" in rejected(
+        json.dumps({**open_body(), "prompt_ids": 1})
+    )
 
 
 def test_an_error_without_a_retry_hint_reads_as_before() -> None:
