@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import platform
@@ -98,6 +99,10 @@ from adaptivellm.split_client.shapes import ModelShape
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 POLICIES = ("off", "planner", "greedy", "static")
+#: Run only when named in --policies: the planner with replay clients that send the prompt's
+#: embeddings when a session is served whole (k = 0), as clients did before `Open.prompt_ids`
+#: (on the planner's server, for an A/B against `planner`).
+EXTRA_POLICIES = ("planner-embeddings",)
 #: How often the KV cache's usage is read from /metrics.
 KV_SAMPLE_S = 0.25
 #: Bytes of one float32 value on the wire (the model is float32).
@@ -359,20 +364,25 @@ class Bench:
             base_url=f"{self.base}/v1", api_key="none", max_retries=0, timeout=120
         )
 
-    def client(self, tier: str) -> SplitClient:
-        idle = self.clients.setdefault(tier, queue.SimpleQueue())
+    def client(self, tier: str, prompt_ids: bool = True) -> SplitClient:
+        idle = self.clients.setdefault(_client_key(tier, prompt_ids), queue.SimpleQueue())
         try:
             return idle.get_nowait()
         except queue.Empty:
             client = ReplayClient(
                 self.base, self.model_path, client_spec=TIERS[tier], calibrate=False,
+                prompt_ids=prompt_ids,
                 max_frame_bytes=self.max_frame_bytes, timeout_s=120,
             )  # fmt: skip
             client.model = ReplayModel(self.model_path, TIERS[tier])
             return client
 
     def release(self, tier: str, client: SplitClient) -> None:
-        self.clients[tier].put(client)
+        self.clients[_client_key(tier, client.prompt_ids)].put(client)
+
+
+def _client_key(tier: str, prompt_ids: bool) -> str:
+    return tier if prompt_ids else f"{tier}/embeddings"
 
 
 def ordinary(bench: Bench, ref: Reference, began: float) -> Outcome:
@@ -395,10 +405,10 @@ def ordinary(bench: Bench, ref: Reference, began: float) -> Outcome:
     return outcome
 
 
-def split(bench: Bench, ref: Reference, began: float) -> Outcome:
+def split(bench: Bench, ref: Reference, began: float, prompt_ids: bool = True) -> Outcome:
     item = ref.item
     outcome = Outcome(item.index, item.tier, item.sla_class, item.sla_s, math.inf)
-    client = bench.client(item.tier)
+    client = bench.client(item.tier, prompt_ids)
     try:
         assert isinstance(client.model, ReplayModel)
         client.model.begin(ref)
@@ -416,6 +426,11 @@ def split(bench: Bench, ref: Reference, began: float) -> Outcome:
         bench.release(item.tier, client)
     outcome.latency_s = time.perf_counter() - began
     return outcome
+
+
+def split_embeddings(bench: Bench, ref: Reference, began: float) -> Outcome:
+    """`split` by a client that sends the prompt's embeddings at k = 0 (`planner-embeddings`)."""
+    return split(bench, ref, began, prompt_ids=False)
 
 
 def counters(base: str) -> dict[str, float]:
@@ -488,6 +503,8 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
             ref = bench.refs[index]
             is_split = policy != "off" and ref.item.tier in TIERS
             call = split if is_split else ordinary
+            if is_split and policy == "planner-embeddings":
+                call = split_embeddings
             future = workers.submit(_timed, call, bench, ref, start + at)
             future.add_done_callback(lambda _: bar.update(1))
             futures.append(future)
@@ -622,9 +639,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
     items = pool(args.pool, args.max_prompt, args.max_tokens, args.ordinary_share, args.seed)
     runs: list[dict] = []
     refs: dict[int, Reference] | None = None
-    servers = {"planner": ("off", "planner"), "greedy": ("greedy",), "static": ("static",)}
+    servers = {
+        "planner": ("off", "planner", "planner-embeddings"), "greedy": ("greedy",),
+        "static": ("static",),
+    }  # fmt: skip
     for server_policy, policies in servers.items():
-        wanted = [p for p in policies if p in args.policies]
+        wanted = [p for p in args.policies if p in policies]
         if not wanted:
             continue
         port = free_port()
@@ -640,9 +660,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
             bench = Bench(base, "split-bench", model_path, args.layers, refs,
                           int(info["max_frame_bytes"]),
                           server_pid=server.proc.pid if server.proc else None)  # fmt: skip
-            for tier in TIERS:  # made now, not inside a timed request (a tokenizer load each)
-                made = [bench.client(tier) for _ in range(args.clients_per_tier)]
-                for client in made:
+            kinds = (True, False) if "planner-embeddings" in wanted else (True,)
+            for tier, ids in itertools.product(TIERS, kinds):  # made now, not inside a timed
+                made = [bench.client(tier, ids) for _ in range(args.clients_per_tier)]
+                for client in made:  # request (a tokenizer load each)
                     bench.release(tier, client)
             # Warm-up, not measured: the server's first passes, and split sessions four at a
             # time so that the planner has seen how late sessions run here (its slack).
@@ -692,7 +713,8 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
         "command": shlex.join(["python", *sys.argv]),
         "server_commands": args.server_commands,
         "kept_from": getattr(args, "kept_from", None),
-        "sustainable_rate": {p: rates.get(p) for p in POLICIES},
+        "sustainable_rate": {p: rates.get(p) for p in POLICIES}
+        | {p: rates[p] for p in EXTRA_POLICIES if p in rates},
         "sustainable_rate_ratio": {
             "planner_over_off": ratio(rates.get("planner"), rates.get("off")),
             "planner_over_greedy": ratio(rates.get("planner"), rates.get("greedy")),
@@ -772,7 +794,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for policy in POLICIES:
+    for policy in (*POLICIES, *EXTRA_POLICIES):
         runs = sorted((r for r in result["runs"] if r["policy"] == policy), key=lambda r: r["rate"])
         if not runs:
             continue
@@ -808,7 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-tier", type=int, default=16,
                         help="split clients made before the runs, per tier")  # fmt: skip
     parser.add_argument("--target", type=float, default=0.99, help="SLA attainment target")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", choices=(*POLICIES, *EXTRA_POLICIES),
+                        default=list(POLICIES),
+                        help="run in the order given, per server")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra `adaptivellm serve` flag (repeat)")  # fmt: skip

@@ -858,11 +858,8 @@ class SplitClient:
                 max_tokens=opened.max_tokens - len(replay.delivered),
                 layer=replay.layer,
             )
-        connection = self._connect()
-        self._open.append(connection)
+        connection, plan = self._start(opened, [*request.prompt_ids, *replay.delivered])
         try:
-            _send(connection, protocol.encode_message(opened), self.timeout_s)
-            plan = self._check_plan(_expect(connection, Plan, self.timeout_s), request)
             _check_resumed_layer(plan, replay)
             replay.layer = plan.layer
             if not plan.prompt_ids:
@@ -874,6 +871,21 @@ class SplitClient:
             if connection in self._open:
                 self._open.remove(connection)
                 _hang_up(connection)
+
+    def _start(self, opened: Open, context: list[int]) -> tuple[ClientConnection, Plan]:
+        """A new session: connect, send `opened`, and return the connection (in `_open`; the
+        caller hangs it up) with the server's Plan, checked against this model and `context`
+        (the token ids the session's prompt carries). On any failure the connection is hung up."""
+        connection = self._connect()
+        self._open.append(connection)
+        try:
+            _send(connection, protocol.encode_message(opened), self.timeout_s)
+            plan = _expect(connection, Plan, self.timeout_s)
+            return connection, self._check_plan(plan, _Request(context, opened))
+        except BaseException:
+            self._open.remove(connection)
+            _hang_up(connection)
+            raise
 
     def _exchange(
         self, connection: ClientConnection, plan: Plan, replay: _Replay
@@ -1074,20 +1086,7 @@ class SplitConversation:
                 on_token(step.token)
 
         try:
-            try:
-                if self._connection is not None:
-                    try:
-                        self._follow_up(ids, request.open, take)
-                    except SplitConnectionError:
-                        if steps:
-                            raise
-                        self._end()  # the server let the session go: start over below
-                if not steps:
-                    self._open(self.history + ids, request.open, take)
-            except SplitConnectionError as exc:
-                if not steps:
-                    raise
-                self._resume(request, take, exc)  # dropped mid-turn
+            self._turn(ids, request, take, steps)
         except BaseException:
             self._end()
             raise
@@ -1095,6 +1094,35 @@ class SplitConversation:
         done = _completion(request, steps, time.perf_counter() - start)
         self.client._calibrate(done)
         return done
+
+    def _turn(
+        self, ids: list[int], request: _Request, take: Callable[[_Step], None], steps: list[_Step]
+    ) -> None:
+        """One turn's tokens (`take` appends each to `steps`): a follow-up on the kept session,
+        or a new session carrying the whole conversation; a connection that drops once the
+        turn's first token has come is resumed."""
+        try:
+            if self._connection is None or not self._follow_up_or_end(ids, request, take, steps):
+                self._open(self.history + ids, request.open, take)
+        except SplitConnectionError as exc:
+            if not steps:
+                raise
+            self._resume(request, take, exc)  # dropped mid-turn
+
+    def _follow_up_or_end(
+        self, ids: list[int], request: _Request, take: Callable[[_Step], None], steps: list[_Step]
+    ) -> bool:
+        """The turn as a follow-up on the kept session. False, with the session ended, when the
+        server let it go before the turn's first token (an idle timeout, a restart): the turn
+        then starts over in a new session."""
+        try:
+            self._follow_up(ids, request.open, take)
+        except SplitConnectionError:
+            if steps:
+                raise
+            self._end()
+            return False
+        return True
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> SplitCompletion:
         """A turn of a chat: `messages` is the whole conversation (as the openai client sends
@@ -1126,14 +1154,9 @@ class SplitConversation:
     def _open(self, context: list[int], opened: Open, take: Callable[[_Step], None]) -> None:
         client = self.client
         opened = dataclasses.replace(opened, prompt_tokens=len(context), multi_turn=True)
-        connection = client._connect()
-        client._open.append(connection)
-        self._connection = connection
         self.sessions += 1
-        _send(connection, protocol.encode_message(opened), client.timeout_s)
-        plan = client._check_plan(
-            _expect(connection, Plan, client.timeout_s), _Request(context, opened)
-        )
+        connection, plan = client._start(opened, context)
+        self._connection = connection
         if not plan.prompt_ids:
             client.model.ensure_layers(plan.layer)
         self._plan = plan
@@ -1175,15 +1198,10 @@ class SplitConversation:
             layer=replay.layer,
             multi_turn=True,
         )
-        connection = client._connect()
-        client._open.append(connection)
-        self._connection = connection
         self.sessions += 1
-        _send(connection, protocol.encode_message(opened), client.timeout_s)
         context = self.history + request.prompt_ids + replay.delivered
-        plan = client._check_plan(
-            _expect(connection, Plan, client.timeout_s), _Request(context, opened)
-        )
+        connection, plan = client._start(opened, context)
+        self._connection = connection
         _check_resumed_layer(plan, replay)
         self._plan, replay.prefill_from = plan, 0
         offset = len(replay.delivered)
