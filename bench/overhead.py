@@ -241,14 +241,17 @@ def machine_sample(before: list[int], after: list[int]) -> dict:
 
 
 def step_us(folder: Path) -> dict | None:
-    """Mean engine-core step (microseconds) over every engine that wrote to `folder`."""
-    steps = ns = 0
+    """Mean engine-core step (microseconds) over every engine that wrote to `folder`, and the
+    scheduler's share of it (`scheduler_us`: its `schedule` and `update_from_output` calls)."""
+    steps = ns = sched_ns = 0
     for f in folder.glob("*.json"):
         with contextlib.suppress(ValueError, OSError):
             d = json.loads(f.read_text())
-            steps += d["steps"]
-            ns += d["ns"]
-    return {"steps": steps, "us": ns / steps / 1e3} if steps else None
+            steps, ns = steps + d["steps"], ns + d["ns"]
+            sched_ns += d.get("sched_ns", 0)
+    if not steps:
+        return None
+    return {"steps": steps, "us": ns / steps / 1e3, "scheduler_us": sched_ns / steps / 1e3}
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -415,6 +418,10 @@ def bench(args: argparse.Namespace) -> int:
                     report["engine_step_us"]["stock"] = stock_steps and stock_steps["us"]
                     if cname == "default" and steps:
                         report["engine_step_us"]["adaptivellm"] = steps["us"]
+                    report["engine_scheduler_us"] = {
+                        name: s and s["scheduler_us"]
+                        for name, s in report["engine_step_us_by_config"].items()
+                    }
                     write()
     print(json.dumps({k: report[k] for k in ("ratio", "aa_ratio", "engine_step_us")}, indent=2))
     for cname, s in report["ratios"].items():
@@ -529,8 +536,10 @@ VLLM_PLUGINS="" still holds).
 
 Only when ADAPTIVELLM_STEP_TIMER names a folder: when `vllm.v1.engine.core` is first imported,
 wrap `EngineCore.step` and `EngineCore.step_with_batch_queue` with a perf_counter_ns timer that
-counts the steps that ran the model, and rewrite `<folder>/<pid>.json` (steps, total ns) every
-256 such steps. Nothing else changes.
+counts the steps that ran the model, time the engine's scheduler's `schedule` and
+`update_from_output` calls (instance attributes over the bound methods, so a subclass's own
+`super()` calls are not counted twice), and rewrite `<folder>/<pid>.json` (steps, total ns,
+scheduler ns) every 256 such steps. Nothing else changes.
 '''
 
 from __future__ import annotations
@@ -549,11 +558,28 @@ def _patch(module: object) -> None:
     cls = getattr(module, "EngineCore", None)
     if cls is None:
         return
-    state = {"steps": 0, "ns": 0}
+    state = {"steps": 0, "ns": 0, "sched_ns": 0}
     path = os.path.join(_OUT or ".", f"{os.getpid()}.json")
+
+    def time_scheduler(core):  # type: ignore[no-untyped-def]
+        scheduler = getattr(core, "scheduler", None)
+        if scheduler is None or getattr(scheduler, "_step_timer", False):
+            return
+        for name in ("schedule", "update_from_output"):
+
+            def call(*a, _bound=getattr(scheduler, name), **kw):  # type: ignore[no-untyped-def]
+                t0 = time.perf_counter_ns()
+                try:
+                    return _bound(*a, **kw)
+                finally:
+                    state["sched_ns"] += time.perf_counter_ns() - t0
+
+            setattr(scheduler, name, call)
+        scheduler._step_timer = True
 
     def wrap(fn):  # type: ignore[no-untyped-def]
         def timed(self, *a, **kw):  # type: ignore[no-untyped-def]
+            time_scheduler(self)
             t0 = time.perf_counter_ns()
             result = fn(self, *a, **kw)
             dt = time.perf_counter_ns() - t0

@@ -92,18 +92,35 @@ def test_step_timer_counts_only_steps_that_ran_the_model(
     exec(compile(overhead.STEP_TIMER, "sitecustomize.py", "exec"), namespace)
     try:
 
+        class Scheduler:
+            def schedule(self) -> str:
+                time.sleep(0.0002)
+                return "out"
+
+            def update_from_output(self, out: str) -> str:
+                return out + "!"
+
         class EngineCore:
+            def __init__(self) -> None:
+                self.scheduler = Scheduler()
+
             def step(self, ran: bool) -> tuple[dict, bool]:
-                return {}, ran
+                return {"out": self.scheduler.update_from_output(self.scheduler.schedule())}, ran
 
         module = types.SimpleNamespace(EngineCore=EngineCore)
         namespace["_patch"](module)
         core = EngineCore()
         for i in range(600):
-            assert core.step(i % 2 == 0) == ({}, i % 2 == 0)
+            assert core.step(i % 2 == 0) == ({"out": "out!"}, i % 2 == 0)
         (written,) = tmp_path.glob("*.json")
-        assert json.loads(written.read_text())["steps"] == 256
-        assert overhead.step_us(tmp_path)["steps"] == 256
+        state = json.loads(written.read_text())
+        assert state["steps"] == 256
+        # Every schedule() call is timed (600 by the time of the 512th step, 511 at the 256th):
+        # at least 0.2 ms each.
+        assert state["sched_ns"] >= 511 * 200_000
+        times = overhead.step_us(tmp_path)
+        assert times["steps"] == 256 and times["scheduler_us"] >= 0.2 * 511 / 256 * 1e3
+        assert not hasattr(Scheduler, "_step_timer")  # the instance was timed, not the class
     finally:
         sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Hook"]
 
