@@ -44,6 +44,12 @@ def add_split_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory this machine can give the model's layers, weights and KV cache "
         "(default: the free memory measured here); the server plans no more layers than fit",
     )
+    parser.add_argument(
+        "--no-prompt-ids",
+        action="store_true",
+        help="when the server serves the session whole (k = 0), send the prompt's embeddings "
+        "rather than its token ids (for a server older than that, which refuses the offer)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
@@ -74,6 +80,7 @@ def run_split_client(args: argparse.Namespace) -> int:
             sla_s=args.sla_s,
             timeout_s=args.timeout_s,
             memory_bytes=None if args.client_memory_gb is None else args.client_memory_gb * 2**30,
+            prompt_ids=not args.no_prompt_ids,
         ) as client:
             done = client.generate(
                 args.prompt,

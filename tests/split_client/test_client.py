@@ -709,6 +709,10 @@ def test_cli_prints_text_and_summary(
     assert code == 0 and report["layer"] == 2 and len(report["steps"]) == 4
     assert report["text"] + "\n" == out  # another k, the same greedy text
     assert report["plan"]["planned_by"] == "planner" and report["mean_round_trip_ms"] > 0
+    # The client offers token ids for k = 0 unless told not to (an older server refuses it).
+    assert fake.opens[-1].prompt_ids
+    code, _, _ = cli([*base, "--no-prompt-ids", "--layer", "3", "--ignore-eos", PROMPT], capsys)
+    assert code == 0 and not fake.opens[-1].prompt_ids
 
 
 def test_cli_reports_connection_errors(
