@@ -142,12 +142,11 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     for value in values:  # observe() counts a value in the first bucket whose bound holds it
         if value != value:  # NaN: in the sum, in no bucket (as observe())
             continue
-        i = bisect.bisect_left(bounds, value)
+        i = bisect.bisect_left(bounds, value)  # < len(bounds): the last bound is +Inf
         counts[i] = counts.get(i, 0) + 1
     total.inc(sum(values))
     for i, n in counts.items():
-        if i < len(buckets):  # the last bound is +Inf: every number (not NaN) lands
-            buckets[i].inc(n)
+        buckets[i].inc(n)
 
 
 def publish_info(**labels: str) -> None:

@@ -39,7 +39,14 @@ from typing import Any
 from tqdm import tqdm
 
 from adaptivellm.benchmark.scenarios import FAIRNESS_SCENARIOS
-from adaptivellm.benchmark.simulator import DEFAULT_RATE, StepCost, replay, workload, write_report
+from adaptivellm.benchmark.simulator import (
+    DEFAULT_RATE,
+    StepCost,
+    replay,
+    swap_slots,
+    workload,
+    write_report,
+)
 from adaptivellm.scheduler.config import FairnessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,12 +85,12 @@ def replay_async(
     from adaptivellm.scheduler.scheduler import AdaptiveScheduler
     from adaptivellm.scheduler.simulated import make_request, make_scheduler
 
+    mode = "recompute" if stock else preemption
     scheduler, clock = make_scheduler(
         fairness, num_blocks=2 + max_num_seqs * max_model_len // 16,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len,
-        max_model_len=max_model_len, preemption="recompute" if stock else preemption,
-        swap_slots=0 if preemption == "recompute" and not stock
-        else 10 * max_num_seqs * max_model_len // 16,
+        max_model_len=max_model_len, preemption=mode,
+        swap_slots=swap_slots(mode, max_num_seqs, max_model_len),
         scheduler_cls=AsyncScheduler if stock else AdaptiveScheduler, async_scheduling=True,
     )  # fmt: skip
     scheduler.step_timer = clock

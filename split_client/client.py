@@ -862,8 +862,6 @@ class SplitClient:
         try:
             _check_resumed_layer(plan, replay)
             replay.layer = plan.layer
-            if not plan.prompt_ids:
-                self.model.ensure_layers(plan.layer)
             offset = len(replay.delivered)
             for step in self._exchange(connection, plan, replay):
                 yield _shifted(step, offset)
@@ -875,13 +873,19 @@ class SplitClient:
     def _start(self, opened: Open, context: list[int]) -> tuple[ClientConnection, Plan]:
         """A new session: connect, send `opened`, and return the connection (in `_open`; the
         caller hangs it up) with the server's Plan, checked against this model and `context`
-        (the token ids the session's prompt carries). On any failure the connection is hung up."""
+        (the token ids the session's prompt carries), once the client's layers of the plan are
+        loaded (none when the prompt goes up as token ids). On any failure the connection is
+        hung up."""
         connection = self._connect()
         self._open.append(connection)
         try:
             _send(connection, protocol.encode_message(opened), self.timeout_s)
-            plan = _expect(connection, Plan, self.timeout_s)
-            return connection, self._check_plan(plan, _Request(context, opened))
+            plan = self._check_plan(
+                _expect(connection, Plan, self.timeout_s), _Request(context, opened)
+            )
+            if not plan.prompt_ids:
+                self.model.ensure_layers(plan.layer)
+            return connection, plan
         except BaseException:
             self._open.remove(connection)
             _hang_up(connection)
@@ -953,13 +957,9 @@ class SplitClient:
         timing = StepTiming(
             token.index, sent - start, time.perf_counter() - sent, token.server_step_s
         )
-        steps = itertools.chain(
-            [_Step(plan, token, timing)],
-            ()
-            if token.finish_reason is not None
-            else _server_stream(connection, plan, self.timeout_s),
-        )
-        for step in steps:
+        first = _Step(plan, token, timing)
+        rest = () if token.finish_reason else _server_stream(connection, plan, self.timeout_s)
+        for step in itertools.chain([first], rest):
             replay.delivered.append(step.token.token_id)
             replay.pending_ids.append(step.token.token_id)
             yield step
@@ -1157,8 +1157,6 @@ class SplitConversation:
         self.sessions += 1
         connection, plan = client._start(opened, context)
         self._connection = connection
-        if not plan.prompt_ids:
-            client.model.ensure_layers(plan.layer)
         self._plan = plan
         self._replay = replay = _Replay(pending_ids=list(context), layer=plan.layer)
         for step in client._exchange(connection, plan, replay):

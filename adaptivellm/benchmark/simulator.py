@@ -62,7 +62,7 @@ def replay(
     max_model_len: int = 2048,
     stock: bool = False,
     timing: dict[str, float] | None = None,
-    preemption: str | None = None,
+    preemption: str = "swap",
 ) -> dict[str, float]:
     """Serve `requests` (arriving at their arrival_s) on the simulated clock; their figures.
 
@@ -70,11 +70,11 @@ def replay(
     with no KV connector; `fairness` is then ignored. `timing`: add to it the real seconds spent
     in schedule() and update_from_output() (keys `schedule_s`, `update_s`, and `waiting`, the
     waiting requests summed over steps; the figures count the steps). `preemption`: AdaptiveLLM's
-    preemption mode (None: swap; stock vLLM always recomputes)."""
+    preemption mode (stock vLLM always recomputes)."""
     from adaptivellm.scheduler.simulated import make_request
 
     scheduler, clock = _simulated_scheduler(
-        fairness, max_num_seqs, max_model_len, stock, preemption or "swap"
+        fairness, max_num_seqs, max_model_len, stock, preemption
     )
     spent = timing if timing is not None else {}
     clock.now = 0.0
@@ -122,19 +122,25 @@ def _simulated_scheduler(
     from adaptivellm.scheduler.scheduler import AdaptiveScheduler
     from adaptivellm.scheduler.simulated import make_scheduler
 
-    own = None if stock else preemption  # stock's settings as they always were
+    mode = "recompute" if stock else preemption
     scheduler, clock = make_scheduler(
         fairness,
         num_blocks=2 + max_num_seqs * max_model_len // 16,  # never preempted for memory
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_model_len,
         max_model_len=max_model_len,
-        preemption=own or "recompute",
-        swap_slots=0 if own == "recompute" else 10 * max_num_seqs * max_model_len // 16,
+        preemption=mode,
+        swap_slots=swap_slots(mode, max_num_seqs, max_model_len),
         scheduler_cls=Scheduler if stock else AdaptiveScheduler,
     )
     scheduler.step_timer = clock
     return scheduler, clock
+
+
+def swap_slots(preemption: str, max_num_seqs: int, max_model_len: int) -> int:
+    """Swap space (in blocks) of a replayed scheduler: ten full batches, none when it only
+    recomputes (no swap connector then)."""
+    return 0 if preemption == "recompute" else 10 * max_num_seqs * max_model_len // 16
 
 
 def _sampled(scheduler: Any, out: Any) -> Any:
