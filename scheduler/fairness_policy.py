@@ -256,10 +256,13 @@ class WeightedTurnaround(VirtualTokenCounter):
         progress = {i: (r.num_output_tokens, r.num_computed_tokens)
                     for i, r in requests.items()
                     if r.num_output_tokens or r.num_computed_tokens}  # fmt: skip
+        # The work committed to running requests only matters between tenants (the slack
+        # test); with one tenant among `infos` every request is owed, so it is not summed.
+        one_tenant = len({i.tenant for i in infos}) <= 1
+        committed = {} if one_tenant else view.committed(exclude=requests)
         return order_by_turnaround(infos, now, view.service, view.output_estimate, c.max_wait_s,
                                    self.ledger.counters, self.tenant_slack, c.vtc,
-                                   c.service_exponent, view.committed(exclude=requests),
-                                   progress)  # fmt: skip
+                                   c.service_exponent, committed, progress)  # fmt: skip
 
     def turnaround_victim(
         self,
@@ -285,12 +288,14 @@ class WeightedTurnaround(VirtualTokenCounter):
         limit = self.config.max_step_s
         if limit <= 0:
             return full, 0
+        per_token = view.service.prefill_s_per_token
+        capped = int(limit / per_token) if per_token > 0 else full
+        if capped >= full:  # a fast device: the cap is above vLLM's budget in any load
+            return full, 0
         load = view.step_load()
         if not load.chunked_prefill or load.requests < 2:
             return full, 0
-        per_token = view.service.prefill_s_per_token
-        budget = max(int(limit / per_token) if per_token > 0 else full,
-                     MIN_STEP_TOKENS + load.running)  # fmt: skip
+        budget = max(capped, MIN_STEP_TOKENS + load.running)
         if budget >= full:
             return full, 0
         return budget, (budget // 2 if view.prefilling() >= 2 else 0)

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Tenants beyond this many share the metric label "other" (bounded label cardinality).
 MAX_TENANT_LABELS = 64
-#: The per-step metrics (steps, tokens per step, tokens per tenant, swap space) are written to
+#: The per-step metrics (steps, tokens per step, tokens per tenant, swap space) and the
+#: per-request histograms (queue wait, weighted turnaround, output-length error) are written to
 #: Prometheus at most this often while the engine is busy, and at once when it goes idle
 #: (`flush`): in the engine core every write is a write to a multi-process file, and a step of a
 #: small model on a fast device lasts a few milliseconds. A scrape sees them this late at most.
@@ -53,10 +54,14 @@ class EngineObserver:
         #: before the first step), tokens served per tenant.
         self._window: tuple[float, set[str] | None, dict[str, float]] | None = None
         self._logged_service: ServiceModel | None = None
-        #: Per-step metric values not yet written (flush): steps, tokens of each step, tokens
-        #: per tenant label; when they were last written; the swap-space gauge's value.
+        #: Metric values not yet written (flush): steps, tokens of each step, tokens per tenant
+        #: label, queue waits, weighted turnarounds, output-length errors; when they were last
+        #: written; the swap-space gauge's value.
         self._steps = 0
         self._step_tokens: list[int] = []
+        self._queue_waits: list[float] = []
+        self._turnarounds: list[float] = []
+        self._length_errors: list[float] = []
         self._tenant_pending: dict[str, int] = {}
         self._flushed_at = time.monotonic()
         self._swap_space: float | None = None
@@ -76,14 +81,21 @@ class EngineObserver:
             self.flush()
 
     def flush(self) -> None:
-        """Write the per-step metrics gathered since the last flush: one write per counter,
-        histogram bucket and tenant that moved, however many steps they span."""
+        """Write the metrics gathered since the last flush: one write per counter, histogram
+        bucket and tenant that moved, however many steps and requests they span."""
         self._flushed_at = time.monotonic()
         metrics = EngineMetrics.get()
         if self._steps:
             metrics.scheduler_steps.inc(self._steps)
             observe_many(metrics.step_tokens, self._step_tokens)
             self._steps, self._step_tokens = 0, []
+        for histogram, values in (
+            (metrics.queue_wait, self._queue_waits),
+            (metrics.weighted_turnaround, self._turnarounds),
+            (metrics.output_length_error, self._length_errors),
+        ):
+            observe_many(histogram, values)
+            values.clear()
         if self._tenant_pending:
             pending, self._tenant_pending = self._tenant_pending, {}
             tenant_tokens = metrics.tenant_tokens
@@ -96,8 +108,9 @@ class EngineObserver:
             self._swap_space = None
 
     def first_scheduled(self, waited_s: float) -> None:
-        """A request was scheduled for the first time, `waited_s` after it arrived."""
-        EngineMetrics.get().queue_wait.observe(max(0.0, waited_s))
+        """A request was scheduled for the first time, `waited_s` after it arrived (written at
+        the next flush)."""
+        self._queue_waits.append(max(0.0, waited_s))
 
     def served(
         self,
@@ -146,10 +159,10 @@ class EngineObserver:
         self, turnaround_s: float, service_s: float, predicted: float, actual: int
     ) -> None:
         """A request finished: its weighted turnaround (`service_s`, the service time
-        predicted with its actual output length) and the output-length prediction error."""
-        metrics = EngineMetrics.get()
-        metrics.weighted_turnaround.observe(max(0.0, turnaround_s) / service_s)
-        metrics.output_length_error.observe(abs(predicted - actual) / max(1, actual))
+        predicted with its actual output length) and the output-length prediction error
+        (written at the next flush)."""
+        self._turnarounds.append(max(0.0, turnaround_s) / service_s)
+        self._length_errors.append(abs(predicted - actual) / max(1, actual))
 
     def service_model(self, model: ServiceModel, fit: ServiceFit) -> None:
         """Set the gauges; log the learned model when it first appears or moves by > 25%."""

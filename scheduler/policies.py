@@ -245,25 +245,32 @@ def _owed_rule(
     pending: Mapping[str, float],
 ) -> Callable[[RequestInfo], bool]:
     """order_by_turnaround's test of whether a request is owed (see there)."""
-    least = min((counters.get(i.tenant, 0.0) for i in ranked), default=0.0) if counters else 0.0
-    behind = [i for i in ranked if counters and counters.get(i.tenant, 0.0) <= least]
+    if not counters:
+        return _always
+    values = [counters.get(i.tenant, 0.0) for i in ranked]
+    least = min(values, default=0.0)
+    if all(v <= least for v in values):  # one tenant (the usual case), or all level: all owed
+        return _always
+    behind = [i for i, v in zip(ranked, values, strict=True) if v <= least]
     cheapest = min((vtc_cost(i, out, prices) for i in behind), default=math.inf)
 
     def projected(tenant: str) -> float:
-        return (counters.get(tenant, 0.0) if counters else 0.0) + pending.get(tenant, 0.0)
+        return counters.get(tenant, 0.0) + pending.get(tenant, 0.0)
 
     floor = min((projected(i.tenant) for i in behind), default=least)
 
     def owed(info: RequestInfo) -> bool:
-        counter = counters.get(info.tenant, 0.0) if counters else 0.0
-        cost = vtc_cost(info, out, prices) if counters and counter > least else 0.0
-        return (
-            not counters
-            or counter <= least
-            or (cost < cheapest and projected(info.tenant) + cost <= floor + slack)
-        )
+        if counters.get(info.tenant, 0.0) <= least:
+            return True
+        cost = vtc_cost(info, out, prices)
+        return cost < cheapest and projected(info.tenant) + cost <= floor + slack
 
     return owed
+
+
+def _always(info: RequestInfo) -> bool:
+    """_owed_rule's answer without counters, or with every request's tenant at the least."""
+    return True
 
 
 # --- Preemption for turnaround -----------------------------------------------------------------

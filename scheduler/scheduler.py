@@ -491,7 +491,11 @@ class AdaptiveScheduler(Scheduler):
         engine core's critical path."""
         self.observer.step(output.total_num_scheduled_tokens, self.advisor.swap_space_bytes())
         prefill = decode = 0
-        ledger = self.ledger if self.ledger.keeps_counters else None
+        # Tokens to charge per (tenant, weight): (prompt, output); the ledger is charged once
+        # per pair, not once per request.
+        charges: dict[tuple[str, float], tuple[int, int]] | None = (
+            {} if self.ledger.keeps_counters else None
+        )
         served: dict[str, int] = {}
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
@@ -510,9 +514,12 @@ class AdaptiveScheduler(Scheduler):
                 tracked.first_scheduled = now
                 self.observer.first_scheduled(now - info.arrival_time)
             served[info.tenant] = served.get(info.tenant, 0) + n
-            if ledger is not None:
+            if charges is not None:
                 charged = max(0, min(n, request.num_prompt_tokens - before))
-                ledger.charge(info.tenant, charged, n - charged, info.weight)
+                prompt, out = charges.get((info.tenant, info.weight), (0, 0))
+                charges[info.tenant, info.weight] = (prompt + charged, out + n - charged)
+        for (tenant, weight), (prompt, out) in (charges or {}).items():
+            self.ledger.charge(tenant, prompt, out, weight)
         self.observer.served(served, now, self._waiting_tenants)
         return prefill, decode
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,8 +63,11 @@ class ServiceFit:
     @property
     def xtx(self) -> np.ndarray:
         """X'X of the decayed window, X's rows (1, prefill tokens, decoding requests)."""
+        return np.array(self._xtx_rows())
+
+    def _xtx_rows(self) -> list[list[float]]:
         n, p, d, pp, pd, dd = self._sums[:6]
-        return np.array([[n, p, d], [p, pp, pd], [d, pd, dd]])
+        return [[n, p, d], [p, pp, pd], [d, pd, dd]]
 
     @property
     def xty(self) -> np.ndarray:
@@ -90,7 +94,9 @@ class ServiceFit:
         """Solve the fit and update `model` (kept when the data cannot identify it yet)."""
         if self.prefill_steps < 5 or self.decode_only_steps < 5:
             return
-        c0, c_prefill, c_decode = (float(v) for v in nonnegative_normal_solve(self.xtx, self.xty))
+        c0, c_prefill, c_decode = (
+            float(v) for v in nonnegative_normal_solve(self._xtx_rows(), self._sums[6:])
+        )
         if c_prefill <= 0 or c0 + c_decode <= 0:
             return
         self.coefficients = (c0, c_prefill, c_decode)
@@ -152,31 +158,62 @@ class ServiceTimes:
         return self.fit.model is not before
 
 
-def nonnegative_normal_solve(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    """argmin ||X b - y||^2 subject to b >= 0, from the normal equations (X'X, X'y) of a few
-    columns: every subset of free coefficients is tried (2^n - 1 small solves) and the feasible
-    one of least residual kept (exact for the 3 columns used here)."""
-    n = len(xty)
+def nonnegative_normal_solve(
+    xtx: np.ndarray | Sequence[Sequence[float]], xty: np.ndarray | Sequence[float]
+) -> np.ndarray:
+    """argmin ||X b - y||^2 subject to b >= 0, from the normal equations (X'X, X'y) of at most
+    three columns: every subset of free coefficients is tried (2^n - 1 small solves) and the
+    feasible one of least residual kept (exact).
+
+    Plain Python floats and Cramer's rule, not numpy: the service fit refits on the engine
+    core's critical path, and on systems this small numpy's per-call overhead (det, solve, abs,
+    max for each of up to seven subsets) is most of the cost."""
+    a = xtx.tolist() if isinstance(xtx, np.ndarray) else [[float(v) for v in r] for r in xtx]
+    b = xty.tolist() if isinstance(xty, np.ndarray) else [float(v) for v in xty]
+    n = len(b)
+    if not 1 <= n <= 3 or len(a) != n or any(len(row) != n for row in a):
+        raise ValueError(f"normal equations of 1 to 3 columns expected, got {n}")
     # The unconstrained solution, when non-negative, is the constrained one too (the problem
     # is convex): the usual case, one solve instead of 2^n - 1.
-    if abs(np.linalg.det(xtx)) >= 1e-12 * max(1.0, float(np.abs(xtx).max()) ** n):
-        full = np.linalg.solve(xtx, xty)
-        if (full >= 0).all():
-            return np.asarray(full)
-    best: tuple[float, np.ndarray] | None = None
+    full = _solve(a, b)
+    if full is not None and min(full) >= 0:
+        return np.array(full)
+    best: tuple[float, list[float]] | None = None
     for size in range(1, n + 1):
-        for free in itertools.combinations(range(n), size):
-            idx = list(free)
-            sub = xtx[np.ix_(idx, idx)]
-            if abs(np.linalg.det(sub)) < 1e-12 * max(1.0, float(np.abs(sub).max()) ** size):
+        for idx in itertools.combinations(range(n), size):
+            b_free = _solve([[a[i][j] for j in idx] for i in idx], [b[i] for i in idx])
+            if b_free is None or min(b_free) < 0:
                 continue
-            b_free = np.linalg.solve(sub, xty[idx])
-            if (b_free < 0).any():
-                continue
-            b = np.zeros(n)
-            b[idx] = b_free
+            coef = [0.0] * n
+            for i, v in zip(idx, b_free, strict=True):
+                coef[i] = v
             # ||Xb - y||^2 up to the constant y'y.
-            loss = float(b @ xtx @ b - 2 * b @ xty)
+            loss = sum(coef[i] * a[i][j] * coef[j] for i in idx for j in idx) - 2 * sum(
+                coef[i] * b[i] for i in idx
+            )
             if best is None or loss < best[0]:
-                best = (loss, b)
-    return best[1] if best is not None else np.zeros(n)
+                best = (loss, coef)
+    return np.array(best[1] if best is not None else [0.0] * n)
+
+
+def _det(m: list[list[float]]) -> float:
+    """Determinant of a 1 x 1 to 3 x 3 matrix."""
+    if len(m) == 1:
+        return m[0][0]
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    (a, b, c), (d, e, f), (g, h, i) = m
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b (at most 3 x 3), by Cramer's rule; None when `a` is numerically
+    singular: |det a| < 1e-12 * max(1, max |a_ij|) ** n."""
+    n = len(b)
+    det = _det(a)
+    if abs(det) < 1e-12 * max(1.0, max(abs(v) for row in a for v in row)) ** n:
+        return None
+    return [
+        _det([[b[r] if c == k else a[r][c] for c in range(n)] for r in range(n)]) / det
+        for k in range(n)
+    ]

@@ -112,8 +112,9 @@ def test_the_step_cap_keeps_vllms_budget_when_it_cannot_or_need_not_apply() -> N
     assert wt().step_budget(2048, View(load=no_chunks)) == (2048, 0)
     alone = StepLoad(requests=1, running=1, chunked_prefill=True)
     assert wt().step_budget(2048, View(load=alone)) == (2048, 0)
-    assert wt().step_budget(64, View()) == (64, 0)  # a fast device: the cap is above vLLM's
-    assert wt().step_budget(2048, View(prefill_s_per_token=0.0)) == (2048, 0)
+    # A fast device: the cap is above vLLM's budget whatever the load, which is not read.
+    assert wt().step_budget(64, Untouchable()) == (64, 0)
+    assert wt().step_budget(2048, Untouchable(prefill_s_per_token=0.0)) == (2048, 0)
 
 
 def test_the_step_cap_never_starves_the_running_decodes() -> None:
@@ -138,3 +139,32 @@ def test_the_ledger_lifts_a_returning_tenant_and_forgets_idle_ones() -> None:
     plain.admit("a")
     plain.leave("a")
     assert not plain.counters and not plain.live
+
+
+class Uncommitted(View):
+    """A view whose committed work must not be summed."""
+
+    def committed(self, exclude: Container[str]) -> dict[str, float]:
+        raise AssertionError("summed the running requests' committed work")
+
+
+def test_weighted_turnaround_sums_committed_work_only_between_tenants() -> None:
+    """The committed work of running requests feeds the slack test between tenants; with one
+    tenant waiting every request is owed, and the per-step sum over the running requests is
+    skipped. Two tenants: it is summed."""
+    from types import SimpleNamespace
+
+    from adaptivellm.scheduler.policies import RequestInfo
+
+    policy = wt()
+    infos = [RequestInfo(f"r{i}", 4.9 + i / 100, 100 * (3 - i), 16, tenant="a") for i in range(3)]
+    requests = {i.request_id: SimpleNamespace(num_output_tokens=0, num_computed_tokens=0)
+                for i in infos}  # fmt: skip
+    ranked = policy.order(infos, requests, 5.0, Uncommitted())  # type: ignore[arg-type]
+    assert [i.request_id for i in ranked] == ["r2", "r1", "r0"]  # shortest first
+    infos.append(RequestInfo("b0", 4.9, 300, 16, tenant="b"))
+    requests["b0"] = SimpleNamespace(num_output_tokens=0, num_computed_tokens=0)
+    with pytest.raises(AssertionError, match="committed work"):
+        policy.order(infos, requests, 5.0, Uncommitted())  # type: ignore[arg-type]
+    policy.ledger.charge("a", 100_000, 0, 1.0)  # a far ahead of b: b's request goes first
+    assert policy.order(infos, requests, 5.0, View())[0].request_id == "b0"  # type: ignore[arg-type]

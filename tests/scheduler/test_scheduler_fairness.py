@@ -438,22 +438,34 @@ def _steps_metric() -> float:
 def test_step_metrics_are_held_back_while_busy_and_written_when_idle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The per-step metrics are written at most every METRICS_FLUSH_S while requests run (each
+    """The per-step metrics, and the per-request histograms of the requests scheduled and
+    finished meanwhile, are written at most every METRICS_FLUSH_S while requests run (each
     write is a multi-process file write in the engine core), and all of them once none is
-    left: a scrape of an idle engine sees every step and every tenant's tokens."""
+    left: a scrape of an idle engine sees every step, every tenant's tokens and every
+    request."""
+    from prometheus_client import REGISTRY
+
     from adaptivellm.scheduler import observer
+
+    def counts() -> tuple[float, ...]:
+        names = ("queue_wait_seconds", "weighted_turnaround", "output_length_prediction_error")
+        return tuple(REGISTRY.get_sample_value(f"adaptivellm_{n}_count") or 0.0 for n in names)
 
     monkeypatch.setattr(observer, "METRICS_FLUSH_S", 3600.0)
     scheduler, clock = make_scheduler(FairnessConfig(policy="fcfs"), num_blocks=60)
-    before = _steps_metric()
+    before, counts_before = _steps_metric(), counts()
     scheduler.add_request(make_request("r0", 20, 6, clock.now, tenant="held"))
+    scheduler.add_request(make_request("r1", 20, 2, clock.now, tenant="held"))
     run, steps = Run(scheduler, clock), 0
     for _ in range(3):
         steps += run.step().total_num_scheduled_tokens > 0
+    assert "r1" in run.finished and "r0" not in run.finished
     assert steps == 3 and _steps_metric() == before  # three steps run, none written yet
+    assert counts() == counts_before  # two requests scheduled, one finished: none written
     while scheduler.has_requests():
         steps += run.step().total_num_scheduled_tokens > 0
     assert _steps_metric() - before == steps
+    assert [n - b for n, b in zip(counts(), counts_before, strict=True)] == [2, 2, 2]
 
 
 def test_aborting_the_last_requests_writes_the_held_back_metrics(

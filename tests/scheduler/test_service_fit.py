@@ -178,3 +178,15 @@ def test_the_solver_shortcut_finds_the_exhaustive_optimum(seed: int) -> None:
     np.testing.assert_allclose(
         nonnegative_normal_solve(xtx, xty), _exhaustive_solve(xtx, xty), atol=1e-12
     )
+
+
+def test_the_solver_refuses_more_than_three_columns_and_survives_singular_systems() -> None:
+    with pytest.raises(ValueError, match="1 to 3 columns"):
+        nonnegative_normal_solve(np.eye(4), np.ones(4))
+    with pytest.raises(ValueError, match="1 to 3 columns"):
+        nonnegative_normal_solve([[1.0, 2.0]], [1.0])
+    # No steps yet (all zero) and a column that never varies: no crash, coefficients >= 0.
+    assert nonnegative_normal_solve(np.zeros((3, 3)), np.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+    xtx = [[10.0, 10.0, 0.0], [10.0, 10.0, 0.0], [0.0, 0.0, 0.0]]  # prefill always 1, decode 0
+    got = nonnegative_normal_solve(xtx, [1.0, 1.0, 0.0])
+    assert (got >= 0).all() and got[0] + got[1] == pytest.approx(0.1)
