@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,52 @@ def test_bad_arguments_are_refused(argv: list[str], tmp_path: Path) -> None:
         bench.main([*argv, "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_live_workloads_replay_the_overhead_benchmark_in_a_closed_loop(tmp_path: Path) -> None:
+    """light and pressure: bench/overhead.py's workloads, 24 streams at a time over a KV cache
+    of 3,072 tokens, synchronous configurations only, shares of the live step."""
+    out = tmp_path / "live.json"
+    argv = ["--repeats", "1", "--num-requests", "10", "--scenarios", "light,pressure",
+            "--metrics", "memory", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["live"]["num_requests"] == 10 * bench.LIVE_REQUESTS_FACTOR
+    light, pressure = report["scenarios"]["light"], report["scenarios"]["pressure"]
+    for configs in (light, pressure):
+        assert set(configs) == set(bench.CONFIGS)
+        for name, r in configs.items():
+            assert r["added_share_of_step"] == pytest.approx(
+                r["added_us_per_step"] / (1e3 * bench.LIVE_STEP_MS)
+            ), name
+        # vLLM's own policy and preemption: the same closed loop takes the same steps.
+        assert configs["fcfs-recompute"]["steps"] == configs["stock"]["steps"]
+    # 24 prompts of 124-244 tokens overflow 3,072 tokens of KV cache: requests wait; short
+    # ones fit and are admitted as they come.
+    assert pressure["stock"]["mean_waiting"] > 5 > light["stock"]["mean_waiting"]
+    # Mostly one decode token per request a step, so more steps than requests x 8 tokens.
+    assert light["stock"]["steps"] > 8
+
+
+def test_a_live_replay_aborts_a_tenth_of_its_requests_part_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from adaptivellm.benchmark.simulator import StepCost
+    from adaptivellm.scheduler.config import FairnessConfig
+
+    aborted: list[str] = []
+    finish = Scheduler.finish_requests
+
+    def spy(self: Scheduler, request_ids: Any, status: Any) -> Any:
+        aborted.extend(request_ids)
+        return finish(self, request_ids, status)
+
+    monkeypatch.setattr(Scheduler, "finish_requests", spy)
+    timing: dict[str, float] = {}
+    figures = bench.replay_live("light", FairnessConfig(policy="fcfs"), StepCost(), True,
+                                timing, num_requests=200)  # fmt: skip
+    assert figures["steps"] > 0 and timing["schedule_s"] > 0 and timing["update_s"] > 0
+    assert 10 <= len(set(aborted)) <= 30  # about 10% of 200, each once
+    assert len(aborted) == len(set(aborted))
