@@ -240,18 +240,34 @@ def machine_sample(before: list[int], after: list[int]) -> dict:
     }
 
 
-def step_us(folder: Path) -> dict | None:
-    """Mean engine-core step (microseconds) over every engine that wrote to `folder`, and the
-    scheduler's share of it (`scheduler_us`: its `schedule` and `update_from_output` calls)."""
+def step_totals(folder: Path) -> tuple[int, int, int]:
+    """Model-running steps, their nanoseconds and the scheduler's nanoseconds, summed over every
+    engine that wrote to `folder` so far (the timer rewrites its file every 256 steps)."""
     steps = ns = sched_ns = 0
     for f in folder.glob("*.json"):
         with contextlib.suppress(ValueError, OSError):
             d = json.loads(f.read_text())
             steps, ns = steps + d["steps"], ns + d["ns"]
             sched_ns += d.get("sched_ns", 0)
-    if not steps:
+    return steps, ns, sched_ns
+
+
+def step_us(folder: Path, since: tuple[int, int, int] = (0, 0, 0)) -> dict | None:
+    """Mean engine-core step (microseconds) over every engine that wrote to `folder`, and the
+    scheduler's share of it (`scheduler_us`: its `schedule` and `update_from_output` calls);
+    with `since` (step_totals earlier), only of the steps after it."""
+    steps, ns, sched_ns = (now - then for now, then in zip(step_totals(folder), since, strict=True))
+    if steps <= 0:
         return None
     return {"steps": steps, "us": ns / steps / 1e3, "scheduler_us": sched_ns / steps / 1e3}
+
+
+def paired_steps(times: dict[str, dict | None], cname: str) -> dict:
+    """A configuration's and stock's step times over the same rounds (step_us of each since
+    the warm-up), and the scheduler microseconds a step the configuration adds."""
+    mine, stock = times[cname], times["stock"]
+    added = mine["scheduler_us"] - stock["scheduler_us"] if mine and stock else None
+    return {"config": mine, "stock": stock, "scheduler_us_added": added}
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -295,9 +311,13 @@ class Setup:
         (site / "sitecustomize.py").write_text(STEP_TIMER)
         self.site = site
 
+    def steps(self, name: str) -> Path:
+        """The folder the step timer of server `name` writes to."""
+        return self.tmp / "steps" / name
+
     def system(self, name: str, flags: list[str] | None) -> tuple[list[str], dict[str, str]]:
         """Command and env of a server; flags None: stock vLLM."""
-        timer = self.tmp / "steps" / name
+        timer = self.steps(name)
         env = {
             "ADAPTIVELLM_STEP_TIMER": str(timer),
             "PYTHONPATH": os.pathsep.join(
@@ -329,6 +349,9 @@ def bench(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "engine_step_us": {"stock": None, "adaptivellm": None},
         "engine_step_us_by_config": {},
+        # Per configuration: its engine core's and stock's over the same rounds (after the
+        # warm-up), so that the machine's drift between configurations cancels.
+        "engine_step_us_paired": {},
         "targets": {"default": 0.98, "fcfs-recompute": 0.99},
         "workload": {
             "requests_per_workload": args.requests,
@@ -378,8 +401,9 @@ def bench(args: argparse.Namespace) -> int:
                         res[who] = drive_all(server, args, seed)
                     mach = machine_sample(before, cpu_times())
                     bar.update(1)
-                    if i == 0:
-                        continue  # warm-up
+                    if i == 0:  # warm-up; the paired step times count from here
+                        warm = {who: step_totals(setup.steps(who)) for who in ("stock", cname)}
+                        continue
                     ratio = res[cname]["tokens_per_s"] / res["stock"]["tokens_per_s"]
                     ratios.append(ratio)
                     # CPU efficiency: stock's CPU per token over the configuration's (1.0: the
@@ -411,9 +435,9 @@ def bench(args: argparse.Namespace) -> int:
                         report["aa_ratio"] = report["ratios"]["aa"]["median"]
                     if cname == "default":
                         report["ratio"] = report["ratios"]["default"]["median"]
-                    steps = step_us(setup.tmp / "steps" / cname)
+                    steps = step_us(setup.steps(cname))
                     report["engine_step_us_by_config"][cname] = steps
-                    stock_steps = step_us(setup.tmp / "steps" / "stock")
+                    stock_steps = step_us(setup.steps("stock"))
                     report["engine_step_us_by_config"]["stock"] = stock_steps
                     report["engine_step_us"]["stock"] = stock_steps and stock_steps["us"]
                     if cname == "default" and steps:
@@ -422,6 +446,10 @@ def bench(args: argparse.Namespace) -> int:
                         name: s and s["scheduler_us"]
                         for name, s in report["engine_step_us_by_config"].items()
                     }
+                    report["engine_step_us_paired"][cname] = paired_steps(
+                        {who: step_us(setup.steps(who), warm[who]) for who in ("stock", cname)},
+                        cname,
+                    )
                     write()
     print(json.dumps({k: report[k] for k in ("ratio", "aa_ratio", "engine_step_us")}, indent=2))
     for cname, s in report["ratios"].items():

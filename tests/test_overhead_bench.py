@@ -121,6 +121,16 @@ def test_step_timer_counts_only_steps_that_ran_the_model(
         times = overhead.step_us(tmp_path)
         assert times["steps"] == 256 and times["scheduler_us"] >= 0.2 * 511 / 256 * 1e3
         assert not hasattr(Scheduler, "_step_timer")  # the instance was timed, not the class
+        # A window: only the steps written after `since` (bench/overhead.py pairs each
+        # configuration's rounds with stock's over the same window).
+        since = overhead.step_totals(tmp_path)
+        assert since[0] == 256 and since[2] == state["sched_ns"]
+        assert overhead.step_us(tmp_path, since) is None  # nothing new written yet
+        for i in range(600):
+            core.step(i % 2 == 0)
+        window = overhead.step_us(tmp_path, since)
+        assert window["steps"] == 512 - 256  # the file was rewritten at the 512th step
+        assert window["scheduler_us"] >= 0.2 * 512 / 256 * 1e3
     finally:
         sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Hook"]
 
@@ -152,4 +162,16 @@ def test_switch_counts_collapsed_drives_per_workload() -> None:
     assert (
         switch.mode_name(types.SimpleNamespace(servers=2, freeze_other=True, pause=2.0))
         == "servers2-freeze-pause2"
+    )
+
+
+def test_paired_steps_subtract_stock_over_the_same_window(overhead: types.ModuleType) -> None:
+    mine = {"steps": 512, "us": 13000.0, "scheduler_us": 400.0}
+    stock = {"steps": 768, "us": 12800.0, "scheduler_us": 310.0}
+    paired = overhead.paired_steps({"default": mine, "stock": stock}, "default")
+    assert paired == {"config": mine, "stock": stock, "scheduler_us_added": 90.0}
+    # A server that has not written a window yet: no difference, not an error.
+    assert (
+        overhead.paired_steps({"default": None, "stock": stock}, "default")["scheduler_us_added"]
+        is None
     )
