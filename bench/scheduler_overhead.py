@@ -52,7 +52,9 @@ from adaptivellm.benchmark.simulator import (
     DEFAULT_RATE,
     StepCost,
     replay,
+    runner_output,
     swap_slots,
+    timed_schedule,
     workload,
     write_report,
 )
@@ -116,10 +118,7 @@ def replay_async(
                                                    clock.now, r.tenant))  # fmt: skip
             i += 1
         if len(in_flight) < 2 and scheduler.has_requests():
-            timing["waiting"] = timing.get("waiting", 0.0) + len(scheduler.waiting)
-            started = time.perf_counter()
-            out = scheduler.schedule()
-            timing["schedule_s"] = timing.get("schedule_s", 0.0) + time.perf_counter() - started
+            out = timed_schedule(scheduler, timing)
             counts = out.num_scheduled_tokens
             ids = list(counts)
             sampled = [[] if scheduler.requests[r].is_prefill_chunk else [5] for r in ids]
@@ -172,7 +171,6 @@ def replay_live(
     `num_requests` have ended. Times schedule() and update_from_output() into `timing` (as
     replay) and returns the steps and the simulated time (steps last `cost.step_s`)."""
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import RequestStatus
 
     from adaptivellm.scheduler.scheduler import AdaptiveScheduler
@@ -202,27 +200,19 @@ def replay_live(
     for _ in range(LIVE_CONCURRENCY):
         add()
     while ended < num_requests:
-        timing["waiting"] = timing.get("waiting", 0.0) + len(scheduler.waiting)
-        started = time.perf_counter()
-        out = scheduler.schedule()
-        timing["schedule_s"] = timing.get("schedule_s", 0.0) + time.perf_counter() - started
+        out = timed_schedule(scheduler, timing)
         counts = out.num_scheduled_tokens
-        ids = list(counts)
-        requests = scheduler.requests
-        sampled = [[5] if requests[r].num_computed_tokens >= requests[r].num_tokens else []
-                   for r in ids]  # fmt: skip
+        runner = runner_output(scheduler, out)
         clock.now += cost.step_s(sum(n == 1 for n in counts.values()),
                                  sum(n for n in counts.values() if n > 1))  # fmt: skip
         steps += 1
-        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
-                                   sampled_token_ids=sampled)  # fmt: skip
         started = time.perf_counter()
         outputs = scheduler.update_from_output(out, runner)
         timing["update_s"] = timing.get("update_s", 0.0) + time.perf_counter() - started
         done = sum(o.finish_reason is not None for b in outputs.values() for o in b.outputs)
         gone = []
         for rid, at in list(aborts.items()):
-            if (request := requests.get(rid)) is None or request.num_output_tokens >= at:
+            if (request := scheduler.requests.get(rid)) is None or request.num_output_tokens >= at:
                 del aborts[rid]  # ended before its client went away, or goes away now
                 if request is not None:
                     gone.append(rid)

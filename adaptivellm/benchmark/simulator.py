@@ -93,10 +93,7 @@ def replay(
         if not scheduler.has_requests():
             clock.now = pending[i].arrival_s
             continue
-        spent["waiting"] = spent.get("waiting", 0.0) + len(scheduler.waiting)
-        started = time.perf_counter()
-        out = scheduler.schedule()
-        spent["schedule_s"] = spent.get("schedule_s", 0.0) + time.perf_counter() - started
+        out = timed_schedule(scheduler, spent)
         counts = out.num_scheduled_tokens
         decodes = sum(1 for n in counts.values() if n == 1)
         step = cost.step_s(decodes, sum(n for n in counts.values() if n > 1))
@@ -105,7 +102,7 @@ def replay(
         clock.now += step
         steps += 1
         started = time.perf_counter()
-        served.record(scheduler.update_from_output(out, _sampled(scheduler, out)), clock.now)
+        served.record(scheduler.update_from_output(out, runner_output(scheduler, out)), clock.now)
         spent["update_s"] = spent.get("update_s", 0.0) + time.perf_counter() - started
     figures = served.figures(pending, cost)
     return {**figures, "drain_s": drain_s, "steps": float(steps), "sim_time_s": clock.now}
@@ -143,7 +140,17 @@ def swap_slots(preemption: str, max_num_seqs: int, max_model_len: int) -> int:
     return 0 if preemption == "recompute" else 10 * max_num_seqs * max_model_len // 16
 
 
-def _sampled(scheduler: Any, out: Any) -> Any:
+def timed_schedule(scheduler: Any, timing: dict[str, float]) -> Any:
+    """`scheduler.schedule()`, its seconds added to `timing["schedule_s"]` and the requests
+    waiting before it to `timing["waiting"]` (the replays' timing)."""
+    timing["waiting"] = timing.get("waiting", 0.0) + len(scheduler.waiting)
+    started = time.perf_counter()
+    out = scheduler.schedule()
+    timing["schedule_s"] = timing.get("schedule_s", 0.0) + time.perf_counter() - started
+    return out
+
+
+def runner_output(scheduler: Any, out: Any) -> Any:
     """The model runner's output for the step `out`: one token for each request past its
     prompt."""
     from vllm.v1.outputs import ModelRunnerOutput
