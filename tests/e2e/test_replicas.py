@@ -274,12 +274,21 @@ def test_global_fairness_with_a_heavy_tenant_pinned_to_one_replica(router: str) 
     # heavy's replica with the ledger and 34-43% without, but three fresh-clone CIs under load
     # read 31%, 63% and 61% with it (light 105 and 130 requests against heavy's 106 and 94).
     # Open: docs/scaleout.md. What held in every run: light never took most of heavy's
-    # replica (heavy's share of it read 0.62, 0.54 in those CIs, 0.86-1.0 in the benchmark),
-    # and the two tenants' service stays close although the replicas' speeds on shared cores
-    # differ (a CI read 612 against 1,416 tokens, Jain 0.86; a local run 65 against 140
-    # requests with light entirely on its own replica).
+    # replica (heavy's share of it read 0.62, 0.54 in those CIs, 0.86-1.0 in the benchmark).
     assert sent["heavy"][home] >= 0.5 * (sent["heavy"][home] + sent["light"][home]), sent
-    assert jain >= 0.75, (tokens, sent)
+    # Each tenant gets most of its max-min fair share of what the two replicas served in the
+    # window. Heavy can only have its replica, so its share is that replica's service or half
+    # the total, whichever is less; light's is the rest. Both replicas are always full here
+    # (5 streams each against a target backlog of 2), so what each served is its speed. The
+    # speeds are the machine's, not the router's: a CI read heavy's replica 9x slower than the
+    # other (19 against 170 requests, Jain 0.60, light on heavy's replica 0%), where heavy
+    # having all of its replica is the fair answer. With equal speeds this is a Jain of at least 0.94.
+    served = {t: sum(sent[t]) for t in sent}
+    total = sum(served.values())
+    heavy_fair = min(sent["heavy"][home] + sent["light"][home], total / 2)
+    fair = {"heavy": heavy_fair, "light": total - heavy_fair}
+    for tenant in ("heavy", "light"):
+        assert served[tenant] >= 0.75 * fair[tenant], (tenant, fair, sent, f"Jain {jain:.3f}")
     text = httpx.get(f"{router}/metrics", timeout=30).text
     gauge = metric_value(text, "adaptivellm_router_tenant_jain_index")
     assert gauge is not None and 0 < gauge <= 1
