@@ -81,6 +81,9 @@ CONFIGS: dict[str, list[str] | None] = {
     "aa": None,
     "vtc": ["--fairness", "vtc"],
     "swap": ["--preemption-mode", "swap"],
+    # The default's fairness without the swap connector: against "default", what swapping's
+    # KV connector costs vLLM's own scheduling and the worker each step.
+    "recompute": ["--preemption-mode", "recompute"],
 }
 
 
