@@ -333,6 +333,7 @@ class SplitWorkerMetrics:
     token_layers: Counter
     forward_seconds: Counter
     forward_passes: Counter
+    context_rows: Counter
 
     @staticmethod
     @cache
@@ -358,6 +359,13 @@ class SplitWorkerMetrics:
                 "Forward passes on a split-execution server, by batch: ordinary (no split "
                 "token), split (split tokens only) or mixed (both; k = 0 counts as ordinary)",
                 labelnames=["batch"],
+            ),
+            context_rows=Counter(
+                f"{PREFIX}split_context_rows",
+                "Context rows of resumed split sessions' chunks at the model runner: sent by "
+                "the engine core (new rows), or held by the runner from earlier chunks (not "
+                "sent again)",
+                labelnames=["kind"],
             ),
         )
 

@@ -172,13 +172,17 @@ ROWS = (
                q(f"sum by (code) (rate(adaptivellm_split_errors_total{A}[{RATE}]))",
                  "error {{code}}")), "s"),
         Panel("Server work saved", "Decoder-layer passes per second computed by the server "
-              "and saved by clients; forward passes by batch kind; forward seconds per second.",
+              "and saved by clients; forward passes by batch kind; forward seconds per second; "
+              "context rows of resumed split sessions sent to the model runner and held there "
+              "(not sent again).",
               (q(f"sum by (kind) (rate(adaptivellm_split_token_layers_total{A}[{RATE}]))",
                  "{{kind}}"),
                q(f"sum by (batch) (rate(adaptivellm_split_forward_passes_total{A}[{RATE}]))",
                  "passes {{batch}}"),
                q(f"sum(rate(adaptivellm_split_forward_seconds_total{A}[{RATE}]))",
-                 "forward busy"))),
+                 "forward busy"),
+               q(f"sum by (kind) (rate(adaptivellm_split_context_rows_total{A}[{RATE}]))",
+                 "context rows {{kind}}"))),
     )),
     Row("Health", (
         Panel("Internal errors", "Errors in AdaptiveLLM's own code that were contained "

@@ -16,6 +16,13 @@ and only when split execution is on. Touch points: `GPUModelRunner._model_forwar
 start-up check, `VllmConfig.use_v2_model_runner`, `compilation_config.cudagraph_mode` and `.mode`,
 `parallel_config.use_ubatching` and `VLLM_USE_BREAKABLE_CUDAGRAPH`.
 
+It also wraps `GPUModelRunner._update_streaming_request`, where vLLM hands the runner a resumed
+streaming-input request (a split session's next chunk) as a new request: the engine core sends
+only the rows of the context the runner does not hold (`split_wire.send_new_rows`), and the
+wrapper puts the rows the runner holds (`self.requests[id].prompt_embeds`) back in front before
+vLLM's own update runs (`split_wire.receive_rows`). So a decode token no longer carries the
+session's whole context through the executor's queue.
+
 The hook exists on vLLM's V1 model runner only (`vllm.v1.worker.gpu_model_runner`, and the CPU
 runner that inherits it). Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, vLLM 0.32's default
 wherever Triton is present) has no `_model_forward`, and CUDA graphs that capture whole forward
@@ -38,13 +45,15 @@ import numpy as np
 import torch
 
 from adaptivellm.compat import check_vllm_version
-from adaptivellm.split_wire import layer_of
+from adaptivellm.split_wire import layer_of, receive_rows
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR: Final = "0.32.0"
-#: Attribute set on the installed wrapper, so that a runner class's `_model_forward` can be
-#: recognised as hooked through its MRO.
+#: Attribute set on the installed wrappers, so that a runner class's `_model_forward` and
+#: `_update_streaming_request` can be recognised as hooked through its MRO.
 HOOK_MARK: Final = "__adaptivellm_split_hook__"
+#: The runner methods the patch wraps.
+HOOKED: Final = ("_model_forward", "_update_streaming_request")
 _FIX: Final = (
     "Start the server with `adaptivellm serve --split-execution`, which selects vLLM's V1 model "
     "runner (VLLM_USE_V2_MODEL_RUNNER=0) and piecewise CUDA graphs; see docs/split_execution.md."
@@ -113,8 +122,21 @@ def install() -> None:
         finally:
             _start_layers.reset(token)
 
-    setattr(_model_forward, HOOK_MARK, True)
+    original_update = GPUModelRunner._update_streaming_request
+
+    @functools.wraps(original_update)
+    def _update_streaming_request(self: Any, req_id: str, new_req_data: Any) -> Any:
+        state = self.requests.get(req_id)
+        held = receive_rows(state, getattr(state, "prompt_embeds", None), new_req_data)
+        embeds = new_req_data.prompt_embeds
+        if embeds is not None:
+            _count_rows(sent=embeds.shape[0] - held, held=held)
+        return original_update(self, req_id, new_req_data)
+
+    for wrapper in (_model_forward, _update_streaming_request):
+        setattr(wrapper, HOOK_MARK, True)
     GPUModelRunner._model_forward = _model_forward  # type: ignore[method-assign]
+    GPUModelRunner._update_streaming_request = _update_streaming_request  # type: ignore[method-assign]
     _installed = True
     if version.split("+")[0] != WRITTEN_FOR:
         logger.warning(
@@ -122,11 +144,22 @@ def install() -> None:
         )
 
 
+def _count_rows(sent: int, held: int) -> None:
+    """A resumed session's context rows at the runner: sent this chunk, or held from before."""
+    from adaptivellm.metrics import SplitWorkerMetrics
+
+    rows = SplitWorkerMetrics.get().context_rows
+    rows.labels(kind="sent").inc(sent)
+    if held:
+        rows.labels(kind="held").inc(held)
+
+
 def is_hooked(runner_cls: type) -> bool:
-    """Whether `runner_cls` runs its forward passes through the installed hook: its
-    `_model_forward`, resolved through the MRO, is the wrapper (a subclass that overrides it, or a
-    runner without one, such as Model Runner V2, is not hooked)."""
-    return bool(getattr(getattr(runner_cls, "_model_forward", None), HOOK_MARK, False))
+    """Whether `runner_cls` runs its forward passes and its resumed streaming requests through
+    the installed hooks: its `_model_forward` and `_update_streaming_request`, resolved through
+    the MRO, are the wrappers (a subclass that overrides one, or a runner without them, such as
+    Model Runner V2, is not hooked)."""
+    return all(getattr(getattr(runner_cls, name, None), HOOK_MARK, False) for name in HOOKED)
 
 
 def building_runner() -> Any | None:
@@ -156,8 +189,9 @@ def runner_problems(vllm_config: Any, runner_cls: type | None) -> list[str]:
     if runner_cls is not None and not is_hooked(runner_cls):
         where = f"{runner_cls.__module__}.{runner_cls.__qualname__}"
         problems.append(
-            f"the model runner in use, {where}, does not run forward passes through the patched "
-            "vllm.v1.worker.gpu_model_runner.GPUModelRunner._model_forward"
+            f"the model runner in use, {where}, does not run forward passes and resumed "
+            "requests through the patched vllm.v1.worker.gpu_model_runner.GPUModelRunner."
+            "_model_forward and _update_streaming_request"
         )
     elif vllm_config.use_v2_model_runner:
         problems.append(

@@ -79,6 +79,7 @@ from adaptivellm.scheduler.split_sessions import (
 )
 from adaptivellm.scheduler.step_trace import StepTrace
 from adaptivellm.scheduler.swap_connector import AdaptiveSwapConnector
+from adaptivellm.split_wire import layer_of, send_new_rows
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class AdaptiveScheduler(Scheduler):
         costs = load_costs(self.vllm_config) if swap is not None else None
         self.advisor = PreemptionAdvisor(config.preemption, swap, costs, self.errors)
         self.split_chunks = SplitChunks()
+        #: Rows of each split session's context the model runner holds (send_new_rows).
+        self.split_rows_held: dict[str, int] = {}
         self.service_times = ServiceTimes(self.fairness.service, self.fairness.learn_service)
         #: Times the model's steps for service_times; tests substitute a simulated one.
         self.step_timer: Callable[[], float] = time.perf_counter
@@ -278,6 +281,9 @@ class AdaptiveScheduler(Scheduler):
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.scheduler_config.long_prefill_token_threshold = threshold
+        if output.scheduled_new_reqs:
+            with self.errors.guard("split_new_rows"):
+                self._send_new_rows(output)
         prefill = decode = 0
         with self.errors.guard("accounting"):
             prefill, decode = self._account(output, now)
@@ -288,6 +294,23 @@ class AdaptiveScheduler(Scheduler):
                 step.traced = (entered, time.perf_counter(), counts)
         self.service_times.in_flight.append(step)
         return output
+
+    def _send_new_rows(self, output: SchedulerOutput) -> None:
+        """A resumed split session goes to the model runner as a new request with its whole
+        context (vLLM's streaming input): send only the rows the runner does not hold yet.
+        A session's context only grows, so what the runner holds is a prefix of it: a count
+        left behind by an error here only means more rows are sent than needed, never fewer
+        (and a session not trimmed goes whole, which the runner takes as vLLM's own)."""
+        held_rows = self.split_rows_held
+        for data in output.scheduled_new_reqs:
+            embeds = data.prompt_embeds
+            params = data.sampling_params
+            if embeds is None or params is None or layer_of(params.extra_args) is None:
+                continue
+            held = held_rows.get(data.req_id)
+            held_rows[data.req_id] = embeds.shape[0]  # what the runner holds after this step
+            if held is not None:
+                send_new_rows(data, held)
 
     def _trace_counts(self, output: SchedulerOutput, prefill: int, decode: int) -> dict[str, int]:
         context = 0
@@ -561,6 +584,7 @@ class AdaptiveScheduler(Scheduler):
         rid = request.request_id
         with self.errors.guard("finish_accounting", rid):
             self.split_chunks.drop(rid)
+            self.split_rows_held.pop(rid, None)
             tracked = self.tracked.pop(rid, None)
             if tracked is not None:
                 self.ledger.leave(tracked.info.tenant)

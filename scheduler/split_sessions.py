@@ -30,7 +30,7 @@ import torch
 from vllm.v1.engine import EngineCoreEventType
 from vllm.v1.request import Request, RequestStatus
 
-from adaptivellm.split_wire import EXTRA_KEY, layer_of, pack, unpack
+from adaptivellm.split_wire import EXTRA_KEY, append_rows, layer_of, pack, unpack
 
 __all__ = [
     "EXTRA_KEY",
@@ -122,38 +122,6 @@ def extend_session(
     if log_stats:
         session.record_event(EngineCoreEventType.QUEUED)
     return was_waiting
-
-
-#: The request attribute holding a session's embeddings buffer (see `append_rows`).
-_BUFFER = "_adaptivellm_embeds_buffer"
-
-
-def append_rows(owner: object, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`embeds` with `rows` appended, without copying `embeds` at every call.
-
-    The result is a view of the first rows of a buffer kept on `owner` (the session's
-    Request) whose capacity doubles when it is full, so a session of T tokens copies
-    O(T) rows in all instead of O(T^2) (a `torch.cat` per token). Rows already handed out
-    are never written again: a view given to the model runner earlier keeps its contents.
-    A view of a prefix of a contiguous buffer is contiguous, so vLLM's shared-memory queue
-    sends only its rows. If `embeds` is not the buffer's own view (the first chunk, or
-    anything that replaced it), a new buffer is started from it."""
-    n, m = embeds.shape[0], rows.shape[0]
-    buffer, used = getattr(owner, _BUFFER, (None, 0))
-    if (
-        buffer is None
-        or used != n  # rows past n were handed out: never overwrite them
-        or buffer.data_ptr() != embeds.data_ptr()
-        or buffer.shape[1:] != embeds.shape[1:]
-        or buffer.dtype != embeds.dtype
-        or buffer.shape[0] < n + m
-    ):
-        capacity = max(2 * (n + m), 16)
-        buffer = embeds.new_empty((capacity, *embeds.shape[1:]))
-        buffer[:n] = embeds
-    buffer[n : n + m] = rows
-    setattr(owner, _BUFFER, (buffer, n + m))
-    return buffer[: n + m]
 
 
 def _rehash(request: Request) -> None:

@@ -67,8 +67,9 @@ def test_hook_is_on_the_v1_runner_and_the_cpu_runner_that_inherits_it() -> None:
     assert is_hooked(GPUModelRunnerV1)
     assert is_hooked(CPUModelRunnerV1)
     install()  # idempotent: the wrapper wraps vLLM's method, not itself
-    wrapped = GPUModelRunnerV1._model_forward.__wrapped__  # type: ignore[attr-defined]
-    assert not getattr(wrapped, split_runner.HOOK_MARK, False)
+    for method in split_runner.HOOKED:
+        wrapped = getattr(GPUModelRunnerV1, method).__wrapped__
+        assert not getattr(wrapped, split_runner.HOOK_MARK, False)
 
 
 def test_model_runner_v2_is_not_hooked() -> None:
@@ -77,12 +78,16 @@ def test_model_runner_v2_is_not_hooked() -> None:
     assert not is_hooked(CPUModelRunnerV2)
 
 
-def test_a_runner_overriding_model_forward_is_not_hooked() -> None:
-    class PlatformModelRunner(GPUModelRunnerV1):
-        def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
-            return None
-
+@pytest.mark.parametrize("method", split_runner.HOOKED)
+def test_a_runner_overriding_a_hooked_method_is_not_hooked(method: str) -> None:
+    """Either override escapes the patch: start layers would not reach the model, or a resumed
+    session's new rows would be taken for its whole context."""
+    PlatformModelRunner = type(
+        "PlatformModelRunner", (GPUModelRunnerV1,), {method: lambda self, *a, **k: None}
+    )
     assert not is_hooked(PlatformModelRunner)
+    problems = runner_problems(v1_config(), PlatformModelRunner)
+    assert any("_update_streaming_request" in p for p in problems), problems
 
 
 # --- the worker-side guard ----------------------------------------------------------------

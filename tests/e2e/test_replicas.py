@@ -282,7 +282,8 @@ def test_global_fairness_with_a_heavy_tenant_pinned_to_one_replica(router: str) 
     # (5 streams each against a target backlog of 2), so what each served is its speed. The
     # speeds are the machine's, not the router's: a CI read heavy's replica 9x slower than the
     # other (19 against 170 requests, Jain 0.60, light on heavy's replica 0%), where heavy
-    # having all of its replica is the fair answer. With equal speeds this is a Jain of at least 0.94.
+    # having all of its replica is the fair answer. With equal speeds this is a Jain of at
+    # least 0.94.
     served = {t: sum(sent[t]) for t in sent}
     total = sum(served.values())
     heavy_fair = min(sent["heavy"][home] + sent["light"][home], total / 2)

@@ -160,6 +160,16 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
         assert gained == rounds * layer * (prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1))
         # Split and ordinary tokens shared a forward pass.
         assert (metric_value(after, *MIXED_PASSES) or 0) > mixed_before
+        # Each decode chunk reached the model runner as its one new row; the runner put the
+        # context it held back in front (P + i - 1 rows before the i-th of M - 1 chunks).
+        rows = "adaptivellm_split_context_rows_total"
+        sent, held = (
+            (metric_value(after, rows, kind) or 0) - (metric_value(before, rows, kind) or 0)
+            for kind in ('kind="sent"', 'kind="held"')
+        )
+        chunks = MAX_TOKENS - 1
+        assert sent == rounds * len(PROMPTS) * chunks
+        assert held == rounds * (chunks * prompt_tokens + len(PROMPTS) * chunks * (chunks - 1) // 2)
 
 
 def test_planner_chooses_k_and_output_still_matches(split: SplitClient, reference: dict) -> None:
