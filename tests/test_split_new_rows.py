@@ -26,8 +26,10 @@ import pytest
 import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import NewRequestData
+from vllm.v1.request import Request, RequestStatus
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from adaptivellm.benchmark.simulator import runner_output
 from adaptivellm.patches.split_runner import install, is_hooked
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.simulated import make_scheduler
@@ -179,7 +181,7 @@ def test_the_scheduler_sends_a_resumed_session_only_its_new_rows() -> None:
     assert data.prompt_embeds.shape[0] == 5 and not hasattr(data, ROWS_FROM)  # the first: whole
     worker = State(data.prompt_embeds.clone())
     for step in range(3):
-        scheduler.update_from_output(out, runner_output(out))
+        scheduler.update_from_output(out, runner_output(scheduler, out))
         update, _ = chunk_request("s", 1, layer=2, seed=step + 1)
         scheduler.add_request(update)
         out = scheduler.schedule()
@@ -189,24 +191,14 @@ def test_the_scheduler_sends_a_resumed_session_only_its_new_rows() -> None:
         worker.prompt_embeds = data.prompt_embeds
         assert torch.equal(worker.prompt_embeds, scheduler.requests["s"].prompt_embeds)
     assert scheduler.errors.counts == {}
-    scheduler.finish_requests("s", __import__("vllm").v1.request.RequestStatus.FINISHED_ABORTED)
+    scheduler.finish_requests("s", RequestStatus.FINISHED_ABORTED)
     assert "s" not in scheduler.split_rows_held
 
 
 def test_an_ordinary_request_is_sent_as_vllm_sends_it() -> None:
     scheduler, _ = make_scheduler(FairnessConfig(), num_blocks=64)
-    from vllm.v1.request import Request
-
     scheduler.add_request(Request("o", [1, 2, 3], SamplingParams(max_tokens=2), None,
                                   block_hasher=None))  # fmt: skip
     (data,) = scheduler.schedule().scheduled_new_reqs
     assert data.prompt_token_ids == [1, 2, 3] and not hasattr(data, ROWS_FROM)
     assert scheduler.split_rows_held == {}
-
-
-def runner_output(out: Any) -> Any:
-    from vllm.v1.outputs import ModelRunnerOutput
-
-    ids = list(out.num_scheduled_tokens)
-    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                             sampled_token_ids=[[7] for _ in ids])  # fmt: skip
