@@ -31,7 +31,7 @@ QUIET_S = 60.0
 WHERES = (
     "accounting", "cost_predictor", "finish_accounting", "finish_failed", "metrics",
     "order_running", "order_waiting", "preemption_mode", "service_fit", "split_chunk",
-    "split_session", "step_budget", "step_trace", "swap_in_copy", "swap_match",
+    "split_new_rows", "split_session", "step_budget", "step_trace", "swap_in_copy", "swap_match",
     "swap_out_copy", "swap_release", "swap_reuse_cut", "track", "turnaround_preemption",
 )  # fmt: skip
 

@@ -202,3 +202,37 @@ def test_an_ordinary_request_is_sent_as_vllm_sends_it() -> None:
     (data,) = scheduler.schedule().scheduled_new_reqs
     assert data.prompt_token_ids == [1, 2, 3] and not hasattr(data, ROWS_FROM)
     assert scheduler.split_rows_held == {}
+
+
+def test_a_failed_trim_sends_the_whole_context_and_the_next_chunk_trims_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fail-safe path: the error is counted, the session goes whole (which the runner takes
+    as vLLM's own), and the next chunk is trimmed to what the runner then holds."""
+    from adaptivellm.scheduler import scheduler as scheduler_module
+
+    scheduler, _ = make_scheduler(FairnessConfig(), num_blocks=64)
+    first, _ = chunk_request("s", 5, layer=2)
+    scheduler.add_request(first)
+    out = scheduler.schedule()
+    worker = State(out.scheduled_new_reqs[0].prompt_embeds.clone())
+
+    def broken(data: Any, held: int) -> None:
+        raise RuntimeError("injected")
+
+    for step, trim in enumerate((broken, send_new_rows)):
+        monkeypatch.setattr(scheduler_module, "send_new_rows", trim)
+        scheduler.update_from_output(out, runner_output(scheduler, out))
+        update, _ = chunk_request("s", 1, layer=2, seed=step + 1)
+        scheduler.add_request(update)
+        out = scheduler.schedule()
+        (data,) = out.scheduled_new_reqs
+        sent, marked = data.prompt_embeds.shape[0], hasattr(data, ROWS_FROM)
+        receive_rows(worker, worker.prompt_embeds, data)
+        worker.prompt_embeds = data.prompt_embeds
+        assert torch.equal(worker.prompt_embeds, scheduler.requests["s"].prompt_embeds)
+        if trim is broken:
+            assert sent == 6 and not marked
+        else:
+            assert sent == 1 and marked and worker.prompt_embeds.shape[0] == 7
+    assert scheduler.errors.counts == {"split_new_rows": 1}
