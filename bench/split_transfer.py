@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from adaptivellm import __version__
 from adaptivellm.compat import installed_vllm
 from adaptivellm.cpu import cpu_count
-from adaptivellm.split_wire import receive_rows, send_new_rows
+from adaptivellm.split_wire import EXTRA_KEY, receive_rows, send_new_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: name -> (hidden size, dtype)
@@ -58,13 +59,6 @@ SHAPES: dict[str, tuple[int, torch.dtype]] = {
 MODES = ("whole", "new_rows")
 
 
-class Held:
-    """The worker's state of one session: its context rows (as `CachedRequestState` holds them)."""
-
-    def __init__(self) -> None:
-        self.prompt_embeds: torch.Tensor | None = None
-
-
 def step_output(sessions: list[tuple[str, torch.Tensor]], context: int) -> Any:
     """A decode step's SchedulerOutput: one NewRequestData per session, at `context` rows."""
     from vllm.sampling_params import SamplingParams
@@ -72,7 +66,7 @@ def step_output(sessions: list[tuple[str, torch.Tensor]], context: int) -> Any:
 
     output = SchedulerOutput.make_empty()
     for req_id, buffer in sessions:
-        params = SamplingParams(max_tokens=1, extra_args={"adaptivellm_split": {"layer": 4}})
+        params = SamplingParams(max_tokens=1, extra_args={EXTRA_KEY: {"layer": 4}})
         output.scheduled_new_reqs.append(
             NewRequestData(
                 req_id=req_id,
@@ -108,11 +102,11 @@ def worker(handle: Any, pipe: Any) -> None:
     pipe.send(replies.export_handle())
     steps.wait_until_ready()
     replies.wait_until_ready()
-    held: dict[str, Held] = {}
+    held: dict[str, SimpleNamespace] = {}  # each session as the runner holds it
     while (message := steps.dequeue(indefinite=True)) is not None:
         _, (output,), _, _ = message
         for data in output.scheduled_new_reqs:
-            state = held.setdefault(data.req_id, Held())
+            state = held.setdefault(data.req_id, SimpleNamespace(prompt_embeds=None))
             receive_rows(state, state.prompt_embeds, data)
             state.prompt_embeds = data.prompt_embeds
         replies.enqueue([d.prompt_embeds.shape[0] for d in output.scheduled_new_reqs])

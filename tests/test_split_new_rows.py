@@ -34,6 +34,7 @@ from adaptivellm.patches.split_runner import install, is_hooked
 from adaptivellm.scheduler.config import FairnessConfig
 from adaptivellm.scheduler.simulated import make_scheduler
 from adaptivellm.split_wire import (
+    EXTRA_KEY,
     ROWS_FROM,
     HeldRowsMismatch,
     append_rows,
@@ -44,7 +45,7 @@ from tests.test_split_serve import chunk_request
 
 
 def new_request_data(req_id: str, embeds: torch.Tensor, computed: int) -> NewRequestData:
-    params = SamplingParams(max_tokens=1, extra_args={"adaptivellm_split": {"layer": 2}})
+    params = SamplingParams(max_tokens=1, extra_args={EXTRA_KEY: {"layer": 2}})
     return NewRequestData(
         req_id=req_id, prompt_token_ids=None, mm_features=[], sampling_params=params,
         pooling_params=None, block_ids=([1],), num_computed_tokens=computed,
