@@ -215,7 +215,7 @@ OFFLINE_SERVER = ServerProfile(flops_per_s=5e10, mem_bytes_per_s=2e10, step_over
 
 def decisions(
     items: list[Item],
-    layers: int,
+    spec: ModelSpec,
     batches: tuple[int, ...] = (1, 4, 8, 16),
     slacks: tuple[float, ...] = (1.2, 2.0),
 ) -> dict[str, Any]:
@@ -225,7 +225,8 @@ def decisions(
     of the planner's choices over the baseline's. With no feasible split a policy's request is
     served whole (k = 0), as the server serves it. Measured capacity differences between
     policies that choose alike are the runs' noise, not the policies'."""
-    shape = ModelShape.from_spec(ModelSpec(num_layers=layers))
+    shape = ModelShape.from_spec(spec)
+    layers = spec.num_layers
     masks = prefix_masks(layers)
     same: Counter[str] = Counter()
     work: dict[str, float] = dict.fromkeys(("planner", "greedy", "static"), 0.0)
@@ -269,6 +270,37 @@ def sustainable_rate(attainment: dict[float, float], target: float) -> float:
             break
         best = rate
     return best
+
+
+def pass_cost(runs: list[dict]) -> dict[str, Any] | None:
+    """What a forward pass costs the server, fitted over the runs' counters: milliseconds a
+    pass = fixed + per_token_layer x (token-layers the pass ran), least squares over each
+    run's mean pass, with each run's pass time and token-layers (keys `policy@rate`). Split
+    execution removes token-layers from a pass; the fixed part (vLLM's per-pass work, the LM
+    head, each layer's per-call cost) it removes only where no row of the pass runs a layer.
+    None with fewer than 3 runs that made passes."""
+    points = [
+        (run["policy"], run["rate"], c["token_layers"] / c["forward_passes"],
+         1e3 * c["forward_s"] / c["forward_passes"])
+        for run in runs
+        if (c := run.get("counters") or {}).get("forward_passes")
+    ]  # fmt: skip
+    if len(points) < 3:
+        return None
+    x = np.array([p[2] for p in points])
+    y = np.array([p[3] for p in points])
+    (fixed, per_layer), *_ = np.linalg.lstsq(np.vstack([np.ones_like(x), x]).T, y, rcond=None)
+    residual = y - (fixed + per_layer * x)
+    spread = float(((y - y.mean()) ** 2).sum())
+    return {
+        "model": "ms per pass = fixed_ms + per_token_layer_ms x token-layers per pass",
+        "fixed_ms": float(fixed),
+        "per_token_layer_ms": float(per_layer),
+        "r2": 1 - float((residual**2).sum()) / spread if spread else None,
+        "runs": len(points),
+        "pass_ms": {f"{policy}@{rate:g}": float(ms) for policy, rate, _, ms in points},
+        "token_layers_per_pass": {f"{policy}@{rate:g}": float(t) for policy, rate, t, _ in points},
+    }
 
 
 class ReplayModel(ClientModel):
@@ -625,6 +657,17 @@ def sweep(bench: Bench, policy: str, args: argparse.Namespace, out: list[dict]) 
             return
 
 
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The benchmark's model: the embedded model's build with `--layers` layers and `--hidden`
+    width (the MLP 4x as wide, 64-wide attention heads, the embedded model's 2 KV heads)."""
+    if args.hidden == ModelSpec.hidden_size:
+        return ModelSpec(num_layers=args.layers)  # the build every earlier run served
+    return ModelSpec(
+        num_layers=args.layers, hidden_size=args.hidden, num_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+    )  # fmt: skip
+
+
 def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     return [
         "--enforce-eager", "--max-model-len", "2048", "--split-execution",
@@ -635,7 +678,7 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)  # the reference run's client layers share 2 cores with the server
-    model_path = ensure_model(ModelSpec(num_layers=args.layers), name="adaptivellm-deep-llama")
+    model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")
     items = pool(args.pool, args.max_prompt, args.max_tokens, args.ordinary_share, args.seed)
     runs: list[dict] = []
     refs: dict[int, Reference] | None = None
@@ -736,9 +779,10 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
             p: v.get("sla_attainment_from_arrival") if v else None for p, v in at_rate.items()
         },
         "planner_latency_error_p50": statistics.median(errors) if errors else None,
+        "pass_cost": pass_cost(runs),
         "decisions": decisions(
             pool(args.pool, args.max_prompt, args.max_tokens, args.ordinary_share, args.seed),
-            args.layers,
+            model_spec(args),
         ),
         "targets": {
             "server_seconds_per_request_ratio": 0.67,
@@ -749,6 +793,7 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
         },
         "setup": {
             "layers": args.layers,
+            "hidden": args.hidden,
             "pool": args.pool,
             "duration_s": args.duration,
             "rates": args.rates,
@@ -818,6 +863,8 @@ def plot(result: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16, help="decoder layers of the model")
+    parser.add_argument("--hidden", type=int, default=256,
+                        help="width of the model (MLP 4x, 64-wide heads, 2 KV heads)")  # fmt: skip
     parser.add_argument("--pool", type=int, default=48, help="distinct requests")
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[1, 2, 3, 4, 6, 8, 10])  # fmt: skip
@@ -850,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warm_up = 4
     if not 0 <= args.ordinary_share <= 1 or not all(r > 0 for r in args.rates):
         parser.error("--ordinary-share must be in [0, 1] and every rate > 0")
+    if args.hidden < 64 or args.hidden % 64:
+        parser.error(f"--hidden must be a positive multiple of 64, got {args.hidden}")
     args.rates = sorted(args.rates)
     args.server_commands = {}
     kept: list[dict] = []

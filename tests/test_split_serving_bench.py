@@ -4,6 +4,7 @@ server)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -68,7 +69,7 @@ def test_decisions_compare_the_planners_k_with_each_baseline(bench: types.Module
     takes the least server work that meets the SLA), and the shares are of split requests only
     (ordinary ones are not planned)."""
     items = bench.pool(24, 512, 48, 0.25, 0)
-    out = bench.decisions(items, 16, batches=(1, 8), slacks=(1.2,))
+    out = bench.decisions(items, bench.ModelSpec(num_layers=16), batches=(1, 8), slacks=(1.2,))
     split = sum(item.tier in bench.TIERS for item in items)
     assert out["requests"] == 2 * split > 0
     for policy in ("greedy", "static"):
@@ -76,6 +77,41 @@ def test_decisions_compare_the_planners_k_with_each_baseline(bench: types.Module
         assert out["planner_server_work_ratio"][policy] <= 1 + 1e-12
     # Static takes every layer or none: the planner's interior splits differ from it.
     assert out["same_k_share"]["static"] < 1
+
+
+def test_model_spec_keeps_the_earlier_build_and_widens_on_request(
+    bench: types.ModuleType,
+) -> None:
+    """The default width is the build every earlier run served (same cache key); --hidden
+    widens the MLP and the heads with it, and keeps the KV heads."""
+    default = argparse.Namespace(layers=16, hidden=256)
+    assert bench.model_spec(default).key() == bench.ModelSpec(num_layers=16).key()
+    wide = bench.model_spec(argparse.Namespace(layers=16, hidden=512))
+    assert (wide.hidden_size, wide.intermediate_size, wide.num_heads) == (512, 2048, 8)
+    assert wide.num_kv_heads == bench.ModelSpec().num_kv_heads
+    assert wide.key() != bench.model_spec(default).key()
+
+
+def test_pass_cost_fits_the_runs_counters(bench: types.ModuleType) -> None:
+    """The fit recovers a linear pass cost from the runs' counters, keys each run by policy and
+    rate, skips runs that made no pass, and needs at least three runs."""
+
+    def run(policy: str, rate: float, passes: float, layers_per_pass: float) -> dict:
+        ms = 11.0 + 0.05 * layers_per_pass
+        counters = {"forward_passes": passes, "token_layers": passes * layers_per_pass,
+                    "forward_s": passes * ms / 1e3}  # fmt: skip
+        return {"policy": policy, "rate": rate, "counters": counters}
+
+    runs = [run("off", 1, 100, 60), run("off", 4, 200, 250), run("planner", 1, 90, 30),
+            {"policy": "static", "rate": 2, "counters": {"forward_passes": 0}}]  # fmt: skip
+    fit = bench.pass_cost(runs)
+    assert fit["fixed_ms"] == pytest.approx(11.0)
+    assert fit["per_token_layer_ms"] == pytest.approx(0.05)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert fit["runs"] == 3
+    assert fit["pass_ms"]["off@4"] == pytest.approx(23.5)
+    assert fit["token_layers_per_pass"]["planner@1"] == pytest.approx(30)
+    assert bench.pass_cost(runs[:2]) is None
 
 
 def test_latency_counts_from_the_clients_start_and_the_harness_lateness_apart(
