@@ -88,48 +88,83 @@ class AdaptiveSplitLlamaForCausalLM(LlamaForCausalLM):
         model = self.model
         x = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         starts = starts.to(x.device)
+        # The rows a layer runs change only at the layers where some token enters, so they
+        # (and their positions) are found there, not at every layer: one device sync for the
+        # distinct start layers instead of three at each layer.
+        enters = set(torch.unique(starts).tolist())
         hidden, residual = x.clone(), torch.zeros_like(x)
+        part = _Partial(positions)
+        every = False
         for j, layer in enumerate(model.layers):
-            entering = starts == j
-            if j > 0 and bool(entering.any()):
-                hidden[entering] = x[entering]
-                residual[entering] = 0
-            active = starts <= j
-            if bool(active.all()):
+            if j in enters:
+                if j > 0:
+                    entering = (starts == j).nonzero().squeeze(1)
+                    hidden.index_copy_(0, entering, x.index_select(0, entering))
+                    residual.index_fill_(0, entering, 0)
+                every = part.select((starts <= j).nonzero().squeeze(1), starts.numel())
+            if every:
                 hidden, residual = layer(positions, hidden, residual)
-            else:
-                rows = active.nonzero().squeeze(1)
-                if rows.numel():
-                    _partial_layer(layer, positions, hidden, residual, rows)
-        done = starts >= self._num_layers  # k = N: the client ran every layer
-        if bool(done.any()):
-            hidden[done] = x[done]
-            residual[done] = 0
+            elif part.rows is not None:
+                _partial_layer(layer, hidden, residual, part)
+        if max(enters) >= self._num_layers:  # k = N: the client ran every layer
+            done = (starts >= self._num_layers).nonzero().squeeze(1)
+            hidden.index_copy_(0, done, x.index_select(0, done))
+            residual.index_fill_(0, done, 0)
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
 
+class _Partial:
+    """What the layers of one split batch share between layer changes: the rows they run (None:
+    none), those rows' positions, and the zero-padded query/key/value the attention op takes
+    for the whole batch. The padding is allocated once a pass: a row, once active, stays active
+    in every later layer (start layers only let rows in), so each layer overwrites every row
+    an earlier one wrote and the inactive rows stay zero."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self.rows: torch.Tensor | None = None
+        self.row_positions: torch.Tensor | None = None
+        self.padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def select(self, rows: torch.Tensor, total: int) -> bool:
+        """Run `rows` from this layer on; True when they are the whole batch."""
+        self.rows = rows if rows.numel() else None
+        self.row_positions = self.positions[rows] if rows.numel() else None
+        return rows.numel() == total
+
+    def pad(
+        self, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`q`, `k`, `v` of `rows`, in the batch's layout with zeros elsewhere."""
+        if self.padded is None:
+            self.padded = (
+                q.new_zeros(total, q.shape[1]),
+                k.new_zeros(total, k.shape[1]),
+                v.new_zeros(total, v.shape[1]),
+            )
+        for full, part in zip(self.padded, (q, k, v), strict=True):
+            full.index_copy_(0, rows, part)
+        return self.padded
+
+
 def _partial_layer(
     layer: Any,
-    positions: torch.Tensor,
     hidden: torch.Tensor,
     residual: torch.Tensor,
-    rows: torch.Tensor,
+    part: _Partial,
 ) -> None:
-    """One Llama decoder layer on `rows` of the batch, in place (vLLM's LlamaDecoderLayer and
-    LlamaAttention forward, with the projections and MLP on the active rows only)."""
-    h, r = layer.input_layernorm(hidden[rows], residual[rows])
+    """One Llama decoder layer on `part.rows` of the batch, in place (vLLM's LlamaDecoderLayer
+    and LlamaAttention forward, with the projections and MLP on the active rows only)."""
+    rows = part.rows
+    assert rows is not None
+    h, r = layer.input_layernorm(hidden.index_select(0, rows), residual.index_select(0, rows))
     attn = layer.self_attn
     qkv, _ = attn.qkv_proj(h)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions[rows], q, k)
-    total = hidden.shape[0]
-    full_q = q.new_zeros(total, q.shape[1])
-    full_k = k.new_zeros(total, k.shape[1])
-    full_v = v.new_zeros(total, v.shape[1])
-    full_q[rows], full_k[rows], full_v[rows] = q, k, v
-    out = attn.attn(full_q, full_k, full_v)
-    o, _ = attn.o_proj(out[rows])
+    q, k = attn.rotary_emb(part.row_positions, q, k)
+    out = attn.attn(*part.pad(rows, q, k, v, hidden.shape[0]))
+    o, _ = attn.o_proj(out.index_select(0, rows))
     h, r = layer.post_attention_layernorm(o, r)
-    hidden[rows] = layer.mlp(h)
-    residual[rows] = r
+    hidden.index_copy_(0, rows, layer.mlp(h))
+    residual.index_copy_(0, rows, r)
