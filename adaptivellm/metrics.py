@@ -381,6 +381,7 @@ class SplitServerMetrics:
     errors: Counter
     sla_met: Counter
     latency_error: Histogram
+    rows_skipped: Counter
 
     @staticmethod
     @cache
@@ -429,5 +430,11 @@ class SplitServerMetrics:
                 "(predicted longer) or under",
                 labelnames=["direction"],
                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            ),
+            rows_skipped=Counter(
+                f"{PREFIX}split_rows_skipped",
+                "Prompt rows of split sessions at k = N (the client ran every layer) that the "
+                "engine never received: only a chunk's last row is read there (final norm and "
+                "LM head), so the others would only take attention and KV cache",
             ),
         )

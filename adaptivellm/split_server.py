@@ -526,6 +526,16 @@ async def _fail(websocket: WebSocket, error: ProtocolError) -> None:
         await websocket.close(code=_CLOSE_CODES.get(error.code, 1008), reason=error.code)
 
 
+def rows_for_engine(frame: np.ndarray, layer: int, num_layers: int) -> np.ndarray:
+    """The rows of a split chunk the engine needs. At k = N the client ran every decoder layer:
+    the server runs none, so a row is read only as the input of the final norm and the LM head,
+    and vLLM computes logits for a chunk's last row alone. The rows before it would take only
+    attention (with zero query, key and value at every layer) and KV cache blocks nothing
+    reads, so only the last row is sent; the token sampled from it is the same. Below N every
+    row is needed (layers k..N-1 attend over the whole context)."""
+    return frame[-1:] if layer >= num_layers and frame.shape[0] > 1 else frame
+
+
 class Session:
     """The engine request behind one WebSocket (a vLLM streaming-input session)."""
 
@@ -537,7 +547,8 @@ class Session:
         self.outputs: AsyncIterator[Any] | None = None
         self.layer = 0
         self.finished = False
-        #: Rows of hidden states fed to the engine session so far (all turns).
+        #: Tokens of the conversation so far (all turns): the rows of hidden states the client
+        #: sent, whether or not the engine needed them all (`rows_for_engine`).
         self.context = 0
         #: The socket's pending receive: started while the engine works (to see a client
         #: leave), taken over by the next `_receive`.
@@ -695,7 +706,10 @@ class Session:
                 frame = await self._receive_frame("decode", 1, 1)
             step_began = time.monotonic()
             self.context += frame.shape[0]
-            await self.inputs.put(self._chunk(frame, opened))
+            rows = rows_for_engine(frame, self.layer, self.service.shape.num_layers)
+            if skipped := frame.shape[0] - rows.shape[0]:
+                metrics.rows_skipped.inc(skipped)
+            await self.inputs.put(self._chunk(rows, opened))
             token_id, text = await self._next_token()
             finish = self._finish_reason(token_id, index, opened)
             step_s = time.monotonic() - step_began

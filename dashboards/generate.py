@@ -174,7 +174,7 @@ ROWS = (
         Panel("Server work saved", "Decoder-layer passes per second computed by the server "
               "and saved by clients; forward passes by batch kind; forward seconds per second; "
               "context rows of resumed split sessions sent to the model runner and held there "
-              "(not sent again).",
+              "(not sent again); prompt rows of k = N sessions the engine never needed.",
               (q(f"sum by (kind) (rate(adaptivellm_split_token_layers_total{A}[{RATE}]))",
                  "{{kind}}"),
                q(f"sum by (batch) (rate(adaptivellm_split_forward_passes_total{A}[{RATE}]))",
@@ -182,7 +182,9 @@ ROWS = (
                q(f"sum(rate(adaptivellm_split_forward_seconds_total{A}[{RATE}]))",
                  "forward busy"),
                q(f"sum by (kind) (rate(adaptivellm_split_context_rows_total{A}[{RATE}]))",
-                 "context rows {{kind}}"))),
+                 "context rows {{kind}}"),
+               q(f"sum(rate(adaptivellm_split_rows_skipped_total{A}[{RATE}]))",
+                 "prompt rows skipped (k = N)"))),
     )),
     Row("Health", (
         Panel("Internal errors", "Errors in AdaptiveLLM's own code that were contained "

@@ -40,7 +40,13 @@ from adaptivellm.split_client.planner import (
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import ClientSpec, Open, ProtocolError
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
-from adaptivellm.split_server import INITIAL_SLACK, INSTANT_CLIENT, Session, SplitService
+from adaptivellm.split_server import (
+    INITIAL_SLACK,
+    INSTANT_CLIENT,
+    Session,
+    SplitService,
+    rows_for_engine,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -613,3 +619,14 @@ def test_append_rows_starts_over_when_the_tensor_is_not_its_own_view() -> None:
     out = append_rows(owner, replaced, torch.ones(2, 4))
     assert out.shape == (5, 4) and torch.equal(out[:3], replaced)
     assert out.data_ptr() != replaced.data_ptr()
+
+
+def test_rows_for_engine_keeps_the_last_row_only_when_the_client_ran_every_layer() -> None:
+    """At k = N the engine reads a chunk's last row alone (final norm, LM head): the rows
+    before it are not sent. Below N, and for one-row chunks, every row goes."""
+    frame = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    last = rows_for_engine(frame, 6, 6)
+    assert last.shape == (1, 4) and np.array_equal(last[0], frame[-1])
+    for layer in (1, 3, 5):
+        assert rows_for_engine(frame, layer, 6) is frame
+    assert rows_for_engine(frame[:1], 6, 6).shape == (1, 4)

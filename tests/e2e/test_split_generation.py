@@ -155,8 +155,17 @@ def test_split_greedy_equals_unsplit_in_mixed_batches(
     if layer == 0:
         assert gained == 0  # k = 0: the server runs every layer
     else:
-        # Each generated token (prompt tokens too) skipped `layer` layers on the server.
+        # Each generated token (prompt tokens too) skipped `layer` layers on the server. At
+        # k = N the engine got only each prompt's last row (rows_for_engine): the others were
+        # skipped before the engine, and counted as such.
         prompt_tokens = sum(len(split.encode(p)) for p in PROMPTS)
+        skipped = "adaptivellm_split_rows_skipped_total"
+        rows_skipped = (metric_value(after, skipped) or 0) - (metric_value(before, skipped) or 0)
+        if layer == NUM_LAYERS:
+            assert rows_skipped == rounds * (prompt_tokens - len(PROMPTS)) > 0
+            prompt_tokens = len(PROMPTS)
+        else:
+            assert rows_skipped == 0
         assert gained == rounds * layer * (prompt_tokens + len(PROMPTS) * (MAX_TOKENS - 1))
         # Split and ordinary tokens shared a forward pass.
         assert (metric_value(after, *MIXED_PASSES) or 0) > mixed_before
