@@ -90,7 +90,8 @@ class AdaptiveSplitLlamaForCausalLM(LlamaForCausalLM):
         starts = starts.to(x.device)
         # The rows a layer runs change only at the layers where some token enters, so they
         # (and their positions) are found there, not at every layer: one device sync for the
-        # distinct start layers instead of three at each layer.
+        # distinct start layers, then two at each layer where tokens enter (none elsewhere),
+        # instead of three at every layer.
         enters = set(torch.unique(starts).tolist())
         hidden, residual = x.clone(), torch.zeros_like(x)
         part = _Partial(positions)
