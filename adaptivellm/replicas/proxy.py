@@ -45,6 +45,8 @@ from adaptivellm.replicas.router import Decision, Job, Published, ReplicaState, 
 logger = logging.getLogger("adaptivellm.replicas")
 
 TENANT_HEADER = "X-AdaptiveLLM-Tenant"
+#: Set on every answer the router relays: the index of the replica that served it.
+REPLICA_HEADER = "X-AdaptiveLLM-Replica"
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -689,6 +691,7 @@ class RouterServer:
             if upstream.status == 503:
                 raise NotStarted(f"replica answered 503: {(await upstream.text())[:200]}")
             headers = forward_headers(upstream.headers.items())
+            headers[REPLICA_HEADER] = str(replica.index)
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 try:
                     data = await upstream.read()
@@ -773,6 +776,7 @@ class RouterServer:
                 ) as upstream:
                     data = await upstream.read()
                     headers = forward_headers(upstream.headers.items())
+                    headers[REPLICA_HEADER] = str(replica.index)
                     return web.Response(body=data, status=upstream.status, headers=headers)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 self._mark_failed(replica.index, str(exc))
@@ -826,6 +830,7 @@ class RouterServer:
         self, request: web.Request, upstream: aiohttp.ClientWebSocketResponse, replica: ReplicaState
     ) -> web.WebSocketResponse:
         client = web.WebSocketResponse(max_msg_size=0, autoping=True)
+        client.headers[REPLICA_HEADER] = str(replica.index)
         await client.prepare(request)
 
         client_closed = False

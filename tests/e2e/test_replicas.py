@@ -27,6 +27,7 @@ import pytest
 
 from adaptivellm.launch import ServerProcess, adaptivellm_command, free_port, metric_value
 from adaptivellm.model import ensure_model
+from adaptivellm.replicas.proxy import REPLICA_HEADER
 from tests.support import API_KEY, Server
 
 MODEL = "tiny"
@@ -383,25 +384,20 @@ def test_a_replica_that_starts_late(router: str, tmp_path: Path) -> None:
 
 
 def test_a_replica_killed_mid_stream(router: str) -> None:
-    # The stream lasts a second or two on the tiny model. A stall on a busy CI machine between
-    # its first chunk and the router's status can let it end first (a fresh-clone CI saw no
-    # replica in flight): then it is drained and started again, up to 3 times.
-    for _ in range(3):
-        stream = client(router).completions.create(
-            model=MODEL, prompt="a long one", max_tokens=480, stream=True,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        chunks = iter(stream)
-        next(chunks)
-        victim = next((r for r in status(router)["replicas"] if r["inflight"]), None)
-        if victim is not None:
-            break
-        for _ in chunks:
-            pass
-    else:
-        pytest.fail("three 480-token streams each ended before the router's status was read")
-    doomed = processes_of(victim)
+    # The replica serving the stream is read from the router's X-AdaptiveLLM-Replica header and
+    # killed right after the first chunk: no status round trip between them, which on a busy CI
+    # machine once took longer than three 480-token streams.
+    replicas = {r["index"]: r for r in status(router)["replicas"]}
+    doomed_by_index = {i: processes_of(r) for i, r in replicas.items()}
+    raw = client(router).completions.with_raw_response.create(
+        model=MODEL, prompt="a long one", max_tokens=480, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    victim = replicas[int(raw.headers[REPLICA_HEADER])]
+    chunks = iter(raw.parse())
+    next(chunks)
     os.kill(victim["endpoint"]["actor_pid"], signal.SIGKILL)
+    doomed = doomed_by_index[victim["index"]]
     with pytest.raises(openai.APIError, match="failed while streaming"):
         for _ in chunks:
             pass

@@ -16,7 +16,13 @@ import httpx
 from aiohttp import web
 
 from adaptivellm.launch import free_port, metric_value
-from adaptivellm.replicas.proxy import RouterOptions, RouterServer, StaticReplicas, parse_load
+from adaptivellm.replicas.proxy import (
+    REPLICA_HEADER,
+    RouterOptions,
+    RouterServer,
+    StaticReplicas,
+    parse_load,
+)
 
 
 @dataclass
@@ -144,8 +150,11 @@ def test_requests_pass_through_byte_for_byte_and_the_ledger_is_corrected_by_usag
             assert (a.bodies + b.bodies) == [body]
             # Charged 40 predicted output tokens at dispatch, settled at the 3 actually served.
             assert server.ledger.served["acme"] == 5 + 2 * 3
+            # The answer names the replica that served it.
+            assert r.headers[REPLICA_HEADER] == ("0" if a.bodies else "1")
             models = await client.get(f"{url}/v1/models")
             assert models.status_code == 200 and models.json()["data"][0] in ("a", "b")
+            assert models.headers[REPLICA_HEADER] == str("ab".index(models.json()["data"][0]))
             assert (await client.get(f"{url}/health")).status_code == 200
 
     run(main())
@@ -180,6 +189,7 @@ def test_a_stream_cut_by_its_replica_ends_with_an_error_event_not_a_hang() -> No
         async with routed([fake]) as (url, _), httpx.AsyncClient(timeout=10) as client:
             body = {"prompt": "x", "stream": True}
             async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.headers[REPLICA_HEADER] == "0"  # known before the first byte
                 text = (await r.aread()).decode()
             events = [e for e in text.split("\n\n") if e]
             assert events[:3] == [f'data: {{"choices": [{{"text": "a{i}"}}]}}' for i in range(3)]
