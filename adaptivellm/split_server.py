@@ -73,6 +73,10 @@ STEP_EWMA_WEIGHT = 0.05
 #: not yet seen how late its sessions run).
 MIN_RATIOS = 4
 INITIAL_SLACK = 1.2
+#: The kinds of session whose predictions the planner calibrates apart: `interior`, the server
+#: runs some layers (0 < k < N); `client`, the client runs every layer (k = N); `whole`, served
+#: as an ordinary request (k = 0). `split` is interior and client together.
+SessionKind = Literal["interior", "client", "whole", "split"]
 #: A client with no compute time and a free link: the prediction of a session with it is the
 #: server's share of the session's latency (SplitService.client_share_s).
 INSTANT_CLIENT = ClientProfile(
@@ -106,11 +110,13 @@ class SplitService:
     #: Exponentially weighted mean of observed decode steps (frame in to token out): the
     #: planner's per-step overhead, so predictions follow the server's real load.
     step_estimate_s: float = INITIAL_STEP_S
-    #: Recent (measured / predicted) end-to-end latencies of split sessions (see `slack`).
-    latency_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-    #: The same of sessions served whole (k = 0): ordinary requests, whose predictions err
-    #: otherwise (no client, no round trip per token).
-    whole_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    #: Recent (measured / predicted) end-to-end latencies, by SessionKind (see `slack`).
+    #: Interior splits and all-client sessions err differently (a CPU run read median ratios
+    #: 1.10 and 1.00), and sessions served whole are ordinary requests (no client, no round
+    #: trip per token).
+    ratios: dict[str, deque[float]] = field(
+        default_factory=lambda: {k: deque(maxlen=64) for k in ("interior", "client", "whole")}
+    )
 
     def observe_step(self, seconds: float) -> None:
         """Fold one observed decode step into the estimate."""
@@ -185,16 +191,15 @@ class SplitService:
 
     def calibration_report(self) -> dict[str, Any]:
         """How the planner corrects its cost model now: the slack it plans against, the factor
-        on its predictions, each for split sessions and for sessions served whole, and how
-        many recent sessions they rest on (an operator's answer to "why does the planner keep
-        sessions whole?")."""
+        on its predictions, for each SessionKind, and how many recent sessions they rest on (an
+        operator's answer to "why does the planner keep sessions whole?")."""
         return {
             kind: {
-                "sessions": len(self.whole_ratios if whole else self.latency_ratios),
-                "slack": round(self.slack(whole), 3),
-                "calibration": round(self.calibration(whole), 3),
+                "sessions": len(self._recent(kind)),
+                "slack": round(self.slack(kind), 3),
+                "calibration": round(self.calibration(kind), 3),
             }
-            for kind, whole in (("split", False), ("whole", True))
+            for kind in ("split", "interior", "client", "whole")
         }
 
     def waits(self) -> dict[str, Any]:
@@ -212,10 +217,7 @@ class SplitService:
             self.server, decode_batch=max(1, self.load() + 1), step_overhead_s=self.step_estimate_s
         )
         client = request.client
-        # Plan against the SLA shrunk by how late sessions have run versus their predictions
-        # (the tail of that ratio): a plan that only just fits the SLA on paper misses it.
-        sla = (request.sla_s or math.inf) / self.slack()
-        work = Request(request.prompt_tokens, request.max_tokens, sla)
+        work = Request(request.prompt_tokens, request.max_tokens, request.sla_s or math.inf)
         costs = build_costs(self.shape, client, server, work)
         if request.layer is not None:
             if request.layer > self.shape.num_layers:
@@ -225,16 +227,16 @@ class SplitService:
                 )
             return request.layer, _latency(costs, request.layer), "client"
         try:
-            layer = choose_split_layer(self.shape, client, server, work, self.config.policy)
+            layer = self._choose(client, server, work)
         except InfeasibleSLAError:
             whole = _latency(costs, 0)
-            if whole is not None and whole * self.slack(whole=True) <= (request.sla_s or 0):
+            if whole is not None and whole * self.slack("whole") <= (request.sla_s or 0):
                 # Served whole, the request meets its SLA as such sessions have run lately.
                 return 0, whole, "planner"
             if (
                 self.config.when_busy == "refuse"
                 and self.busy()
-                and self._idle_would_meet(client, server, work)
+                and self._idle_would_meet(client, server, self._shrunk(work))
             ):
                 retry = self.retry_after_s()
                 raise ProtocolError(
@@ -249,6 +251,39 @@ class SplitService:
             # client; the SLA metric counts a miss.
             layer = 0
         return layer, _latency(costs, layer), "planner"
+
+    def kind(self, layer: int) -> SessionKind:
+        """The SessionKind of a session split at `layer`."""
+        if layer == 0:
+            return "whole"
+        return "client" if layer >= self.shape.num_layers else "interior"
+
+    def _shrunk(self, work: Request, slack: float | None = None) -> Request:
+        """`work` with its SLA divided by `slack` (by default the larger of interior and
+        all-client sessions')."""
+        slack = slack or max(self.slack("interior"), self.slack("client"))
+        return replace(work, sla_s=work.sla_s / slack)
+
+    def _choose(self, client: ClientProfile, server: ServerProfile, work: Request) -> int:
+        """The policy's k against the SLA shrunk by how late sessions of k's kind have run
+        versus their predictions (the tail of that ratio): a plan that only just fits the SLA
+        on paper misses it. Interior splits and all-client sessions have each their slack: k
+        is first planned against the smaller one, and kept if its kind is the one that slack
+        belongs to; otherwise it is planned against the larger one, which holds for every k.
+        (For the planner's policy, whose feasible k only grow with the SLA, that is the k a
+        per-kind feasibility check would choose, or a more cautious one.) InfeasibleSLAError
+        when no k meets the SLA so shrunk."""
+        # k = 0 planned by the policy is a split placement priced as such: the interior slack.
+        slacks = {"interior": self.slack("interior"), "client": self.slack("client")}
+        low = min(slacks.values())
+        if low < max(slacks.values()):
+            with contextlib.suppress(InfeasibleSLAError):
+                shrunk = self._shrunk(work, low)
+                layer = choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
+                if slacks["client" if layer >= self.shape.num_layers else "interior"] == low:
+                    return layer
+        shrunk = self._shrunk(work)
+        return choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
 
     def busy(self) -> bool:
         """Whether the server is busy enough to refuse sessions whose SLA only load makes
@@ -266,49 +301,60 @@ class SplitService:
             return False
         return True
 
-    def slack(self, whole: bool = False) -> float:
-        """Factor by which split sessions ran later than predicted: the `sla_target` quantile
-        (0.99: nearly the worst) of the recent (measured / predicted) latencies, at least 1
-        (INITIAL_SLACK until a few are known). Planning against the SLA divided by it keeps
-        about that share of sessions within their SLA when predictions err as they recently
-        did.
+    def slack(self, kind: SessionKind = "split") -> float:
+        """Factor by which sessions of `kind` ran later than predicted: the `sla_target`
+        quantile (0.99: nearly the worst) of their recent (measured / predicted) latencies, at
+        least 1. Planning against the SLA divided by it keeps about that share of sessions
+        within their SLA when predictions err as they recently did. Interior and all-client
+        sessions fall back to split sessions' as a whole while too few of their own are known,
+        and those to INITIAL_SLACK.
 
-        With `whole`, the same quantile for sessions served whole (k = 0), not held to at least
-        1: their predictions (an ordinary request priced by the split cost model) run early
-        as often as late, and it is the SLA check of serving whole that reads it."""
-        ratios = self._ratios(whole)
+        For `whole`, the same quantile for sessions served whole (k = 0), not held to at least
+        1 (1 while too few are known): their predictions (an ordinary request priced by the
+        split cost model) run early as often as late, and it is the SLA check of serving whole
+        that reads it."""
+        ratios = self._ratios(kind)
         if ratios is None:
-            return 1.0 if whole else INITIAL_SLACK
+            return 1.0 if kind == "whole" else INITIAL_SLACK
         tail = float(np.quantile(ratios, self.config.sla_target))
-        return tail if whole else max(1.0, tail)
+        return tail if kind == "whole" else max(1.0, tail)
 
-    def calibration(self, whole: bool = False) -> float:
-        """Median of the recent (measured / predicted) latencies of split sessions (`whole`:
-        of sessions served whole); 1 until a few are known. The Plan's predicted latency is
-        the cost model's times this: the server's best estimate, where `slack` is its bound."""
-        ratios = self._ratios(whole)
+    def calibration(self, kind: SessionKind = "split") -> float:
+        """Median of the recent (measured / predicted) latencies of sessions of `kind` (with
+        `slack`'s fallbacks; 1 while too few are known). The Plan's predicted latency is the
+        cost model's times this: the server's best estimate, where `slack` is its bound."""
+        ratios = self._ratios(kind)
         return 1.0 if ratios is None else float(np.median(ratios))
 
-    def _ratios(self, whole: bool) -> np.ndarray | None:
-        """The recent ratios of split sessions (`whole`: served whole); None while too few."""
-        ratios = self.whole_ratios if whole else self.latency_ratios
+    def _recent(self, kind: SessionKind) -> list[float]:
+        if kind == "split":
+            return [*self.ratios["interior"], *self.ratios["client"]]
+        return list(self.ratios[kind])
+
+    def _ratios(self, kind: SessionKind) -> np.ndarray | None:
+        """The recent ratios `slack` and `calibration` read; None while too few are known."""
+        ratios = self._recent(kind)
+        if len(ratios) < MIN_RATIOS and kind in ("interior", "client"):
+            ratios = self._recent("split")
         return np.array(ratios) if len(ratios) >= MIN_RATIOS else None
 
     def observe_session(
         self,
         predicted_s: float | None,
         measured_s: float,
-        whole: bool = False,
+        kind: SessionKind = "interior",
         client_late_s: float = 0.0,
     ) -> None:
-        """Record a finished session's measured latency against its prediction (`whole`: a
-        session served whole). `client_late_s`, the time the session waited for its client
+        """Record a finished session's measured latency against its prediction (`kind`: how
+        it was split, see `kind`). `client_late_s`, the time the session waited for its client
         beyond the client's predicted share, is not counted: a client slower than it declared
         is late on its own account, and must not make the server plan every later session
         more cautiously (one stalled client would otherwise set the slack for the next 64)."""
+        if kind == "split":
+            raise ValueError("a session is interior, client or whole")
         measured_s -= max(0.0, client_late_s)
         if predicted_s and predicted_s > 0 and math.isfinite(measured_s / predicted_s):
-            (self.whole_ratios if whole else self.latency_ratios).append(measured_s / predicted_s)
+            self.ratios[kind].append(measured_s / predicted_s)
 
     def client_share_s(self, client: ClientProfile, work: Request, layer: int) -> float:
         """The client's predicted share of a session's latency at split `layer`: its layers,
@@ -577,7 +623,7 @@ class Session:
         """Open, prefill, decode until a finish reason; returns how the session ended."""
         opened = await self._receive_open()
         self.layer, predicted, planned_by = self.service.plan(opened)
-        calibration = self.service.calibration(whole=self.layer == 0)
+        calibration = self.service.calibration(self.service.kind(self.layer))
         metrics = SplitServerMetrics.get()
         metrics.chosen_layer.observe(self.layer)
         plan = Plan(
@@ -612,7 +658,9 @@ class Session:
             work = Request(opened.prompt_tokens, opened.max_tokens, math.inf)
             share = self.service.client_share_s(opened.client, work, self.layer)
             late = self.waited_for("client") - share
-        self.service.observe_session(predicted, took, whole=self.layer == 0, client_late_s=late)
+        self.service.observe_session(
+            predicted, took, self.service.kind(self.layer), client_late_s=late
+        )
         if (error := prediction_error(plan.predicted_latency_s, took)) is not None:
             metrics.latency_error.labels(direction=error[0]).observe(error[1])
         _count_sla(opened.sla_s, took, "first")

@@ -337,8 +337,8 @@ def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> No
     # SLA served whole, so it is served, not refused; split sessions' slack is kept apart.
     ratio = 0.5 * sla / fastest_busy
     for _ in range(8):
-        busy.observe_session(1.0, ratio, whole=True)
-    assert busy.slack(whole=True) == pytest.approx(ratio) and busy.slack() == INITIAL_SLACK
+        busy.observe_session(1.0, ratio, "whole")
+    assert busy.slack("whole") == pytest.approx(ratio) and busy.slack() == INITIAL_SLACK
     assert busy.plan(_open(sla))[:1] == (0,)
     serving = _service(SplitConfig(when_busy="serve"), load=5000)
     assert serving.plan(_open(sla))[0] == 0
@@ -387,7 +387,7 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     assert 3.0 <= service.slack() <= 5.0
     assert service.slack() > 4.5  # the 0.99 quantile: nearly the worst ratio seen
     assert service.calibration() == pytest.approx(3.0)  # the median: the best estimate
-    assert service.calibration(whole=True) == 1.0  # none served whole yet
+    assert service.calibration("whole") == 1.0  # none served whole yet
     median = _service(SplitConfig(sla_target=0.5))
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0, 3.0):
         median.observe_session(0.1, 0.1 * ratio)
@@ -396,7 +396,9 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
         SplitConfig(sla_target=0.3)
     service.observe_session(None, 1.0)  # no prediction: ignored
     service.observe_session(0.0, 1.0)
-    assert len(service.latency_ratios) == 10
+    assert len(service.ratios["interior"]) == 10
+    with pytest.raises(ValueError, match="interior, client or whole"):
+        service.observe_session(1.0, 1.0, "split")
 
 
 def test_the_clients_share_is_the_prediction_less_the_servers() -> None:
@@ -434,7 +436,7 @@ def test_a_client_slower_than_it_declared_does_not_raise_the_slack() -> None:
     assert clients_fault.slack() == pytest.approx(before)
     assert servers_fault.slack() > 9.0
     clients_fault.observe_session(1.0, 2.0, client_late_s=-5.0)  # early client: no credit
-    assert clients_fault.latency_ratios[-1] == pytest.approx(2.0)
+    assert clients_fault.ratios["interior"][-1] == pytest.approx(2.0)
 
 
 def test_a_session_counts_the_time_it_waited_for_each_side(
@@ -455,16 +457,27 @@ def test_a_session_counts_the_time_it_waited_for_each_side(
 def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
     service = _service()
     report = service.calibration_report()
+    fresh = {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0}
     assert report == {
-        "split": {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0},
+        "split": fresh,
+        "interior": fresh,
+        "client": fresh,
         "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0},
     }
     for ratio in (2.0, 2.0, 2.0, 2.0):
         service.observe_session(1.0, ratio)
-        service.observe_session(1.0, ratio / 4, whole=True)
+        service.observe_session(1.0, ratio / 4, "whole")
     report = service.calibration_report()
     assert report["split"] == {"sessions": 4, "slack": 2.0, "calibration": 2.0}
+    assert report["interior"] == {"sessions": 4, "slack": 2.0, "calibration": 2.0}
+    # No all-client session yet: they are planned with split sessions' slack as a whole.
+    assert report["client"] == {"sessions": 0, "slack": 2.0, "calibration": 2.0}
     assert report["whole"] == {"sessions": 4, "slack": 0.5, "calibration": 0.5}
+    for ratio in (1.0, 1.0, 1.0, 1.0):
+        service.observe_session(1.0, ratio, "client")
+    report = service.calibration_report()
+    assert report["client"] == {"sessions": 4, "slack": 1.0, "calibration": 1.0}
+    assert report["split"]["sessions"] == 8
     assert service.info()["calibration"] == report
 
 
@@ -479,6 +492,41 @@ def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:
     for _ in range(8):
         service.observe_session(1.0, 10.0)
     assert service.plan(_open(sla_s=sla))[0] == 0
+
+
+def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> None:
+    """All-client sessions that ran on time and interior splits that ran 3x late: an SLA the
+    all-client plan meets on paper gets it (with one slack for both, 3x would rule it out);
+    an SLA only an interior split meets is planned against the interior slack, so with a
+    slow client the session goes whole or to a k whose latency fits 3x inside the SLA."""
+    fast = _service(load=0)
+    _, all_client, _ = fast.plan(_open(None, layer=6))
+    assert all_client is not None
+    for _ in range(8):
+        fast.observe_session(1.0, 1.0, "client")
+        fast.observe_session(1.0, 3.0, "interior")
+    assert fast.slack("client") == 1.0 and fast.slack("interior") == pytest.approx(3.0)
+    assert fast.slack() == pytest.approx(3.0)  # pooled: what planning used before
+    assert fast.plan(_open(all_client * 1.5))[0] == 6
+    assert fast.kind(6) == "client" and fast.kind(3) == "interior" and fast.kind(0) == "whole"
+    assert fast.calibration("client") == 1.0 and fast.calibration("interior") == 3.0
+
+    slow = 2e9  # latency grows with k: the SLA below only interior splits meet
+    on_time, late = _service(load=0), _service(load=0)
+    _, slow_all_client, _ = on_time.plan(_open(None, layer=6, flops=slow))
+    _, server_only, _ = on_time.plan(_open(None, layer=0, flops=slow))
+    assert slow_all_client is not None and server_only is not None
+    sla = (slow_all_client + server_only) / 2
+    for _ in range(8):
+        on_time.observe_session(1.0, 1.0, "interior")
+        on_time.observe_session(1.0, 3.0, "client")
+        late.observe_session(1.0, 3.0, "interior")
+        late.observe_session(1.0, 1.0, "client")
+    layer, predicted, _ = on_time.plan(_open(sla, flops=slow))
+    assert 0 < layer < 6 and predicted is not None and predicted <= sla
+    layer, predicted, _ = late.plan(_open(sla, flops=slow))
+    assert layer < 6 and predicted is not None
+    assert layer == 0 or predicted * 3.0 <= sla
 
 
 def test_observed_steps_raise_the_per_step_overhead() -> None:
