@@ -73,6 +73,11 @@ STEP_EWMA_WEIGHT = 0.05
 #: not yet seen how late its sessions run).
 MIN_RATIOS = 4
 INITIAL_SLACK = 1.2
+#: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
+#: least this many token-layers (fewer: the fixed part of a pass dominates its time), folded
+#: in with this weight (on a log scale: a rate is off by factors, not by FLOP/s).
+MIN_PREFILL_TOKEN_LAYERS = 256
+PREFILL_EWMA_WEIGHT = 0.2
 #: The kinds of session whose predictions the planner calibrates apart: `interior`, the server
 #: runs some layers (0 < k < N); `client`, the client runs every layer (k = N); `whole`, served
 #: as an ordinary request (k = 0). `split` is interior and client together.
@@ -110,6 +115,9 @@ class SplitService:
     #: Exponentially weighted mean of observed decode steps (frame in to token out): the
     #: planner's per-step overhead, so predictions follow the server's real load.
     step_estimate_s: float = INITIAL_STEP_S
+    #: The rate this server's prefills ran at (FLOP/s, see `observe_prefill`); None until one
+    #: was seen (the profile's own rate is used until then).
+    prefill_flops_per_s: float | None = None
     #: Recent (measured / predicted) end-to-end latencies, by SessionKind (see `slack`).
     #: Interior splits and all-client sessions err differently (a CPU run read median ratios
     #: 1.10 and 1.00), and sessions served whole are ordinary requests (no client, no round
@@ -121,6 +129,37 @@ class SplitService:
     def observe_step(self, seconds: float) -> None:
         """Fold one observed decode step into the estimate."""
         self.step_estimate_s += STEP_EWMA_WEIGHT * (seconds - self.step_estimate_s)
+
+    def observe_prefill(self, rows: int, past: int, layers: int, seconds: float) -> None:
+        """Fold one observed prefill into the learned prefill rate: `rows` new tokens after
+        `past` cached ones through `layers` of the server's layers took `seconds` from their
+        arrival to the first token. The decode step's estimate (the fixed part of a pass, and
+        one token's work) is taken off; a prefill too small to say more than that teaches
+        nothing."""
+        if rows * layers < MIN_PREFILL_TOKEN_LAYERS or not math.isfinite(seconds):
+            return
+        compute_s = seconds - self.step_estimate_s
+        if compute_s <= 0:
+            return
+        sample = float(self.shape.layer_flops(rows, past)) * layers / compute_s
+        if not (math.isfinite(sample) and sample > 0):
+            return
+        if self.prefill_flops_per_s is None:
+            self.prefill_flops_per_s = sample
+            return
+        log_rate = math.log(self.prefill_flops_per_s)
+        log_rate += PREFILL_EWMA_WEIGHT * (math.log(sample) - log_rate)
+        self.prefill_flops_per_s = math.exp(log_rate)
+
+    def profile(self) -> ServerProfile:
+        """The server as the planner prices it now: its load, the observed per-pass overhead
+        and the learned prefill rate."""
+        return replace(
+            self.server,
+            decode_batch=max(1, self.load() + 1),
+            step_overhead_s=self.step_estimate_s,
+            prefill_flops_per_s=self.prefill_flops_per_s or self.server.prefill_flops_per_s,
+        )
 
     def can_open(self) -> bool:
         return self.taken < self.config.max_sessions
@@ -186,6 +225,11 @@ class SplitService:
             "queued_sessions": len(self.queue),
             **self.waits(),
             "calibration": self.calibration_report(),
+            "server_profile": {
+                "flops_per_s": self.server.flops_per_s,
+                "prefill_flops_per_s": self.prefill_flops_per_s,
+                "step_overhead_s": round(self.step_estimate_s, 6),
+            },
             "max_frame_bytes": self.config.max_frame_bytes,
         }
 
@@ -213,9 +257,7 @@ class SplitService:
 
     def plan(self, request: Open) -> tuple[int, float | None, Literal["planner", "client"]]:
         """(k, predicted end-to-end latency, who chose k) for an Open, at the current load."""
-        server = replace(
-            self.server, decode_batch=max(1, self.load() + 1), step_overhead_s=self.step_estimate_s
-        )
+        server = self.profile()
         client = request.client
         work = Request(request.prompt_tokens, request.max_tokens, request.sla_s or math.inf)
         costs = build_costs(self.shape, client, server, work)
@@ -732,6 +774,10 @@ class Session:
                     raise ProtocolError("engine_error", f"generation ended: {finish}")
                 text = completion.text if last else ""
                 step_s = time.monotonic() - began
+                if index == 0:  # the prompt's prefill through every layer
+                    self.service.observe_prefill(
+                        opened.prompt_tokens, 0, self.service.shape.num_layers, step_s
+                    )
                 await self._send(Token(index, int(token_id), text, finish, step_s))
                 began, index = time.monotonic(), index + 1
             if output.finished:  # the generator ends at once; a client's Close may come first
@@ -764,6 +810,10 @@ class Session:
             metrics.step_seconds.labels(kind=kind).observe(step_s)
             if kind == "decode":
                 self.service.observe_step(step_s)
+            else:
+                layers = self.service.shape.num_layers - self.layer
+                past = self.context - frame.shape[0]
+                self.service.observe_prefill(rows.shape[0], past, layers, step_s)
             await self._send(Token(index, token_id, text, finish, step_s))
             if finish is not None:
                 break

@@ -150,9 +150,15 @@ class ServerProfile:
     #: Fixed time per forward pass on the serving path whatever the placement: the engine's
     #: scheduling and batching wait, the API server, framing. A live server measures it.
     step_overhead_s: float = 0.0
+    #: The rate prefills actually run at (FLOP/s), where it differs from `flops_per_s`: a live
+    #: server learns it from its prefills (a CPU's small-matrix peak overstates it ~5x). None:
+    #: `flops_per_s`.
+    prefill_flops_per_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_real("flops_per_s", self.flops_per_s, positive=True)
+        if self.prefill_flops_per_s is not None:
+            _check_real("prefill_flops_per_s", self.prefill_flops_per_s, positive=True)
         _check_real("mem_bytes_per_s", self.mem_bytes_per_s, positive=True)
         _check_int("decode_batch", self.decode_batch)
         _check_real("layer_overhead_s", self.layer_overhead_s, finite=True)
@@ -331,7 +337,8 @@ def _client_layer_time(work: _LayerWork, client: ClientProfile) -> float:
 
 def _server_layer_time(work: _LayerWork, server: ServerProfile) -> float:
     f, m, b = server.flops_per_s, server.mem_bytes_per_s, server.decode_batch
-    prefill = float(_roofline(work.prefill_flops, work.prefill_bytes, f, m))
+    f_prefill = server.prefill_flops_per_s or f
+    prefill = float(_roofline(work.prefill_flops, work.prefill_bytes, f_prefill, m))
     # The batch shares one read of the weights; FLOPs and KV reads scale with the batch.
     step_bytes = work.weight_bytes + b * work.decode_kv_bytes
     decode = float(np.sum(_roofline(b * work.decode_flops, step_bytes, f, m)))

@@ -529,6 +529,32 @@ def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> 
     assert layer == 0 or predicted * 3.0 <= sla
 
 
+def test_observed_prefills_teach_the_planner_their_rate() -> None:
+    """A prefill that ran 10x slower than the profile's rate: the planner learns the rate it
+    ran at, and prices a prompt's prefill with it (the prediction rises). Prefills too small
+    to measure, or no longer than a decode step, teach nothing; bad numbers are ignored."""
+    service = _service(load=0)
+    shape, rate = service.shape, service.server.flops_per_s
+    _, long_before, _ = service.plan(_open(None, layer=0))
+    assert long_before is not None
+    service.observe_prefill(4, 0, 6, 1.0)  # 24 token-layers: too small to say anything
+    service.observe_prefill(64, 0, 6, service.step_estimate_s)  # no more than a decode step
+    service.observe_prefill(64, 0, 6, math.nan)
+    service.observe_prefill(64, 0, 0, 1.0)  # no server layer ran
+    assert service.prefill_flops_per_s is None
+    compute = float(shape.layer_flops(64, 0)) * 6 / (rate / 10)
+    service.observe_prefill(64, 0, 6, service.step_estimate_s + compute)
+    assert service.prefill_flops_per_s == pytest.approx(rate / 10)
+    assert service.info()["server_profile"]["prefill_flops_per_s"] == pytest.approx(rate / 10)
+    _, long_after, _ = service.plan(_open(None, layer=0))
+    assert long_after is not None and long_after > long_before + 0.5 * compute
+    # Later ones move it a fifth of the way on a log scale.
+    service.observe_prefill(64, 0, 6, service.step_estimate_s + compute / 10)
+    assert service.prefill_flops_per_s == pytest.approx(rate / 10 * 10**0.2)
+    with pytest.raises(ValueError, match="prefill_flops_per_s must be > 0"):
+        ServerProfile(prefill_flops_per_s=0.0)
+
+
 def test_observed_steps_raise_the_per_step_overhead() -> None:
     service = _service()
     before = service.step_estimate_s

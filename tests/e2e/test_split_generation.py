@@ -5,6 +5,7 @@ ordinary requests in the same batches."""
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -426,16 +427,26 @@ def test_each_finished_session_records_its_prediction_error(
     finished session, on /metrics (planner and client-chosen k alike), and in the calibration
     that /v1/split/info reports."""
     before = prediction_errors(server)
-    seen = split.info()["calibration"]["split"]["sessions"]
+    seen = split.info()["calibration"]["interior"]["sessions"]
     done = split.generate(PROMPTS[0], max_tokens=4, ignore_eos=True, layer=2)
     assert done.plan.predicted_latency_s is not None and done.plan.predicted_latency_s > 0
     deadline = time.monotonic() + 30
     while prediction_errors(server) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert prediction_errors(server) == before + 1
-    calibration = split.info()["calibration"]["split"]
+    calibration = split.info()["calibration"]["interior"]  # 0 < k = 2 < 6
     assert calibration["sessions"] == min(seen + 1, 64)  # the recent window holds 64
     assert calibration["slack"] >= 1.0 and calibration["calibration"] > 0
+
+
+def test_a_long_prefill_teaches_the_planner_its_rate(split: SplitClient) -> None:
+    """A split prefill of enough rows (>= 256 token-layers on the server) sets the prefill rate
+    the planner prices prompts with; /v1/split/info shows it."""
+    done = split.generate(" ".join(["the quick brown fox"] * 40), max_tokens=2, layer=2)
+    assert done.plan.layer == 2
+    profile = split.info()["server_profile"]
+    assert profile["prefill_flops_per_s"] is not None
+    assert 0 < profile["prefill_flops_per_s"] < math.inf and profile["step_overhead_s"] > 0
 
 
 def unsplit(openai_client: openai.OpenAI, server: Server, ids: list[int], tokens: int) -> list:
