@@ -480,6 +480,13 @@ def counters(base: str) -> dict[str, float]:
     }
 
 
+def planner_state(base: str) -> dict[str, Any]:
+    """What the server's planner plans with after a run: its calibration by kind of session
+    and its profile of the server (the learned prefill rate among it), from /v1/split/info."""
+    info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
+    return {key: info.get(key) for key in ("calibration", "server_profile")}
+
+
 def kv_blocks(base: str) -> int:
     """Blocks of the server's KV cache (vLLM's cache_config_info)."""
     text = httpx.get(f"{base}/metrics", timeout=30).text
@@ -545,6 +552,7 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
     bar.close()
     after = counters(bench.base)
     run = summarise(bench, policy, rate, outcomes, after, before, kv[0])
+    run["planner_state"] = planner_state(bench.base)
     # CPU seconds by role over the run (the API server, vLLM's engine core, and `client`: this
     # process, every client at once), and each role's share of the machine's cores.
     cpu = cpu_deltas(cpu_before, process_cpu_s(bench.server_pid))
