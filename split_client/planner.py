@@ -151,8 +151,8 @@ class ServerProfile:
     #: scheduling and batching wait, the API server, framing. A live server measures it.
     step_overhead_s: float = 0.0
     #: The rate prefills actually run at (FLOP/s), where it differs from `flops_per_s`: a live
-    #: server learns it from its prefills (a CPU's small-matrix peak overstates it ~5x). None:
-    #: `flops_per_s`.
+    #: server learns it from its prefills (on a CPU, prefills of a few hundred rows ran 1.8x
+    #: the rate of the 256x256 product it measures at start-up). None: `flops_per_s`.
     prefill_flops_per_s: float | None = None
 
     def __post_init__(self) -> None:
