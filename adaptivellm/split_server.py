@@ -278,7 +278,7 @@ class SplitService:
             if (
                 self.config.when_busy == "refuse"
                 and self.busy()
-                and self._idle_would_meet(client, server, self._shrunk(work))
+                and self._idle_would_meet(client, server, _shrunk(work, self._split_slack()))
             ):
                 retry = self.retry_after_s()
                 raise ProtocolError(
@@ -300,11 +300,10 @@ class SplitService:
             return "whole"
         return "client" if layer >= self.shape.num_layers else "interior"
 
-    def _shrunk(self, work: Request, slack: float | None = None) -> Request:
-        """`work` with its SLA divided by `slack` (by default the larger of interior and
-        all-client sessions')."""
-        slack = slack or max(self.slack("interior"), self.slack("client"))
-        return replace(work, sla_s=work.sla_s / slack)
+    def _split_slack(self) -> float:
+        """The slack that holds for every split k: the larger of interior and all-client
+        sessions'."""
+        return max(self.slack("interior"), self.slack("client"))
 
     def _choose(self, client: ClientProfile, server: ServerProfile, work: Request) -> int:
         """The policy's k against the SLA shrunk by how late sessions of k's kind have run
@@ -317,14 +316,14 @@ class SplitService:
         when no k meets the SLA so shrunk."""
         # k = 0 planned by the policy is a split placement priced as such: the interior slack.
         slacks = {"interior": self.slack("interior"), "client": self.slack("client")}
-        low = min(slacks.values())
-        if low < max(slacks.values()):
+        low, high = min(slacks.values()), max(slacks.values())
+        if low < high:
             with contextlib.suppress(InfeasibleSLAError):
-                shrunk = self._shrunk(work, low)
+                shrunk = _shrunk(work, low)
                 layer = choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
                 if slacks["client" if layer >= self.shape.num_layers else "interior"] == low:
                     return layer
-        shrunk = self._shrunk(work)
+        shrunk = _shrunk(work, high)
         return choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
 
     def busy(self) -> bool:
@@ -437,6 +436,11 @@ def prediction_error(
         return None
     direction: Literal["over", "under"] = "over" if predicted_s > measured_s else "under"
     return direction, abs(predicted_s - measured_s) / measured_s
+
+
+def _shrunk(work: Request, slack: float) -> Request:
+    """`work` with its SLA divided by `slack`."""
+    return replace(work, sla_s=work.sla_s / slack)
 
 
 def _latency(costs: Any, layer: int) -> float | None:

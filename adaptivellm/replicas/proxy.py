@@ -289,6 +289,11 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {k: v for k, v in headers if k.lower() not in HOP_BY_HOP}
 
 
+def answer_headers(headers: Iterable[tuple[str, str]], replica: int) -> dict[str, str]:
+    """A replica's answer headers as the router passes them on: naming that replica."""
+    return {**forward_headers(headers), REPLICA_HEADER: str(replica)}
+
+
 class RouterServer:
     """The router (see module docstring)."""
 
@@ -690,8 +695,7 @@ class RouterServer:
         async with upstream:
             if upstream.status == 503:
                 raise NotStarted(f"replica answered 503: {(await upstream.text())[:200]}")
-            headers = forward_headers(upstream.headers.items())
-            headers[REPLICA_HEADER] = str(replica.index)
+            headers = answer_headers(upstream.headers.items(), replica.index)
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 try:
                     data = await upstream.read()
@@ -775,8 +779,7 @@ class RouterServer:
                     headers=forward_headers(request.headers.items()),
                 ) as upstream:
                     data = await upstream.read()
-                    headers = forward_headers(upstream.headers.items())
-                    headers[REPLICA_HEADER] = str(replica.index)
+                    headers = answer_headers(upstream.headers.items(), replica.index)
                     return web.Response(body=data, status=upstream.status, headers=headers)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 self._mark_failed(replica.index, str(exc))
