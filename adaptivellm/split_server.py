@@ -73,6 +73,16 @@ STEP_EWMA_WEIGHT = 0.05
 #: not yet seen how late its sessions run).
 MIN_RATIOS = 4
 INITIAL_SLACK = 1.2
+#: The planner fits measured = offset + factor x predicted (`fit_calibration`) once this many
+#: sessions of a kind are known and at least MIN_SLOPE_PAIRS pairs of them have predictions at
+#: least SLOPE_SPREAD of the median prediction apart; a slope under MIN_FACTOR or an offset
+#: below 0 is not trusted (a factor alone, offset 0, is used instead).
+MIN_AFFINE_SESSIONS = 16
+MIN_SLOPE_PAIRS = 8
+SLOPE_SPREAD = 0.1
+MIN_FACTOR = 0.5
+#: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
+MIN_PLANNED_SLA_S = 1e-9
 #: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
 #: least this many token-layers (fewer: the fixed part of a pass dominates its time), folded
 #: in with this weight (on a log scale: a rate is off by factors, not by FLOP/s).
@@ -118,11 +128,11 @@ class SplitService:
     #: The rate this server's prefills ran at (FLOP/s, see `observe_prefill`); None until one
     #: was seen (the profile's own rate is used until then).
     prefill_flops_per_s: float | None = None
-    #: Recent (measured / predicted) end-to-end latencies, by SessionKind (see `slack`).
+    #: Recent (predicted, measured) end-to-end latencies, by SessionKind (see `fit`).
     #: Interior splits and all-client sessions err differently (a CPU run read median ratios
     #: 1.10 and 1.00), and sessions served whole are ordinary requests (no client, no round
     #: trip per token).
-    ratios: dict[str, deque[float]] = field(
+    samples: dict[str, deque[tuple[float, float]]] = field(
         default_factory=lambda: {k: deque(maxlen=64) for k in ("interior", "client", "whole")}
     )
 
@@ -234,15 +244,11 @@ class SplitService:
         }
 
     def calibration_report(self) -> dict[str, Any]:
-        """How the planner corrects its cost model now: the slack it plans against, the factor
-        on its predictions, for each SessionKind, and how many recent sessions they rest on (an
-        operator's answer to "why does the planner keep sessions whole?")."""
+        """How the planner corrects its cost model now, for each SessionKind: the offset and
+        factor on its predictions, the slack it plans against, and how many recent sessions they
+        rest on (an operator's answer to "why does the planner keep sessions whole?")."""
         return {
-            kind: {
-                "sessions": len(self._recent(kind)),
-                "slack": round(self.slack(kind), 3),
-                "calibration": round(self.calibration(kind), 3),
-            }
+            kind: {"sessions": len(self._recent(kind)), **self.fit(kind).report()}
             for kind in ("split", "interior", "client", "whole")
         }
 
@@ -272,13 +278,13 @@ class SplitService:
             layer = self._choose(client, server, work)
         except InfeasibleSLAError:
             whole = _latency(costs, 0)
-            if whole is not None and whole * self.slack("whole") <= (request.sla_s or 0):
+            if whole is not None and self.fit("whole").bound(whole) <= (request.sla_s or 0):
                 # Served whole, the request meets its SLA as such sessions have run lately.
                 return 0, whole, "planner"
             if (
                 self.config.when_busy == "refuse"
                 and self.busy()
-                and self._idle_would_meet(client, server, _shrunk(work, self._split_slack()))
+                and self._idle_would_meet(client, server, self._within_every_kind(work))
             ):
                 retry = self.retry_after_s()
                 raise ProtocolError(
@@ -300,31 +306,36 @@ class SplitService:
             return "whole"
         return "client" if layer >= self.shape.num_layers else "interior"
 
-    def _split_slack(self) -> float:
-        """The slack that holds for every split k: the larger of interior and all-client
-        sessions'."""
-        return max(self.slack("interior"), self.slack("client"))
+    def _budgets(self, work: Request) -> dict[str, Request]:
+        """`work` with its SLA replaced by the longest prediction that meets it as interior
+        and all-client sessions have run lately (`Calibration.budget`)."""
+        return {
+            kind: _with_sla(work, self.fit(kind).budget(work.sla_s))
+            for kind in ("interior", "client")
+        }
+
+    def _within_every_kind(self, work: Request) -> Request:
+        """`work` planned against the smaller of the two budgets: it holds for every k."""
+        return min(self._budgets(work).values(), key=lambda budget: budget.sla_s)
 
     def _choose(self, client: ClientProfile, server: ServerProfile, work: Request) -> int:
-        """The policy's k against the SLA shrunk by how late sessions of k's kind have run
-        versus their predictions (the tail of that ratio): a plan that only just fits the SLA
-        on paper misses it. Interior splits and all-client sessions have each their slack: k
-        is first planned against the smaller one, and kept if its kind is the one that slack
-        belongs to; otherwise it is planned against the larger one, which holds for every k.
-        (For the planner's policy, whose feasible k only grow with the SLA, that is the k a
-        per-kind feasibility check would choose, or a more cautious one.) InfeasibleSLAError
-        when no k meets the SLA so shrunk."""
-        # k = 0 planned by the policy is a split placement priced as such: the interior slack.
-        slacks = {"interior": self.slack("interior"), "client": self.slack("client")}
-        low, high = min(slacks.values()), max(slacks.values())
-        if low < high:
+        """The policy's k against the SLA as sessions of k's kind have run versus their
+        predictions (`fit`): a plan that only just fits the SLA on paper misses it. Interior
+        splits (k = 0 planned by the policy is priced as a split, so with them) and
+        all-client sessions have each their calibration: k is planned against each kind's
+        budget and kept if it is of that kind (the larger k when both are: less server work);
+        otherwise it is planned against the smaller budget, which holds for every k.
+        InfeasibleSLAError when no k meets that."""
+        chosen = []
+        for kind, budget in self._budgets(work).items():
             with contextlib.suppress(InfeasibleSLAError):
-                shrunk = _shrunk(work, low)
-                layer = choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
-                if slacks["client" if layer >= self.shape.num_layers else "interior"] == low:
-                    return layer
-        shrunk = _shrunk(work, high)
-        return choose_split_layer(self.shape, client, server, shrunk, self.config.policy)
+                layer = choose_split_layer(self.shape, client, server, budget, self.config.policy)
+                if ("client" if layer >= self.shape.num_layers else "interior") == kind:
+                    chosen.append(layer)
+        if chosen:
+            return max(chosen)
+        strict = self._within_every_kind(work)
+        return choose_split_layer(self.shape, client, server, strict, self.config.policy)
 
     def busy(self) -> bool:
         """Whether the server is busy enough to refuse sessions whose SLA only load makes
@@ -342,42 +353,33 @@ class SplitService:
             return False
         return True
 
-    def slack(self, kind: SessionKind = "split") -> float:
-        """Factor by which sessions of `kind` ran later than predicted: the `sla_target`
-        quantile (0.99: nearly the worst) of their recent (measured / predicted) latencies, at
-        least 1. Planning against the SLA divided by it keeps about that share of sessions
-        within their SLA when predictions err as they recently did. Interior and all-client
-        sessions fall back to split sessions' as a whole while too few of their own are known,
-        and those to INITIAL_SLACK.
+    def fit(self, kind: SessionKind = "split") -> Calibration:
+        """How sessions of `kind` have run against the cost model lately (`fit_calibration`
+        over the last 64, with the SLA target's quantile as the slack). Interior and
+        all-client sessions fall back to split sessions' as a whole while too few of their own
+        are known, and those to INITIAL_SLACK with the predictions as they are.
 
-        For `whole`, the same quantile for sessions served whole (k = 0), not held to at least
-        1 (1 while too few are known): their predictions (an ordinary request priced by the
-        split cost model) run early as often as late, and it is the SLA check of serving whole
-        that reads it."""
-        ratios = self._ratios(kind)
-        if ratios is None:
-            return 1.0 if kind == "whole" else INITIAL_SLACK
-        tail = float(np.quantile(ratios, self.config.sla_target))
-        return tail if kind == "whole" else max(1.0, tail)
+        Sessions served whole keep their slack below 1 when they run early (their
+        predictions, an ordinary request priced by the split cost model, run early as often
+        as late, and it is the SLA check of serving whole that reads it), 1 while too few are
+        known. Split kinds' slack is at least 1, and their budget at most the SLA."""
+        split = kind != "whole"
+        samples = self._samples(kind)
+        if samples is None:
+            return Calibration(slack=INITIAL_SLACK if split else 1.0, within_sla=split)
+        return fit_calibration(samples, self.config.sla_target, within_sla=split)
 
-    def calibration(self, kind: SessionKind = "split") -> float:
-        """Median of the recent (measured / predicted) latencies of sessions of `kind` (with
-        `slack`'s fallbacks; 1 while too few are known). The Plan's predicted latency is the
-        cost model's times this: the server's best estimate, where `slack` is its bound."""
-        ratios = self._ratios(kind)
-        return 1.0 if ratios is None else float(np.median(ratios))
-
-    def _recent(self, kind: SessionKind) -> list[float]:
+    def _recent(self, kind: SessionKind) -> list[tuple[float, float]]:
         if kind == "split":
-            return [*self.ratios["interior"], *self.ratios["client"]]
-        return list(self.ratios[kind])
+            return [*self.samples["interior"], *self.samples["client"]]
+        return list(self.samples[kind])
 
-    def _ratios(self, kind: SessionKind) -> np.ndarray | None:
-        """The recent ratios `slack` and `calibration` read; None while too few are known."""
-        ratios = self._recent(kind)
-        if len(ratios) < MIN_RATIOS and kind in ("interior", "client"):
-            ratios = self._recent("split")
-        return np.array(ratios) if len(ratios) >= MIN_RATIOS else None
+    def _samples(self, kind: SessionKind) -> np.ndarray | None:
+        """The recent (predicted, measured) pairs `fit` reads; None while too few are known."""
+        samples = self._recent(kind)
+        if len(samples) < MIN_RATIOS and kind in ("interior", "client"):
+            samples = self._recent("split")
+        return np.array(samples, dtype=float) if len(samples) >= MIN_RATIOS else None
 
     def observe_session(
         self,
@@ -390,12 +392,13 @@ class SplitService:
         it was split, see `kind`). `client_late_s`, the time the session waited for its client
         beyond the client's predicted share, is not counted: a client slower than it declared
         is late on its own account, and must not make the server plan every later session
-        more cautiously (one stalled client would otherwise set the slack for the next 64)."""
+        more cautiously (one stalled client would otherwise set the slack for the next 64).
+        A session whose whole time was its client's lateness says nothing of the server's."""
         if kind == "split":
             raise ValueError("a session is interior, client or whole")
         measured_s -= max(0.0, client_late_s)
-        if predicted_s and predicted_s > 0 and math.isfinite(measured_s / predicted_s):
-            self.ratios[kind].append(measured_s / predicted_s)
+        if predicted_s is not None and 0 < predicted_s < math.inf and 0 < measured_s < math.inf:
+            self.samples[kind].append((predicted_s, measured_s))
 
     def client_share_s(self, client: ClientProfile, work: Request, layer: int) -> float:
         """The client's predicted share of a session's latency at split `layer`: its layers,
@@ -438,9 +441,65 @@ def prediction_error(
     return direction, abs(predicted_s - measured_s) / measured_s
 
 
-def _shrunk(work: Request, slack: float) -> Request:
-    """`work` with its SLA divided by `slack`."""
-    return replace(work, sla_s=work.sla_s / slack)
+def _with_sla(work: Request, sla_s: float) -> Request:
+    """`work` planned against `sla_s` (a budget of nothing or less: one no plan meets)."""
+    return replace(work, sla_s=max(sla_s, MIN_PLANNED_SLA_S))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How sessions of one kind have run against the planner's cost model lately: measured
+    latency offset_s + factor x predicted at the median, and within `slack` times that for the
+    SLA target's share of them. A factor alone misjudges short sessions: a fixed cost per
+    session (its set-up, its first pass behind another's) weighs more in them, and the slack
+    taken over mostly long sessions is too small for them; the offset carries that cost."""
+
+    offset_s: float = 0.0
+    factor: float = 1.0
+    slack: float = 1.0
+    #: Plan no prediction above the SLA, however early sessions ran (split kinds).
+    within_sla: bool = False
+
+    def predict(self, predicted_s: float) -> float:
+        """The calibrated prediction: the server's best estimate of the latency."""
+        return self.offset_s + self.factor * predicted_s
+
+    def bound(self, predicted_s: float) -> float:
+        """The latency the SLA target's share of such sessions stays within."""
+        return self.predict(predicted_s) * self.slack
+
+    def budget(self, sla_s: float) -> float:
+        """The longest prediction whose bound is within `sla_s` (0 or less: none is)."""
+        budget = (sla_s / self.slack - self.offset_s) / self.factor
+        return min(budget, sla_s) if self.within_sla else budget
+
+    def report(self) -> dict[str, float]:
+        return {
+            "slack": round(self.slack, 3),
+            "calibration": round(self.factor, 3),
+            "offset_s": round(self.offset_s, 4),
+        }
+
+
+def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -> Calibration:
+    """The Calibration of (predicted, measured) pairs: a Theil-Sen line (the median of the
+    pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
+    the predictions spread enough to fit one, else the median ratio alone; the slack is the
+    `quantile` of measured over the line (at least 1 where `within_sla`)."""
+    predicted, measured = samples[:, 0], samples[:, 1]
+    offset, factor = 0.0, float(np.median(measured / predicted))
+    if len(predicted) >= MIN_AFFINE_SESSIONS:
+        first, second = np.triu_indices(len(predicted), 1)
+        apart = predicted[second] - predicted[first]
+        spread = np.abs(apart) >= SLOPE_SPREAD * float(np.median(predicted))
+        if int(spread.sum()) >= MIN_SLOPE_PAIRS:
+            rise = measured[second] - measured[first]
+            slope = float(np.median(rise[spread] / apart[spread]))
+            intercept = float(np.median(measured - slope * predicted))
+            if slope >= MIN_FACTOR and intercept >= 0:
+                offset, factor = intercept, slope
+    tail = float(np.quantile(measured / (offset + factor * predicted), quantile))
+    return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla)
 
 
 def _latency(costs: Any, layer: int) -> float | None:
@@ -669,7 +728,7 @@ class Session:
         """Open, prefill, decode until a finish reason; returns how the session ended."""
         opened = await self._receive_open()
         self.layer, predicted, planned_by = self.service.plan(opened)
-        calibration = self.service.calibration(self.service.kind(self.layer))
+        calibration = self.service.fit(self.service.kind(self.layer))
         metrics = SplitServerMetrics.get()
         metrics.chosen_layer.observe(self.layer)
         plan = Plan(
@@ -681,7 +740,7 @@ class Session:
             model=self.service.served_names[0],
             max_tokens=opened.max_tokens,
             max_prompt_tokens=self.service.max_model_len - opened.max_tokens,
-            predicted_latency_s=predicted * calibration if predicted is not None else None,
+            predicted_latency_s=(calibration.predict(predicted) if predicted is not None else None),
             sla_s=opened.sla_s,
             running_requests=self.service.load(),
             planned_by=planned_by,

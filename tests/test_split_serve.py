@@ -43,8 +43,10 @@ from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLI
 from adaptivellm.split_server import (
     INITIAL_SLACK,
     INSTANT_CLIENT,
+    Calibration,
     Session,
     SplitService,
+    fit_calibration,
     rows_for_engine,
 )
 
@@ -338,7 +340,8 @@ def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> No
     ratio = 0.5 * sla / fastest_busy
     for _ in range(8):
         busy.observe_session(1.0, ratio, "whole")
-    assert busy.slack("whole") == pytest.approx(ratio) and busy.slack() == INITIAL_SLACK
+    assert busy.fit("whole").bound(1.0) == pytest.approx(ratio)
+    assert busy.fit().slack == INITIAL_SLACK
     assert busy.plan(_open(sla))[:1] == (0,)
     serving = _service(SplitConfig(when_busy="serve"), load=5000)
     assert serving.plan(_open(sla))[0] == 0
@@ -381,24 +384,88 @@ def test_slack_follows_the_tail_of_measured_over_predicted() -> None:
     service = _service()
     for _ in range(3):
         service.observe_session(0.1, 0.3)
-    assert service.slack() == INITIAL_SLACK  # too few sessions to judge
+    assert service.fit().slack == INITIAL_SLACK  # too few sessions to judge
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0):
         service.observe_session(0.1, 0.1 * ratio)
-    assert 3.0 <= service.slack() <= 5.0
-    assert service.slack() > 4.5  # the 0.99 quantile: nearly the worst ratio seen
-    assert service.calibration() == pytest.approx(3.0)  # the median: the best estimate
-    assert service.calibration("whole") == 1.0  # none served whole yet
+    fit = service.fit()
+    assert fit.factor == pytest.approx(3.0) and fit.offset_s == 0.0  # the median: best estimate
+    assert 3.0 <= fit.bound(0.1) / 0.1 <= 5.0
+    assert fit.bound(0.1) / 0.1 > 4.5  # the 0.99 quantile: nearly the worst ratio seen
+    assert service.fit("whole") == Calibration()  # none served whole yet
     median = _service(SplitConfig(sla_target=0.5))
     for ratio in (1.0, 2.0, 3.0, 3.0, 5.0, 0.5, 3.0, 3.0):
         median.observe_session(0.1, 0.1 * ratio)
-    assert median.slack() == pytest.approx(3.0)
+    assert median.fit().bound(0.1) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="sla_target must be in"):
         SplitConfig(sla_target=0.3)
     service.observe_session(None, 1.0)  # no prediction: ignored
     service.observe_session(0.0, 1.0)
-    assert len(service.ratios["interior"]) == 10
+    service.observe_session(1.0, math.nan)
+    service.observe_session(1.0, 0.5, client_late_s=0.7)  # all of it the client's lateness
+    assert len(service.samples["interior"]) == 10
     with pytest.raises(ValueError, match="interior, client or whole"):
         service.observe_session(1.0, 1.0, "split")
+
+
+def test_a_fixed_cost_per_session_is_fitted_as_an_offset() -> None:
+    """Sessions that each ran 0.3 s on top of their prediction: a factor alone (the median
+    ratio) would under-predict the short ones and over-predict the long ones; the fit finds
+    the offset and a factor of 1, short sessions get the smaller budget they need, and long
+    ones are not held to the short ones' ratio."""
+    service = _service()
+    rng = np.random.default_rng(0)
+    for predicted in np.linspace(0.2, 4.0, 32):
+        service.observe_session(predicted, 0.3 + predicted * rng.uniform(1.0, 1.05))
+    fit = service.fit("interior")
+    assert fit.offset_s == pytest.approx(0.3, abs=0.05)
+    assert fit.factor == pytest.approx(1.025, abs=0.03)
+    assert 1.0 <= fit.slack < 1.1
+    # All but the worst session are within their bound (0.99 of 32, interpolated); a ratio
+    # alone would need 2.5x for the shortest.
+    outside = [m > fit.bound(p) for p, m in service.samples["interior"]]
+    assert sum(outside) <= 1
+    assert fit.budget(1.0) < 0.7  # a 1-s SLA leaves under 0.7 s of prediction
+    assert fit.budget(8.0) > 6.5  # an 8-s one more than 6.5 s (1.5x ratio: 5.3 s)
+    assert fit.budget(0.2) <= 0  # less than the fixed cost: nothing meets it
+    assert service.fit("interior").report() == {
+        "slack": round(fit.slack, 3),
+        "calibration": round(fit.factor, 3),
+        "offset_s": round(fit.offset_s, 4),
+    }
+
+
+def test_the_fit_falls_back_to_a_factor_where_a_line_is_not_trusted() -> None:
+    """Too few sessions, predictions all alike, a slope under 0.5 or an offset below 0: the
+    median ratio alone, as with few sessions."""
+    alike = np.array([[1.0, r] for r in np.linspace(1.0, 2.0, 20)])
+    fit = fit_calibration(alike, 0.99, within_sla=True)
+    assert fit.offset_s == 0.0 and fit.factor == pytest.approx(1.5)
+    flat = np.array([[p, 2.0 + 0.1 * p] for p in np.linspace(0.5, 5.0, 20)])  # slope 0.1
+    assert fit_calibration(flat, 0.99, within_sla=True).offset_s == 0.0
+    below = np.array([[p, 2.0 * p - 0.5] for p in np.linspace(0.5, 5.0, 20)])  # offset -0.5
+    assert fit_calibration(below, 0.99, within_sla=True).offset_s == 0.0
+    few = np.array([[p, 0.3 + p] for p in np.linspace(0.5, 5.0, 15)])
+    assert fit_calibration(few, 0.99, within_sla=True).offset_s == 0.0
+    assert fit_calibration(np.vstack([few, [[6.0, 6.3]]]), 0.99, within_sla=True).offset_s > 0
+    # Split kinds never plan a prediction above the SLA, sessions served whole may.
+    early = np.array([[p, 0.5 * p] for p in np.linspace(0.5, 5.0, 20)])
+    assert fit_calibration(early, 0.99, within_sla=True).budget(1.0) == 1.0
+    assert fit_calibration(early, 0.99, within_sla=False).budget(1.0) == pytest.approx(2.0)
+
+
+def test_a_short_session_is_planned_against_the_fixed_cost() -> None:
+    """After sessions that each ran 0.3 s beyond their prediction, a session whose best split
+    is predicted within its SLA but with less than 0.3 s to spare is not split (served whole
+    here: the server is idle, so not refused); with the budget to spare, it is."""
+    service = _service(load=0)
+    _, all_client, _ = service.plan(_open(None, layer=6))
+    assert all_client is not None
+    for predicted in np.linspace(0.2, 4.0, 32):
+        service.observe_session(predicted, 0.3 + predicted)
+        service.observe_session(predicted, 0.3 + predicted, "client")
+    assert service.plan(_open(all_client + 0.2))[0] == 0
+    layer, predicted, _ = service.plan(_open(all_client + 0.35))
+    assert layer == 6 and predicted == pytest.approx(all_client)
 
 
 def test_the_clients_share_is_the_prediction_less_the_servers() -> None:
@@ -429,14 +496,14 @@ def test_a_client_slower_than_it_declared_does_not_raise_the_slack() -> None:
     for _ in range(8):
         clients_fault.observe_session(1.0, 1.0)
         servers_fault.observe_session(1.0, 1.0)
-    before = clients_fault.slack()
+    before = clients_fault.fit().bound(1.0)
     for _ in range(8):
         clients_fault.observe_session(1.0, 10.0, client_late_s=9.0)
         servers_fault.observe_session(1.0, 10.0)
-    assert clients_fault.slack() == pytest.approx(before)
-    assert servers_fault.slack() > 9.0
+    assert clients_fault.fit().bound(1.0) == pytest.approx(before)
+    assert servers_fault.fit().bound(1.0) > 9.0
     clients_fault.observe_session(1.0, 2.0, client_late_s=-5.0)  # early client: no credit
-    assert clients_fault.ratios["interior"][-1] == pytest.approx(2.0)
+    assert clients_fault.samples["interior"][-1] == pytest.approx((1.0, 2.0))
 
 
 def test_a_session_counts_the_time_it_waited_for_each_side(
@@ -457,26 +524,26 @@ def test_a_session_counts_the_time_it_waited_for_each_side(
 def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
     service = _service()
     report = service.calibration_report()
-    fresh = {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0}
+    fresh = {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0, "offset_s": 0.0}
     assert report == {
         "split": fresh,
         "interior": fresh,
         "client": fresh,
-        "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0},
+        "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0},
     }
-    for ratio in (2.0, 2.0, 2.0, 2.0):
+    for ratio in (2.0, 2.0, 2.0, 4.0):
         service.observe_session(1.0, ratio)
         service.observe_session(1.0, ratio / 4, "whole")
     report = service.calibration_report()
-    assert report["split"] == {"sessions": 4, "slack": 2.0, "calibration": 2.0}
-    assert report["interior"] == {"sessions": 4, "slack": 2.0, "calibration": 2.0}
-    # No all-client session yet: they are planned with split sessions' slack as a whole.
-    assert report["client"] == {"sessions": 0, "slack": 2.0, "calibration": 2.0}
-    assert report["whole"] == {"sessions": 4, "slack": 0.5, "calibration": 0.5}
+    late = {"sessions": 4, "slack": 1.97, "calibration": 2.0, "offset_s": 0.0}
+    assert report["split"] == late and report["interior"] == late
+    # No all-client session yet: they are planned with split sessions' calibration as a whole.
+    assert report["client"] == {**late, "sessions": 0}
+    assert report["whole"] == {"sessions": 4, "slack": 1.97, "calibration": 0.5, "offset_s": 0.0}
     for ratio in (1.0, 1.0, 1.0, 1.0):
         service.observe_session(1.0, ratio, "client")
     report = service.calibration_report()
-    assert report["client"] == {"sessions": 4, "slack": 1.0, "calibration": 1.0}
+    assert report["client"] == {"sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0}
     assert report["split"]["sessions"] == 8
     assert service.info()["calibration"] == report
 
@@ -505,11 +572,12 @@ def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> 
     for _ in range(8):
         fast.observe_session(1.0, 1.0, "client")
         fast.observe_session(1.0, 3.0, "interior")
-    assert fast.slack("client") == 1.0 and fast.slack("interior") == pytest.approx(3.0)
-    assert fast.slack() == pytest.approx(3.0)  # pooled: what planning used before
+    assert fast.fit("client").bound(1.0) == 1.0
+    assert fast.fit("interior").bound(1.0) == pytest.approx(3.0)
+    assert fast.fit().bound(1.0) == pytest.approx(3.0)  # pooled: what planning used before
     assert fast.plan(_open(all_client * 1.5))[0] == 6
     assert fast.kind(6) == "client" and fast.kind(3) == "interior" and fast.kind(0) == "whole"
-    assert fast.calibration("client") == 1.0 and fast.calibration("interior") == 3.0
+    assert fast.fit("client").factor == 1.0 and fast.fit("interior").factor == 3.0
 
     slow = 2e9  # latency grows with k: the SLA below only interior splits meet
     on_time, late = _service(load=0), _service(load=0)
