@@ -135,6 +135,8 @@ class SplitService:
     samples: dict[str, deque[tuple[float, float]]] = field(
         default_factory=lambda: {k: deque(maxlen=64) for k in ("interior", "client", "whole")}
     )
+    #: `fit`'s answers since the last session was recorded.
+    _fits: dict[str, Calibration] = field(default_factory=dict, repr=False)
 
     def observe_step(self, seconds: float) -> None:
         """Fold one observed decode step into the estimate."""
@@ -362,12 +364,18 @@ class SplitService:
         Sessions served whole keep their slack below 1 when they run early (their
         predictions, an ordinary request priced by the split cost model, run early as often
         as late, and it is the SLA check of serving whole that reads it), 1 while too few are
-        known. Split kinds' slack is at least 1, and their budget at most the SLA."""
+        known. Split kinds' slack is at least 1, and their budget at most the SLA. Kept until
+        the next session is recorded (a plan reads several; a fit takes about 0.25 ms)."""
+        if (fitted := self._fits.get(kind)) is not None:
+            return fitted
         split = kind != "whole"
         samples = self._samples(kind)
         if samples is None:
-            return Calibration(slack=INITIAL_SLACK if split else 1.0, within_sla=split)
-        return fit_calibration(samples, self.config.sla_target, within_sla=split)
+            fitted = Calibration(slack=INITIAL_SLACK if split else 1.0, within_sla=split)
+        else:
+            fitted = fit_calibration(samples, self.config.sla_target, within_sla=split)
+        self._fits[kind] = fitted
+        return fitted
 
     def _recent(self, kind: SessionKind) -> list[tuple[float, float]]:
         if kind == "split":
@@ -399,6 +407,7 @@ class SplitService:
         measured_s -= max(0.0, client_late_s)
         if predicted_s is not None and 0 < predicted_s < math.inf and 0 < measured_s < math.inf:
             self.samples[kind].append((predicted_s, measured_s))
+            self._fits.clear()
 
     def client_share_s(self, client: ClientProfile, work: Request, layer: int) -> float:
         """The client's predicted share of a session's latency at split `layer`: its layers,
