@@ -1,0 +1,249 @@
+"""How well the split planner's calibration bounds measured latency: a line against a factor.
+
+The split server plans each session against a bound on its latency learned from recent
+sessions of the same kind (`adaptivellm.split_server.SplitService.fit`): measured = offset +
+factor x predicted, fitted over the last 64 (`fit_calibration`, the server's own code), times
+a slack, the SLA target's quantile of measured over the line. Before, it was a factor alone:
+the predicted latency times the quantile of measured / predicted. This script replays the
+sessions of capacity-benchmark runs (`bench/split_serving.py` JSON, each outcome's prediction,
+measured latency and k) in the order they finished, rate after rate on each policy's server,
+and checks each session against the bound each rule would have set from the sessions before it
+on that server:
+
+- `coverage`: the share of sessions within their bound (the planner aims at the SLA target);
+- `coverage_short`: the same for sessions of at most 16 output tokens, which a factor alone
+  under-bounds (a fixed cost per session weighs more in them);
+- `bound_over_prediction_p50`: how far above the prediction the bound sits at the median (the
+  smaller, the more sessions a rule lets the planner split at an SLA).
+
+    python bench/split_calibration.py                 # the committed runs; JSON + PNG
+    python bench/split_calibration.py --runs a.json b.json.gz --out /tmp/cal.json
+
+No server is started: this reads outcomes only. The sessions replayed were planned by one rule
+or the other, so each rule is checked on the same sessions, not on the ones it would have
+chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from adaptivellm.split_server import MIN_RATIOS, fit_calibration
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DEFAULT_RUNS = (
+    "split_serving.json",
+    "archive/split-serving-open-loop-earlier/run8-60s-before-affine-calibration.json.gz",
+    "split-planner-reruns/planner-1-per-s.json",
+    "split-planner-reruns/planner-from-2-per-s.json",
+    "split-planner-reruns/planner-per-kind-slack.json",
+    "split-planner-reruns/planner-prefill-rate.json",
+    "split-planner-reruns/planner-affine-from-2-per-s.json",
+)
+SPLIT_POLICIES = ("planner", "greedy", "static")
+KINDS = ("interior", "client")
+#: The server's window of recent sessions, and what counts as a short session here.
+WINDOW = 64
+SHORT_TOKENS = 16
+
+
+def load_runs(path: Path) -> dict[str, Any]:
+    """A capacity benchmark's JSON, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        result: dict[str, Any] = json.load(handle)
+    return result
+
+
+def _split_serving() -> ModuleType:
+    """bench/split_serving.py as a module (its pool of requests gives each outcome's length)."""
+    spec = importlib.util.spec_from_file_location("split_serving", ROOT / "split_serving.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("split_serving", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def output_tokens(result: dict[str, Any]) -> list[int]:
+    """Each pool index's output tokens, rebuilt from the run's setup as the benchmark drew it."""
+    setup = result["setup"]
+    pool = _split_serving().pool(
+        setup["pool"],
+        setup["max_prompt"],
+        setup["max_tokens"],
+        setup["ordinary_share"],
+        setup.get("seed", 0),
+    )
+    return [item.max_tokens for item in pool]
+
+
+def kind_of(layer: int, num_layers: int) -> str:
+    if layer == 0:
+        return "whole"
+    return "client" if layer >= num_layers else "interior"
+
+
+def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, Any]]]:
+    """Per split policy's server: its split sessions, rate after rate, each rate's in the order
+    they finished, as {kind, predicted, measured, tokens}. The benchmark runs one server per
+    policy through its sweep, so the sessions of its lower rates are the history its planner
+    had at the next."""
+    num_layers = result["setup"]["layers"]
+    servers: dict[str, list[dict[str, Any]]] = {}
+    for run in result["runs"]:
+        if run["policy"] not in SPLIT_POLICIES:
+            continue
+        rows = servers.setdefault(run["policy"], [])
+        for outcome in run["outcomes"]:
+            layer, predicted = outcome.get("layer"), outcome.get("predicted_s")
+            if layer is None or not predicted or outcome.get("error"):
+                continue
+            rows.append(
+                {
+                    "kind": kind_of(layer, num_layers),
+                    "predicted": float(predicted),
+                    "measured": float(outcome["latency_s"]),
+                    "tokens": tokens[outcome["index"]],
+                }
+            )
+    return list(servers.values())
+
+
+def factor_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+    """The rule before: the prediction times the quantile of measured / predicted (at least 1)."""
+    ratios = history[:, 1] / history[:, 0]
+    return predicted * max(1.0, float(np.quantile(ratios, quantile)))
+
+
+def line_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+    """The server's rule now (`fit_calibration`)."""
+    return fit_calibration(history, quantile, within_sla=True).bound(predicted)
+
+
+RULES = {"factor": factor_bound, "line": line_bound}
+
+
+def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict[str, Any]:
+    """Each session of `kind` checked against each rule's bound from the sessions of its kind
+    before it on its server (the last WINDOW; from the MIN_RATIOS + 1st on)."""
+    checks: dict[str, list[tuple[bool, bool, float]]] = {rule: [] for rule in RULES}
+    for rows in runs:
+        history: list[tuple[float, float]] = []
+        for row in rows:
+            if row["kind"] != kind:
+                continue
+            if len(history) >= MIN_RATIOS:
+                recent = np.array(history[-WINDOW:])
+                for rule, bound_of in RULES.items():
+                    bound = bound_of(recent, row["predicted"], quantile)
+                    short = row["tokens"] <= SHORT_TOKENS
+                    checks[rule].append((row["measured"] <= bound, short, bound / row["predicted"]))
+            history.append((row["predicted"], row["measured"]))
+    out: dict[str, Any] = {"checks": len(checks["line"])}
+    for rule, rows_checked in checks.items():
+        if not rows_checked:
+            out[rule] = None
+            continue
+        within = [ok for ok, _, _ in rows_checked]
+        short = [ok for ok, is_short, _ in rows_checked if is_short]
+        out[rule] = {
+            "coverage": round(float(np.mean(within)), 4),
+            "coverage_short": round(float(np.mean(short)), 4) if short else None,
+            "short_checks": len(short),
+            "bound_over_prediction_p50": round(float(np.median([b for *_, b in rows_checked])), 3),
+        }
+    return out
+
+
+def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
+    """Interior splits: measured / predicted against the prediction, with each rule's bound
+    fitted over all of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for run in runs for row in run if row["kind"] == "interior"]
+    if len(rows) < MIN_RATIOS:
+        return
+    samples = np.array([(row["predicted"], row["measured"]) for row in rows])
+    short = np.array([row["tokens"] <= SHORT_TOKENS for row in rows])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ratio = samples[:, 1] / samples[:, 0]
+    ax.scatter(samples[~short, 0], ratio[~short], s=10, alpha=0.5, label="interior split")
+    ax.scatter(samples[short, 0], ratio[short], s=14, alpha=0.8, label="<= 16 tokens")
+    grid = np.linspace(samples[:, 0].min(), samples[:, 0].max(), 200)
+    line = fit_calibration(samples, quantile, within_sla=True)
+    factor = max(1.0, float(np.quantile(ratio, quantile)))
+    ax.plot(grid, [line.bound(p) / p for p in grid], label="bound: offset + factor x predicted")
+    ax.axhline(factor, linestyle="--", color="grey", label="bound: factor alone")
+    ax.set_xlabel("predicted latency (s)")
+    ax.set_ylabel("measured / predicted")
+    ax.set_title(f"Split planner calibration, {len(rows)} interior splits (quantile {quantile})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _shown(path: Path) -> str:
+    """A run file's path as the JSON records it: relative to the repository where it is in it."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(ROOT.parent):
+        return str(resolved.relative_to(ROOT.parent))
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=[RESULTS / name for name in DEFAULT_RUNS],
+        help="capacity benchmark JSON files (.json or .json.gz)",
+    )
+    parser.add_argument("--quantile", type=float, default=0.99, help="the SLA target")
+    parser.add_argument("--out", type=Path, default=RESULTS / "split_calibration.json")
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.runs if not path.exists()]
+    if missing:
+        parser.error(f"no such run file: {', '.join(missing)}")
+    if not 0.5 <= args.quantile < 1:
+        parser.error("--quantile must be in [0.5, 1)")
+    runs: list[list[dict[str, Any]]] = []
+    for path in args.runs:
+        result = load_runs(path)
+        runs.extend(sessions(result, output_tokens(result)))
+    report = {
+        "benchmark": "split_calibration",
+        "command": shlex.join(["python", "bench/split_calibration.py", *(argv or sys.argv[1:])]),
+        "runs": [_shown(path) for path in args.runs],
+        "quantile": args.quantile,
+        "window": WINDOW,
+        "short_tokens": SHORT_TOKENS,
+        "kinds": {kind: replay(runs, kind, args.quantile) for kind in KINDS},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(runs, args.quantile, args.out.with_suffix(".png"))
+    for kind, figures in report["kinds"].items():
+        print(kind, json.dumps(figures))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
