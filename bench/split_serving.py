@@ -363,6 +363,7 @@ class Outcome:
     tokens_match: bool = False
     error: str | None = None
     late_start_s: float = 0.0  # how late the client pool started it (open-loop health)
+    running_requests: int | None = None  # requests in flight when the server planned it
 
     @property
     def met(self) -> bool:
@@ -449,6 +450,7 @@ def split(bench: Bench, ref: Reference, began: float, prompt_ids: bool = True) -
         )
         outcome.layer = done.layer
         outcome.predicted_s = done.plan.predicted_latency_s
+        outcome.running_requests = done.plan.running_requests
         outcome.tokens_match = list(done.token_ids) == ref.output
         if len(done.token_ids) != item.max_tokens:
             outcome.error = f"{len(done.token_ids)} of {item.max_tokens} tokens"
