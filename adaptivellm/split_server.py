@@ -304,9 +304,7 @@ class SplitService:
 
     def kind(self, layer: int) -> SessionKind:
         """The SessionKind of a session split at `layer`."""
-        if layer == 0:
-            return "whole"
-        return "client" if layer >= self.shape.num_layers else "interior"
+        return session_kind(layer, self.shape.num_layers)
 
     def _budgets(self, work: Request) -> dict[str, Request]:
         """`work` with its SLA replaced by the longest prediction that meets it as interior
@@ -318,7 +316,7 @@ class SplitService:
 
     def _within_every_kind(self, work: Request) -> Request:
         """`work` planned against the smaller of the two budgets: it holds for every k."""
-        return min(self._budgets(work).values(), key=lambda budget: budget.sla_s)
+        return _strictest(self._budgets(work))
 
     def _choose(self, client: ClientProfile, server: ServerProfile, work: Request) -> int:
         """The policy's k against the SLA as sessions of k's kind have run versus their
@@ -329,14 +327,15 @@ class SplitService:
         otherwise it is planned against the smaller budget, which holds for every k.
         InfeasibleSLAError when no k meets that."""
         chosen = []
-        for kind, budget in self._budgets(work).items():
+        budgets = self._budgets(work)
+        for kind, budget in budgets.items():
             with contextlib.suppress(InfeasibleSLAError):
                 layer = choose_split_layer(self.shape, client, server, budget, self.config.policy)
                 if ("client" if layer >= self.shape.num_layers else "interior") == kind:
                     chosen.append(layer)
         if chosen:
             return max(chosen)
-        strict = self._within_every_kind(work)
+        strict = _strictest(budgets)
         return choose_split_layer(self.shape, client, server, strict, self.config.policy)
 
     def busy(self) -> bool:
@@ -448,6 +447,18 @@ def prediction_error(
         return None
     direction: Literal["over", "under"] = "over" if predicted_s > measured_s else "under"
     return direction, abs(predicted_s - measured_s) / measured_s
+
+
+def session_kind(layer: int, num_layers: int) -> SessionKind:
+    """The SessionKind of a session split at `layer` of `num_layers`."""
+    if layer == 0:
+        return "whole"
+    return "client" if layer >= num_layers else "interior"
+
+
+def _strictest(budgets: dict[str, Request]) -> Request:
+    """The budget with the shortest SLA: it holds for every kind."""
+    return min(budgets.values(), key=lambda budget: budget.sla_s)
 
 
 def _with_sla(work: Request, sla_s: float) -> Request:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptivellm.split_server import MIN_RATIOS, fit_calibration
+from adaptivellm.split_server import MIN_RATIOS, fit_calibration, session_kind
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -89,12 +89,6 @@ def output_tokens(result: dict[str, Any]) -> list[int]:
     return [item.max_tokens for item in pool]
 
 
-def kind_of(layer: int, num_layers: int) -> str:
-    if layer == 0:
-        return "whole"
-    return "client" if layer >= num_layers else "interior"
-
-
 def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, Any]]]:
     """Per split policy's server: its split sessions, rate after rate, each rate's in the order
     they finished, as {kind, predicted, measured, tokens}. The benchmark runs one server per
@@ -112,7 +106,7 @@ def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, A
                 continue
             rows.append(
                 {
-                    "kind": kind_of(layer, num_layers),
+                    "kind": session_kind(layer, num_layers),
                     "predicted": float(predicted),
                     "measured": float(outcome["latency_s"]),
                     "tokens": tokens[outcome["index"]],
@@ -185,10 +179,10 @@ def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
     ax.scatter(samples[~short, 0], ratio[~short], s=10, alpha=0.5, label="interior split")
     ax.scatter(samples[short, 0], ratio[short], s=14, alpha=0.8, label="<= 16 tokens")
     grid = np.linspace(samples[:, 0].min(), samples[:, 0].max(), 200)
-    line = fit_calibration(samples, quantile, within_sla=True)
-    factor = max(1.0, float(np.quantile(ratio, quantile)))
+    line = fit_calibration(samples, quantile, within_sla=True)  # once, not per point
     ax.plot(grid, [line.bound(p) / p for p in grid], label="bound: offset + factor x predicted")
-    ax.axhline(factor, linestyle="--", color="grey", label="bound: factor alone")
+    ax.axhline(factor_bound(samples, 1.0, quantile), linestyle="--", color="grey",
+               label="bound: factor alone")  # fmt: skip
     ax.set_xlabel("predicted latency (s)")
     ax.set_ylabel("measured / predicted")
     ax.set_title(f"Split planner calibration, {len(rows)} interior splits (quantile {quantile})")
