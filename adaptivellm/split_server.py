@@ -81,6 +81,11 @@ MIN_AFFINE_SESSIONS = 16
 MIN_SLOPE_PAIRS = 8
 SLOPE_SPREAD = 0.1
 MIN_FACTOR = 0.5
+#: The slack is the SLA target's quantile of measured over the line, its tail extrapolated
+#: (`tail_quantile`) from this share of the largest ratios: 64 sessions cannot show a 0.99
+#: quantile (the largest of 64 is exceeded by 1 in 65 of the next), so the largest half is
+#: taken as an exponential tail and the quantile read off that.
+TAIL_SHARE = 0.5
 #: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
 MIN_PLANNED_SLA_S = 1e-9
 #: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
@@ -505,7 +510,8 @@ def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -
     """The Calibration of (predicted, measured) pairs: a Theil-Sen line (the median of the
     pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
     the predictions spread enough to fit one, else the median ratio alone; the slack is the
-    `quantile` of measured over the line (at least 1 where `within_sla`)."""
+    `quantile` of measured over the line, its tail extrapolated (`tail_quantile`; at least 1
+    where `within_sla`)."""
     predicted, measured = samples[:, 0], samples[:, 1]
     offset, factor = 0.0, float(np.median(measured / predicted))
     if len(predicted) >= MIN_AFFINE_SESSIONS:
@@ -518,8 +524,29 @@ def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -
             intercept = float(np.median(measured - slope * predicted))
             if slope >= MIN_FACTOR and intercept >= 0:
                 offset, factor = intercept, slope
-    tail = float(np.quantile(measured / (offset + factor * predicted), quantile))
+    tail = tail_quantile(measured / (offset + factor * predicted), quantile)
     return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla)
+
+
+def tail_quantile(ratios: np.ndarray, quantile: float) -> float:
+    """The `quantile` of positive `ratios`, read beyond the largest where it lies there (the
+    peaks-over-threshold estimate): the logs of the largest TAIL_SHARE of them are taken as an
+    exponential tail above the smallest of them, its scale the mean excess over that threshold
+    (unbiased: times m / (m - 1) for m of them), and the quantile is the threshold plus the
+    scale times log(share / (1 - quantile)). Never below the interpolated quantile of the
+    ratios seen. A quantile below the threshold is read off the ratios as they are, and the
+    quantile 1 is the largest ratio seen (nothing bounds an unbounded tail)."""
+    logs = np.sort(np.log(ratios))
+    count = len(logs)
+    seen = float(np.quantile(logs, quantile))
+    largest = min(count, max(2, round(TAIL_SHARE * count)))
+    if count < 2 or quantile >= 1 or quantile <= 1 - largest / count:
+        return math.exp(seen)
+    tail = logs[count - largest :]
+    threshold = float(tail[0])
+    scale = float(np.mean(tail - threshold)) * largest / (largest - 1)
+    beyond = threshold + scale * math.log(largest / (count * (1 - quantile)))
+    return math.exp(max(seen, beyond))
 
 
 def _latency(costs: Any, layer: int) -> float | None:

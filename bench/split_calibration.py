@@ -1,14 +1,19 @@
-"""How well the split planner's calibration bounds measured latency: a line against a factor.
+"""How well the split planner's calibration bounds measured latency: three rules replayed.
 
 The split server plans each session against a bound on its latency learned from recent
 sessions of the same kind (`adaptivellm.split_server.SplitService.fit`): measured = offset +
 factor x predicted, fitted over the last 64 (`fit_calibration`, the server's own code), times
-a slack, the SLA target's quantile of measured over the line. Before, it was a factor alone:
-the predicted latency times the quantile of measured / predicted. This script replays the
-sessions of capacity-benchmark runs (`bench/split_serving.py` JSON, each outcome's prediction,
-measured latency and k) in the order they finished, rate after rate on each policy's server,
-and checks each session against the bound each rule would have set from the sessions before it
-on that server:
+a slack, the SLA target's quantile of measured over the line. The rules replayed:
+
+- `factor`: the first rule, the prediction times the quantile of measured / predicted;
+- `line`: the line times the interpolated quantile of measured over it (commit 40c5556);
+- `tail`: the server's rule now, the line times that quantile with its tail extrapolated
+  (`tail_quantile`): 64 sessions cannot show a 0.99 quantile.
+
+This script replays the sessions of capacity-benchmark runs (`bench/split_serving.py` JSON,
+each outcome's prediction, measured latency and k) in the order they finished, rate after rate
+on each policy's server, and checks each session against the bound each rule would have set
+from the sessions before it on that server:
 
 - `coverage`: the share of sessions within their bound (the planner aims at the SLA target);
 - `coverage_short`: the same for sessions of at most 16 output tokens, which a factor alone
@@ -20,8 +25,8 @@ on that server:
     python bench/split_calibration.py --runs a.json b.json.gz --out /tmp/cal.json
 
 No server is started: this reads outcomes only. The sessions replayed were planned by one rule
-or the other, so each rule is checked on the same sessions, not on the ones it would have
-chosen.
+or another, so each rule is checked on the same sessions, not on the ones it would have
+chosen; and each outcome's prediction is the calibrated one of the rule in force then.
 """
 
 from __future__ import annotations
@@ -122,11 +127,19 @@ def factor_bound(history: np.ndarray, predicted: float, quantile: float) -> floa
 
 
 def line_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
-    """The server's rule now (`fit_calibration`)."""
+    """The rule of 40c5556: the server's line, times the interpolated quantile of measured over
+    it (at least 1)."""
+    line = fit_calibration(history, quantile, within_sla=True)
+    over = history[:, 1] / np.array([line.predict(p) for p in history[:, 0]])
+    return line.predict(predicted) * max(1.0, float(np.quantile(over, quantile)))
+
+
+def tail_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+    """The server's rule now (`fit_calibration`, its slack by `tail_quantile`)."""
     return fit_calibration(history, quantile, within_sla=True).bound(predicted)
 
 
-RULES = {"factor": factor_bound, "line": line_bound}
+RULES = {"factor": factor_bound, "line": line_bound, "tail": tail_bound}
 
 
 def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict[str, Any]:
@@ -179,8 +192,12 @@ def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
     ax.scatter(samples[~short, 0], ratio[~short], s=10, alpha=0.5, label="interior split")
     ax.scatter(samples[short, 0], ratio[short], s=14, alpha=0.8, label="<= 16 tokens")
     grid = np.linspace(samples[:, 0].min(), samples[:, 0].max(), 200)
-    line = fit_calibration(samples, quantile, within_sla=True)  # once, not per point
-    ax.plot(grid, [line.bound(p) / p for p in grid], label="bound: offset + factor x predicted")
+    fit = fit_calibration(samples, quantile, within_sla=True)  # once, not per point
+    over = samples[:, 1] / np.array([fit.predict(p) for p in samples[:, 0]])
+    interpolated = max(1.0, float(np.quantile(over, quantile)))
+    ax.plot(grid, [fit.predict(p) * interpolated / p for p in grid],
+            label="bound: line x interpolated quantile")  # fmt: skip
+    ax.plot(grid, [fit.bound(p) / p for p in grid], label="bound: line x tail quantile (now)")
     ax.axhline(factor_bound(samples, 1.0, quantile), linestyle="--", color="grey",
                label="bound: factor alone")  # fmt: skip
     ax.set_xlabel("predicted latency (s)")

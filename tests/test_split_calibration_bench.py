@@ -1,5 +1,5 @@
-"""bench/split_calibration.py: replaying sessions against the planner's two calibration rules
-(no server), on synthetic runs and end to end on a small capacity-benchmark JSON."""
+"""bench/split_calibration.py: replaying sessions against the planner's calibration rules (no
+server), on synthetic runs and end to end on a small capacity-benchmark JSON."""
 
 from __future__ import annotations
 
@@ -48,7 +48,25 @@ def test_a_fixed_cost_per_session_is_covered_by_the_line_not_by_the_factor(
         "checks": 0,
         "factor": None,
         "line": None,
+        "tail": None,
     }
+
+
+def test_the_tail_rule_covers_the_next_session_where_the_interpolated_quantile_does_not(
+    bench: types.ModuleType,
+) -> None:
+    """600 sessions whose latency runs lognormally late of the line: the interpolated 0.99
+    quantile of the last 64 is exceeded by more than 1 in 100 of the next; the extrapolated one
+    (the server's rule now) by about 1 in 100 or fewer, at a bound further above the line."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for _ in range(600):
+        predicted = float(rng.uniform(0.5, 4.0))
+        measured = (0.2 + predicted) * float(np.exp(rng.normal(0.0, 0.25)))
+        rows.append(("client", predicted, measured, 30))
+    out = bench.replay([_run(rows)], "client", 0.99)
+    assert out["line"]["coverage"] < 0.985 <= out["tail"]["coverage"]
+    assert out["tail"]["bound_over_prediction_p50"] > out["line"]["bound_over_prediction_p50"]
 
 
 def test_sessions_are_checked_only_against_their_own_server_and_kind(

@@ -48,6 +48,7 @@ from adaptivellm.split_server import (
     SplitService,
     fit_calibration,
     rows_for_engine,
+    tail_quantile,
 )
 
 
@@ -453,6 +454,37 @@ def test_the_fit_falls_back_to_a_factor_where_a_line_is_not_trusted() -> None:
     assert fit_calibration(early, 0.99, within_sla=False).budget(1.0) == pytest.approx(2.0)
 
 
+def test_the_slack_reads_a_099_quantile_beyond_the_sessions_seen() -> None:
+    """64 sessions cannot show a 0.99 quantile: the next session exceeds the largest of 64 one
+    time in 65, and the interpolated quantile more often. Over 2,000 windows of 64 lognormal
+    ratios, the extrapolated quantile bounds the next ratio 0.99 of the time or nearly, where
+    the interpolated one does not reach 0.985."""
+    rng = np.random.default_rng(1)
+    windows = np.exp(rng.normal(0.0, 0.3, size=(2000, 65)))
+    extrapolated = [window[64] <= tail_quantile(window[:64], 0.99) for window in windows]
+    interpolated = [window[64] <= np.quantile(window[:64], 0.99) for window in windows]
+    assert np.mean(extrapolated) >= 0.985
+    assert np.mean(interpolated) < 0.985
+    # The true 0.99 quantile is exp(0.3 x 2.33) = 2.01: the estimate is above it at the median
+    # (an exponential tail is heavier than a normal's), but not far (it reads 2.53).
+    estimates = [tail_quantile(window[:64], 0.99) for window in windows[:200]]
+    assert 2.0 < float(np.median(estimates)) < 3.0
+
+
+def test_the_tail_estimate_keeps_to_what_the_ratios_show() -> None:
+    """Alike ratios have no tail; two clusters are not a tail (the largest half is one of
+    them); a quantile within the ratios seen, or the quantile 1, is read off them; the
+    estimate is never below the interpolated quantile."""
+    assert tail_quantile(np.full(20, 1.5), 0.99) == pytest.approx(1.5)
+    clusters = np.array([0.5] * 8 + [1.5] * 8)
+    assert tail_quantile(clusters, 0.99) == pytest.approx(1.5)
+    spread = np.linspace(1.0, 3.0, 21)
+    assert tail_quantile(spread, 0.5) == pytest.approx(2.0)
+    assert tail_quantile(spread, 1.0) == pytest.approx(3.0)
+    assert tail_quantile(spread, 0.99) > np.quantile(spread, 0.99)
+    assert tail_quantile(np.array([2.0]), 0.99) == pytest.approx(2.0)
+
+
 def test_a_short_session_is_planned_against_the_fixed_cost() -> None:
     """After sessions that each ran 0.3 s beyond their prediction, a session whose best split
     is predicted within its SLA but with less than 0.3 s to spare is not split (served whole
@@ -535,11 +567,14 @@ def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
         service.observe_session(1.0, ratio)
         service.observe_session(1.0, ratio / 4, "whole")
     report = service.calibration_report()
-    late = {"sessions": 4, "slack": 1.97, "calibration": 2.0, "offset_s": 0.0}
+    # Ratios over the median 1, 1, 1, 2: the largest half, 1 and 2, is the tail above 1, its
+    # scale log 2 / 2 x 2 / 1; the 0.99 quantile is 1 x exp(log 2 x log(0.5 / 0.01)) = 15.05.
+    # Four sessions say little of a 0.99 quantile, and the slack says so.
+    late = {"sessions": 4, "slack": 15.053, "calibration": 2.0, "offset_s": 0.0}
     assert report["split"] == late and report["interior"] == late
     # No all-client session yet: they are planned with split sessions' calibration as a whole.
     assert report["client"] == {**late, "sessions": 0}
-    assert report["whole"] == {"sessions": 4, "slack": 1.97, "calibration": 0.5, "offset_s": 0.0}
+    assert report["whole"] == {"sessions": 4, "slack": 15.053, "calibration": 0.5, "offset_s": 0.0}
     for ratio in (1.0, 1.0, 1.0, 1.0):
         service.observe_session(1.0, ratio, "client")
     report = service.calibration_report()
