@@ -8,7 +8,10 @@ a slack, the SLA target's quantile of measured over the line. The rules replayed
 - `factor`: the first rule, the prediction times the quantile of measured / predicted;
 - `line`: the line times the interpolated quantile of measured over it (commit 40c5556);
 - `tail`: the server's rule now, the line times that quantile with its tail extrapolated
-  (`tail_quantile`): 64 sessions cannot show a 0.99 quantile.
+  (`tail_quantile`): 64 sessions cannot show a 0.99 quantile;
+- `load`: not the server's, a candidate: the `tail` rule fitted to the 32 sessions of the last
+  256 planned at the load nearest the session's (the requests in flight when it was planned,
+  `running_requests`; only runs that recorded it).
 
 This script replays the sessions of capacity-benchmark runs (`bench/split_serving.py` JSON,
 each outcome's prediction, measured latency and k) in the order they finished, rate after rate
@@ -35,6 +38,7 @@ import argparse
 import gzip
 import importlib.util
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -49,6 +53,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DEFAULT_RUNS = (
     "split_serving.json",
+    "archive/split-serving-open-loop-earlier/run9-60s-before-tail-slack.json.gz",
     "archive/split-serving-open-loop-earlier/run8-60s-before-affine-calibration.json.gz",
     "split-planner-reruns/planner-1-per-s.json",
     "split-planner-reruns/planner-from-2-per-s.json",
@@ -61,6 +66,9 @@ KINDS = ("interior", "client")
 #: The server's window of recent sessions, and what counts as a short session here.
 WINDOW = 64
 SHORT_TOKENS = 16
+#: The load-conditioned rule's history, and how many sessions at the nearest load it fits.
+LOAD_WINDOW = 256
+LOAD_NEIGHBOURS = 32
 
 
 def load_runs(path: Path) -> dict[str, Any]:
@@ -96,7 +104,8 @@ def output_tokens(result: dict[str, Any]) -> list[int]:
 
 def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, Any]]]:
     """Per split policy's server: its split sessions, rate after rate, each rate's in the order
-    they finished, as {kind, predicted, measured, tokens}. The benchmark runs one server per
+    they finished, as {kind, predicted, measured, tokens, load} (load: the requests in flight
+    when it was planned, None where the run did not record it). The benchmark runs one server per
     policy through its sweep, so the sessions of its lower rates are the history its planner
     had at the next."""
     num_layers = result["setup"]["layers"]
@@ -115,50 +124,74 @@ def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, A
                     "predicted": float(predicted),
                     "measured": float(outcome["latency_s"]),
                     "tokens": tokens[outcome["index"]],
+                    "load": outcome.get("running_requests"),
                 }
             )
     return list(servers.values())
 
 
-def factor_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+def factor_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
     """The rule before: the prediction times the quantile of measured / predicted (at least 1)."""
-    ratios = history[:, 1] / history[:, 0]
-    return predicted * max(1.0, float(np.quantile(ratios, quantile)))
+    return float(row["predicted"]) * factor_slack(history[-WINDOW:], quantile)
 
 
-def line_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+def factor_slack(samples: np.ndarray, quantile: float) -> float:
+    """The factor rule's bound over the prediction: the quantile of measured / predicted."""
+    return max(1.0, float(np.quantile(samples[:, 1] / samples[:, 0], quantile)))
+
+
+def line_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
     """The rule of 40c5556: the server's line, times the interpolated quantile of measured over
     it (at least 1)."""
-    line = fit_calibration(history, quantile, within_sla=True)
-    over = history[:, 1] / np.array([line.predict(p) for p in history[:, 0]])
-    return line.predict(predicted) * max(1.0, float(np.quantile(over, quantile)))
+    recent = history[-WINDOW:, :2]
+    line = fit_calibration(recent, quantile, within_sla=True)
+    over = recent[:, 1] / np.array([line.predict(p) for p in recent[:, 0]])
+    return line.predict(row["predicted"]) * max(1.0, float(np.quantile(over, quantile)))
 
 
-def tail_bound(history: np.ndarray, predicted: float, quantile: float) -> float:
+def tail_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
     """The server's rule now (`fit_calibration`, its slack by `tail_quantile`)."""
-    return fit_calibration(history, quantile, within_sla=True).bound(predicted)
+    return fit_calibration(history[-WINDOW:, :2], quantile, within_sla=True).bound(row["predicted"])
 
 
-RULES = {"factor": factor_bound, "line": line_bound, "tail": tail_bound}
+def load_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
+    """A load-conditioned rule, not the server's: the server's fit over the LOAD_NEIGHBOURS
+    sessions of the last LOAD_WINDOW planned at the load nearest this one's (the most recent
+    first among equals). None where a load was not recorded."""
+    recent = history[-LOAD_WINDOW:]
+    if row.get("load") is None or np.isnan(recent[:, 2]).any():
+        return None
+    distance = np.abs(recent[:, 2] - float(row["load"]))
+    order = np.lexsort((-np.arange(len(recent)), distance))[:LOAD_NEIGHBOURS]
+    return fit_calibration(recent[order, :2], quantile, within_sla=True).bound(row["predicted"])
+
+
+RULES = {"factor": factor_bound, "line": line_bound, "tail": tail_bound, "load": load_bound}
 
 
 def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict[str, Any]:
     """Each session of `kind` checked against each rule's bound from the sessions of its kind
-    before it on its server (the last WINDOW; from the MIN_RATIOS + 1st on)."""
+    before it on its server (from the MIN_RATIOS + 1st on; a rule that sets no bound for a
+    session, the load rule where loads were not recorded, does not count it)."""
     checks: dict[str, list[tuple[bool, bool, float]]] = {rule: [] for rule in RULES}
+    sessions_checked = 0
     for rows in runs:
-        history: list[tuple[float, float]] = []
+        history: list[tuple[float, float, float]] = []
         for row in rows:
             if row["kind"] != kind:
                 continue
             if len(history) >= MIN_RATIOS:
-                recent = np.array(history[-WINDOW:])
+                sessions_checked += 1
+                past = np.array(history)
                 for rule, bound_of in RULES.items():
-                    bound = bound_of(recent, row["predicted"], quantile)
+                    bound = bound_of(past, row, quantile)
+                    if bound is None:
+                        continue
                     short = row["tokens"] <= SHORT_TOKENS
                     checks[rule].append((row["measured"] <= bound, short, bound / row["predicted"]))
-            history.append((row["predicted"], row["measured"]))
-    out: dict[str, Any] = {"checks": len(checks["line"])}
+            load = row.get("load")
+            history.append((row["predicted"], row["measured"], math.nan if load is None else load))
+    out: dict[str, Any] = {"checks": sessions_checked}
     for rule, rows_checked in checks.items():
         if not rows_checked:
             out[rule] = None
@@ -166,6 +199,7 @@ def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict
         within = [ok for ok, _, _ in rows_checked]
         short = [ok for ok, is_short, _ in rows_checked if is_short]
         out[rule] = {
+            "checks": len(rows_checked),
             "coverage": round(float(np.mean(within)), 4),
             "coverage_short": round(float(np.mean(short)), 4) if short else None,
             "short_checks": len(short),
@@ -198,7 +232,7 @@ def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
     ax.plot(grid, [fit.predict(p) * interpolated / p for p in grid],
             label="bound: line x interpolated quantile")  # fmt: skip
     ax.plot(grid, [fit.bound(p) / p for p in grid], label="bound: line x tail quantile (now)")
-    ax.axhline(factor_bound(samples, 1.0, quantile), linestyle="--", color="grey",
+    ax.axhline(factor_slack(samples, quantile), linestyle="--", color="grey",
                label="bound: factor alone")  # fmt: skip
     ax.set_xlabel("predicted latency (s)")
     ax.set_ylabel("measured / predicted")
@@ -238,20 +272,29 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.runs:
         result = load_runs(path)
         runs.extend(sessions(result, output_tokens(result)))
+    recorded = [rows for rows in runs if all(row["load"] is not None for row in rows)]
     report = {
         "benchmark": "split_calibration",
         "command": shlex.join(["python", "bench/split_calibration.py", *(argv or sys.argv[1:])]),
         "runs": [_shown(path) for path in args.runs],
         "quantile": args.quantile,
         "window": WINDOW,
+        "load_window": LOAD_WINDOW,
+        "load_neighbours": LOAD_NEIGHBOURS,
         "short_tokens": SHORT_TOKENS,
         "kinds": {kind: replay(runs, kind, args.quantile) for kind in KINDS},
+        # Every rule on the same sessions: the servers whose runs recorded the load.
+        "kinds_where_load_recorded": {
+            kind: replay(recorded, kind, args.quantile) for kind in KINDS
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(runs, args.quantile, args.out.with_suffix(".png"))
     for kind, figures in report["kinds"].items():
         print(kind, json.dumps(figures))
+    for kind, figures in report["kinds_where_load_recorded"].items():
+        print(f"{kind} (load recorded)", json.dumps(figures))
     print(f"wrote {args.out}")
     return 0
 

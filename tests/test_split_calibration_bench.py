@@ -19,8 +19,17 @@ def bench() -> types.ModuleType:
     return load_bench_script("split_calibration")
 
 
-def _run(rows: list[tuple[str, float, float, int]]) -> list[dict]:
-    return [{"kind": k, "predicted": p, "measured": m, "tokens": t} for k, p, m, t in rows]
+def _run(rows: list[tuple[str, float, float, int]], loads: list[int] | None = None) -> list[dict]:
+    return [
+        {
+            "kind": k,
+            "predicted": p,
+            "measured": m,
+            "tokens": t,
+            "load": None if loads is None else loads[i],
+        }
+        for i, (k, p, m, t) in enumerate(rows)
+    ]
 
 
 def test_a_fixed_cost_per_session_is_covered_by_the_line_not_by_the_factor(
@@ -49,7 +58,9 @@ def test_a_fixed_cost_per_session_is_covered_by_the_line_not_by_the_factor(
         "factor": None,
         "line": None,
         "tail": None,
+        "load": None,
     }
+    assert out["load"] is None  # no load recorded: the load rule sets no bound
 
 
 def test_the_tail_rule_covers_the_next_session_where_the_interpolated_quantile_does_not(
@@ -116,7 +127,34 @@ def test_the_script_reads_runs_and_writes_its_report(
     report = json.loads(out.read_text())
     assert report["kinds"]["interior"]["checks"] == 20 - bench.MIN_RATIOS
     assert report["kinds"]["client"]["line"]["coverage"] == 1.0
+    # No outcome recorded its load: no server's sessions to compare the rules on there.
+    assert report["kinds_where_load_recorded"]["interior"]["checks"] == 0
+    assert report["kinds"]["interior"]["load"] is None
     assert report["runs"] == [str(path)] and report["command"].startswith("python bench/")
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit):
         bench.main(["--runs", str(tmp_path / "missing.json"), "--out", str(out)])
+
+
+def test_the_load_rule_bounds_each_session_by_sessions_at_its_own_load(
+    bench: types.ModuleType,
+) -> None:
+    """Sessions alternately planned with 1 and with 12 requests in flight, those at 12 running
+    twice as late: the server's rule, fitted over both, bounds the sessions at 1 by the late
+    ones' tail; the load rule fits each by its own load's, with about the same coverage at a
+    bound far closer to the prediction for the sessions at 1."""
+    rng = np.random.default_rng(3)
+    rows, loads = [], []
+    for i in range(400):
+        predicted = float(rng.uniform(1.0, 3.0))
+        busy = i % 2 == 1
+        late = (2.0 if busy else 1.0) * float(np.exp(rng.normal(0.0, 0.1)))
+        rows.append(("interior", predicted, predicted * late, 30))
+        loads.append(12 if busy else 1)
+    out = bench.replay([_run(rows, loads)], "interior", 0.99)
+    tail, load = out["tail"], out["load"]
+    assert load["checks"] == tail["checks"] == out["checks"]
+    assert load["coverage"] >= tail["coverage"] - 0.01
+    history = np.array([(p, m, n) for (_, p, m, _), n in zip(rows, loads, strict=True)])
+    quiet = {"predicted": 1.0, "load": 1}
+    assert bench.load_bound(history, quiet, 0.99) < 0.75 * bench.tail_bound(history, quiet, 0.99)
