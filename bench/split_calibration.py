@@ -1,4 +1,4 @@
-"""How well the split planner's calibration bounds measured latency: three rules replayed.
+"""How well the split planner's calibration bounds measured latency: four rules replayed.
 
 The split server plans each session against a bound on its latency learned from recent
 sessions of the same kind (`adaptivellm.split_server.SplitService.fit`): measured = offset +
@@ -60,6 +60,7 @@ DEFAULT_RUNS = (
     "split-planner-reruns/planner-per-kind-slack.json",
     "split-planner-reruns/planner-prefill-rate.json",
     "split-planner-reruns/planner-affine-from-2-per-s.json",
+    "split-planner-reruns/planner-tail-slack-rerun.json",
 )
 SPLIT_POLICIES = ("planner", "greedy", "static")
 KINDS = ("interior", "client")
@@ -107,11 +108,13 @@ def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, A
     they finished, as {kind, predicted, measured, tokens, load} (load: the requests in flight
     when it was planned, None where the run did not record it). The benchmark runs one server per
     policy through its sweep, so the sessions of its lower rates are the history its planner
-    had at the next."""
+    had at the next. Runs a file kept from an earlier one (`--keep-from`: its `kept_from`
+    policies) are that file's, and are read from it, not twice."""
     num_layers = result["setup"]["layers"]
+    kept = set((result.get("kept_from") or {}).get("policies", ()))
     servers: dict[str, list[dict[str, Any]]] = {}
     for run in result["runs"]:
-        if run["policy"] not in SPLIT_POLICIES:
+        if run["policy"] not in SPLIT_POLICIES or run["policy"] in kept:
             continue
         rows = servers.setdefault(run["policy"], [])
         for outcome in run["outcomes"]:

@@ -60,7 +60,6 @@ def test_a_fixed_cost_per_session_is_covered_by_the_line_not_by_the_factor(
         "tail": None,
         "load": None,
     }
-    assert out["load"] is None  # no load recorded: the load rule sets no bound
 
 
 def test_the_tail_rule_covers_the_next_session_where_the_interpolated_quantile_does_not(
@@ -121,6 +120,9 @@ def test_the_script_reads_runs_and_writes_its_report(
     assert len(runs) == 1 and len(runs[0]) == 40
     two_rates = {**result, "runs": [result["runs"][0], *result["runs"]]}
     assert [len(rows) for rows in bench.sessions(two_rates, bench.output_tokens(result))] == [80]
+    # A policy's runs kept from another file (--keep-from) are that file's: not read again.
+    kept = {**result, "kept_from": {"path": "earlier.json", "policies": ["planner", "off"]}}
+    assert bench.sessions(kept, bench.output_tokens(result)) == []
     assert {row["kind"] for row in runs[0]} == {"interior", "client"}
     out = tmp_path / "cal.json"
     assert bench.main(["--runs", str(path), "--out", str(out)]) == 0
