@@ -361,9 +361,9 @@ class SplitService:
 
     def fit(self, kind: SessionKind = "split") -> Calibration:
         """How sessions of `kind` have run against the cost model lately (`fit_calibration`
-        over the last 64, with the SLA target's quantile as the slack). Interior and
-        all-client sessions fall back to split sessions' as a whole while too few of their own
-        are known, and those to INITIAL_SLACK with the predictions as they are.
+        over the last 64, with the SLA target's quantile as the slack, its tail extrapolated).
+        Interior and all-client sessions fall back to split sessions' as a whole while too few
+        of their own are known, and those to INITIAL_SLACK with the predictions as they are.
 
         Sessions served whole keep their slack below 1 when they run early (their
         predictions, an ordinary request priced by the split cost model, run early as often
