@@ -56,8 +56,8 @@ class SplitConfig:
     sla_target: float = 0.99
     """Share of split sessions the planner aims to keep within their SLA: it plans against the
     SLA divided by this quantile of recent measured / predicted latency ratios, extrapolated
-    beyond the largest where the sessions seen are too few to show it (a plan that only just
-    fits on paper misses as often as predictions run late)."""
+    beyond the largest seen (64 recent sessions cannot show a 0.99 quantile; a plan that only
+    just fits on paper misses as often as predictions run late)."""
     policy: str = "planner"
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would

@@ -530,23 +530,27 @@ def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -
 
 def tail_quantile(ratios: np.ndarray, quantile: float) -> float:
     """The `quantile` of positive `ratios`, read beyond the largest where it lies there (the
-    peaks-over-threshold estimate): the logs of the largest TAIL_SHARE of them are taken as an
-    exponential tail above the smallest of them, its scale the mean excess over that threshold
-    (unbiased: times m / (m - 1) for m of them), and the quantile is the threshold plus the
-    scale times log(share / (1 - quantile)). Never below the interpolated quantile of the
-    ratios seen. A quantile below the threshold is read off the ratios as they are, and the
-    quantile 1 is the largest ratio seen (nothing bounds an unbounded tail)."""
-    logs = np.sort(np.log(ratios))
-    count = len(logs)
-    seen = float(np.quantile(logs, quantile))
+    peaks-over-threshold estimate): the logs of the largest m = TAIL_SHARE x n of the n ratios
+    are taken as an exponential tail above the smallest of them, its scale the mean excess over
+    that threshold (unbiased: times m / (m - 1)), and the quantile is the threshold plus the
+    scale times log(m / (n (1 - quantile))). Never below the interpolated quantile of the
+    ratios (the rule before). A quantile that does not reach into the tail (at most 1 - m / n)
+    is that interpolated quantile, and so is the quantile 1 (nothing bounds an unbounded
+    tail). Ratios that are not finite and positive are left out; none left: 1."""
+    ratios = np.asarray(ratios, dtype=float)
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    count = len(ratios)
+    if count == 0:
+        return 1.0
+    seen = float(np.quantile(ratios, quantile))
     largest = min(count, max(2, round(TAIL_SHARE * count)))
     if count < 2 or quantile >= 1 or quantile <= 1 - largest / count:
-        return math.exp(seen)
-    tail = logs[count - largest :]
+        return seen
+    tail = np.sort(np.log(ratios))[count - largest :]
     threshold = float(tail[0])
     scale = float(np.mean(tail - threshold)) * largest / (largest - 1)
     beyond = threshold + scale * math.log(largest / (count * (1 - quantile)))
-    return math.exp(max(seen, beyond))
+    return max(seen, math.exp(beyond))
 
 
 def _latency(costs: Any, layer: int) -> float | None:

@@ -109,7 +109,7 @@ def sessions(result: dict[str, Any], tokens: list[int]) -> list[list[dict[str, A
     when it was planned, None where the run did not record it). The benchmark runs one server per
     policy through its sweep, so the sessions of its lower rates are the history its planner
     had at the next. Runs a file kept from an earlier one (`--keep-from`: its `kept_from`
-    policies) are that file's, and are read from it, not twice."""
+    policies) are that file's, and are read from it, not twice: pass that file too."""
     num_layers = result["setup"]["layers"]
     kept = set((result.get("kept_from") or {}).get("policies", ()))
     servers: dict[str, list[dict[str, Any]]] = {}

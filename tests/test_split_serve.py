@@ -472,9 +472,9 @@ def test_the_slack_reads_a_099_quantile_beyond_the_sessions_seen() -> None:
 
 
 def test_the_tail_estimate_keeps_to_what_the_ratios_show() -> None:
-    """Alike ratios have no tail; two clusters are not a tail (the largest half is one of
-    them); a quantile within the ratios seen, or the quantile 1, is read off them; the
-    estimate is never below the interpolated quantile."""
+    """Alike ratios have no tail; two clusters are not a tail where the larger half is one of
+    them; a quantile that does not reach into the tail, or the quantile 1, is read off the
+    ratios; the estimate is never below the interpolated quantile."""
     assert tail_quantile(np.full(20, 1.5), 0.99) == pytest.approx(1.5)
     clusters = np.array([0.5] * 8 + [1.5] * 8)
     assert tail_quantile(clusters, 0.99) == pytest.approx(1.5)
@@ -483,6 +483,13 @@ def test_the_tail_estimate_keeps_to_what_the_ratios_show() -> None:
     assert tail_quantile(spread, 1.0) == pytest.approx(3.0)
     assert tail_quantile(spread, 0.99) > np.quantile(spread, 0.99)
     assert tail_quantile(np.array([2.0]), 0.99) == pytest.approx(2.0)
+    # One far ratio among alike ones: the exponential fit (2.3) is below the interpolated
+    # quantile (4.3), which is the floor.
+    one_far = np.array([1.0] * 63 + [10.0])
+    assert tail_quantile(one_far, 0.99) == pytest.approx(np.quantile(one_far, 0.99))
+    # Ratios that are not finite and positive say nothing; none at all: 1.
+    assert tail_quantile(np.array([1.5, 0.0, -1.0, np.nan, np.inf] + [1.5] * 19), 0.99) == 1.5
+    assert tail_quantile(np.array([]), 0.99) == 1.0
 
 
 def test_a_short_session_is_planned_against_the_fixed_cost() -> None:
