@@ -127,7 +127,14 @@ async def ordinary_load(base_url: str, seconds: float, concurrency: int = 12) ->
             r.raise_for_status()
             done, n = done + 1, n + 1
 
-    async with httpx.AsyncClient() as client:
+    # A new connection for each request: a request sent on a kept-alive connection just as the
+    # server's keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes it fails with a
+    # ReadError. On a loaded 2-core machine the client and the API server can both stall for
+    # seconds. A fresh-clone CI had one request of this load fail with a ReadError; its server
+    # log was not kept, so that cause is the likely one, not a certain one (a failed load now
+    # reports the server's state and log).
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits) as client:
         await asyncio.gather(*(loop(i, client) for i in range(concurrency)))
     return done
 
@@ -227,7 +234,14 @@ def run(load_s: float, png: Path | None = None, workdir: Path | None = None) -> 
                 thread = threading.Thread(target=lambda: split.update(split_sessions(
                     server.base_url)))  # fmt: skip
                 thread.start()
-                finished = asyncio.run(ordinary_load(server.base_url, load_s))
+                try:
+                    finished = asyncio.run(ordinary_load(server.base_url, load_s))
+                except Exception as exc:
+                    alive = server.proc is not None and server.proc.poll() is None
+                    raise RuntimeError(
+                        f"the load failed ({type(exc).__name__}: {exc}); the server is "
+                        f"{'running' if alive else 'gone'}; its log ends:\n{server.log_tail()}"
+                    ) from exc
                 thread.join(timeout=600)
                 time.sleep(5)  # a few more scrapes and rule evaluations
                 report = {"load_s": load_s, "requests": finished, "split": split,

@@ -12,7 +12,6 @@ import httpx
 
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from tests.support import (
-    Server,
     Step,
     lower_engine_priority,
     metric_delta,
@@ -23,17 +22,23 @@ from tests.support import (
 )
 
 #: --max-step-s 0.001 at the prior's 0.2 ms per prompt token (--no-learn-service-time) caps a
-#: step at the floor: 64 tokens plus one per running request.
-FLAGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
+#: step at the floor: 64 tokens plus one per running request. No prefix caching: an attempt after
+#: the first (or after the reference) would find the prompts of `a` and `b` cached, compute a
+#: few of their tokens, and never meet the precondition: a fresh-clone CI failed all 8 attempts
+#: once the first had come too late (and with the reference computed on this server, every one).
+FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4",
          "--kv-cache-memory-bytes", str(64 << 20), "--max-step-s", "0.001",
-         "--no-learn-service-time"]  # fmt: skip
+         "--no-learn-service-time", "--no-enable-prefix-caching"]  # fmt: skip
 PROMPTS = {
     "first": "the river runs past the old mill " * 40,
     "a": "a letter from the city market garden " * 40,
     "b": "music at night under the bridge lamps " * 40,
 }
-#: `first` decodes long enough (about 2 ms a token) to be running when `a` and `b` arrive.
-MAX_TOKENS = {"first": 600, "a": 16, "b": 16}
+#: `first` decodes long enough to be running when `a` and `b` arrive (several seconds: the
+#: client may get no CPU for 1-2 s while the engine decodes, see overlapping_attempts).
+MAX_TOKENS = {"first": 1200, "a": 16, "b": 16}
+#: The embedded model's served name.
+MODEL = "adaptivellm-tiny-llama"
 #: The prompt tokens of `a` and `b` together are more than this (each is about 300).
 LATER_PROMPT_TOKENS = 2 * 200
 
@@ -80,18 +85,18 @@ async def overlapping(base_url: str, model: str) -> tuple[dict[str, str], dict[s
     return texts, finished
 
 
-def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(
-    server: Server, tmp_path: Path
-) -> None:
-    bodies = {name: body(server.model, name, False) for name in PROMPTS}
-    reference = asyncio.run(texts_alone(server.base_url, bodies, server.headers))
+def test_long_prompts_are_prefilled_in_small_steps_outputs_unchanged(tmp_path: Path) -> None:
     port, trace = free_port(), tmp_path / "trace"
     command = adaptivellm_command(None, port, FLAGS)
     with running_server(command, port, tmp_path / "log", trace_env(trace)) as s:
         assert lower_engine_priority(s) > 0
+        # The reference: each request alone, on this server (a prompt alone in the engine is
+        # computed in one step: the cap protects running requests, and there are none).
+        bodies = {name: body(MODEL, name, False) for name in PROMPTS}
+        reference = asyncio.run(texts_alone(s.base_url, bodies, {}))
         _, before, after, traced = overlapping_attempts(
             s.base_url,
-            lambda: asyncio.run(overlapping(s.base_url, "adaptivellm-tiny-llama")),
+            lambda: asyncio.run(overlapping(s.base_url, MODEL)),
             prompts_met_a_decode,
             reference,
             trace,
