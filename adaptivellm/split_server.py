@@ -86,6 +86,11 @@ MIN_FACTOR = 0.5
 #: quantile (the largest of 64 is exceeded by 1 in 65 of the next), so the largest half is
 #: taken as an exponential tail and the quantile read off that.
 TAIL_SHARE = 0.5
+#: ... read on latencies padded by this share of the window's median measured latency
+#: (`fit_calibration`): a session's fixed delays (its first pass behind another's, a round
+#: trip) are seconds, not a share of its length, and over ratios alone the short sessions'
+#: tail would set the slack of long ones.
+PAD_SHARE = 0.5
 #: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
 MIN_PLANNED_SLA_S = 1e-9
 #: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
@@ -475,15 +480,18 @@ def _with_sla(work: Request, sla_s: float) -> Request:
 class Calibration:
     """How sessions of one kind have run against the planner's cost model lately: measured
     latency offset_s + factor x predicted at the median, and within `slack` times that for the
-    SLA target's share of them. A factor alone misjudges short sessions: a fixed cost per
-    session (its set-up, its first pass behind another's) weighs more in them, and the slack
-    taken over mostly long sessions is too small for them; the offset carries that cost."""
+    SLA target's share of them, both padded by `pad_s` (the bound is (line + pad) x slack -
+    pad). A factor alone misjudges short sessions: a fixed cost per session (its set-up, its
+    first pass behind another's) weighs more in them; the offset carries that cost at the
+    median, and the pad in the tail, where a slack over ratios alone, taken over short and long
+    sessions, would be the short ones' (several times the prediction) for every session."""
 
     offset_s: float = 0.0
     factor: float = 1.0
     slack: float = 1.0
     #: Plan no prediction above the SLA, however early sessions ran (split kinds).
     within_sla: bool = False
+    pad_s: float = 0.0
 
     def predict(self, predicted_s: float) -> float:
         """The calibrated prediction: the server's best estimate of the latency."""
@@ -491,11 +499,11 @@ class Calibration:
 
     def bound(self, predicted_s: float) -> float:
         """The latency the SLA target's share of such sessions stays within."""
-        return self.predict(predicted_s) * self.slack
+        return (self.predict(predicted_s) + self.pad_s) * self.slack - self.pad_s
 
     def budget(self, sla_s: float) -> float:
         """The longest prediction whose bound is within `sla_s` (0 or less: none is)."""
-        budget = (sla_s / self.slack - self.offset_s) / self.factor
+        budget = ((sla_s + self.pad_s) / self.slack - self.pad_s - self.offset_s) / self.factor
         return min(budget, sla_s) if self.within_sla else budget
 
     def report(self) -> dict[str, float]:
@@ -503,15 +511,19 @@ class Calibration:
             "slack": round(self.slack, 3),
             "calibration": round(self.factor, 3),
             "offset_s": round(self.offset_s, 4),
+            "pad_s": round(self.pad_s, 4),
         }
 
 
-def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -> Calibration:
+def fit_calibration(
+    samples: np.ndarray, quantile: float, *, within_sla: bool, pad_share: float = PAD_SHARE
+) -> Calibration:
     """The Calibration of (predicted, measured) pairs: a Theil-Sen line (the median of the
     pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
     the predictions spread enough to fit one, else the median ratio alone; the slack is the
-    `quantile` of measured over the line, its tail extrapolated (`tail_quantile`; at least 1
-    where `within_sla`)."""
+    `quantile` of measured over the line, both padded by `pad_share` x the median measured
+    latency, its tail extrapolated (`tail_quantile`; at least 1 where `within_sla`; it is in
+    practice anyway, since at least half the sessions are on or above a median line)."""
     predicted, measured = samples[:, 0], samples[:, 1]
     offset, factor = 0.0, float(np.median(measured / predicted))
     if len(predicted) >= MIN_AFFINE_SESSIONS:
@@ -524,8 +536,10 @@ def fit_calibration(samples: np.ndarray, quantile: float, *, within_sla: bool) -
             intercept = float(np.median(measured - slope * predicted))
             if slope >= MIN_FACTOR and intercept >= 0:
                 offset, factor = intercept, slope
-    tail = tail_quantile(measured / (offset + factor * predicted), quantile)
-    return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla)
+    line = offset + factor * predicted
+    pad = pad_share * float(np.median(measured))
+    tail = tail_quantile((measured + pad) / (line + pad), quantile)
+    return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla, pad)
 
 
 def tail_quantile(ratios: np.ndarray, quantile: float) -> float:

@@ -1,4 +1,4 @@
-"""How well the split planner's calibration bounds measured latency: four rules replayed.
+"""How well the split planner's calibration bounds measured latency: five rules replayed.
 
 The split server plans each session against a bound on its latency learned from recent
 sessions of the same kind (`adaptivellm.split_server.SplitService.fit`): measured = offset +
@@ -7,8 +7,12 @@ a slack, the SLA target's quantile of measured over the line. The rules replayed
 
 - `factor`: the first rule, the prediction times the quantile of measured / predicted;
 - `line`: the line times the interpolated quantile of measured over it (commit 40c5556);
-- `tail`: the server's rule now, the line times that quantile with its tail extrapolated
-  (`tail_quantile`): 64 sessions cannot show a 0.99 quantile;
+- `unpadded`: the line times that quantile with its tail extrapolated (`tail_quantile`: 64
+  sessions cannot show a 0.99 quantile; commit 43f9de2);
+- `tail`: the server's rule now, `unpadded` read on latencies padded by half the window's
+  median measured latency (`PAD_SHARE`): bound = (line + pad) x slack - pad, so that the
+  short sessions' tail (a fixed delay is several times a short prediction) does not set the
+  slack of long ones;
 - `load`: not the server's, a candidate: the `tail` rule fitted to the 32 sessions of the last
   256 planned at the load nearest the session's (the requests in flight when it was planned,
   `running_requests`; only runs that recorded it).
@@ -22,7 +26,9 @@ from the sessions before it on that server:
 - `coverage_short`: the same for sessions of at most 16 output tokens, which a factor alone
   under-bounds (a fixed cost per session weighs more in them);
 - `bound_over_prediction_p50`: how far above the prediction the bound sits at the median (the
-  smaller, the more sessions a rule lets the planner split at an SLA).
+  smaller, the more sessions a rule lets the planner split at an SLA);
+- `coverage_long` and `bound_over_prediction_p50_long`: the same for sessions predicted at
+  2 s or more, whose splits save the server the most work.
 
     python bench/split_calibration.py                 # the committed runs; JSON + PNG
     python bench/split_calibration.py --runs a.json b.json.gz --out /tmp/cal.json
@@ -61,12 +67,14 @@ DEFAULT_RUNS = (
     "split-planner-reruns/planner-prefill-rate.json",
     "split-planner-reruns/planner-affine-from-2-per-s.json",
     "split-planner-reruns/planner-tail-slack-rerun.json",
+    "split-planner-reruns/off-planner-edf496c.json",
 )
 SPLIT_POLICIES = ("planner", "greedy", "static")
 KINDS = ("interior", "client")
 #: The server's window of recent sessions, and what counts as a short session here.
 WINDOW = 64
 SHORT_TOKENS = 16
+LONG_S = 2.0
 #: The load-conditioned rule's history, and how many sessions at the nearest load it fits.
 LOAD_WINDOW = 256
 LOAD_NEIGHBOURS = 32
@@ -152,8 +160,15 @@ def line_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> flo
     return line.predict(row["predicted"]) * max(1.0, float(np.quantile(over, quantile)))
 
 
+def unpadded_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
+    """The rule of 43f9de2: the server's, its slack read on unpadded ratios."""
+    fit = fit_calibration(history[-WINDOW:, :2], quantile, within_sla=True, pad_share=0.0)
+    return fit.bound(row["predicted"])
+
+
 def tail_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> float | None:
-    """The server's rule now (`fit_calibration`, its slack by `tail_quantile`)."""
+    """The server's rule now (`fit_calibration`, its slack by `tail_quantile` on padded
+    latencies)."""
     return fit_calibration(history[-WINDOW:, :2], quantile, within_sla=True).bound(row["predicted"])
 
 
@@ -169,14 +184,20 @@ def load_bound(history: np.ndarray, row: dict[str, Any], quantile: float) -> flo
     return fit_calibration(recent[order, :2], quantile, within_sla=True).bound(row["predicted"])
 
 
-RULES = {"factor": factor_bound, "line": line_bound, "tail": tail_bound, "load": load_bound}
+RULES = {
+    "factor": factor_bound,
+    "line": line_bound,
+    "unpadded": unpadded_bound,
+    "tail": tail_bound,
+    "load": load_bound,
+}
 
 
 def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict[str, Any]:
     """Each session of `kind` checked against each rule's bound from the sessions of its kind
     before it on its server (from the MIN_RATIOS + 1st on; a rule that sets no bound for a
     session, the load rule where loads were not recorded, does not count it)."""
-    checks: dict[str, list[tuple[bool, bool, float]]] = {rule: [] for rule in RULES}
+    checks: dict[str, list[tuple[bool, bool, float, bool]]] = {rule: [] for rule in RULES}
     sessions_checked = 0
     for rows in runs:
         history: list[tuple[float, float, float]] = []
@@ -191,7 +212,9 @@ def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict
                     if bound is None:
                         continue
                     short = row["tokens"] <= SHORT_TOKENS
-                    checks[rule].append((row["measured"] <= bound, short, bound / row["predicted"]))
+                    over = bound / row["predicted"]
+                    long = row["predicted"] >= LONG_S
+                    checks[rule].append((row["measured"] <= bound, short, over, long))
             load = row.get("load")
             history.append((row["predicted"], row["measured"], math.nan if load is None else load))
     out: dict[str, Any] = {"checks": sessions_checked}
@@ -199,14 +222,22 @@ def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict
         if not rows_checked:
             out[rule] = None
             continue
-        within = [ok for ok, _, _ in rows_checked]
-        short = [ok for ok, is_short, _ in rows_checked if is_short]
+        within = [ok for ok, *_ in rows_checked]
+        short = [ok for ok, is_short, _, _ in rows_checked if is_short]
+        long = [(ok, over) for ok, _, over, is_long in rows_checked if is_long]
         out[rule] = {
             "checks": len(rows_checked),
             "coverage": round(float(np.mean(within)), 4),
             "coverage_short": round(float(np.mean(short)), 4) if short else None,
             "short_checks": len(short),
-            "bound_over_prediction_p50": round(float(np.median([b for *_, b in rows_checked])), 3),
+            "bound_over_prediction_p50": round(
+                float(np.median([over for _, _, over, _ in rows_checked])), 3
+            ),
+            "coverage_long": round(float(np.mean([ok for ok, _ in long])), 4) if long else None,
+            "long_checks": len(long),
+            "bound_over_prediction_p50_long": (
+                round(float(np.median([over for _, over in long])), 3) if long else None
+            ),
         }
     return out
 
@@ -234,7 +265,10 @@ def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
     interpolated = max(1.0, float(np.quantile(over, quantile)))
     ax.plot(grid, [fit.predict(p) * interpolated / p for p in grid],
             label="bound: line x interpolated quantile")  # fmt: skip
-    ax.plot(grid, [fit.bound(p) / p for p in grid], label="bound: line x tail quantile (now)")
+    unpadded = fit_calibration(samples, quantile, within_sla=True, pad_share=0.0)
+    ax.plot(grid, [unpadded.bound(p) / p for p in grid], label="bound: line x tail quantile")
+    ax.plot(grid, [fit.bound(p) / p for p in grid],
+            label="bound: padded line x tail quantile (now)")  # fmt: skip
     ax.axhline(factor_slack(samples, quantile), linestyle="--", color="grey",
                label="bound: factor alone")  # fmt: skip
     ax.set_xlabel("predicted latency (s)")

@@ -724,6 +724,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             with ThreadPoolExecutor(4) as workers:
                 started = [time.perf_counter()] * len(warm)
                 list(workers.map(split, [bench] * len(warm), warm, started))
+            args.warm_up_state[server_policy] = planner_state(base)
             for policy in wanted:
                 sweep(bench, policy, args, runs)
     return runs
@@ -765,6 +766,8 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
         "partial": partial,
         "command": shlex.join(["python", *sys.argv]),
         "server_commands": args.server_commands,
+        # Each server's planner state after the warm-up, before its first run.
+        "warm_up_state": getattr(args, "warm_up_state", {}),
         "kept_from": getattr(args, "kept_from", None),
         "sustainable_rate": {p: rates.get(p) for p in POLICIES}
         | {p: rates[p] for p in EXTRA_POLICIES if p in rates},
@@ -910,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hidden < 64 or args.hidden % 64:
         parser.error(f"--hidden must be a positive multiple of 64, got {args.hidden}")
     args.rates = sorted(args.rates)
-    args.server_commands = {}
+    args.server_commands, args.warm_up_state = {}, {}
     kept: list[dict] = []
     if args.keep_from is not None:
         earlier = json.loads(args.keep_from.read_text())

@@ -57,6 +57,7 @@ def test_a_fixed_cost_per_session_is_covered_by_the_line_not_by_the_factor(
         "checks": 0,
         "factor": None,
         "line": None,
+        "unpadded": None,
         "tail": None,
         "load": None,
     }
@@ -77,6 +78,26 @@ def test_the_tail_rule_covers_the_next_session_where_the_interpolated_quantile_d
     out = bench.replay([_run(rows)], "client", 0.99)
     assert out["line"]["coverage"] < 0.985 <= out["tail"]["coverage"]
     assert out["tail"]["bound_over_prediction_p50"] > out["line"]["bound_over_prediction_p50"]
+
+
+def test_the_padded_rule_bounds_long_sessions_tighter_than_ratios_alone(
+    bench: types.ModuleType,
+) -> None:
+    """600 sessions from 0.05 s to 5 s, each late by a spread factor and a fixed delay: the
+    padded rule (the server's) covers the next session as well as the unpadded one or better,
+    at a bound for the long ones (2 s and more) well below the unpadded one's."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(600):
+        predicted = float(np.exp(rng.uniform(np.log(0.05), np.log(5.0))))
+        measured = predicted * float(rng.lognormal(0.0, 0.1)) + float(rng.exponential(0.1))
+        rows.append(("client", predicted, measured, 30))
+    out = bench.replay([_run(rows)], "client", 0.99)
+    tail, unpadded = out["tail"], out["unpadded"]
+    assert tail["coverage"] >= max(0.985, unpadded["coverage"] - 0.005)
+    assert tail["long_checks"] == unpadded["long_checks"] > 50
+    long_padded = tail["bound_over_prediction_p50_long"]
+    assert long_padded < 0.8 * unpadded["bound_over_prediction_p50_long"]
 
 
 def test_sessions_are_checked_only_against_their_own_server_and_kind(

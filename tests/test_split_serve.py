@@ -43,6 +43,7 @@ from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLI
 from adaptivellm.split_server import (
     INITIAL_SLACK,
     INSTANT_CLIENT,
+    PAD_SHARE,
     Calibration,
     Session,
     SplitService,
@@ -432,6 +433,7 @@ def test_a_fixed_cost_per_session_is_fitted_as_an_offset() -> None:
         "slack": round(fit.slack, 3),
         "calibration": round(fit.factor, 3),
         "offset_s": round(fit.offset_s, 4),
+        "pad_s": round(fit.pad_s, 4),
     }
 
 
@@ -469,6 +471,34 @@ def test_the_slack_reads_a_099_quantile_beyond_the_sessions_seen() -> None:
     # (an exponential tail is heavier than a normal's), but not far (it reads 2.53).
     estimates = [tail_quantile(window[:64], 0.99) for window in windows[:200]]
     assert 2.0 < float(np.median(estimates)) < 3.0
+
+
+def test_a_fixed_delay_pads_the_slack_instead_of_multiplying_long_sessions_bounds() -> None:
+    """Sessions from 0.05 s to 5 s long, each late by a spread factor and by a fixed delay
+    (exponential, 0.1 s at the mean: a pass in flight, a round trip). Over ratios alone, the
+    short sessions' tail (a delay several times their length) sets every session's slack; over
+    padded latencies the bound of a 3-s session is far tighter, and the next session is still
+    within its bound 0.99 of the time or nearly (1,000 windows of 64)."""
+    rng = np.random.default_rng(2)
+    covered, long_bounds = {0.5: [], 0.0: []}, {0.5: [], 0.0: []}
+    for _ in range(1000):
+        predicted = np.exp(rng.uniform(math.log(0.05), math.log(5.0), 65))
+        measured = predicted * rng.lognormal(0.0, 0.1, 65) + rng.exponential(0.1, 65)
+        for share in covered:
+            samples = np.c_[predicted[:64], measured[:64]]
+            fit = fit_calibration(samples, 0.99, within_sla=True, pad_share=share)
+            covered[share].append(measured[64] <= fit.bound(predicted[64]))
+            long_bounds[share].append(fit.bound(3.0) / 3.0)
+    assert np.mean(covered[PAD_SHARE]) >= 0.985  # it reads 0.992 (0.986 unpadded)
+    padded, unpadded = np.median(long_bounds[PAD_SHARE]), np.median(long_bounds[0.0])
+    assert padded < 1.8 and unpadded > 1.3 * padded  # they read 1.68 and 2.37
+    # Sessions on their line: a slack of 1, and the pad changes no bound; budget inverts bound.
+    early = np.array([[p, 0.5 * p] for p in np.linspace(0.1, 5.0, 20)])
+    fit = fit_calibration(early, 0.99, within_sla=False)
+    assert fit.slack == pytest.approx(1.0) and fit.pad_s == pytest.approx(0.5 * 0.5 * 2.55)
+    assert fit.bound(0.5) == pytest.approx(fit.predict(0.5))
+    late = fit_calibration(early * [1.0, 2.0] + [0.0, 0.1], 0.99, within_sla=True)
+    assert late.budget(late.bound(2.0)) == pytest.approx(2.0)
 
 
 def test_the_tail_estimate_keeps_to_what_the_ratios_show() -> None:
@@ -564,28 +594,34 @@ def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
     service = _service()
     report = service.calibration_report()
     fresh = {"sessions": 0, "slack": INITIAL_SLACK, "calibration": 1.0, "offset_s": 0.0}
+    fresh["pad_s"] = 0.0
     assert report == {
         "split": fresh,
         "interior": fresh,
         "client": fresh,
-        "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0},
+        "whole": {"sessions": 0, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.0},
     }
     for ratio in (2.0, 2.0, 2.0, 4.0):
         service.observe_session(1.0, ratio)
         service.observe_session(1.0, ratio / 4, "whole")
     report = service.calibration_report()
-    # Ratios over the median 1, 1, 1, 2: the largest half, 1 and 2, is the tail above 1, its
-    # scale log 2 / 2 x 2 / 1; the 0.99 quantile is 1 x exp(log 2 x log(0.5 / 0.01)) = 15.05.
+    # The line is the median ratio, 2, and the pad half the median latency, 1: padded ratios
+    # (m + 1) / (2 + 1) are 1, 1, 1, 5/3. The largest half, 1 and 5/3, is the tail above 1, its
+    # scale log(5/3) / 2 x 2 / 1; the 0.99 quantile is exp(log(5/3) x log(0.5 / 0.01)) = 7.37.
     # Four sessions say little of a 0.99 quantile, and the slack says so.
-    late = {"sessions": 4, "slack": 15.053, "calibration": 2.0, "offset_s": 0.0}
+    slack = round(math.exp(math.log(5 / 3) * math.log(0.5 / 0.01)), 3)
+    late = {"sessions": 4, "slack": slack, "calibration": 2.0, "offset_s": 0.0, "pad_s": 1.0}
     assert report["split"] == late and report["interior"] == late
     # No all-client session yet: they are planned with split sessions' calibration as a whole.
     assert report["client"] == {**late, "sessions": 0}
-    assert report["whole"] == {"sessions": 4, "slack": 15.053, "calibration": 0.5, "offset_s": 0.0}
+    # Whole: the same ratios at a quarter of the latency (pad 0.25).
+    assert report["whole"] == {**late, "calibration": 0.5, "pad_s": 0.25}
     for ratio in (1.0, 1.0, 1.0, 1.0):
         service.observe_session(1.0, ratio, "client")
     report = service.calibration_report()
-    assert report["client"] == {"sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0}
+    assert report["client"] == {
+        "sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.5,
+    }  # fmt: skip
     assert report["split"]["sessions"] == 8
     assert service.info()["calibration"] == report
 
