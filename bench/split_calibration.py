@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DEFAULT_RUNS = (
     "split_serving.json",
+    "archive/split-serving-open-loop-earlier/run10-60s-before-pad.json.gz",
     "archive/split-serving-open-loop-earlier/run9-60s-before-tail-slack.json.gz",
     "archive/split-serving-open-loop-earlier/run8-60s-before-affine-calibration.json.gz",
     "split-planner-reruns/planner-1-per-s.json",
@@ -68,6 +69,7 @@ DEFAULT_RUNS = (
     "split-planner-reruns/planner-affine-from-2-per-s.json",
     "split-planner-reruns/planner-tail-slack-rerun.json",
     "split-planner-reruns/off-planner-edf496c.json",
+    "split-planner-reruns/off-planner-padded-rerun.json",
 )
 SPLIT_POLICIES = ("planner", "greedy", "static")
 KINDS = ("interior", "client")
