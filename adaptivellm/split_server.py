@@ -366,15 +366,16 @@ class SplitService:
 
     def fit(self, kind: SessionKind = "split") -> Calibration:
         """How sessions of `kind` have run against the cost model lately (`fit_calibration`
-        over the last 64, with the SLA target's quantile as the slack, its tail extrapolated).
-        Interior and all-client sessions fall back to split sessions' as a whole while too few
-        of their own are known, and those to INITIAL_SLACK with the predictions as they are.
+        over the last 64, with the SLA target's quantile as the slack, read on padded
+        latencies, its tail extrapolated). Interior and all-client sessions fall back to split
+        sessions' as a whole while too few of their own are known, and those to INITIAL_SLACK
+        with the predictions as they are.
 
-        Sessions served whole keep their slack below 1 when they run early (their
-        predictions, an ordinary request priced by the split cost model, run early as often
-        as late, and it is the SLA check of serving whole that reads it), 1 while too few are
-        known. Split kinds' slack is at least 1, and their budget at most the SLA. Kept until
-        the next session is recorded (a plan reads several; a fit takes about 0.25 ms)."""
+        Sessions served whole may plan beyond the SLA when their line runs below their
+        predictions (an ordinary request priced by the split cost model; it is the SLA check of
+        serving whole that reads it), with slack 1 while too few are known. Split kinds' budget
+        is at most the SLA. Kept until the next session is recorded (a plan reads several; a
+        fit takes about 0.25 ms)."""
         if (fitted := self._fits.get(kind)) is not None:
             return fitted
         split = kind != "whole"
@@ -522,8 +523,9 @@ def fit_calibration(
     pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
     the predictions spread enough to fit one, else the median ratio alone; the slack is the
     `quantile` of measured over the line, both padded by `pad_share` x the median measured
-    latency, its tail extrapolated (`tail_quantile`; at least 1 where `within_sla`; it is in
-    practice anyway, since at least half the sessions are on or above a median line)."""
+    latency, its tail extrapolated (`tail_quantile`; at least 1 where `within_sla`, and at
+    least 1 anyway: at least half the sessions are on or above a median line, and the tail
+    estimate is never below the interpolated quantile)."""
     predicted, measured = samples[:, 0], samples[:, 1]
     offset, factor = 0.0, float(np.median(measured / predicted))
     if len(predicted) >= MIN_AFFINE_SESSIONS:
