@@ -610,25 +610,27 @@ def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
         service.observe_session(1.0, ratio)
         service.observe_session(1.0, ratio / 4, "whole")
     report = service.calibration_report()
-    # The line is the median ratio, 2, and the pad half the median latency, 1: padded ratios
-    # (m + 1) / (2 + 1) are 1, 1, 1, 5/3. The largest half, 1 and 5/3, is the tail above 1, its
-    # scale log(5/3) / 2 x 2 / 1; the 0.99 quantile is exp(log(5/3) x log(0.5 / 0.01)) = 7.37.
-    # Four sessions say little of a 0.99 quantile, and the slack says so.
-    slack = round(math.exp(math.log(5 / 3) * math.log(0.5 / 0.01)), 3)
-    late = {"sessions": 4, "slack": slack, "calibration": 2.0, "offset_s": 0.0, "pad_s": 1.0}
+    # Ratios over the median 1, 1, 1, 2: the largest half, 1 and 2, is the tail above 1, its
+    # scale log 2 / 2 x 2 / 1; the 0.99 quantile is 1 x exp(log 2 x log(0.5 / 0.01)) = 15.05.
+    # Four sessions say little of a 0.99 quantile, and the slack says so. With fewer than 16
+    # sessions the ratios are not padded (a pad times such a slack bounds any session by
+    # seconds).
+    late = {"sessions": 4, "slack": 15.053, "calibration": 2.0, "offset_s": 0.0, "pad_s": 0.0}
     assert report["split"] == late and report["interior"] == late
     # No all-client session yet: they are planned with split sessions' calibration as a whole.
     assert report["client"] == {**late, "sessions": 0}
-    # Whole: the same ratios at a quarter of the latency (pad 0.25).
-    assert report["whole"] == {**late, "calibration": 0.5, "pad_s": 0.25}
+    assert report["whole"] == {**late, "calibration": 0.5}
     for ratio in (1.0, 1.0, 1.0, 1.0):
         service.observe_session(1.0, ratio, "client")
     report = service.calibration_report()
     assert report["client"] == {
-        "sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.5,
+        "sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.0,
     }  # fmt: skip
     assert report["split"]["sessions"] == 8
     assert service.info()["calibration"] == report
+    for _ in range(12):  # 16 known: padded by half the median latency
+        service.observe_session(1.0, 1.0, "client")
+    assert service.calibration_report()["client"]["pad_s"] == 0.5
 
 
 def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:
