@@ -91,10 +91,11 @@ TAIL_SHARE = 0.5
 #: trip) are seconds, not a share of its length, and over ratios alone the short sessions'
 #: tail would set the slack of long ones.
 PAD_SHARE = 0.5
-#: ... once this many sessions are known (MIN_AFFINE_SESSIONS); with fewer, the tail is
+#: ... once this many sessions are known (as many as a line needs); with fewer, the tail is
 #: extrapolated from a handful of ratios, and the pad times such a slack would bound even an
 #: instant session by seconds (a fresh-clone CI: 4 all-client sessions gave a slack of 865 and
 #: a pad of 0.17 s, 147 s for any all-client session): the ratios are read unpadded.
+MIN_PADDED_SESSIONS = MIN_AFFINE_SESSIONS
 #: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
 MIN_PLANNED_SLA_S = 1e-9
 #: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
@@ -527,7 +528,7 @@ def fit_calibration(
     pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
     the predictions spread enough to fit one, else the median ratio alone; the slack is the
     `quantile` of measured over the line, both padded by `pad_share` x the median measured
-    latency once MIN_AFFINE_SESSIONS are known, its tail extrapolated (`tail_quantile`; at
+    latency once MIN_PADDED_SESSIONS are known, its tail extrapolated (`tail_quantile`; at
     least 1 where `within_sla`, and at least 1 anyway: at least half the sessions are on or
     above a median line, and the tail estimate is never below the interpolated quantile)."""
     predicted, measured = samples[:, 0], samples[:, 1]
@@ -543,7 +544,7 @@ def fit_calibration(
             if slope >= MIN_FACTOR and intercept >= 0:
                 offset, factor = intercept, slope
     line = offset + factor * predicted
-    pad = pad_share * float(np.median(measured)) if len(measured) >= MIN_AFFINE_SESSIONS else 0.0
+    pad = pad_share * float(np.median(measured)) if len(measured) >= MIN_PADDED_SESSIONS else 0.0
     tail = tail_quantile((measured + pad) / (line + pad), quantile)
     return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla, pad)
 
