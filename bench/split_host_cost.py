@@ -1,0 +1,288 @@
+"""What a split session costs the server's host CPU, against the forward time it saves.
+
+The capacity benchmark (bench/split_serving.py) read the CPU seconds of each of the server's
+processes per run. On its 2-core machine a split session cost the API server about 90 ms of
+CPU more than the same request served whole, while the forward time it saved (its saved
+token-layers times the pass-cost slope) was about 70 ms: the API server and the engine share
+the cores, so splitting such a session freed no capacity. This benchmark measures that cost
+alone, closed loop, with nothing else running:
+
+- one `adaptivellm serve --split-execution` on the capacity benchmark's 16-layer model;
+- the same `--requests` requests of its pool, `--concurrency` at a time, served as
+  - `whole`: ordinary requests (the real `openai` client, `/v1/completions`);
+  - `split@N` for each layer of `--layers-at`: split sessions at that layer, through the real
+    `SplitClient` with the replay model of bench/split_serving.py (the workstation tier: its
+    compute and link sleeps are milliseconds);
+- each mode `--rounds` times, interleaved, so the machine's drift falls on every mode alike.
+
+Per mode and round: CPU milliseconds per output token of the API server process, of vLLM's
+engine core and of its worker (`cpu_ms_per_token`), the forward seconds per token (the
+server's `adaptivellm_split_forward_seconds_total`), and wall seconds. The summary gives the
+median over rounds and the spread (min, max), and the ratio of each split mode's API-server
+CPU per token to `whole`'s. `--profile` samples the API server with py-spy during one more
+run of the first split mode and keeps the functions it spent most time in (own and
+inclusive).
+
+    python bench/split_host_cost.py                  # writes bench/results/split_host_cost.json
+    python bench/split_host_cost.py --profile        # also where the API server's time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from split_serving import (
+    RESULTS,
+    Bench,
+    Reference,
+    ReplayModel,
+    counters,
+    model_spec,
+    ordinary,
+    pool,
+    reference_run,
+    server_flags,
+)
+
+from adaptivellm.benchmark.harness import cpu_deltas, process_cpu_s
+from adaptivellm.launch import adaptivellm_command, free_port, running_server
+from adaptivellm.model import ensure_model
+from adaptivellm.split_client.client import SplitError
+
+#: The split tier: its sleeps are the smallest, so a run is mostly the server's time.
+TIER = "workstation"
+#: Roles of the server's processes (adaptivellm.benchmark.harness.process_role) reported.
+ROLES = ("api_server", "engine_core", "worker")
+#: `--profile` samples a run of this many times the requests (py-spy samples 100 times a second).
+PROFILE_REPEATS = 4
+
+
+def run_split(bench: Bench, ref: Reference, layer: int) -> int:
+    """One split session of `ref` at `layer`: its output tokens (0 on an error)."""
+    client = bench.client(TIER)
+    try:
+        assert isinstance(client.model, ReplayModel)
+        client.model.begin(ref)
+        done = client.generate(
+            ref.item.prompt, max_tokens=ref.item.max_tokens, ignore_eos=True, layer=layer
+        )
+        if list(done.token_ids) != ref.output:
+            raise RuntimeError(f"request {ref.item.index} at layer {layer}: tokens differ")
+        return len(done.token_ids)
+    except SplitError as exc:
+        raise RuntimeError(f"request {ref.item.index} at layer {layer}: {exc}") from exc
+    finally:
+        bench.release(TIER, client)
+
+
+def run_whole(bench: Bench, ref: Reference) -> int:
+    outcome = ordinary(bench, ref, time.perf_counter())
+    if outcome.error is not None or not outcome.tokens_match:
+        raise RuntimeError(f"request {ref.item.index} whole: {outcome.error or 'tokens differ'}")
+    return ref.item.max_tokens
+
+
+def run_mode(bench: Bench, mode: str, refs: list[Reference], concurrency: int) -> dict[str, Any]:
+    """Every request of `refs` in `mode`, `concurrency` at a time: CPU and forward time."""
+    before, cpu_before = counters(bench.base), process_cpu_s(bench.server_pid)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as workers:
+        if mode == "whole":
+            tokens = sum(workers.map(lambda r: run_whole(bench, r), refs))
+        else:
+            layer = int(mode.split("@")[1])
+            tokens = sum(workers.map(lambda r: run_split(bench, r, layer), refs))
+    wall = time.perf_counter() - start
+    cpu = cpu_deltas(cpu_before, process_cpu_s(bench.server_pid))
+    used = {k: v - before[k] for k, v in counters(bench.base).items()}
+    return {
+        "mode": mode,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "cpu_ms_per_token": {r: round(1000 * cpu.get(r, 0.0) / tokens, 4) for r in ROLES},
+        "forward_ms_per_token": round(1000 * used["forward_s"] / tokens, 4),
+        "forward_passes": used["forward_passes"],
+        "saved_token_layers": used["saved_token_layers"],
+    }
+
+
+def profile_api_server(
+    bench: Bench, mode: str, refs: list[Reference], concurrency: int, top: int, keep: Path | None
+) -> dict[str, Any]:
+    """py-spy's samples of the API server during a run of `mode` (PROFILE_REPEATS times the
+    requests): where its event loop spent its time (`event_loop_shares`)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "stacks.txt"
+        command = [spy, "record", "--pid", str(bench.server_pid), "--rate", "100", "--format",
+                   "raw", "--output", str(raw)]  # fmt: skip
+        sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        run = run_mode(bench, mode, refs * PROFILE_REPEATS, concurrency)
+        sampler.send_signal(2)  # SIGINT: py-spy writes what it has
+        _, err = sampler.communicate(timeout=60)
+        if not raw.exists():
+            return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "command": command}
+        if keep is not None:
+            shutil.copyfile(raw, keep)
+        shares = event_loop_shares(raw.read_text().splitlines(), top)
+    return {"run": run, **shares, "command": shlex.join(command)}
+
+
+#: The frame every stack of the API server's event loop thread holds (uvloop runs under it).
+EVENT_LOOP_FRAME = "Runner.run"
+
+
+def event_loop_shares(lines: list[str], top: int) -> dict[str, Any]:
+    """The API server's event loop in py-spy's raw stacks (`frame;frame;... count` lines,
+    outermost first): how many samples it had, and the `top` functions by the share of them
+    with the function anywhere below the loop (inclusive, each counted once a stack) and as
+    the first frame below it (`entry`: what the loop was running; no frame below it: the
+    loop's own C code, `(event loop)`). Other threads (idle pools, monitors) are left out.
+    Lines that are not stacks are skipped."""
+    inclusive: Counter[str] = Counter()
+    entry: Counter[str] = Counter()
+    total = 0
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        names = [frame.split(" (")[0] for frame in stack.split(";")]
+        if EVENT_LOOP_FRAME not in names:
+            continue
+        below = names[names.index(EVENT_LOOP_FRAME) + 1 :]
+        samples = int(count)
+        total += samples
+        entry[below[0] if below else "(event loop)"] += samples
+        for name in set(below):
+            inclusive[name] += samples
+
+    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(n / total, 4)) for name, n in counter.most_common(top)]
+
+    return {"event_loop_samples": total, "entry": shares(entry), "inclusive": shares(inclusive)}
+
+
+def summarise(rounds: list[list[dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in modes:
+        runs = [r for round_ in rounds for r in round_ if r["mode"] == mode]
+        api = [r["cpu_ms_per_token"]["api_server"] for r in runs]
+        out[mode] = {
+            "api_server_cpu_ms_per_token": _spread(api),
+            "engine_cpu_ms_per_token": _spread(
+                [sum(r["cpu_ms_per_token"][role] for role in ROLES[1:]) for r in runs]
+            ),
+            "forward_ms_per_token": _spread([r["forward_ms_per_token"] for r in runs]),
+        }
+    whole = [r for round_ in rounds for r in round_ if r["mode"] == "whole"]
+    for mode in modes:
+        if mode == "whole" or not whole:
+            continue
+        ratios = [
+            next(r for r in round_ if r["mode"] == mode)["cpu_ms_per_token"]["api_server"]
+            / next(r for r in round_ if r["mode"] == "whole")["cpu_ms_per_token"]["api_server"]
+            for round_ in rounds
+        ]
+        out[mode]["api_server_cpu_vs_whole"] = _spread(ratios)
+        extra = [
+            next(r for r in round_ if r["mode"] == mode)["cpu_ms_per_token"]["api_server"]
+            - next(r for r in round_ if r["mode"] == "whole")["cpu_ms_per_token"]["api_server"]
+            for round_ in rounds
+        ]
+        out[mode]["api_server_extra_cpu_ms_per_token"] = _spread(extra)
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the model")
+    parser.add_argument("--hidden", type=int, default=256, help="width of the model")
+    parser.add_argument("--requests", type=int, default=12, help="requests per mode and round")
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers-at", type=lambda s: [int(x) for x in s.split(",")],
+                        help="split layers to measure (default: N and N/2)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="py-spy the API server")
+    parser.add_argument("--top", type=int, default=40, help="functions kept by --profile")
+    parser.add_argument("--profile-stacks", type=Path, help="where --profile keeps py-spy's stacks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-arg", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=RESULTS / "split_host_cost.json")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1 or args.concurrency < 1:
+        parser.error("--requests, --rounds and --concurrency must be at least 1")
+    layers_at = args.layers_at or [args.layers, args.layers // 2]
+    if not all(0 < k <= args.layers for k in layers_at):
+        parser.error(f"--layers-at must be in [1, {args.layers}]")
+    modes = ["whole", *(f"split@{k}" for k in layers_at)]
+    torch.set_num_threads(1)
+    model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")
+    # The capacity benchmark's pool, without its ordinary requests (every one may be split).
+    items = pool(args.requests, args.max_prompt, args.max_tokens, 0.0, args.seed)
+    args.max_clients = max(8, args.concurrency)
+    port = free_port()
+    command = adaptivellm_command(str(model_path), port, server_flags(args, "planner"))
+    log = RESULTS / "logs" / "split_host_cost.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "split_host_cost",
+        "command": shlex.join(["python", "bench/split_host_cost.py", *(argv or sys.argv[1:])]),
+        "server_command": shlex.join(command),
+        "modes": modes,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "rounds": [],
+    }
+    with running_server(command, port, log) as server:
+        base = server.base_url
+        refs = list(reference_run(base, "split-bench", model_path, items).values())
+        info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
+        bench = Bench(base, "split-bench", model_path, args.layers, {r.item.index: r for r in refs},
+                      int(info["max_frame_bytes"]),
+                      server_pid=server.proc.pid if server.proc else None)  # fmt: skip
+        for mode in modes:  # warm-up: first passes and clients made, not measured
+            run_mode(bench, mode, refs[: args.concurrency], args.concurrency)
+        for index in tqdm(range(args.rounds), desc="rounds", unit="round"):
+            order = modes if index % 2 == 0 else modes[::-1]
+            result["rounds"].append([run_mode(bench, m, refs, args.concurrency) for m in order])
+            result["summary"] = summarise(result["rounds"], modes)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        if args.profile:
+            result["profile"] = profile_api_server(bench, modes[1], refs, args.concurrency,
+                                                   args.top, args.profile_stacks)  # fmt: skip
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""bench/split_host_cost.py's pure parts: reading py-spy's stacks of the API server, and the
+summary of CPU per token by mode (no server)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from tests.support import load_bench_script
+
+
+@pytest.fixture(scope="module")
+def bench() -> types.ModuleType:
+    return load_bench_script("split_host_cost")
+
+
+LOOP = "_run_module_as_main (<frozen runpy>:198);run (uvloop/__init__.py:92);Runner.run (x.py:1)"
+
+
+def test_event_loop_shares_count_the_loop_thread_only(bench: types.ModuleType) -> None:
+    lines = [
+        f"{LOOP};handle_inputs (a.py:1);deepcopy (copy.py:1);deepcopy (copy.py:2) 6",
+        f"{LOOP};run_asgi (b.py:1);Session._send (s.py:1) 3",
+        f"{LOOP} 1",  # the loop's own C code
+        "Thread._bootstrap (threading.py:1);Condition.wait (threading.py:2) 50",  # idle pool
+        "not a stack",
+        "",
+    ]
+    shares = bench.event_loop_shares(lines, top=10)
+    assert shares["event_loop_samples"] == 10
+    assert dict(shares["entry"]) == {"handle_inputs": 0.6, "run_asgi": 0.3, "(event loop)": 0.1}
+    inclusive = dict(shares["inclusive"])
+    # A recursive function counts once per stack; frames above the loop are not counted.
+    assert inclusive["deepcopy"] == 0.6
+    assert inclusive["Session._send"] == 0.3
+    assert "Condition.wait" not in inclusive and "run" not in inclusive
+
+
+def test_event_loop_shares_keep_the_top_functions(bench: types.ModuleType) -> None:
+    lines = [f"{LOOP};f{i} (m.py:1) {i + 1}" for i in range(5)]
+    shares = bench.event_loop_shares(lines, top=2)
+    assert [name for name, _ in shares["entry"]] == ["f4", "f3"]
+    assert shares["event_loop_samples"] == 15
+
+
+def _run(mode: str, api: float, engine: float, worker: float, forward: float) -> dict:
+    return {
+        "mode": mode,
+        "cpu_ms_per_token": {"api_server": api, "engine_core": engine, "worker": worker},
+        "forward_ms_per_token": forward,
+    }
+
+
+def test_summary_pairs_each_split_mode_with_whole_in_its_round(bench: types.ModuleType) -> None:
+    rounds = [
+        [_run("whole", 0.5, 6.0, 4.0, 7.0), _run("split@16", 2.0, 3.0, 1.0, 0.4)],
+        [_run("split@16", 3.0, 3.0, 1.0, 0.5), _run("whole", 1.0, 6.0, 2.0, 6.0)],
+        [_run("whole", 0.5, 6.0, 4.0, 7.5), _run("split@16", 1.0, 3.0, 1.0, 0.3)],
+    ]
+    summary = bench.summarise(rounds, ["whole", "split@16"])
+    split = summary["split@16"]
+    assert split["api_server_cpu_ms_per_token"] == {"median": 2.0, "min": 1.0, "max": 3.0}
+    # Ratios and differences per round (4, 3 and 2; 1.5, 2 and 0.5), not of the medians.
+    assert split["api_server_cpu_vs_whole"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    assert split["api_server_extra_cpu_ms_per_token"] == {"median": 1.5, "min": 0.5, "max": 2.0}
+    assert split["engine_cpu_ms_per_token"]["median"] == 4.0
+    assert summary["whole"]["engine_cpu_ms_per_token"] == {"median": 10.0, "min": 8.0, "max": 10.0}
+    assert summary["whole"]["forward_ms_per_token"]["median"] == 7.0
+    assert "api_server_cpu_vs_whole" not in summary["whole"]
+
+
+def test_summary_without_whole_has_no_ratio(bench: types.ModuleType) -> None:
+    summary = bench.summarise([[_run("split@8", 1.0, 1.0, 1.0, 1.0)]], ["split@8"])
+    assert "api_server_cpu_vs_whole" not in summary["split@8"]
