@@ -1063,10 +1063,11 @@ class Session:
             ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_KEY: {"layer": self.layer}},
-            # Made for this one chunk and never reused: vLLM's input processor may copy it
-            # shallowly (as vLLM's own streaming-input endpoint, realtime speech, asks), not
-            # deep-copy it with the chunk's bytes (bench/split_host_cost.py: the deep copy
-            # was 5-9% of the API server's time in a split session).
+            # Made fresh for each chunk or request and never reused, so vLLM's input processor
+            # may copy it shallowly (as vLLM's own streaming-input endpoint, realtime speech,
+            # asks) rather than deep-copy it for every chunk (a first py-spy profile of
+            # bench/split_host_cost.py: 9% of the API server's event loop; A/B runs could not
+            # tell the difference on this machine).
             skip_clone=True,
         )
 

@@ -1,14 +1,15 @@
 """What a split session costs the server's host CPU, against the forward time it saves.
 
-The capacity benchmark (bench/split_serving.py) read the CPU seconds of each of the server's
-processes per run. On its 2-core machine a split session cost the API server about 90 ms of
-CPU more than the same request served whole, while the forward time it saved (its saved
-token-layers times the pass-cost slope) was about 70 ms: the API server and the engine share
-the cores, so splitting such a session freed no capacity. This benchmark measures that cost
-alone, closed loop, with nothing else running:
+The capacity benchmark (bench/split_serving.py) reads the CPU seconds of each of the server's
+processes per run. In its full run at 8b7178a, the planner's API server spent about 90 ms of
+CPU more per split session than off's, against about 70 ms of forward time each split saved
+(its saved token-layers times the pass-cost slope), on 2 cores that the API server shares
+with the engine. This benchmark measures a split's cost alone, closed loop, with nothing else
+running:
 
 - one `adaptivellm serve --split-execution` on the capacity benchmark's 16-layer model;
-- the same `--requests` requests of its pool, `--concurrency` at a time, served as
+- `--requests` requests drawn as the capacity pool draws them (ShareGPT lengths, seed
+  `--seed`), every one from the workstation tier, `--concurrency` at a time, served as
   - `whole`: ordinary requests (the real `openai` client, `/v1/completions`);
   - `split@N` for each layer of `--layers-at`: split sessions at that layer, through the real
     `SplitClient` with the replay model of bench/split_serving.py (the workstation tier: its
@@ -17,7 +18,10 @@ alone, closed loop, with nothing else running:
 
 Per mode and round: CPU milliseconds per output token of the API server process, of vLLM's
 engine core and of its worker (`cpu_ms_per_token`), the forward seconds per token (the
-server's `adaptivellm_split_forward_seconds_total`), and wall seconds. The summary gives the
+server's `adaptivellm_split_forward_seconds_total`), its forward passes (output tokens over
+passes: how many of the requests' decode rows shared a pass), and wall seconds. Before the
+rounds, every mode serves every request once, unmeasured (first passes, clients made, the
+prompts in the prefix cache for every mode alike). The summary gives the
 median over rounds and the spread (min, max), and the ratio of each split mode's API-server
 CPU per token to `whole`'s. `--profile` samples the API server with py-spy during one more
 run of the first split mode and keeps the functions it spent most time in (own and
@@ -30,6 +34,7 @@ inclusive).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -134,10 +139,15 @@ def profile_api_server(
         command = [spy, "record", "--pid", str(bench.server_pid), "--rate", "100", "--format",
                    "raw", "--output", str(raw)]  # fmt: skip
         sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(1.0)
-        run = run_mode(bench, mode, refs * PROFILE_REPEATS, concurrency)
-        sampler.send_signal(2)  # SIGINT: py-spy writes what it has
-        _, err = sampler.communicate(timeout=60)
+        try:
+            time.sleep(1.0)
+            run = run_mode(bench, mode, refs * PROFILE_REPEATS, concurrency)
+            sampler.send_signal(2)  # SIGINT: py-spy writes what it has
+            _, err = sampler.communicate(timeout=60)
+        finally:
+            if sampler.poll() is None:
+                sampler.kill()
+                sampler.wait()
         if not raw.exists():
             return {"error": f"py-spy wrote nothing: {err.decode()[-500:]}", "command": command}
         if keep is not None:
@@ -181,34 +191,42 @@ def event_loop_shares(lines: list[str], top: int) -> dict[str, Any]:
 
 
 def summarise(rounds: list[list[dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
+    """Median (min, max) over the rounds of each mode's figures per output token, and each split
+    mode's API-server CPU against `whole`'s in the same round (ratio and difference; no ratio
+    in a round where whole's read 0)."""
     out: dict[str, Any] = {}
     for mode in modes:
         runs = [r for round_ in rounds for r in round_ if r["mode"] == mode]
-        api = [r["cpu_ms_per_token"]["api_server"] for r in runs]
         out[mode] = {
-            "api_server_cpu_ms_per_token": _spread(api),
+            "api_server_cpu_ms_per_token": _spread([_api(r) for r in runs]),
             "engine_cpu_ms_per_token": _spread(
                 [sum(r["cpu_ms_per_token"][role] for role in ROLES[1:]) for r in runs]
             ),
             "forward_ms_per_token": _spread([r["forward_ms_per_token"] for r in runs]),
         }
-    whole = [r for round_ in rounds for r in round_ if r["mode"] == "whole"]
+        if all(r.get("forward_passes") for r in runs):
+            tokens_per_pass = [r["tokens"] / r["forward_passes"] for r in runs]
+            out[mode]["output_tokens_per_pass"] = _spread(tokens_per_pass)
+    if "whole" not in modes:
+        return out
     for mode in modes:
-        if mode == "whole" or not whole:
+        if mode == "whole":
             continue
-        ratios = [
-            next(r for r in round_ if r["mode"] == mode)["cpu_ms_per_token"]["api_server"]
-            / next(r for r in round_ if r["mode"] == "whole")["cpu_ms_per_token"]["api_server"]
-            for round_ in rounds
-        ]
-        out[mode]["api_server_cpu_vs_whole"] = _spread(ratios)
-        extra = [
-            next(r for r in round_ if r["mode"] == mode)["cpu_ms_per_token"]["api_server"]
-            - next(r for r in round_ if r["mode"] == "whole")["cpu_ms_per_token"]["api_server"]
-            for round_ in rounds
-        ]
+        pairs = [(_api(_of(round_, mode)), _api(_of(round_, "whole"))) for round_ in rounds]
+        ratios = [split / whole for split, whole in pairs if whole > 0]
+        if ratios:
+            out[mode]["api_server_cpu_vs_whole"] = _spread(ratios)
+        extra = [split - whole for split, whole in pairs]
         out[mode]["api_server_extra_cpu_ms_per_token"] = _spread(extra)
     return out
+
+
+def _of(round_: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    return next(r for r in round_ if r["mode"] == mode)
+
+
+def _api(run: dict[str, Any]) -> float:
+    return float(run["cpu_ms_per_token"]["api_server"])
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -246,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")
     # The capacity benchmark's pool, without its ordinary requests (every one may be split).
-    items = pool(args.requests, args.max_prompt, args.max_tokens, 0.0, args.seed)
+    items = [
+        dataclasses.replace(item, tier=TIER)  # whole requests sleep for the same link
+        for item in pool(args.requests, args.max_prompt, args.max_tokens, 0.0, args.seed)
+    ]
     args.max_clients = max(8, args.concurrency)
     port = free_port()
     command = adaptivellm_command(str(model_path), port, server_flags(args, "planner"))
@@ -268,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(base, "split-bench", model_path, args.layers, {r.item.index: r for r in refs},
                       int(info["max_frame_bytes"]),
                       server_pid=server.proc.pid if server.proc else None)  # fmt: skip
-        for mode in modes:  # warm-up: first passes and clients made, not measured
-            run_mode(bench, mode, refs[: args.concurrency], args.concurrency)
+        for mode in modes:  # warm-up, not measured (see the docstring)
+            run_mode(bench, mode, refs, args.concurrency)
         for index in tqdm(range(args.rounds), desc="rounds", unit="round"):
             order = modes if index % 2 == 0 else modes[::-1]
             result["rounds"].append([run_mode(bench, m, refs, args.concurrency) for m in order])

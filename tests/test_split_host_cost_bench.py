@@ -44,9 +44,13 @@ def test_event_loop_shares_keep_the_top_functions(bench: types.ModuleType) -> No
     assert shares["event_loop_samples"] == 15
 
 
-def _run(mode: str, api: float, engine: float, worker: float, forward: float) -> dict:
+def _run(
+    mode: str, api: float, engine: float, worker: float, forward: float, passes: int = 100
+) -> dict:
     return {
         "mode": mode,
+        "tokens": 300,
+        "forward_passes": passes,
         "cpu_ms_per_token": {"api_server": api, "engine_core": engine, "worker": worker},
         "forward_ms_per_token": forward,
     }
@@ -54,9 +58,9 @@ def _run(mode: str, api: float, engine: float, worker: float, forward: float) ->
 
 def test_summary_pairs_each_split_mode_with_whole_in_its_round(bench: types.ModuleType) -> None:
     rounds = [
-        [_run("whole", 0.5, 6.0, 4.0, 7.0), _run("split@16", 2.0, 3.0, 1.0, 0.4)],
-        [_run("split@16", 3.0, 3.0, 1.0, 0.5), _run("whole", 1.0, 6.0, 2.0, 6.0)],
-        [_run("whole", 0.5, 6.0, 4.0, 7.5), _run("split@16", 1.0, 3.0, 1.0, 0.3)],
+        [_run("whole", 0.5, 6.0, 4.0, 7.0), _run("split@16", 2.0, 3.0, 1.0, 0.4, 250)],
+        [_run("split@16", 3.0, 3.0, 1.0, 0.5, 300), _run("whole", 1.0, 6.0, 2.0, 6.0)],
+        [_run("whole", 0.5, 6.0, 4.0, 7.5), _run("split@16", 1.0, 3.0, 1.0, 0.3, 200)],
     ]
     summary = bench.summarise(rounds, ["whole", "split@16"])
     split = summary["split@16"]
@@ -68,6 +72,19 @@ def test_summary_pairs_each_split_mode_with_whole_in_its_round(bench: types.Modu
     assert summary["whole"]["engine_cpu_ms_per_token"] == {"median": 10.0, "min": 8.0, "max": 10.0}
     assert summary["whole"]["forward_ms_per_token"]["median"] == 7.0
     assert "api_server_cpu_vs_whole" not in summary["whole"]
+    # Output tokens per pass: 300 tokens in 100 passes whole, in 200-300 passes split.
+    assert summary["whole"]["output_tokens_per_pass"] == {"median": 3.0, "min": 3.0, "max": 3.0}
+    assert split["output_tokens_per_pass"] == {"median": 1.2, "min": 1.0, "max": 1.5}
+
+
+def test_summary_skips_a_ratio_over_zero(bench: types.ModuleType) -> None:
+    rounds = [
+        [_run("whole", 0.0, 1.0, 1.0, 1.0), _run("split@16", 1.0, 1.0, 1.0, 1.0)],
+        [_run("whole", 0.5, 1.0, 1.0, 1.0), _run("split@16", 1.5, 1.0, 1.0, 1.0)],
+    ]
+    split = bench.summarise(rounds, ["whole", "split@16"])["split@16"]
+    assert split["api_server_cpu_vs_whole"] == {"median": 3.0, "min": 3.0, "max": 3.0}
+    assert split["api_server_extra_cpu_ms_per_token"] == {"median": 1.0, "min": 1.0, "max": 1.0}
 
 
 def test_summary_without_whole_has_no_ratio(bench: types.ModuleType) -> None:
