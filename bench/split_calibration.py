@@ -57,8 +57,10 @@ from adaptivellm.split_server import MIN_RATIOS, fit_calibration, session_kind
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+#: The files of the committed replay (`split_calibration.json`). The full run at 8b7178a was
+#: `split_serving.json` then; the run at f811e44 that replaced it is not in the replay yet.
 DEFAULT_RUNS = (
-    "split_serving.json",
+    "archive/split-serving-open-loop-earlier/run11-60s-pad-from-4th.json.gz",
     "archive/split-serving-open-loop-earlier/run10-60s-before-pad.json.gz",
     "archive/split-serving-open-loop-earlier/run9-60s-before-tail-slack.json.gz",
     "archive/split-serving-open-loop-earlier/run8-60s-before-affine-calibration.json.gz",
