@@ -10,7 +10,10 @@ running:
 - one `adaptivellm serve --split-execution` on the capacity benchmark's 16-layer model;
 - `--requests` requests drawn as the capacity pool draws them (ShareGPT lengths, seed
   `--seed`), every one from the workstation tier, `--concurrency` at a time, served as
-  - `whole`: ordinary requests (the real `openai` client, `/v1/completions`);
+  - `whole`: ordinary requests (the real `openai` client, `/v1/completions`), the whole
+    completion in one answer, as the capacity benchmark's ordinary clients ask;
+  - `streamed`: the same, streamed token by token (`stream=True`), as a chat UI asks and as a
+    split session's tokens come;
   - `split@N` for each layer of `--layers-at`: split sessions at that layer, through the real
     `SplitClient` with the replay model of bench/split_serving.py (the workstation tier: its
     compute and link sleeps are milliseconds);
@@ -21,11 +24,10 @@ engine core and of its worker (`cpu_ms_per_token`), the forward seconds per toke
 server's `adaptivellm_split_forward_seconds_total`), its forward passes (output tokens over
 passes: how many of the requests' decode rows shared a pass), and wall seconds. Before the
 rounds, every mode serves every request once, unmeasured (first passes, clients made, the
-prompts in the prefix cache for every mode alike). The summary gives the
-median over rounds and the spread (min, max), and the ratio of each split mode's API-server
-CPU per token to `whole`'s. `--profile` samples the API server with py-spy during one more
-run of the first split mode and keeps the functions it spent most time in (own and
-inclusive).
+prompts in the prefix cache for every mode alike). The summary gives the median over rounds
+and the spread (min, max), and each other mode's API-server CPU per token against `whole`'s
+in the same round (ratio and difference). `--profile` samples the API server with py-spy
+during one more run of the first split mode (`event_loop_shares`).
 
     python bench/split_host_cost.py                  # writes bench/results/split_host_cost.json
     python bench/split_host_cost.py --profile        # also where the API server's time goes
@@ -55,10 +57,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from split_serving import (
     RESULTS,
+    TIERS,
     Bench,
     Reference,
     ReplayModel,
     counters,
+    link_s,
     model_spec,
     ordinary,
     pool,
@@ -70,6 +74,7 @@ from adaptivellm.benchmark.harness import cpu_deltas, process_cpu_s
 from adaptivellm.launch import adaptivellm_command, free_port, running_server
 from adaptivellm.model import ensure_model
 from adaptivellm.split_client.client import SplitError
+from adaptivellm.split_client.planner import TOKEN_ID_BYTES
 
 #: The split tier: its sleeps are the smallest, so a run is mostly the server's time.
 TIER = "workstation"
@@ -104,13 +109,35 @@ def run_whole(bench: Bench, ref: Reference) -> int:
     return ref.item.max_tokens
 
 
+def run_streamed(bench: Bench, ref: Reference) -> int:
+    """`ref` served whole and streamed token by token (`stream=True`), as a chat UI asks."""
+    time.sleep(link_s(TIERS[TIER], len(ref.item.prompt) * TOKEN_ID_BYTES))
+    stream = bench.openai.completions.create(
+        model=bench.model, prompt=ref.item.prompt, max_tokens=ref.item.max_tokens,
+        temperature=0.0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    ids: list[int] = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            ids.extend(getattr(choice, "token_ids", None) or [])
+    if ids != ref.output:
+        raise RuntimeError(f"request {ref.item.index} streamed: tokens differ")
+    return len(ids)
+
+
+#: How each mode but the split ones serves a request.
+WHOLE_MODES = {"whole": run_whole, "streamed": run_streamed}
+
+
 def run_mode(bench: Bench, mode: str, refs: list[Reference], concurrency: int) -> dict[str, Any]:
     """Every request of `refs` in `mode`, `concurrency` at a time: CPU and forward time."""
     before, cpu_before = counters(bench.base), process_cpu_s(bench.server_pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as workers:
-        if mode == "whole":
-            tokens = sum(workers.map(lambda r: run_whole(bench, r), refs))
+        if mode in WHOLE_MODES:
+            serve = WHOLE_MODES[mode]
+            tokens = sum(workers.map(lambda r: serve(bench, r), refs))
         else:
             layer = int(mode.split("@")[1])
             tokens = sum(workers.map(lambda r: run_split(bench, r, layer), refs))
@@ -192,8 +219,9 @@ def event_loop_shares(lines: list[str], top: int) -> dict[str, Any]:
 
 def summarise(rounds: list[list[dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
     """Median (min, max) over the rounds of each mode's figures per output token, and each split
-    mode's API-server CPU against `whole`'s in the same round (ratio and difference; no ratio
-    in a round where whole's read 0)."""
+    mode's API-server CPU against `whole`'s and `streamed`'s in the same round, and
+    `streamed`'s against `whole`'s (ratio and difference; no ratio in a round where the
+    baseline read 0)."""
     out: dict[str, Any] = {}
     for mode in modes:
         runs = [r for round_ in rounds for r in round_ if r["mode"] == mode]
@@ -207,17 +235,16 @@ def summarise(rounds: list[list[dict[str, Any]]], modes: list[str]) -> dict[str,
         if all(r.get("forward_passes") for r in runs):
             tokens_per_pass = [r["tokens"] / r["forward_passes"] for r in runs]
             out[mode]["output_tokens_per_pass"] = _spread(tokens_per_pass)
-    if "whole" not in modes:
-        return out
     for mode in modes:
-        if mode == "whole":
-            continue
-        pairs = [(_api(_of(round_, mode)), _api(_of(round_, "whole"))) for round_ in rounds]
-        ratios = [split / whole for split, whole in pairs if whole > 0]
-        if ratios:
-            out[mode]["api_server_cpu_vs_whole"] = _spread(ratios)
-        extra = [split - whole for split, whole in pairs]
-        out[mode]["api_server_extra_cpu_ms_per_token"] = _spread(extra)
+        for base in ("whole", "streamed"):
+            if mode == base or base not in modes or (mode in WHOLE_MODES and base != "whole"):
+                continue  # split modes against both; streamed against whole
+            pairs = [(_api(_of(round_, mode)), _api(_of(round_, base))) for round_ in rounds]
+            ratios = [split / served for split, served in pairs if served > 0]
+            if ratios:
+                out[mode][f"api_server_cpu_vs_{base}"] = _spread(ratios)
+            extra = [split - served for split, served in pairs]
+            out[mode][f"api_server_extra_cpu_ms_per_token_vs_{base}"] = _spread(extra)
     return out
 
 
@@ -260,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     layers_at = args.layers_at or [args.layers, args.layers // 2]
     if not all(0 < k <= args.layers for k in layers_at):
         parser.error(f"--layers-at must be in [1, {args.layers}]")
-    modes = ["whole", *(f"split@{k}" for k in layers_at)]
+    modes = ["whole", "streamed", *(f"split@{k}" for k in layers_at)]
     torch.set_num_threads(1)
     model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")
     # The capacity benchmark's pool, without its ordinary requests (every one may be split).
@@ -298,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
         if args.profile:
-            result["profile"] = profile_api_server(bench, modes[1], refs, args.concurrency,
-                                                   args.top, args.profile_stacks)  # fmt: skip
+            first_split = f"split@{layers_at[0]}"
+            result["profile"] = profile_api_server(
+                bench, first_split, refs, args.concurrency, args.top, args.profile_stacks
+            )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
     return 0

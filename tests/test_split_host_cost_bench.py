@@ -67,7 +67,8 @@ def test_summary_pairs_each_split_mode_with_whole_in_its_round(bench: types.Modu
     assert split["api_server_cpu_ms_per_token"] == {"median": 2.0, "min": 1.0, "max": 3.0}
     # Ratios and differences per round (4, 3 and 2; 1.5, 2 and 0.5), not of the medians.
     assert split["api_server_cpu_vs_whole"] == {"median": 3.0, "min": 2.0, "max": 4.0}
-    assert split["api_server_extra_cpu_ms_per_token"] == {"median": 1.5, "min": 0.5, "max": 2.0}
+    extra = split["api_server_extra_cpu_ms_per_token_vs_whole"]
+    assert extra == {"median": 1.5, "min": 0.5, "max": 2.0}
     assert split["engine_cpu_ms_per_token"]["median"] == 4.0
     assert summary["whole"]["engine_cpu_ms_per_token"] == {"median": 10.0, "min": 8.0, "max": 10.0}
     assert summary["whole"]["forward_ms_per_token"]["median"] == 7.0
@@ -77,6 +78,25 @@ def test_summary_pairs_each_split_mode_with_whole_in_its_round(bench: types.Modu
     assert split["output_tokens_per_pass"] == {"median": 1.2, "min": 1.0, "max": 1.5}
 
 
+def test_summary_compares_splits_with_streamed_and_streamed_with_whole(
+    bench: types.ModuleType,
+) -> None:
+    rounds = [
+        [
+            _run("whole", 0.5, 1.0, 1.0, 1.0),
+            _run("streamed", 1.0, 1.0, 1.0, 1.0),
+            _run("split@16", 3.0, 1.0, 1.0, 1.0),
+        ]
+    ]
+    summary = bench.summarise(rounds, ["whole", "streamed", "split@16"])
+    assert summary["split@16"]["api_server_cpu_vs_whole"]["median"] == 6.0
+    assert summary["split@16"]["api_server_cpu_vs_streamed"]["median"] == 3.0
+    assert summary["split@16"]["api_server_extra_cpu_ms_per_token_vs_streamed"]["median"] == 2.0
+    assert summary["streamed"]["api_server_cpu_vs_whole"]["median"] == 2.0
+    assert "api_server_cpu_vs_streamed" not in summary["streamed"]
+    assert "api_server_cpu_vs_whole" not in summary["whole"]
+
+
 def test_summary_skips_a_ratio_over_zero(bench: types.ModuleType) -> None:
     rounds = [
         [_run("whole", 0.0, 1.0, 1.0, 1.0), _run("split@16", 1.0, 1.0, 1.0, 1.0)],
@@ -84,7 +104,8 @@ def test_summary_skips_a_ratio_over_zero(bench: types.ModuleType) -> None:
     ]
     split = bench.summarise(rounds, ["whole", "split@16"])["split@16"]
     assert split["api_server_cpu_vs_whole"] == {"median": 3.0, "min": 3.0, "max": 3.0}
-    assert split["api_server_extra_cpu_ms_per_token"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    extra = split["api_server_extra_cpu_ms_per_token_vs_whole"]
+    assert extra == {"median": 1.0, "min": 1.0, "max": 1.0}
 
 
 def test_summary_without_whole_has_no_ratio(bench: types.ModuleType) -> None:
