@@ -25,8 +25,9 @@ server's `adaptivellm_split_forward_seconds_total`), its forward passes (output 
 passes: how many of the requests' decode rows shared a pass), and wall seconds. Before the
 rounds, every mode serves every request once, unmeasured (first passes, clients made, the
 prompts in the prefix cache for every mode alike). The summary gives the median over rounds
-and the spread (min, max), and each other mode's API-server CPU per token against `whole`'s
-in the same round (ratio and difference). `--profile` samples the API server with py-spy
+and the spread (min, max), and each split mode's API-server CPU per token against `whole`'s
+and `streamed`'s, and `streamed`'s against `whole`'s, in the same round (ratio and
+difference). `--profile` samples the API server with py-spy
 during one more run of the first split mode (`event_loop_shares`).
 
     python bench/split_host_cost.py                  # writes bench/results/split_host_cost.json
@@ -46,11 +47,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import torch
 from tqdm import tqdm
 
@@ -112,18 +115,33 @@ def run_whole(bench: Bench, ref: Reference) -> int:
 def run_streamed(bench: Bench, ref: Reference) -> int:
     """`ref` served whole and streamed token by token (`stream=True`), as a chat UI asks."""
     time.sleep(link_s(TIERS[TIER], len(ref.item.prompt) * TOKEN_ID_BYTES))
-    stream = bench.openai.completions.create(
-        model=bench.model, prompt=ref.item.prompt, max_tokens=ref.item.max_tokens,
-        temperature=0.0, stream=True,
-        extra_body={"ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
-    ids: list[int] = []
-    for chunk in stream:
-        for choice in chunk.choices:
-            ids.extend(getattr(choice, "token_ids", None) or [])
+    try:
+        stream = bench.openai.completions.create(
+            model=bench.model, prompt=ref.item.prompt, max_tokens=ref.item.max_tokens,
+            temperature=0.0, stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        ids = streamed_token_ids(stream)
+    except openai.APIError as exc:
+        raise RuntimeError(f"request {ref.item.index} streamed: {exc}") from exc
     if ids != ref.output:
         raise RuntimeError(f"request {ref.item.index} streamed: tokens differ")
     return len(ids)
+
+
+def streamed_token_ids(chunks: Iterable[Any]) -> list[int]:
+    """The token ids of a streamed completion, in order (each chunk's choices carry theirs
+    with `return_token_ids`; a chunk without any, such as the last, adds none)."""
+    ids: list[int] = []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            ids.extend(getattr(choice, "token_ids", None) or [])
+    return ids
+
+
+def profiled_mode(modes: list[str]) -> str:
+    """The mode `--profile` samples: the first split mode."""
+    return next(mode for mode in modes if mode.startswith("split@"))
 
 
 #: How each mode but the split ones serves a request.
@@ -325,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
         if args.profile:
-            first_split = f"split@{layers_at[0]}"
             result["profile"] = profile_api_server(
-                bench, first_split, refs, args.concurrency, args.top, args.profile_stacks
+                bench, profiled_mode(modes), refs, args.concurrency, args.top, args.profile_stacks
             )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))

@@ -86,15 +86,41 @@ def test_summary_compares_splits_with_streamed_and_streamed_with_whole(
             _run("whole", 0.5, 1.0, 1.0, 1.0),
             _run("streamed", 1.0, 1.0, 1.0, 1.0),
             _run("split@16", 3.0, 1.0, 1.0, 1.0),
-        ]
+        ],
+        [
+            _run("split@16", 2.0, 1.0, 1.0, 1.0),
+            _run("streamed", 2.0, 1.0, 1.0, 1.0),
+            _run("whole", 1.0, 1.0, 1.0, 1.0),
+        ],
     ]
     summary = bench.summarise(rounds, ["whole", "streamed", "split@16"])
-    assert summary["split@16"]["api_server_cpu_vs_whole"]["median"] == 6.0
-    assert summary["split@16"]["api_server_cpu_vs_streamed"]["median"] == 3.0
-    assert summary["split@16"]["api_server_extra_cpu_ms_per_token_vs_streamed"]["median"] == 2.0
-    assert summary["streamed"]["api_server_cpu_vs_whole"]["median"] == 2.0
-    assert "api_server_cpu_vs_streamed" not in summary["streamed"]
-    assert "api_server_cpu_vs_whole" not in summary["whole"]
+    split = summary["split@16"]
+    # Per round: split / whole 6 and 2, split / streamed 3 and 1 (medians of the medians
+    # would read 2.5 / 0.75 = 3.33 and 2.5 / 1.5 = 1.67).
+    assert split["api_server_cpu_vs_whole"] == {"median": 4.0, "min": 2.0, "max": 6.0}
+    assert split["api_server_cpu_vs_streamed"] == {"median": 2.0, "min": 1.0, "max": 3.0}
+    extra = split["api_server_extra_cpu_ms_per_token_vs_streamed"]
+    assert extra == {"median": 1.0, "min": 0.0, "max": 2.0}
+    streamed = summary["streamed"]
+    assert streamed["api_server_cpu_vs_whole"] == {"median": 2.0, "min": 2.0, "max": 2.0}
+    assert streamed["api_server_extra_cpu_ms_per_token_vs_whole"]["median"] == 0.75
+    assert "api_server_cpu_vs_streamed" not in streamed
+    assert not any("_vs_" in key for key in summary["whole"])
+
+
+def test_streamed_token_ids_join_the_chunks_in_order(bench: types.ModuleType) -> None:
+    def chunk(*ids: int | None) -> types.SimpleNamespace:
+        choices = [types.SimpleNamespace(token_ids=None if i is None else [i]) for i in ids]
+        return types.SimpleNamespace(choices=choices)
+
+    chunks = [chunk(5), chunk(7), chunk(), chunk(9), chunk(None)]  # the last: no ids
+    assert bench.streamed_token_ids(chunks) == [5, 7, 9]
+    assert bench.streamed_token_ids([]) == []
+
+
+def test_the_profile_samples_the_first_split_mode(bench: types.ModuleType) -> None:
+    assert bench.profiled_mode(["whole", "streamed", "split@16", "split@8"]) == "split@16"
+    assert bench.profiled_mode(["split@8"]) == "split@8"
 
 
 def test_summary_skips_a_ratio_over_zero(bench: types.ModuleType) -> None:
