@@ -50,6 +50,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`adaptivellm serve` on the embedded model (no MODEL given), with vLLM flags passed
     through (--api-key among them) and split execution on. Eager mode: torch.compile would add
     ~40 s of start-up on 2 cores."""
+    yield from _split_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same server as `server`, started for one test module: its split planner has seen
+    no session yet. The planner calibrates itself on the sessions it has served, and on the
+    shared server those are earlier tests' (late, stalled, dropped on purpose): a test of what
+    the planner decides for an ordinary session needs a server that has not learned from them."""
+    yield from _split_server(tmp_path_factory)
+
+
+def _split_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     flags = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
              "--served-model-name", *SERVED_NAMES, "--api-key", API_KEY,
