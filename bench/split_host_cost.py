@@ -88,7 +88,8 @@ PROFILE_REPEATS = 4
 
 
 def run_split(bench: Bench, ref: Reference, layer: int) -> int:
-    """One split session of `ref` at `layer`: its output tokens (0 on an error)."""
+    """One split session of `ref` at `layer`: its output tokens (RuntimeError on an error or
+    on tokens other than the reference run's)."""
     client = bench.client(TIER)
     try:
         assert isinstance(client.model, ReplayModel)

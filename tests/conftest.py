@@ -57,9 +57,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def fresh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The same server as `server`, started for one test and stopped after it (an idle vLLM
     server beside the shared one would take CPU from the tests after it): its split planner
-    has seen no session yet. The planner calibrates itself on the sessions it has served, and on the
-    shared server those are earlier tests' (late, stalled, dropped on purpose): a test of what
-    the planner decides for an ordinary session needs a server that has not learned from them."""
+    has seen no session yet. The planner calibrates itself on the sessions it has served, and
+    on the shared server those are earlier tests' (late, stalled, dropped on purpose): a test
+    of what the planner decides for an ordinary session needs a server that has not learned
+    from them."""
     yield from _split_server(tmp_path_factory)
 
 

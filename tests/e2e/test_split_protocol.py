@@ -128,8 +128,9 @@ def test_unauthenticated_client_is_refused(server: Server) -> None:
 def test_planner_chooses_k_with_load_and_sla(fresh_server: Server) -> None:
     """A fast client with a loose SLA gets work moved to it; a very slow client gets k = 0.
     On a server of its own: the shared one's planner has calibrated itself on the earlier
-    tests' sessions (two fresh-clone CIs had it serve this session whole, a slack of hundreds
-    read off a handful of late ones), and what it should decide then is not this test's."""
+    tests' sessions, and two fresh-clone CIs had it serve this session whole (at 84bee25 an
+    all-client slack of 865 read off 4 sessions; at 58524cb the calibration was not kept):
+    what the planner should decide after those sessions is not this test's question."""
     with session(fresh_server) as ws:
         plan = open_session(ws, prompt_tokens=64, max_tokens=8, sla_s=60.0)
         assert plan.planned_by == "planner" and 0 <= plan.layer <= plan.num_layers
