@@ -382,6 +382,7 @@ class SplitServerMetrics:
     sla_met: Counter
     latency_error: Histogram
     rows_skipped: Counter
+    served_whole_cheaper: Counter
 
     @staticmethod
     @cache
@@ -436,5 +437,11 @@ class SplitServerMetrics:
                 "Prompt rows of split sessions at k = N (the client ran every layer) that the "
                 "engine never received: only a chunk's last row is read there (final norm and "
                 "LM head), so the others would only take attention and KV cache",
+            ),
+            served_whole_cheaper=Counter(
+                f"{PREFIX}split_served_whole_cheaper",
+                "Split sessions the planner served whole because the split it chose would have "
+                "taken more server time per token than serving them whole, and whole they meet "
+                "their SLA (--split-cost-profile)",
             ),
         )

@@ -42,6 +42,7 @@ from adaptivellm.split_config import (
     WHEN_BUSY,
     SplitConfig,
 )
+from adaptivellm.split_costs import load_pass_costs
 from adaptivellm.tenancy import ENV as TENANCY_ENV
 from adaptivellm.tenancy import KeyFile, key_digest, load_tenant_keys
 
@@ -303,6 +304,15 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         "or 'serve' it whole, late (default: %(default)s).",
     )
     group.add_argument(
+        "--split-cost-profile",
+        metavar="PATH",
+        default=None,
+        help="bench/split_host_cost.py's result on this machine (split_host_cost.json): the "
+        "planner then serves a session whole, where that meets its SLA, rather than split it "
+        "at a k that would cost the server more time per token than serving it whole "
+        "(default: k is priced by FLOPs alone).",
+    )
+    group.add_argument(
         "--split-server-flops",
         type=float,
         default=None,
@@ -548,6 +558,9 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             policy=args.split_policy,
             when_busy=args.split_when_busy,
             sla_target=args.split_sla_target,
+            pass_costs=(
+                load_pass_costs(args.split_cost_profile) if args.split_cost_profile else None
+            ),
         )
     except ValueError as exc:
         raise SystemExit(f"adaptivellm serve: {exc}") from None

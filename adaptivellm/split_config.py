@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from adaptivellm.split_costs import PassCosts
+
 SPLIT_PLUGIN_NAME = "adaptivellm-split"
 #: The model class that runs each request from its own layer (adaptivellm.split_model).
 ARCHITECTURE = "AdaptiveSplitLlamaForCausalLM"
@@ -62,8 +64,15 @@ class SplitConfig:
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would
     break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
+    pass_costs: PassCosts | None = None
+    """This server's pass and host costs (`--split-cost-profile`, adaptivellm.split_costs):
+    with them the planner serves a session whole, where that meets its SLA, rather than split
+    it at a k whose split would take more server time per token than the session served whole.
+    None: k is priced by FLOPs alone."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.pass_costs, dict):  # back from to_dict (--additional-config)
+            object.__setattr__(self, "pass_costs", PassCosts.from_dict(self.pass_costs))
         if not (math.isfinite(self.sla_target) and 0.5 <= self.sla_target <= 1):
             raise ValueError(f"sla_target must be in [0.5, 1], got {self.sla_target}")
         if self.when_busy not in WHEN_BUSY:

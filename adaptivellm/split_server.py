@@ -258,6 +258,20 @@ class SplitService:
                 "step_overhead_s": round(self.step_estimate_s, 6),
             },
             "max_frame_bytes": self.config.max_frame_bytes,
+            "pass_costs": self.pass_costs_report(),
+        }
+
+    def pass_costs_report(self) -> dict[str, Any] | None:
+        """The cost profile the planner prices splits with (None without one), and the
+        smallest k whose split saves server time now and beside requests served whole."""
+        pass_costs = self.config.pass_costs
+        if pass_costs is None:
+            return None
+        return {
+            **pass_costs.to_dict(),
+            "whole_rows": self.whole_rows(),
+            "break_even_layer": pass_costs.break_even_layer(self.whole_rows()),
+            "break_even_layer_beside_whole": pass_costs.break_even_layer(1),
         }
 
     def calibration_report(self) -> dict[str, Any]:
@@ -293,6 +307,8 @@ class SplitService:
             return request.layer, _latency(costs, request.layer), "client"
         try:
             layer = self._choose(client, server, work)
+            if self._whole_is_cheaper(layer, costs, request.sla_s):
+                return 0, _latency(costs, 0), "planner"
         except InfeasibleSLAError:
             whole = _latency(costs, 0)
             if whole is not None and self.fit("whole").bound(whole) <= (request.sla_s or 0):
@@ -316,6 +332,28 @@ class SplitService:
             # client; the SLA metric counts a miss.
             layer = 0
         return layer, _latency(costs, layer), "planner"
+
+    def _whole_is_cheaper(self, layer: int, costs: Any, sla_s: float | None) -> bool:
+        """With a cost profile (`SplitConfig.pass_costs`), under the planner policy: whether a
+        split at `layer` would take more server time per token than the session served whole
+        beside the requests now served whole (`PassCosts.split_saves`), and served whole it
+        meets its SLA as such sessions have run lately (`fit("whole")`). Counted on
+        /metrics."""
+        pass_costs = self.config.pass_costs
+        if pass_costs is None or self.config.policy != "planner" or layer <= 0:
+            return False
+        if pass_costs.split_saves(layer, self.whole_rows()):
+            return False
+        whole = _latency(costs, 0)
+        if whole is None or self.fit("whole").bound(whole) > (sla_s or math.inf):
+            return False
+        SplitServerMetrics.get().served_whole_cheaper.inc()
+        return True
+
+    def whole_rows(self) -> int:
+        """Requests in flight that are served whole: the engine's, less the split sessions."""
+        split = sum(1 for s in self.open_sessions.values() if s.layer > 0)
+        return max(0, self.load() - split)
 
     def kind(self, layer: int) -> SessionKind:
         """The SessionKind of a session split at `layer`."""
@@ -634,6 +672,12 @@ def build_service(engine_client: Any, config: SplitConfig, args: Namespace) -> S
     if not shape.name:
         shape = replace(shape, name=str(args.model))
     names = tuple(args.served_model_name or [args.model])
+    if config.pass_costs is not None and config.pass_costs.layers != shape.num_layers:
+        raise ValueError(
+            f"--split-cost-profile was measured on a {config.pass_costs.layers}-layer model "
+            f"({config.pass_costs.source}); this model has {shape.num_layers} layers: measure "
+            "it with bench/split_host_cost.py on this model"
+        )
     return SplitService(
         engine=engine_client,
         config=config,

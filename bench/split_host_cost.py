@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.rounds < 1 or args.concurrency < 1:
         parser.error("--requests, --rounds and --concurrency must be at least 1")
     layers_at = args.layers_at or [args.layers, args.layers // 2]
-    if not all(0 < k <= args.layers for k in layers_at):
-        parser.error(f"--layers-at must be in [1, {args.layers}]")
+    if not all(0 <= k <= args.layers for k in layers_at):  # 0: served whole through the protocol
+        parser.error(f"--layers-at must be in [0, {args.layers}]")
     modes = ["whole", "streamed", *(f"split@{k}" for k in layers_at)]
     torch.set_num_threads(1)
     model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")

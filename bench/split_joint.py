@@ -38,6 +38,7 @@ import math
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from adaptivellm.split_client.planner import (
 )
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.shapes import ModelShape
+from adaptivellm.split_costs import PassCosts, load_pass_costs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from split_serving import SLA_CLASSES, TIERS  # the capacity benchmark's mix
@@ -63,11 +65,33 @@ from split_serving import SLA_CLASSES, TIERS  # the capacity benchmark's mix
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def measured_busy(model: PassCosts, vectors: np.ndarray, background: int) -> np.ndarray:
+    """Seconds of server time (forward and API-server CPU) per decode step of each k vector in
+    the measured model (adaptivellm.split_costs, from bench/results/split_host_cost.json).
+    Requests served whole (k = 0, and the background) share one pass of every layer; each
+    split session runs a pass of its own, as the measurement found (a split row waits for its
+    round trip, so it seldom shares a pass: 1.1-1.5 output tokens a pass against 3.3 for
+    requests served whole)."""
+    whole = background + (vectors == 0).sum(axis=1)
+    whole_pass = model.head_s + model.layers * (model.layer_s + model.layer_row_s * whole)
+    busy = np.where(whole > 0, whole_pass + whole * model.whole_host_s, 0.0)
+    own_pass = model.head_s + (model.layers - vectors) * (model.layer_s + model.layer_row_s)
+    ks, host = zip(*model.split_host, strict=True)
+    split = own_pass + np.interp(vectors, ks, host)
+    return busy + np.where(vectors > 0, split, 0.0).sum(axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     name: str
     shape: ModelShape
     server: ServerProfile
+    #: Score server time in this measured model as well (the planner's latencies still set
+    #: which SLAs are met).
+    measured: PassCosts | None = None
+    #: Plan and score against SLA / slack, as the server does once it has calibrated itself
+    #: (its slack read 1.6-1.9 in the capacity runs: `Calibration.budget`).
+    slack: float = 1.0
 
 
 def setups(args: argparse.Namespace) -> list[Setup]:
@@ -78,8 +102,17 @@ def setups(args: argparse.Namespace) -> list[Setup]:
     # A server whose layers are compute-bound (slow arithmetic, fast memory): the row count of
     # a step then sets its time, which is where sessions' choices interact.
     compute_bound = dataclasses.replace(cpu, flops_per_s=2e9, mem_bytes_per_s=1e12)
+    measured = load_pass_costs(args.host_cost) if args.host_cost else None
+    if measured is not None and measured.layers != args.layers:
+        raise ValueError(f"{args.host_cost} measured a {measured.layers}-layer model")
+    # The CPU server scored in the measured model too, at each slack (`Setup.slack`).
+    scored = [
+        Setup(f"tiny16-cpu-measured-slack{slack:g}", tiny, cpu, measured, slack)
+        for slack in (args.slacks if measured else [])
+    ]
     return [
         Setup("tiny16-cpu", tiny, cpu),
+        *scored,
         Setup("tiny16-compute-bound", tiny, compute_bound),
         Setup("llama3-8b-h100", PRESETS["llama3-8b"], ServerProfile()),
     ]
@@ -110,7 +143,7 @@ def study(
 
     def priced(tier: str, sla_class: str, rows: int) -> SplitCosts:
         server = dataclasses.replace(setup.server, decode_batch=max(1, background + rows))
-        request = PlannerRequest(prompt, out, sla_s(sla_class, out))
+        request = PlannerRequest(prompt, out, sla_s(sla_class, out) / setup.slack)
         return build_costs(setup.shape, TIERS[tier], server, request)
 
     # costs[s][j]: session s priced with j split rows (and the background) in each step.
@@ -132,7 +165,8 @@ def study(
     def scored(i: int, ks: list[int]) -> dict[str, Any]:
         return {"k": ks, "met": int(met[i]), "busy_s": float(busy[i]), "flops": float(flops[i])}
 
-    return {
+    row: dict[str, Any] = {
+        "layers": layers,
         "prompt": prompt,
         "output": out,
         "tiers": tiers,
@@ -140,6 +174,36 @@ def study(
         "per_request": scored(mine, served),
         "joint": scored(best, vectors[best].tolist()),
     }
+    if setup.measured is not None:
+        seconds = measured_busy(setup.measured, vectors, background)
+        ideal = int(np.lexsort((seconds, -met))[0])
+        for key, i in (("per_request", mine), ("joint", best)):
+            row[key]["measured_busy_s"] = float(seconds[i])
+        row["joint_measured"] = {**scored(ideal, vectors[ideal].tolist()),
+                                 "measured_busy_s": float(seconds[ideal])}  # fmt: skip
+        gated = priced_plans(setup.measured, served, background, lambda ks: met[index[ks]])
+        i = index[tuple(gated)]
+        row["per_request_priced"] = {**scored(i, gated), "measured_busy_s": float(seconds[i])}
+        row["all_whole"] = {**scored(0, [0] * sessions), "measured_busy_s": float(seconds[0])}
+    return row
+
+
+def priced_plans(
+    costs: PassCosts, served: list[int], background: int, met: Callable[[tuple[int, ...]], int]
+) -> list[int]:
+    """The server's per-request plans with `--split-cost-profile`: each split session in turn
+    is served whole instead where its split saves no server time beside the requests then
+    served whole (`PassCosts.split_saves`) and whole it meets its SLA (here: the vector meets
+    as many SLAs)."""
+    plans = list(served)
+    for s, k in enumerate(served):
+        whole_rows = background + sum(1 for j, kj in enumerate(plans) if j != s and kj == 0)
+        if k <= 0 or costs.split_saves(k, whole_rows):
+            continue
+        trial = [*plans[:s], 0, *plans[s + 1 :]]
+        if met(tuple(trial)) >= met(tuple(plans)):
+            plans = trial
+    return plans
 
 
 def joint_scores(
@@ -187,6 +251,53 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "busy_time_ratio_joint_over_per_request": _spread(busy_ratio),
         "flops_ratio_joint_over_per_request": _spread(flops_ratio),
         "scenarios_where_joint_saves_over_5pct_busy": sum(r < 0.95 for r in busy_ratio),
+        **(measured_summary(rows) if "joint_measured" in rows[0] else {}),
+    }
+
+
+def measured_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Server time in the measured model: the per-request plans (FLOP-priced) against serving
+    every session whole, and the optimum of the measured model (most SLAs met, then the least
+    measured time) against the per-request plans where both meet as many SLAs."""
+    sessions = sum(len(r["tiers"]) for r in rows)
+
+    def seconds(r: dict[str, Any], key: str) -> float:
+        return float(r[key]["measured_busy_s"])
+
+    def share(key: str, interior: bool) -> float:
+        ks = [(k, r["layers"]) for r in rows for k in r[key]["k"]]
+        return sum((0 < k < n) if interior else k == n for k, n in ks) / sessions
+
+    same = [r for r in rows if r["joint_measured"]["met"] == r["per_request"]["met"]]
+    return {
+        "measured": {
+            "per_request_over_all_whole": _spread(
+                [seconds(r, "per_request") / seconds(r, "all_whole") for r in rows]
+            ),
+            "optimum_over_per_request": _spread(
+                [seconds(r, "joint_measured") / seconds(r, "per_request") for r in same]
+            ),
+            "optimum_over_all_whole": _spread(
+                [seconds(r, "joint_measured") / seconds(r, "all_whole") for r in rows]
+            ),
+            "priced_over_per_request": _spread(
+                [seconds(r, "per_request_priced") / seconds(r, "per_request") for r in rows]
+            ),
+            "priced_over_optimum": _spread(
+                [seconds(r, "per_request_priced") / seconds(r, "joint_measured") for r in same]
+            ),
+            "priced_meets_fewer_slas": sum(
+                r["per_request_priced"]["met"] < r["per_request"]["met"] for r in rows
+            ),
+            "optimum_meets_more_slas": sum(
+                r["joint_measured"]["met"] > r["per_request"]["met"] for r in rows
+            ),
+            "sla_met_share_all_whole": sum(r["all_whole"]["met"] for r in rows) / sessions,
+            "split_shares": {
+                key: {"interior": share(key, True), "all_client": share(key, False)}
+                for key in ("per_request", "per_request_priced", "joint_measured")
+            },
+        }
     }
 
 
@@ -215,6 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--background", type=int, nargs="+", default=[0, 32],
         help="ordinary requests sharing every decode step (one study each)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host-cost", type=Path, default=RESULTS / "split_host_cost.json",
+        help="bench/split_host_cost.py's result: also score server time as it measured "
+        "this CPU's passes and API-server CPU (the tiny16-cpu-measured setup)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slacks", type=float, nargs="+", default=[1.0, 2.0],
+        help="SLA slacks of the measured setups (one setup each)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "split_joint.json")

@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request, RequestStatus
 
+from adaptivellm.metrics import SplitServerMetrics
 from adaptivellm.patches.split_runner import start_layers_for
 from adaptivellm.scheduler.config import AdaptiveConfig
 from adaptivellm.scheduler.split_sessions import (
@@ -40,9 +42,11 @@ from adaptivellm.split_client.planner import (
 from adaptivellm.split_client.planner import Request as PlannerRequest
 from adaptivellm.split_client.protocol import ClientSpec, Open, ProtocolError
 from adaptivellm.split_config import ARCHITECTURE, SPLIT_PLUGIN_NAME, SPLIT_POLICIES, SplitConfig
+from adaptivellm.split_costs import PassCosts, load_pass_costs
 from adaptivellm.split_server import (
     INITIAL_SLACK,
     INSTANT_CLIENT,
+    MIN_RATIOS,
     PAD_SHARE,
     Calibration,
     Session,
@@ -51,6 +55,8 @@ from adaptivellm.split_server import (
     rows_for_engine,
     tail_quantile,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -319,6 +325,102 @@ def test_the_service_plans_with_its_policy() -> None:
         "static",
         "greedy",
     ]
+
+
+#: A 6-layer server's costs (adaptivellm.split_costs) where, beside requests served whole,
+#: only the all-client split saves server time: one more row in their pass costs 2.07 ms a
+#: token, a split at 5 a pass of its own over one layer and its host cost, 2.24 ms.
+SIX_LAYER_COSTS = PassCosts(6, 0.3e-3, 0.6e-3, 0.3e-3, 0.27e-3, ((3, 1.2e-3), (6, 0.96e-3)))
+
+
+def _midway_sla(service: SplitService, flops: float, share: float = 0.5) -> tuple[float, float]:
+    """An SLA `share` of the way from the served-whole prediction to the all-client one at
+    `service`'s load, for a client of `flops`, and the served-whole prediction."""
+    _, all_client, _ = service.plan(_open(None, layer=6, flops=flops))
+    _, server_only, _ = service.plan(_open(None, layer=0, flops=flops))
+    assert all_client is not None and server_only is not None
+    return server_only + share * (all_client - server_only), server_only
+
+
+def _served_whole_cheaper() -> float:
+    from prometheus_client import REGISTRY
+
+    SplitServerMetrics.get()
+    return REGISTRY.get_sample_value("adaptivellm_split_served_whole_cheaper_total") or 0.0
+
+
+def test_a_cost_profile_serves_whole_the_splits_that_would_cost_the_server_more() -> None:
+    """With --split-cost-profile, an interior split the planner would choose is served whole
+    where it saves no server time beside the requests served whole, and whole meets the SLA;
+    on an idle server (a request served whole would run a pass of its own) it stays split, as
+    does an all-client split, and the other policies are left as they are."""
+    slow = 2e9  # a client slower than the server: latency grows with k, so whole is fastest
+    planner = _service(load=3)
+    sla, server_only = _midway_sla(planner, slow)
+    assert 0 < planner.plan(_open(sla, flops=slow))[0] < 6  # without costs: interior
+    priced = _service(SplitConfig(pass_costs=SIX_LAYER_COSTS), load=3)
+    before = _served_whole_cheaper()
+    layer, predicted, by = priced.plan(_open(sla, flops=slow))
+    assert (layer, by) == (0, "planner") and predicted == server_only
+    assert _served_whole_cheaper() == before + 1
+    report = priced.info()["pass_costs"]
+    assert report["whole_rows"] == 3 and report["break_even_layer"] == 6
+    assert report["break_even_layer_beside_whole"] == 6 and report["layers"] == 6
+    idle = _service(SplitConfig(pass_costs=SIX_LAYER_COSTS), load=0)
+    assert idle.info()["pass_costs"]["break_even_layer"] == 2
+    deep = _midway_sla(idle, slow, 0.9)[0]  # the planner's k: 3 (its initial slack)
+    assert 2 <= idle.plan(_open(deep, flops=slow))[0] < 6
+    assert priced.plan(_open(deep, flops=slow))[0] == 0
+    assert priced.plan(_open(60.0))[0] == 6  # a fast client: all-client saves, kept
+    greedy = _service(SplitConfig(policy="greedy", pass_costs=SIX_LAYER_COSTS), load=3)
+    assert 0 < greedy.plan(_open(sla, flops=slow))[0] < 6
+    assert planner.info()["pass_costs"] is None
+    # Open split sessions are not served whole: with 3 in flight, all of them split, a
+    # request served whole would run a pass of its own, so the split stays.
+    for n in range(3):
+        priced.open_sessions[f"s{n}"] = SimpleNamespace(layer=3)  # type: ignore[assignment]
+    assert priced.whole_rows() == 0 and 2 <= priced.plan(_open(deep, flops=slow))[0] < 6
+    assert _served_whole_cheaper() == before + 2  # the two served whole above
+
+
+def test_a_cost_profile_keeps_the_split_when_served_whole_runs_late() -> None:
+    """The planner serves a session whole to save server time only where sessions served whole
+    have lately met such an SLA: here they ran three times their predictions."""
+    slow = 2e9
+    priced = _service(SplitConfig(pass_costs=SIX_LAYER_COSTS), load=3)
+    sla, server_only = _midway_sla(priced, slow)
+    for _ in range(MIN_RATIOS):
+        priced.observe_session(server_only, 3 * server_only, "whole")
+    assert priced.fit("whole").bound(server_only) > sla
+    assert 0 < priced.plan(_open(sla, flops=slow))[0] < 6
+
+
+def test_a_cost_profile_for_another_model_or_a_bad_file_is_refused_at_start_up(
+    llama: str, tmp_path: Path
+) -> None:
+    from transformers import LlamaConfig
+
+    from adaptivellm.split_server import build_service
+
+    profile = ROOT / "bench" / "results" / "split_host_cost.json"
+    args = parse(llama, "--split-execution", "--split-cost-profile", str(profile))
+    apply_defaults(args, False, is_cpu=True)
+    carried = args.additional_config["adaptivellm"]["split"]["pass_costs"]
+    assert carried["layers"] == 16 and carried["split_host"]
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(SystemExit, match=f"cannot read the split cost profile {missing}"):
+        apply_defaults(parse(llama, "--split-execution", "--split-cost-profile", str(missing)),
+                       False, is_cpu=True)  # fmt: skip
+    hf = LlamaConfig(
+        num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=600, torch_dtype="float32",
+    )  # fmt: skip
+    model_config = SimpleNamespace(hf_config=hf, dtype=torch.float32, max_model_len=256)
+    config = SplitConfig(server_flops_per_s=1e12, server_mem_bytes_per_s=1e11,
+                         pass_costs=load_pass_costs(profile))  # fmt: skip
+    with pytest.raises(ValueError, match=r"16-layer model .* this model has 3 layers"):
+        build_service(SimpleNamespace(model_config=model_config), config,
+                      argparse.Namespace(model="tiny", served_model_name=None))  # fmt: skip
 
 
 def test_an_sla_missed_only_because_of_load_is_refused_with_a_retry_hint() -> None:

@@ -199,7 +199,9 @@ def test_the_joint_optimum_is_never_worse_and_per_request_plans_stay_feasible(
     """The per-request vector is one the exhaustive search sees, so the joint optimum meets at
     least as many SLAs at no more busy time; and a k a session chose alone, pricing every layer
     at the full batch, still meets its SLA when fewer rows share the layers."""
-    args = joint.argparse.Namespace(layers=6, cpu_flops=5e10, cpu_mem=2e10, cpu_step_s=0.01)
+    args = joint.argparse.Namespace(
+        layers=6, cpu_flops=5e10, cpu_mem=2e10, cpu_step_s=0.01, host_cost=None
+    )
     rng = np.random.default_rng(3)
     for setup in joint.setups(args)[:2]:
         for _ in range(6):
@@ -225,7 +227,9 @@ def test_joint_planning_pays_only_where_the_row_count_sets_a_steps_time(
     """On the weight-read-bound CPU profile the server's per-request plans are within a few
     percent of the joint optimum's server time; on a compute-bound server, where each
     session's rows slow the others, the exhaustive search finds much less in some scenarios."""
-    args = joint.argparse.Namespace(layers=16, cpu_flops=5e10, cpu_mem=2e10, cpu_step_s=0.01)
+    args = joint.argparse.Namespace(
+        layers=16, cpu_flops=5e10, cpu_mem=2e10, cpu_step_s=0.01, host_cost=None
+    )
     cpu, compute_bound, _ = joint.setups(args)
     found = {}
     for setup in (cpu, compute_bound):
@@ -236,3 +240,41 @@ def test_joint_planning_pays_only_where_the_row_count_sets_a_steps_time(
     assert found["tiny16-cpu"][key]["mean"] >= 0.95
     assert found["tiny16-compute-bound"][key]["mean"] <= 0.8
     assert found["tiny16-compute-bound"]["scenarios_where_joint_saves_over_5pct_busy"] > 0
+
+
+def test_the_measured_model_prices_passes_and_host_cost_as_the_server_does(
+    joint: types.ModuleType,
+) -> None:
+    """split_joint's measured model (bench/results/split_host_cost.json) costs a step as
+    PassCosts prices a token: requests served whole share one pass, each split session runs
+    one of its own; the optimum of that model is never worse than the per-request plans, and
+    the server's priced plans never meet fewer SLAs than its FLOP-priced ones."""
+    costs = joint.load_pass_costs(ROOT / "bench" / "results" / "split_host_cost.json")
+    n = costs.layers
+    vectors = np.array([[0, 0, 0], [n, 0, 0], [8, n, n]])
+    busy = joint.measured_busy(costs, vectors, background=2)
+    whole_pass = costs.head_s + n * (costs.layer_s + costs.layer_row_s * 5)
+    assert busy[0] == pytest.approx(whole_pass + 5 * costs.whole_host_s)
+    four = costs.head_s + n * (costs.layer_s + costs.layer_row_s * 4) + 4 * costs.whole_host_s
+    assert busy[1] == pytest.approx(four + costs.split_s(n))
+    three = costs.head_s + n * (costs.layer_s + costs.layer_row_s * 2) + 2 * costs.whole_host_s
+    assert busy[2] == pytest.approx(three + costs.split_s(8) + 2 * costs.split_s(n))
+    args = joint.argparse.Namespace(
+        layers=16, cpu_flops=5e10, cpu_mem=2e10, cpu_step_s=0.01,
+        host_cost=ROOT / "bench" / "results" / "split_host_cost.json", slacks=[2.0],
+    )  # fmt: skip
+    setup = next(s for s in joint.setups(args) if s.measured is not None)
+    rng = np.random.default_rng(1)
+    rows = [joint.study(setup, joint.scenario(rng, 3, 512, 48), 4) for _ in range(12)]
+    for row in rows:
+        mine, best = row["per_request"], row["joint_measured"]
+        priced = row["per_request_priced"]
+        assert best["met"] >= mine["met"] and priced["met"] >= mine["met"]
+        if best["met"] == mine["met"]:
+            assert best["measured_busy_s"] <= mine["measured_busy_s"] + 1e-12
+            assert best["measured_busy_s"] <= priced["measured_busy_s"] + 1e-12
+    summary = joint.summary(rows)["measured"]
+    assert summary["priced_meets_fewer_slas"] == 0
+    assert summary["priced_over_per_request"]["mean"] <= 1.0
+    # Beside 4 requests served whole, some interior split the FLOP price chose costs more.
+    assert any(r["per_request_priced"]["k"] != r["per_request"]["k"] for r in rows)
