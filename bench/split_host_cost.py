@@ -8,6 +8,9 @@ with the engine. This benchmark measures a split's cost alone, closed loop, with
 running:
 
 - one `adaptivellm serve --split-execution` on the capacity benchmark's 16-layer model;
+  (`--model PATH`: that checkpoint instead, for a `--split-cost-profile` of the model an
+  operator serves; the requests' token ids are drawn below 4,000, so its vocabulary must
+  hold them);
 - `--requests` requests drawn as the capacity pool draws them (ShareGPT lengths, seed
   `--seed`), every one from the workstation tier, `--concurrency` at a time, served as
   - `whole`: ordinary requests (the real `openai` client, `/v1/completions`), the whole
@@ -32,6 +35,12 @@ during one more run of the first split mode (`event_loop_shares`).
 
     python bench/split_host_cost.py                  # writes bench/results/split_host_cost.json
     python bench/split_host_cost.py --profile        # also where the API server's time goes
+    python bench/split_host_cost.py --model /models/llama --out profile.json
+    adaptivellm serve /models/llama --split-execution --split-cost-profile profile.json
+
+The result is also the cost model that `adaptivellm serve --split-cost-profile` prices splits
+with (adaptivellm.split_costs): it needs the whole mode, the all-client split and an interior
+one (the default `--layers-at`).
 """
 
 from __future__ import annotations
@@ -285,6 +294,12 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path,
+        help="measure this checkpoint (a Llama in safetensors, as --split-execution serves "
+        "it) instead of the embedded model's --layers/--hidden build: the profile for "
+        "--split-cost-profile on it",
+    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=16, help="decoder layers of the model")
     parser.add_argument("--hidden", type=int, default=256, help="width of the model")
     parser.add_argument("--requests", type=int, default=12, help="requests per mode and round")
@@ -303,12 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.rounds < 1 or args.concurrency < 1:
         parser.error("--requests, --rounds and --concurrency must be at least 1")
+    if args.model is not None:
+        config = args.model / "config.json"
+        if not config.is_file():
+            parser.error(f"--model {args.model}: no config.json there")
+        args.layers = int(json.loads(config.read_text())["num_hidden_layers"])
     layers_at = args.layers_at or [args.layers, args.layers // 2]
     if not all(0 <= k <= args.layers for k in layers_at):  # 0: served whole through the protocol
         parser.error(f"--layers-at must be in [0, {args.layers}]")
     modes = ["whole", "streamed", *(f"split@{k}" for k in layers_at)]
     torch.set_num_threads(1)
-    model_path = ensure_model(model_spec(args), name="adaptivellm-deep-llama")
+    model_path = args.model or ensure_model(model_spec(args), name="adaptivellm-deep-llama")
     # The capacity benchmark's pool, without its ordinary requests (every one may be split).
     items = [
         dataclasses.replace(item, tier=TIER)  # whole requests sleep for the same link

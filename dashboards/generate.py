@@ -174,7 +174,9 @@ ROWS = (
         Panel("Server work saved", "Decoder-layer passes per second computed by the server "
               "and saved by clients; forward passes by batch kind; forward seconds per second; "
               "context rows of resumed split sessions sent to the model runner and held there "
-              "(not sent again); prompt rows of k = N sessions the engine never needed.",
+              "(not sent again); prompt rows of k = N sessions the engine never needed; "
+              "sessions served whole because their split would have cost the server more "
+              "(--split-cost-profile).",
               (q(f"sum by (kind) (rate(adaptivellm_split_token_layers_total{A}[{RATE}]))",
                  "{{kind}}"),
                q(f"sum by (batch) (rate(adaptivellm_split_forward_passes_total{A}[{RATE}]))",
@@ -184,7 +186,9 @@ ROWS = (
                q(f"sum by (kind) (rate(adaptivellm_split_context_rows_total{A}[{RATE}]))",
                  "context rows {{kind}}"),
                q(f"sum(rate(adaptivellm_split_rows_skipped_total{A}[{RATE}]))",
-                 "prompt rows skipped (k = N)"))),
+                 "prompt rows skipped (k = N)"),
+               q(f"sum(rate(adaptivellm_split_served_whole_cheaper_total{A}[{RATE}]))",
+                 "served whole, cheaper"))),
     )),
     Row("Health", (
         Panel("Internal errors", "Errors in AdaptiveLLM's own code that were contained "

@@ -3,7 +3,9 @@ summary of CPU per token by mode (no server)."""
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +139,18 @@ def test_summary_skips_a_ratio_over_zero(bench: types.ModuleType) -> None:
 def test_summary_without_whole_has_no_ratio(bench: types.ModuleType) -> None:
     summary = bench.summarise([[_run("split@8", 1.0, 1.0, 1.0, 1.0)]], ["split@8"])
     assert "api_server_cpu_vs_whole" not in summary["split@8"]
+
+
+def test_bad_arguments_are_refused_before_any_server_starts(
+    bench: types.ModuleType, tmp_path: Path
+) -> None:
+    """--model must be a checkpoint folder (its layer count comes from its config.json), and
+    --layers-at must name layers of the model (0: served whole through the protocol)."""
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    with pytest.raises(SystemExit):  # layer 8 of a 4-layer model
+        bench.main(["--model", str(tmp_path), "--layers-at", "8", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        bench.main(["--layers-at", "-1"])
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x").exists()
