@@ -579,6 +579,13 @@ def _apply_split(args: argparse.Namespace, done: ServeDefaults) -> None:
             f"adaptivellm serve: --split-execution supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             f"; this model is {architecture}"
         )
+    layers = _num_layers(str(args.model_tag or args.model))
+    if config.pass_costs is not None and layers not in (None, config.pass_costs.layers):
+        raise SystemExit(
+            f"adaptivellm serve: --split-cost-profile was measured on a "
+            f"{config.pass_costs.layers}-layer model; this model has {layers} layers: measure "
+            "it with bench/split_host_cost.py --model on this model"
+        )
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
     args.hf_overrides = {**overrides, "architectures": [ARCHITECTURE]}
     args.enable_prompt_embeds = True
@@ -695,12 +702,23 @@ def _choose_split_runner(args: argparse.Namespace) -> list[str]:
 
 def _architecture(model: str) -> str | None:
     """The first architecture in a local model's config.json (None when not local)."""
-    config = Path(model) / "config.json"
-    try:
-        architectures = json.loads(config.read_text()).get("architectures") or [None]
-    except (OSError, ValueError):
-        return None
+    architectures = _model_config(model).get("architectures") or [None]
     return architectures[0]
+
+
+def _num_layers(model: str) -> int | None:
+    """A local model's decoder layers (config.json's num_hidden_layers; None when unknown)."""
+    layers = _model_config(model).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
+
+
+def _model_config(model: str) -> dict[str, Any]:
+    """A local model's config.json ({} when not local or unreadable)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _apply_cpu_defaults(args: argparse.Namespace, done: ServeDefaults) -> None:

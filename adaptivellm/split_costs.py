@@ -115,9 +115,11 @@ def pass_costs_from_result(result: dict[str, Any], source: str = "") -> PassCost
         splits = sorted(int(m.split("@")[1]) for m in summary if m.startswith("split@"))
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
         raise ValueError(f"not a split_host_cost.json result ({exc!r})") from None
-    layers = max(splits, default=0)
+    # The model's layer count: recorded by the benchmark since --model; before, the
+    # all-client split's k, the largest it measured with its default --layers-at.
+    layers = int(result.get("layers") or max(splits, default=0))
     interior = [k for k in splits if 0 < k < layers]
-    if "whole" not in summary or not interior:
+    if "whole" not in summary or layers not in splits or not interior:
         raise ValueError(
             "needs the whole mode, an all-client split and an interior one (run "
             "bench/split_host_cost.py with its default --layers-at); has "

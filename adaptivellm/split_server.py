@@ -662,6 +662,13 @@ class SplitEndpointPlugin:
             state.adaptivellm_split.shape.num_layers,
             config.max_sessions,
         )
+        if config.pass_costs is not None:
+            logger.info(
+                "Split planner prices splits with the cost profile %s: beside requests served "
+                "whole a split saves server time from k = %s",
+                config.pass_costs.source,
+                config.pass_costs.break_even_layer(1),
+            )
 
 
 def build_service(engine_client: Any, config: SplitConfig, args: Namespace) -> SplitService:

@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "split_host_cost",
         "command": shlex.join(["python", "bench/split_host_cost.py", *(argv or sys.argv[1:])]),
         "server_command": shlex.join(command),
+        "layers": args.layers,  # the model's (adaptivellm.split_costs reads it)
         "modes": modes,
         "requests": args.requests,
         "concurrency": args.concurrency,

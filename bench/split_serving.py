@@ -479,14 +479,17 @@ def counters(base: str) -> dict[str, float]:
         "mixed_passes": value("adaptivellm_split_forward_passes_total", 'batch="mixed"'),
         "token_layers": value("adaptivellm_split_token_layers_total", 'kind="computed"'),
         "saved_token_layers": value("adaptivellm_split_token_layers_total", 'kind="saved"'),
+        # Sessions served whole because their split would have cost more (--split-cost-profile).
+        "served_whole_cheaper": value("adaptivellm_split_served_whole_cheaper_total"),
     }
 
 
 def planner_state(base: str) -> dict[str, Any]:
-    """What the server's planner plans with after a run: its calibration by kind of session
-    and its profile of the server (the learned prefill rate among it), from /v1/split/info."""
+    """What the server's planner plans with after a run: its calibration by kind of session,
+    its profile of the server (the learned prefill rate among it) and its cost profile (None
+    without --split-cost-profile), from /v1/split/info."""
     info = httpx.get(f"{base}/v1/split/info", timeout=30).json()
-    return {key: info.get(key) for key in ("calibration", "server_profile")}
+    return {key: info.get(key) for key in ("calibration", "server_profile", "pass_costs")}
 
 
 def kv_blocks(base: str) -> int:

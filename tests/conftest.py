@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from hypothesis import Phase, settings
 
 from adaptivellm.launch import ServerProcess, adaptivellm_command, free_port
+from adaptivellm.model import ensure_model
 from tests.support import (
     API_KEY,
     MAX_MODEL_LEN,
@@ -19,6 +21,7 @@ from tests.support import (
     SPLIT_QUEUE_S,
     MustRun,
     Server,
+    dear_cost_profile,
 )
 
 #: Tests whose skip fails the session (tests.support.MustRun): the end-to-end checks that once
@@ -64,7 +67,17 @@ def fresh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from _split_server(tmp_path_factory)
 
 
-def _split_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture
+def priced_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`fresh_server` started with `--split-cost-profile`: a profile in which no split saves
+    server time (tests.support.dear_cost_profile, for the embedded model's layers)."""
+    config = json.loads((ensure_model() / "config.json").read_text())
+    profile = Path(tmp_path_factory.mktemp("profile")) / "split_host_cost.json"
+    profile.write_text(json.dumps(dear_cost_profile(int(config["num_hidden_layers"]))))
+    yield from _split_server(tmp_path_factory, "--split-cost-profile", str(profile))
+
+
+def _split_server(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> Iterator[Server]:
     port = free_port()
     flags = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
              "--served-model-name", *SERVED_NAMES, "--api-key", API_KEY,
@@ -72,7 +85,7 @@ def _split_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
              "--split-execution", "--split-max-sessions", str(SPLIT_MAX_SESSIONS),
              "--split-max-frame-mb", str(SPLIT_MAX_FRAME_MB),
              "--split-idle-timeout-s", str(SPLIT_IDLE_TIMEOUT_S),
-             "--split-queue-s", str(SPLIT_QUEUE_S)]  # fmt: skip
+             "--split-queue-s", str(SPLIT_QUEUE_S), *extra]  # fmt: skip
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
     process = ServerProcess(adaptivellm_command(None, port, flags), port, log)
     process.start()

@@ -64,6 +64,28 @@ async def texts_alone(
         return out
 
 
+def dear_cost_profile(layers: int) -> dict[str, Any]:
+    """A split_host_cost.json result for a `layers`-layer model in which every split token
+    costs the API server a second (`--split-cost-profile`): no split saves server time, so
+    the planner serves whole every session that whole meets its SLA."""
+
+    def mode(forward_ms: float, tokens_per_pass: float, api_ms: float) -> dict[str, Any]:
+        return {
+            "forward_ms_per_token": {"median": forward_ms},
+            "output_tokens_per_pass": {"median": tokens_per_pass},
+            "api_server_cpu_ms_per_token": {"median": api_ms},
+        }
+
+    return {
+        "command": "tests.support.dear_cost_profile",
+        "summary": {
+            "whole": mode(5.0, 3.0, 0.3),
+            f"split@{layers // 2}": mode(3.0, 1.5, 1000.0),
+            f"split@{layers}": mode(0.3, 1.0, 1000.0),
+        },
+    }
+
+
 def load_bench_script(name: str) -> ModuleType:
     """One of bench/'s scripts (not a package) as a module, e.g. load_bench_script("fairness")."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

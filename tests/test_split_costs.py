@@ -123,6 +123,12 @@ def test_figures_the_model_cannot_use_are_refused(tmp_path: Path) -> None:
     del summary["whole"]["output_tokens_per_pass"]
     with pytest.raises(ValueError, match="whole has no median output_tokens_per_pass"):
         pass_costs_from_result({"summary": summary})
+    # A result that records its model's layers needs the all-client split at that k: without
+    # it, k = 16 of a 32-layer model would be read as the head.
+    whole = _summary({"whole": 3.3, "split@8": 1.5, "split@16": 1.1})
+    with pytest.raises(ValueError, match="needs the whole mode, an all-client split"):
+        pass_costs_from_result({"layers": 32, "summary": whole})
+    assert pass_costs_from_result({"layers": 16, "summary": whole}).layers == 16
     # Rows a pass too close together cannot separate a layer's per-row cost from its fixed one.
     close = _summary({"whole": 1.6, "split@8": 1.5, "split@16": 1.1})
     with pytest.raises(ValueError, match="too close"):

@@ -352,8 +352,8 @@ def _served_whole_cheaper() -> float:
 def test_a_cost_profile_serves_whole_the_splits_that_would_cost_the_server_more() -> None:
     """With --split-cost-profile, an interior split the planner would choose is served whole
     where it saves no server time beside the requests served whole, and whole meets the SLA;
-    on an idle server (a request served whole would run a pass of its own) it stays split, as
-    does an all-client split, and the other policies are left as they are."""
+    on an idle server (a request served whole would run a pass of its own) a split at k >= 2
+    stays split, as does an all-client split, and the other policies are left as they are."""
     slow = 2e9  # a client slower than the server: latency grows with k, so whole is fastest
     planner = _service(load=3)
     sla, server_only = _midway_sla(planner, slow)
@@ -407,6 +407,14 @@ def test_a_cost_profile_for_another_model_or_a_bad_file_is_refused_at_start_up(
     apply_defaults(args, False, is_cpu=True)
     carried = args.additional_config["adaptivellm"]["split"]["pass_costs"]
     assert carried["layers"] == 16 and carried["split_host"]
+    three = tmp_path / "three-layers"
+    three.mkdir()
+    (three / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3})
+    )
+    with pytest.raises(SystemExit, match="16-layer model; this model has 3 layers"):
+        apply_defaults(parse(str(three), "--split-execution", "--split-cost-profile",
+                             str(profile)), False, is_cpu=True)  # fmt: skip
     missing = tmp_path / "nowhere.json"
     with pytest.raises(SystemExit, match=f"cannot read the split cost profile {missing}"):
         apply_defaults(parse(llama, "--split-execution", "--split-cost-profile", str(missing)),

@@ -134,7 +134,8 @@ def test_planner_chooses_k_with_load_and_sla(fresh_server: Server) -> None:
     with session(fresh_server) as ws:
         plan = open_session(ws, prompt_tokens=64, max_tokens=8, sla_s=60.0)
         assert plan.planned_by == "planner" and 0 <= plan.layer <= plan.num_layers
-        info = httpx.get(f"{fresh_server.base_url}/v1/split/info", timeout=30).json()
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        info = httpx.get(f"{fresh_server.base_url}/v1/split/info", headers=auth, timeout=30).json()
         assert plan.layer > 0, (plan, info["calibration"], info["server_profile"])
         assert plan.predicted_latency_s is not None and plan.predicted_latency_s <= 60.0
     slow = ClientSpec(flops_per_s=1e3, uplink_bps=1e3, downlink_bps=1e3, rtt_s=0.5)
@@ -142,6 +143,26 @@ def test_planner_chooses_k_with_load_and_sla(fresh_server: Server) -> None:
         ws.send(encode_message(Open(prompt_tokens=64, max_tokens=8, client=slow, sla_s=1.0)))
         plan = decode_message(ws.recv(timeout=60))
         assert isinstance(plan, Plan) and plan.layer == 0
+
+
+def test_a_cost_profile_serves_whole_what_a_split_would_make_dearer(priced_server: Server) -> None:
+    """With `--split-cost-profile` (one in which no split saves server time), the session the
+    planner would split for a fast client with a loose SLA (the test above) is served whole,
+    and the whole session runs; /v1/split/info shows the profile, /metrics counts it."""
+    name = "adaptivellm_split_served_whole_cheaper_total"
+    before = metric_value(metrics(priced_server), name) or 0.0
+    with session(priced_server) as ws:
+        plan = open_session(ws, prompt_tokens=8, max_tokens=4, sla_s=60.0)
+        assert (plan.layer, plan.planned_by, plan.server_decodes) == (0, "planner", True)
+        ws.send(encode_frame("prefill", hidden(8)))  # k = 0: the prompt's embeddings
+        tokens = [decode_message(ws.recv(timeout=120)) for _ in range(4)]
+        assert [t.index for t in tokens] == [0, 1, 2, 3] and tokens[-1].finish_reason
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    info = httpx.get(f"{priced_server.base_url}/v1/split/info", headers=auth, timeout=30).json()
+    costs = info.get("pass_costs") or {}
+    assert costs.get("break_even_layer", 0) is None, info
+    assert costs["layers"] == plan.num_layers
+    assert metric_value(metrics(priced_server), name) == before + 1
 
 
 @pytest.mark.parametrize(
