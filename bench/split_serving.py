@@ -30,7 +30,9 @@ the embedded one (`--layers`, default 16, so that splits can be interior), one s
   picks k: the least server work that meets the SLA), `greedy` (the client takes layers from
   the front until the next would break the SLA) and `static` (every layer on the client when
   that meets the SLA, else none). The last three are `--split-policy` of the server; `off` and
-  `planner` share a server.
+  `planner` share a server. Named in `--policies` only: `planner-priced` (the planner on a
+  server of its own with `--split-cost-profile --cost-profile`, splits priced in server
+  seconds) and `planner-embeddings` (clients that send embeddings at k = 0).
 
 For each policy and rate: SLA attainment (a request meets its SLA when it finished, with every
 token, within it; errors miss), server forward-seconds per request and forward passes that mix
@@ -102,7 +104,9 @@ POLICIES = ("off", "planner", "greedy", "static")
 #: Run only when named in --policies: the planner with replay clients that send the prompt's
 #: embeddings when a session is served whole (k = 0), as clients did before `Open.prompt_ids`
 #: (on the planner's server, for an A/B against `planner`).
-EXTRA_POLICIES = ("planner-embeddings",)
+#: `planner-priced`: the planner on a server of its own started with `--split-cost-profile
+#: --cost-profile` (splits priced in server seconds; docs/split_execution.md).
+EXTRA_POLICIES = ("planner-embeddings", "planner-priced")
 #: How often the KV cache's usage is read from /metrics.
 KV_SAMPLE_S = 0.25
 #: Bytes of one float32 value on the wire (the model is float32).
@@ -682,9 +686,13 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
+    """The flags of the server that runs `policy` (`planner-priced`: the planner with
+    `--split-cost-profile`)."""
+    priced = ["--split-cost-profile", str(args.cost_profile)] if policy == "planner-priced" else []
     return [
         "--enforce-eager", "--max-model-len", "2048", "--split-execution",
-        "--split-max-sessions", str(args.max_clients), "--split-policy", policy,
+        "--split-max-sessions", str(args.max_clients),
+        "--split-policy", "planner" if priced else policy, *priced,
         "--served-model-name", "split-bench", *args.server_arg,
     ]  # fmt: skip
 
@@ -696,7 +704,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     runs: list[dict] = []
     refs: dict[int, Reference] | None = None
     servers = {
-        "planner": ("off", "planner", "planner-embeddings"), "greedy": ("greedy",),
+        "planner": ("off", "planner", "planner-embeddings"),
+        "planner-priced": ("planner-priced",), "greedy": ("greedy",),
         "static": ("static",),
     }  # fmt: skip
     for server_policy, policies in servers.items():
@@ -896,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", choices=(*POLICIES, *EXTRA_POLICIES),
                         default=list(POLICIES),
                         help="run in the order given, per server")  # fmt: skip
+    parser.add_argument(
+        "--cost-profile", type=Path, default=RESULTS / "split_host_cost.json",
+        help="the --split-cost-profile of the planner-priced policy's server",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra `adaptivellm serve` flag (repeat)")  # fmt: skip

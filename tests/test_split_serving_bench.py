@@ -153,6 +153,20 @@ def test_the_link_costs_a_round_trip_and_the_frame(bench: types.ModuleType) -> N
     assert bench.link_s(spec, 1e6) - bench.link_s(spec, 0) == pytest.approx(8e6 / spec.uplink_bps)
 
 
+def test_the_priced_planner_runs_the_planner_with_the_cost_profile(bench: types.ModuleType) -> None:
+    """`planner-priced` is the planner on a server started with --split-cost-profile; the other
+    policies' servers have none."""
+    args = argparse.Namespace(max_clients=8, server_arg=["--x"], cost_profile=Path("p.json"))
+    flags = bench.server_flags(args, "planner-priced")
+    assert flags[flags.index("--split-policy") + 1] == "planner"
+    assert flags[flags.index("--split-cost-profile") + 1] == "p.json" and flags[-1] == "--x"
+    for policy in ("planner", "greedy", "static"):
+        flags = bench.server_flags(args, policy)
+        assert "--split-cost-profile" not in flags
+        assert flags[flags.index("--split-policy") + 1] == policy
+    assert "planner-priced" in bench.EXTRA_POLICIES
+
+
 @pytest.fixture(scope="module")
 def model_path() -> Path:
     return ensure_model()
