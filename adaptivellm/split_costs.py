@@ -14,11 +14,12 @@ No numpy here: the config that carries it (adaptivellm.split_config) is imported
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from adaptivellm.jsonfile import read_json
 
 #: The whole mode's and the interior split's rows a pass must differ by this much for their
 #: passes to tell the per-row cost of a layer from its fixed cost.
@@ -167,12 +168,7 @@ def load_pass_costs(path: str | Path) -> PassCosts:
     """`pass_costs_from_result` of the JSON file at `path`; ValueError naming the file when it
     is missing, unreadable, not JSON or not such a result."""
     path = Path(path)
-    try:
-        result = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read the split cost profile {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"the split cost profile {path} is not JSON: {exc}") from None
+    result = read_json(path, "the split cost profile")
     if not isinstance(result, dict):
         raise ValueError(f"the split cost profile {path} is not a split_host_cost.json result")
     try:

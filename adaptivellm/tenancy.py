@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptivellm.jsonfile import read_json
 from adaptivellm.scheduler.config import (
     MAX_TENANT_LEN,
     PRIORITY_RANGE,
@@ -106,12 +107,7 @@ def load_tenant_keys(path: str | Path) -> KeyFile:
     The file is JSON: `{"tenants": {"acme": {"keys": ["sk-acme-1", ...], "weight": 2}, ...}}`
     (`weight` optional, default 1). A key belongs to exactly one tenant."""
     path = Path(path).expanduser()
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read tenant key file {path}: {exc.strerror}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"tenant key file {path} is not valid JSON: {exc}") from exc
+    data = read_json(path, "tenant key file")
     tenants = data.get("tenants") if isinstance(data, dict) else None
     if not isinstance(tenants, dict) or not tenants:
         raise ValueError(

@@ -85,10 +85,9 @@ def measured_busy(model: PassCosts, vectors: np.ndarray, background: int) -> np.
     whole = background + (vectors == 0).sum(axis=1)
     whole_pass = model.head_s + model.layers * (model.layer_s + model.layer_row_s * whole)
     busy = np.where(whole > 0, whole_pass + whole * model.whole_host_s, 0.0)
-    own_pass = model.head_s + (model.layers - vectors) * (model.layer_s + model.layer_row_s)
-    ks, host = zip(*model.split_host, strict=True)
-    split = own_pass + np.interp(vectors, ks, host)
-    return busy + np.where(vectors > 0, split, 0.0).sum(axis=1)
+    # A split session's time a step at each k (none at k = 0): PassCosts.split_s.
+    split = np.array([model.split_s(k) if k else 0.0 for k in range(model.layers + 1)])
+    return busy + split[vectors].sum(axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,27 +277,19 @@ def measured_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ks = [(k, r["layers"]) for r in rows for k in r[key]["k"]]
         return sum((0 < k < n) if interior else k == n for k, n in ks) / sessions
 
+    def ratio(a: str, b: str, among: list[dict[str, Any]]) -> dict[str, float | None]:
+        """Plan `a`'s measured time over plan `b`'s, per scenario of `among`."""
+        return _spread([seconds(r, a) / seconds(r, b) for r in among])
+
     same = [r for r in rows if r["joint_measured"]["met"] == r["per_request"]["met"]]
     return {
         "measured": {
-            "per_request_over_all_whole": _spread(
-                [seconds(r, "per_request") / seconds(r, "all_whole") for r in rows]
-            ),
-            "optimum_over_per_request": _spread(
-                [seconds(r, "joint_measured") / seconds(r, "per_request") for r in same]
-            ),
-            "optimum_over_all_whole": _spread(
-                [seconds(r, "joint_measured") / seconds(r, "all_whole") for r in rows]
-            ),
-            "priced_over_all_whole": _spread(
-                [seconds(r, "per_request_priced") / seconds(r, "all_whole") for r in rows]
-            ),
-            "priced_over_per_request": _spread(
-                [seconds(r, "per_request_priced") / seconds(r, "per_request") for r in rows]
-            ),
-            "priced_over_optimum": _spread(
-                [seconds(r, "per_request_priced") / seconds(r, "joint_measured") for r in same]
-            ),
+            "per_request_over_all_whole": ratio("per_request", "all_whole", rows),
+            "optimum_over_per_request": ratio("joint_measured", "per_request", same),
+            "optimum_over_all_whole": ratio("joint_measured", "all_whole", rows),
+            "priced_over_all_whole": ratio("per_request_priced", "all_whole", rows),
+            "priced_over_per_request": ratio("per_request_priced", "per_request", rows),
+            "priced_over_optimum": ratio("per_request_priced", "joint_measured", same),
             "priced_meets_fewer_slas": sum(
                 r["per_request_priced"]["met"] < r["per_request"]["met"] for r in rows
             ),

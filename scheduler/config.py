@@ -12,13 +12,13 @@ the operator's weights file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptivellm.jsonfile import read_json
 from adaptivellm.scheduler.policies import (
     POLICIES,
     ServiceModel,
@@ -221,12 +221,7 @@ def load_tenant_weights(spec: str) -> dict[str, float]:
     `{"name": weight, ...}` (optionally under a top-level "tenants" key)."""
     if spec.startswith("@"):
         path = Path(spec[1:]).expanduser()
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ValueError(f"cannot read tenant weights file {path}: {exc.strerror}") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"tenant weights file {path} is not valid JSON: {exc}") from exc
+        data = read_json(path, "tenant weights file")
         if isinstance(data, dict) and isinstance(data.get("tenants"), dict):
             data = data["tenants"]
         if not isinstance(data, dict):

@@ -98,7 +98,7 @@ def test_the_committed_profile_loads() -> None:
     ("content", "message"),
     [
         (None, "cannot read"),
-        ("{not json", "is not JSON"),
+        ("{not json", "is not valid JSON"),
         ("[1, 2]", "not a split_host_cost.json result"),
         ('{"summary": 3}', "not a split_host_cost.json result"),
         ('{"summary": {"whole": {}, "split@16": {}}}', "needs the whole mode"),
