@@ -383,6 +383,7 @@ class SplitServerMetrics:
     latency_error: Histogram
     rows_skipped: Counter
     served_whole_cheaper: Counter
+    calibration_forgotten: Counter
 
     @staticmethod
     @cache
@@ -443,5 +444,12 @@ class SplitServerMetrics:
                 "Split sessions the planner served whole because the split it chose would have "
                 "taken more server time per token than serving them whole, and whole they meet "
                 "their SLA (--split-cost-profile)",
+            ),
+            calibration_forgotten=Counter(
+                f"{PREFIX}split_calibration_forgotten",
+                "Times the split planner forgot how a kind of session ran (interior, client or "
+                "whole) because none of that kind finished for --split-calibration-stale-s: a "
+                "kind its calibration had ruled out is planned again",
+                labelnames=["kind"],
             ),
         )

@@ -296,6 +296,15 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         "their predictions (default: %(default)s).",
     )
     group.add_argument(
+        "--split-calibration-stale-s",
+        type=float,
+        default=SplitConfig.calibration_stale_s,
+        help="The planner forgets how a kind of split session (interior, all-client, served "
+        "whole) ran when none of that kind finished for this long, and plans it as a fresh "
+        "server would: a kind that a few late sessions ruled out is tried again. 0: never "
+        "forget (default: %(default)s).",
+    )
+    group.add_argument(
         "--split-when-busy",
         choices=WHEN_BUSY,
         default=SplitConfig.when_busy,
@@ -558,6 +567,7 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
             policy=args.split_policy,
             when_busy=args.split_when_busy,
             sla_target=args.split_sla_target,
+            calibration_stale_s=args.split_calibration_stale_s,
             pass_costs=(
                 load_pass_costs(args.split_cost_profile) if args.split_cost_profile else None
             ),

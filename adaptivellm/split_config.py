@@ -64,6 +64,12 @@ class SplitConfig:
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would
     break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
+    calibration_stale_s: float = 60.0
+    """A kind of split session (interior, all-client, served whole) of which none has finished
+    for this long forgets how its sessions ran: it plans as a fresh server's kind does, on
+    split sessions' calibration as a whole or INITIAL_SLACK. A kind is only recalibrated by
+    its own sessions, so without this one late session among a few could rule the kind out,
+    and keep it out for good. 0: never forget."""
     pass_costs: PassCosts | None = None
     """This server's pass and host costs (`--split-cost-profile`, adaptivellm.split_costs):
     with them the planner serves a session whole, where that meets its SLA, rather than split
@@ -90,8 +96,10 @@ class SplitConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        if not (math.isfinite(self.queue_s) and self.queue_s >= 0):
-            raise ValueError(f"queue_s must be a number >= 0, got {self.queue_s}")
+        for name in ("queue_s", "calibration_stale_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
         for name in ("server_flops_per_s", "server_mem_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

@@ -96,6 +96,13 @@ PAD_SHARE = 0.5
 #: instant session by seconds (a fresh-clone CI: 4 all-client sessions gave a slack of 865 and
 #: a pad of 0.17 s, 147 s for any all-client session): the ratios are read unpadded.
 MIN_PADDED_SESSIONS = MIN_AFFINE_SESSIONS
+#: Interior and all-client sessions are planned with their own calibration once this many of
+#: their kind are known (as many as a padded slack needs), and with split sessions' as a whole
+#: before: the tail of a handful of ratios, extrapolated and unpadded, reads far more than it
+#: shows (1, 1, 1 and 2 read 15x), and a kind whose slack rules every plan of it out gets no
+#: session to correct it (a capacity run read an all-client slack of 16.3 from 11 sessions,
+#: one of them late, and served every session whole from then on).
+MIN_OWN_SESSIONS = MIN_PADDED_SESSIONS
 #: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
 MIN_PLANNED_SLA_S = 1e-9
 #: A prefill teaches the planner the rate prefills run at (`observe_prefill`) when it ran at
@@ -150,6 +157,8 @@ class SplitService:
     samples: dict[str, deque[tuple[float, float]]] = field(
         default_factory=lambda: {k: deque(maxlen=64) for k in ("interior", "client", "whole")}
     )
+    #: When (time.monotonic) a session of each kind last finished (`forget_stale`).
+    last_observed: dict[str, float] = field(default_factory=dict)
     #: `fit`'s answers since the last session was recorded.
     _fits: dict[str, Calibration] = field(default_factory=dict, repr=False)
 
@@ -278,6 +287,7 @@ class SplitService:
         """How the planner corrects its cost model now, for each SessionKind: the offset and
         factor on its predictions, the slack it plans against, and how many recent sessions they
         rest on (an operator's answer to "why does the planner keep sessions whole?")."""
+        self.forget_stale()
         return {
             kind: {"sessions": len(self._recent(kind)), **self.fit(kind).report()}
             for kind in ("split", "interior", "client", "whole")
@@ -411,24 +421,58 @@ class SplitService:
         """How sessions of `kind` have run against the cost model lately (`fit_calibration`
         over the last 64, with the SLA target's quantile as the slack, read on padded
         latencies, its tail extrapolated). Interior and all-client sessions fall back to split
-        sessions' as a whole while too few of their own are known, and those to INITIAL_SLACK
-        with the predictions as they are.
+        sessions' as a whole while fewer than MIN_OWN_SESSIONS of their own are known, and
+        those to INITIAL_SLACK with the predictions as they are (below MIN_RATIOS). A kind none
+        of which finished lately is forgotten first (`forget_stale`).
 
         Sessions served whole may plan beyond the SLA when their line runs below their
         predictions (an ordinary request priced by the split cost model; it is the SLA check of
         serving whole that reads it), with slack 1 while too few are known. Split kinds' budget
         is at most the SLA. Kept until the next session is recorded (a plan reads several; a
         fit takes about 0.25 ms)."""
-        if (fitted := self._fits.get(kind)) is not None:
-            return fitted
+        self.forget_stale()
+        if (fitted := self._fits.get(kind)) is None:
+            fitted = self._fits[kind] = self._fit(kind)
+        return fitted
+
+    def _fit(self, kind: SessionKind) -> Calibration:
         split = kind != "whole"
         samples = self._samples(kind)
         if samples is None:
-            fitted = Calibration(slack=INITIAL_SLACK if split else 1.0, within_sla=split)
-        else:
-            fitted = fit_calibration(samples, self.config.sla_target, within_sla=split)
-        self._fits[kind] = fitted
-        return fitted
+            return Calibration(slack=INITIAL_SLACK if split else 1.0, within_sla=split)
+        return fit_calibration(samples, self.config.sla_target, within_sla=split)
+
+    def forget_stale(self, now: float | None = None) -> list[SessionKind]:
+        """Forget the sessions of each kind none of which finished for
+        `SplitConfig.calibration_stale_s` (0: never); the kinds forgotten. A kind is only
+        recalibrated by its own sessions: once its calibration rules it out (one session far
+        past its prediction among a few can make every plan of the kind infeasible), none is
+        planned, and without this it would stay out for good. Forgotten, it plans as on a
+        fresh server (`fit`'s fallbacks). Counted on /metrics and logged."""
+        stale_s = self.config.calibration_stale_s
+        if stale_s <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        kinds: tuple[SessionKind, ...] = ("interior", "client", "whole")
+        forgotten = [
+            kind
+            for kind in kinds
+            if self.samples[kind] and now - self.last_observed.get(kind, now) > stale_s
+        ]
+        for kind in forgotten:
+            logger.info(
+                "Split planner forgets how its %d recent %s sessions ran (%s): none finished "
+                "in %g s",
+                len(self.samples[kind]),
+                kind,
+                self._fit(kind).report(),
+                stale_s,
+            )
+            self.samples[kind].clear()
+            SplitServerMetrics.get().calibration_forgotten.labels(kind=kind).inc()
+        if forgotten:
+            self._fits.clear()
+        return forgotten
 
     def _recent(self, kind: SessionKind) -> list[tuple[float, float]]:
         if kind == "split":
@@ -438,7 +482,7 @@ class SplitService:
     def _samples(self, kind: SessionKind) -> np.ndarray | None:
         """The recent (predicted, measured) pairs `fit` reads; None while too few are known."""
         samples = self._recent(kind)
-        if len(samples) < MIN_RATIOS and kind in ("interior", "client"):
+        if len(samples) < MIN_OWN_SESSIONS and kind in ("interior", "client"):
             samples = self._recent("split")
         return np.array(samples, dtype=float) if len(samples) >= MIN_RATIOS else None
 
@@ -460,6 +504,7 @@ class SplitService:
         measured_s -= max(0.0, client_late_s)
         if predicted_s is not None and 0 < predicted_s < math.inf and 0 < measured_s < math.inf:
             self.samples[kind].append((predicted_s, measured_s))
+            self.last_observed[kind] = time.monotonic()
             self._fits.clear()
 
     def client_share_s(self, client: ClientProfile, work: Request, layer: int) -> float:

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +134,13 @@ def test_a_negative_queue_wait_is_refused_and_the_flag_reaches_the_config(llama:
     args = parse(llama, "--split-execution", "--split-queue-s", "0")
     apply_defaults(args, False, is_cpu=True)
     assert args.additional_config["adaptivellm"]["split"]["queue_s"] == 0.0
+    with pytest.raises(SystemExit, match="calibration_stale_s must be a number >= 0"):
+        apply_defaults(
+            parse(llama, "--split-execution", "--split-calibration-stale-s", "nan"), False, True
+        )
+    args = parse(llama, "--split-execution", "--split-calibration-stale-s", "30")
+    apply_defaults(args, False, is_cpu=True)
+    assert args.additional_config["adaptivellm"]["split"]["calibration_stale_s"] == 30.0
 
 
 def test_the_split_policy_flag_reaches_the_config_and_bad_ones_are_refused(llama: str) -> None:
@@ -733,14 +741,15 @@ def test_the_calibration_report_shows_what_the_planner_plans_with() -> None:
     for ratio in (1.0, 1.0, 1.0, 1.0):
         service.observe_session(1.0, ratio, "client")
     report = service.calibration_report()
-    assert report["client"] == {
-        "sessions": 4, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.0,
-    }  # fmt: skip
+    # Fewer than 16 of their own: all-client sessions are still planned with split sessions'.
     assert report["split"]["sessions"] == 8
+    assert report["client"] == {**report["split"], "sessions": 4}
     assert service.info()["calibration"] == report
-    for _ in range(12):  # 16 known: padded by half the median latency
+    for _ in range(12):  # 16 known: their own, padded by half the median latency
         service.observe_session(1.0, 1.0, "client")
-    assert service.calibration_report()["client"]["pad_s"] == 0.5
+    assert service.calibration_report()["client"] == {
+        "sessions": 16, "slack": 1.0, "calibration": 1.0, "offset_s": 0.0, "pad_s": 0.5,
+    }  # fmt: skip
 
 
 def test_slack_shrinks_the_sla_the_planner_plans_against() -> None:
@@ -764,7 +773,7 @@ def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> 
     fast = _service(load=0)
     _, all_client, _ = fast.plan(_open(None, layer=6))
     assert all_client is not None
-    for _ in range(8):
+    for _ in range(16):
         fast.observe_session(1.0, 1.0, "client")
         fast.observe_session(1.0, 3.0, "interior")
     assert fast.fit("client").bound(1.0) == 1.0
@@ -780,7 +789,7 @@ def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> 
     _, server_only, _ = on_time.plan(_open(None, layer=0, flops=slow))
     assert slow_all_client is not None and server_only is not None
     sla = (slow_all_client + server_only) / 2
-    for _ in range(8):
+    for _ in range(16):
         on_time.observe_session(1.0, 1.0, "interior")
         on_time.observe_session(1.0, 3.0, "client")
         late.observe_session(1.0, 3.0, "interior")
@@ -790,6 +799,70 @@ def test_interior_and_all_client_sessions_are_planned_with_their_own_slack() -> 
     layer, predicted, _ = late.plan(_open(sla, flops=slow))
     assert layer < 6 and predicted is not None
     assert layer == 0 or predicted * 3.0 <= sla
+
+
+def _forgotten(kind: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "adaptivellm_split_calibration_forgotten_total", {"kind": kind}
+    )
+    return value or 0.0
+
+
+def test_a_kind_with_few_sessions_of_its_own_plans_with_split_sessions_calibration() -> None:
+    """Ten all-client sessions on time and one 4x late: read alone, unpadded and extrapolated,
+    they give a slack of 3.7; until 16 of its own are known the kind plans with split sessions'
+    as a whole (here 16 interior ones, 1.1x), padded: 2.3."""
+    service = _service(load=0)
+    for ratio in [1.0] * 10 + [4.0]:
+        service.observe_session(1.0, ratio, "client")
+    for _ in range(16):
+        service.observe_session(1.0, 1.1, "interior")
+    own = fit_calibration(np.array(service.samples["client"]), 0.99, within_sla=True)
+    assert own.slack == pytest.approx(3.7)
+    assert service.fit("client") == service.fit("split")
+    assert service.fit("client").slack == pytest.approx(2.3, abs=0.01)
+    assert service.fit("client").pad_s == pytest.approx(0.55)
+    for _ in range(5):  # 16 of its own: its own calibration
+        service.observe_session(1.0, 1.0, "client")
+    assert service.fit("client").factor == 1.0 and service.fit("interior").factor == 1.1
+
+
+def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -> None:
+    """The stuck calibration of a capacity run: ten all-client sessions on time and one 40x
+    late give a slack that rules out every all-client plan, so no all-client session runs
+    again and its calibration never moves. Once none has finished for calibration_stale_s it
+    is forgotten (counted), and the kind plans as a fresh server's does; 0 never forgets."""
+    stuck, kept = _service(load=0), _service(SplitConfig(calibration_stale_s=0), load=0)
+    _, all_client, _ = stuck.plan(_open(None, layer=6))
+    assert all_client is not None
+    sla = all_client * 3
+    assert stuck.plan(_open(sla))[0] == 6
+    for service in (stuck, kept):
+        for ratio in [1.0] * 10 + [40.0]:
+            service.observe_session(1.0, ratio, "client")
+        for _ in range(8):
+            service.observe_session(1.0, 1.1, "interior")
+        assert service.fit("client").slack > 10
+        assert service.plan(_open(sla))[0] < 6  # ruled out
+    before = _forgotten("client")
+    assert stuck.forget_stale(time.monotonic()) == []  # recent: kept
+    assert stuck.forget_stale(time.monotonic() + 61) == ["interior", "client"]
+    assert _forgotten("client") == before + 1
+    assert stuck.calibration_report()["client"]["sessions"] == 0
+    assert stuck.fit("client").slack == INITIAL_SLACK  # as on a fresh server
+    assert stuck.plan(_open(sla))[0] == 6
+    assert kept.forget_stale(time.monotonic() + 1e6) == []
+    assert kept.plan(_open(sla))[0] < 6
+    # A kind that still runs keeps its calibration while another goes stale.
+    mixed = _service(load=0)
+    for _ in range(4):
+        mixed.observe_session(1.0, 2.0, "client")
+        mixed.observe_session(1.0, 2.0, "whole")
+    mixed.last_observed["client"] -= 200
+    assert mixed.fit("whole").factor == 2.0  # fit() forgets the stale kind itself
+    assert len(mixed.samples["client"]) == 0 and len(mixed.samples["whole"]) == 4
 
 
 def test_observed_prefills_teach_the_planner_their_rate() -> None:
