@@ -150,10 +150,14 @@ ROWS = (
                q(p50("adaptivellm_output_length_prediction_error"), "output length error"))),
     )),
     Row("Split execution", (
-        Panel("Split sessions", "Open now, and opened per second by how they ended.",
+        Panel("Split sessions", "Open now, and opened per second by how they ended; "
+              "times per second the planner forgot a kind's calibration (none of that kind "
+              "finished for --split-calibration-stale-s).",
               (q(f"sum(adaptivellm_split_sessions_open{A})", "open"),
                q(f"sum by (outcome) (rate(adaptivellm_split_sessions_total{A}[{RATE}]))",
-                 "{{outcome}}"))),
+                 "{{outcome}}"),
+               q(f"sum by (kind) (rate(adaptivellm_split_calibration_forgotten_total{A}"
+                 f"[{RATE}]))", "calibration forgotten {{kind}}"))),
         Panel("Chosen split layer k", "Median and p99 of k (the client runs layers 0..k-1).",
               (q(p50("adaptivellm_split_chosen_layer"), "p50"),
                q(p99("adaptivellm_split_chosen_layer"), "p99"))),
