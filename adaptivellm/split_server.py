@@ -91,17 +91,25 @@ TAIL_SHARE = 0.5
 #: trip) are seconds, not a share of its length, and over ratios alone the short sessions'
 #: tail would set the slack of long ones.
 PAD_SHARE = 0.5
-#: ... once this many sessions are known (as many as a line needs); with fewer, the tail is
-#: extrapolated from a handful of ratios, and the pad times such a slack would bound even an
-#: instant session by seconds (a fresh-clone CI: 4 all-client sessions gave a slack of 865 and
-#: a pad of 0.17 s, 147 s for any all-client session): the ratios are read unpadded.
+#: ... and the tail extrapolated, once this many sessions are known (as many as a line needs).
+#: With fewer, the ratios are read unpadded and the slack is their interpolated quantile (near
+#: the largest seen) times 1 + FEW_SESSIONS_MARGIN / n: extrapolated from a handful of ratios
+#: the tail reads far more than they show (of n = 4, the largest over the second largest to the
+#: power 3.9: a fresh-clone CI read an all-client slack of 865 from 4 sessions, and a pad times
+#: that bounded any all-client session by 147 s; a capacity run read 8.1-12.9 from 10-12 split
+#: sessions and served every session whole at 1-2/s).
 MIN_PADDED_SESSIONS = MIN_AFFINE_SESSIONS
+#: Replayed over the capacity runs' first 4-15 sessions of each kind (bench/split_calibration.py
+#: `few_sessions`), the interpolated quantile alone covered 89% / 87% of the next interior /
+#: all-client sessions; with this margin 100% / 94%, as the extrapolated tail did (97% / 94%),
+#: at bounds of 1.53x / 1.97x the prediction (median) against its 1.58x / 2.41x.
+FEW_SESSIONS_MARGIN = 2.0
 #: Interior and all-client sessions are planned with their own calibration once this many of
 #: their kind are known (as many as a padded slack needs), and with split sessions' as a whole
-#: before: the tail of a handful of ratios, extrapolated and unpadded, reads far more than it
-#: shows (1, 1, 1 and 2 read 15x), and a kind whose slack rules every plan of it out gets no
-#: session to correct it (a capacity run read an all-client slack of 16.3 from 11 sessions,
-#: one of them late, and served every session whole from then on).
+#: before: the slack of a handful of sessions is uncertain (1, 1, 1 and 2 read 2.96x), and a
+#: kind whose slack rules every plan of it out gets no session to correct it (a capacity run
+#: read an all-client slack of 16.3 from 11 sessions, one of them late, and served every
+#: session whole from then on).
 MIN_OWN_SESSIONS = MIN_PADDED_SESSIONS
 #: The shortest SLA a plan is asked to meet: a budget calibrated down to nothing or below.
 MIN_PLANNED_SLA_S = 1e-9
@@ -611,9 +619,11 @@ def fit_calibration(
     pairwise slopes, then the median offset; robust to the tail, which the slack is for) where
     the predictions spread enough to fit one, else the median ratio alone; the slack is the
     `quantile` of measured over the line, both padded by `pad_share` x the median measured
-    latency once MIN_PADDED_SESSIONS are known, its tail extrapolated (`tail_quantile`; at
-    least 1 where `within_sla`, and at least 1 anyway: at least half the sessions are on or
-    above a median line, and the tail estimate is never below the interpolated quantile)."""
+    latency and its tail extrapolated (`tail_quantile`) once MIN_PADDED_SESSIONS are known;
+    with fewer, the interpolated quantile of the unpadded ratios (near the largest) times
+    1 + FEW_SESSIONS_MARGIN / n. At least
+    1 where `within_sla`, and at least 1 anyway once known: at least half the sessions are on
+    or above a median line, and the tail estimate is never below the interpolated quantile."""
     predicted, measured = samples[:, 0], samples[:, 1]
     offset, factor = 0.0, float(np.median(measured / predicted))
     if len(predicted) >= MIN_AFFINE_SESSIONS:
@@ -627,12 +637,15 @@ def fit_calibration(
             if slope >= MIN_FACTOR and intercept >= 0:
                 offset, factor = intercept, slope
     line = offset + factor * predicted
-    pad = pad_share * float(np.median(measured)) if len(measured) >= MIN_PADDED_SESSIONS else 0.0
-    tail = tail_quantile((measured + pad) / (line + pad), quantile)
+    known = len(measured) >= MIN_PADDED_SESSIONS
+    pad = pad_share * float(np.median(measured)) if known else 0.0
+    tail = tail_quantile((measured + pad) / (line + pad), quantile, extrapolate=known)
+    if not known:
+        tail *= 1 + FEW_SESSIONS_MARGIN / len(measured)
     return Calibration(offset, factor, max(1.0, tail) if within_sla else tail, within_sla, pad)
 
 
-def tail_quantile(ratios: np.ndarray, quantile: float) -> float:
+def tail_quantile(ratios: np.ndarray, quantile: float, *, extrapolate: bool = True) -> float:
     """The `quantile` of positive `ratios`, read beyond the largest where it lies there (the
     peaks-over-threshold estimate): the logs of the largest m = TAIL_SHARE x n of the n ratios
     are taken as an exponential tail above the smallest of them, its scale the mean excess over
@@ -647,6 +660,8 @@ def tail_quantile(ratios: np.ndarray, quantile: float) -> float:
     if count == 0:
         return 1.0
     seen = float(np.quantile(ratios, quantile))
+    if not extrapolate:
+        return seen
     largest = min(count, max(2, round(TAIL_SHARE * count)))
     if count < 2 or quantile >= 1 or quantile <= 1 - largest / count:
         return seen

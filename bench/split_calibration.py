@@ -28,7 +28,11 @@ from the sessions before it on that server:
 - `bound_over_prediction_p50`: how far above the prediction the bound sits at the median (the
   smaller, the more sessions a rule lets the planner split at an SLA);
 - `coverage_long` and `bound_over_prediction_p50_long`: the same for sessions predicted at
-  2 s or more, whose splits save the server the most work.
+  2 s or more, whose splits save the server the most work;
+- `few_sessions`: a fresh server's sessions, the 5th to the 16th of each kind, where the slack
+  is read off too few ratios to pad or extrapolate. The rules: `interpolated` (their
+  quantile), `extrapolated` (its tail read off them; the server's rule before) and `server`
+  (the interpolated quantile times 1 + 2 / n, the server's rule now).
 
     python bench/split_calibration.py                 # the committed runs; JSON + PNG
     python bench/split_calibration.py --runs a.json b.json.gz --out /tmp/cal.json
@@ -53,7 +57,13 @@ from typing import Any
 
 import numpy as np
 
-from adaptivellm.split_server import MIN_RATIOS, fit_calibration, session_kind
+from adaptivellm.split_server import (
+    MIN_PADDED_SESSIONS,
+    MIN_RATIOS,
+    fit_calibration,
+    session_kind,
+    tail_quantile,
+)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -246,6 +256,49 @@ def replay(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict
     return out
 
 
+def few_sessions_slack(samples: np.ndarray, quantile: float, rule: str) -> float:
+    """A few sessions' bound over the prediction (the median ratio is the line below
+    MIN_PADDED_SESSIONS): `interpolated`, the quantile of the ratios over it; `extrapolated`,
+    that quantile read off their tail (`tail_quantile`, the server's rule before 16 sessions
+    were needed); `server`, the server's rule now (`fit_calibration`: the interpolated quantile
+    times 1 + FEW_SESSIONS_MARGIN / n)."""
+    if rule == "server":
+        return fit_calibration(samples, quantile, within_sla=True).bound(1.0)
+    ratios = samples[:, 1] / samples[:, 0]
+    factor = float(np.median(ratios))
+    slack = tail_quantile(ratios / factor, quantile, extrapolate=rule == "extrapolated")
+    return factor * max(1.0, slack)
+
+
+def replay_few(runs: list[list[dict[str, Any]]], kind: str, quantile: float) -> dict[str, Any]:
+    """Each session of `kind` that followed at least MIN_RATIOS and fewer than
+    MIN_PADDED_SESSIONS of its kind on its server, checked against each few-session rule's
+    bound (`few_sessions_slack`): how a fresh server plans."""
+    checks: dict[str, list[tuple[bool, float]]] = {rule: [] for rule in FEW_SESSIONS_RULES}
+    for rows in runs:
+        history = [(row["predicted"], row["measured"]) for row in rows if row["kind"] == kind]
+        for seen in range(MIN_RATIOS, min(len(history), MIN_PADDED_SESSIONS)):
+            predicted, measured = history[seen]
+            for rule, rule_checks in checks.items():
+                over = few_sessions_slack(np.array(history[:seen]), quantile, rule)
+                rule_checks.append((measured <= over * predicted, over))
+    return {
+        rule: {
+            "checks": len(rows_checked),
+            "coverage": round(float(np.mean([ok for ok, _ in rows_checked])), 4),
+            "bound_over_prediction_p50": round(
+                float(np.median([over for _, over in rows_checked])), 3
+            ),
+        }
+        if rows_checked
+        else None
+        for rule, rows_checked in checks.items()
+    }
+
+
+FEW_SESSIONS_RULES = ("interpolated", "extrapolated", "server")
+
+
 def plot(runs: list[list[dict[str, Any]]], quantile: float, out: Path) -> None:
     """Interior splits: measured / predicted against the prediction, with each rule's bound
     fitted over all of them."""
@@ -328,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "kinds_where_load_recorded": {
             kind: replay(recorded, kind, args.quantile) for kind in KINDS
         },
+        # A fresh server: the 5th to 16th session of each kind.
+        "few_sessions": {kind: replay_few(runs, kind, args.quantile) for kind in KINDS},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -336,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         print(kind, json.dumps(figures))
     for kind, figures in report["kinds_where_load_recorded"].items():
         print(f"{kind} (load recorded)", json.dumps(figures))
+    for kind, figures in report["few_sessions"].items():
+        print(f"{kind} (5th to 16th session)", json.dumps(figures))
     print(f"wrote {args.out}")
     return 0
 
