@@ -113,6 +113,31 @@ def test_sessions_are_checked_only_against_their_own_server_and_kind(
     assert out["line"]["coverage_short"] is None
 
 
+def test_a_few_sessions_bound_is_their_largest_ratio_with_a_margin_not_a_blown_up_tail(
+    bench: types.ModuleType,
+) -> None:
+    """Four sessions on the line, then one 2x late (beyond every rule's bound: none had seen
+    a late one) and one 1.9x late: the server's rule (the interpolated quantile times 1 + 2 / n)
+    bounds that one at 1.96 x 1.4 = 2.74x, the extrapolated tail (the rule before) at several
+    times that. Only sessions after 4 and before 16 of a kind are checked."""
+    rows = [("interior", 1.0, 1.0, 20)] * 4 + [
+        ("interior", 1.0, 2.0, 20),
+        ("interior", 1.0, 1.9, 20),
+    ]
+    out = bench.replay_few([_run(rows)], "interior", 0.99)
+    assert [out[rule]["checks"] for rule in ("interpolated", "extrapolated", "server")] == [2] * 3
+    server = bench.few_sessions_slack(np.array([[1.0, r] for r in (1, 1, 1, 1, 2)]), 0.99, "server")
+    assert server == pytest.approx(1.96 * (1 + 2 / 5))
+    extrapolated = bench.few_sessions_slack(
+        np.array([[1.0, r] for r in (1, 1, 1, 1, 2)]), 0.99, "extrapolated"
+    )
+    assert extrapolated > 2 * server
+    assert out["server"]["coverage"] == 0.5 and out["extrapolated"]["coverage"] == 0.5
+    assert out["server"]["bound_over_prediction_p50"] == pytest.approx((1.5 + 1.96 * 1.4) / 2)
+    long = _run([("interior", 1.0, 1.0, 20)] * 30)
+    assert bench.replay_few([long], "interior", 0.99)["server"]["checks"] == 12
+
+
 def test_the_script_reads_runs_and_writes_its_report(
     bench: types.ModuleType, tmp_path: Path
 ) -> None:
@@ -153,6 +178,9 @@ def test_the_script_reads_runs_and_writes_its_report(
     # No outcome recorded its load: no server's sessions to compare the rules on there.
     assert report["kinds_where_load_recorded"]["interior"]["checks"] == 0
     assert report["kinds"]["interior"]["load"] is None
+    # A fresh server's 5th to 16th session of each kind: 12 of the 20 interior ones.
+    assert report["few_sessions"]["interior"]["server"]["checks"] == 12
+    assert set(report["few_sessions"]["client"]) == {"interpolated", "extrapolated", "server"}
     assert report["runs"] == [str(path)] and report["command"].startswith("python bench/")
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit):
