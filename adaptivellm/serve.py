@@ -300,9 +300,10 @@ def _add_split_arguments(group: argparse._ArgumentGroup) -> None:
         type=float,
         default=SplitConfig.calibration_stale_s,
         help="The planner forgets how a kind of split session (interior, all-client, served "
-        "whole) ran when none of that kind finished for this long, and plans it as a fresh "
-        "server would: a kind that a few late sessions ruled out is tried again. 0: never "
-        "forget (default: %(default)s).",
+        "whole) ran when none of that kind finished for this long while at least 16 sessions "
+        "were planned, and plans it as a fresh server would: a kind that a few late sessions "
+        "ruled out is tried again (an idle server forgets nothing). 0: never forget "
+        "(default: %(default)s).",
     )
     group.add_argument(
         "--split-when-busy",

@@ -58,18 +58,21 @@ class SplitConfig:
     sla_target: float = 0.99
     """Share of split sessions the planner aims to keep within their SLA: it plans against the
     SLA divided by this quantile of recent measured / predicted latency ratios, extrapolated
-    beyond the largest seen (64 recent sessions cannot show a 0.99 quantile; a plan that only
-    just fits on paper misses as often as predictions run late)."""
+    beyond the largest seen once 16 sessions are known (64 recent sessions cannot show a 0.99
+    quantile; a plan that only just fits on paper misses as often as predictions run late).
+    With fewer, the quantile of those seen times 1 + 2 / n."""
     policy: str = "planner"
     """How k is picked per session (`SPLIT_POLICIES`): `planner`, the least server work that
     meets the SLA; `greedy`, the client takes layers from the front until the next one would
     break the SLA; `static`, all layers on the client when that meets the SLA, else none."""
     calibration_stale_s: float = 60.0
     """A kind of split session (interior, all-client, served whole) of which none has finished
-    for this long forgets how its sessions ran: it plans as a fresh server's kind does, on
-    split sessions' calibration as a whole or INITIAL_SLACK. A kind is only recalibrated by
-    its own sessions, so without this one late session among a few could rule the kind out,
-    and keep it out for good. 0: never forget."""
+    for this long, while at least 16 sessions were planned, forgets how its sessions ran: it
+    plans as a fresh server's kind does (interior and all-client on split sessions'
+    calibration as a whole, or INITIAL_SLACK; served whole with slack 1). A kind is only
+    recalibrated by its own sessions, so without this one late session among a few could
+    rule the kind out, and keep it out for good. An idle server forgets nothing. 0: never
+    forget."""
     pass_costs: PassCosts | None = None
     """This server's pass and host costs (`--split-cost-profile`, adaptivellm.split_costs):
     with them the planner serves a session whole, where that meets its SLA, rather than split

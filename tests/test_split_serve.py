@@ -49,6 +49,7 @@ from adaptivellm.split_server import (
     INSTANT_CLIENT,
     MIN_RATIOS,
     PAD_SHARE,
+    STALE_PLANS,
     Calibration,
     Session,
     SplitService,
@@ -833,8 +834,9 @@ def test_a_kind_with_few_sessions_of_its_own_plans_with_split_sessions_calibrati
 def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -> None:
     """The stuck calibration of a capacity run: ten all-client sessions on time and one 40x
     late give a slack that rules out every all-client plan, so no all-client session runs
-    again and its calibration never moves. Once none has finished for calibration_stale_s it
-    is forgotten (counted), and the kind plans as a fresh server's does; 0 never forgets."""
+    again and its calibration never moves. Once none has finished for calibration_stale_s
+    while STALE_PLANS sessions were planned it is forgotten (counted), and the kind plans as
+    a fresh server's does; an idle server forgets nothing; 0 never forgets."""
     stuck, kept = _service(load=0), _service(SplitConfig(calibration_stale_s=0), load=0)
     _, all_client, _ = stuck.plan(_open(None, layer=6))
     assert all_client is not None
@@ -849,11 +851,17 @@ def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -
         assert service.plan(_open(sla))[0] < 6  # ruled out
     before = _forgotten("client")
     assert stuck.forget_stale(time.monotonic()) == []  # recent: kept
+    # An idle server forgets nothing, however long: one plan since (the one ruled out above).
+    assert stuck.forget_stale(time.monotonic() + 1e6) == []
+    for _ in range(STALE_PLANS):  # sessions keep coming, and none is all-client or interior
+        assert stuck.plan(_open(sla))[0] < 6
+    assert stuck.forget_stale(time.monotonic()) == []  # planned, but not for a minute yet
     assert stuck.forget_stale(time.monotonic() + 61) == ["interior", "client"]
     assert _forgotten("client") == before + 1
     assert stuck.calibration_report()["client"]["sessions"] == 0
     assert stuck.fit("client").slack == INITIAL_SLACK  # as on a fresh server
     assert stuck.plan(_open(sla))[0] == 6
+    kept.plans += STALE_PLANS
     assert kept.forget_stale(time.monotonic() + 1e6) == []
     assert kept.plan(_open(sla))[0] < 6
     # A kind that still runs keeps its calibration while another goes stale.
@@ -861,7 +869,9 @@ def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -
     for _ in range(4):
         mixed.observe_session(1.0, 2.0, "client")
         mixed.observe_session(1.0, 2.0, "whole")
-    mixed.last_observed["client"] -= 200
+    mixed.plans += STALE_PLANS
+    mixed.last_observed["whole"] = (time.monotonic(), mixed.plans)
+    mixed.last_observed["client"] = (time.monotonic() - 200, 0)
     assert mixed.fit("whole").factor == 2.0  # fit() forgets the stale kind itself
     assert len(mixed.samples["client"]) == 0 and len(mixed.samples["whole"]) == 4
 
