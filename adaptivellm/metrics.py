@@ -391,7 +391,7 @@ class SplitServerMetrics:
         """The process's metrics, created on first use."""
         from prometheus_client import Counter, Gauge, Histogram
 
-        return SplitServerMetrics(
+        metrics = SplitServerMetrics(
             sessions_open=Gauge(
                 f"{PREFIX}split_sessions_open",
                 "Split-execution sessions open now",
@@ -448,8 +448,12 @@ class SplitServerMetrics:
             calibration_forgotten=Counter(
                 f"{PREFIX}split_calibration_forgotten",
                 "Times the split planner forgot how a kind of session ran (interior, client or "
-                "whole) because none of that kind finished for --split-calibration-stale-s: a "
-                "kind its calibration had ruled out is planned again",
+                "whole) because none of that kind finished for --split-calibration-stale-s "
+                "while 16 sessions were planned: a kind its calibration had ruled out is "
+                "planned again",
                 labelnames=["kind"],
             ),
         )
+        for kind in ("interior", "client", "whole"):  # exported at 0 until the first one
+            metrics.calibration_forgotten.labels(kind=kind)
+        return metrics
