@@ -454,6 +454,6 @@ class SplitServerMetrics:
                 labelnames=["kind"],
             ),
         )
-        for kind in ("interior", "client", "whole"):  # exported at 0 until the first one
+        for kind in ("interior", "client", "whole"):  # split_server.RECORDED_KINDS, at 0 until one
             metrics.calibration_forgotten.labels(kind=kind)
         return metrics

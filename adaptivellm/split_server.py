@@ -129,6 +129,8 @@ PREFILL_EWMA_WEIGHT = 0.2
 #: runs some layers (0 < k < N); `client`, the client runs every layer (k = N); `whole`, served
 #: as an ordinary request (k = 0). `split` is interior and client together.
 SessionKind = Literal["interior", "client", "whole", "split"]
+#: The kinds a finished session is recorded as (`split` is two of them together).
+RECORDED_KINDS: tuple[SessionKind, ...] = ("interior", "client", "whole")
 #: A client with no compute time and a free link: the prediction of a session with it is the
 #: server's share of the session's latency (SplitService.client_share_s).
 INSTANT_CLIENT = ClientProfile(
@@ -170,7 +172,7 @@ class SplitService:
     #: 1.10 and 1.00), and sessions served whole are ordinary requests (no client, no round
     #: trip per token).
     samples: dict[str, deque[tuple[float, float]]] = field(
-        default_factory=lambda: {k: deque(maxlen=64) for k in ("interior", "client", "whole")}
+        default_factory=lambda: {k: deque(maxlen=64) for k in RECORDED_KINDS}
     )
     #: Sessions planned (`plan`), and when (time.monotonic, `plans`) a session of each kind
     #: last finished (`forget_stale`).
@@ -307,7 +309,7 @@ class SplitService:
         self.forget_stale()
         return {
             kind: {"sessions": len(self._recent(kind)), **self.fit(kind).report()}
-            for kind in ("split", "interior", "client", "whole")
+            for kind in ("split", *RECORDED_KINDS)
         }
 
     def waits(self) -> dict[str, Any]:
@@ -320,8 +322,10 @@ class SplitService:
         return {"sessions_waiting_for": dict(states), "longest_wait_s": round(longest, 3)}
 
     def plan(self, request: Open) -> tuple[int, float | None, Literal["planner", "client"]]:
-        """(k, predicted end-to-end latency, who chose k) for an Open, at the current load."""
+        """(k, predicted end-to-end latency, who chose k) for an Open, at the current load.
+        A kind that went stale is forgotten first (`forget_stale`)."""
         self.plans += 1
+        self.forget_stale()
         server = self.profile()
         client = request.client
         work = Request(request.prompt_tokens, request.max_tokens, request.sla_s or math.inf)
@@ -441,15 +445,14 @@ class SplitService:
         latencies, its tail extrapolated, from 16 sessions on). Interior and all-client
         sessions fall back to split sessions' as a whole while fewer than MIN_OWN_SESSIONS of
         their own are known, and those to INITIAL_SLACK with the predictions as they are
-        (below MIN_RATIOS). A kind none of which finished lately, while others were planned, is
-        forgotten first (`forget_stale`).
+        (below MIN_RATIOS). A stale kind is forgotten by `plan` and `calibration_report`, once
+        each, not here (a plan reads several fits).
 
         Sessions served whole may plan beyond the SLA when their line runs below their
         predictions (an ordinary request priced by the split cost model; it is the SLA check of
         serving whole that reads it), with slack 1 while too few are known. Split kinds' budget
         is at most the SLA. Kept until the next session is recorded (a plan reads several; a
         fit takes about 0.25 ms)."""
-        self.forget_stale()
         if (fitted := self._fits.get(kind)) is None:
             fitted = self._fits[kind] = self._fit(kind)
         return fitted
@@ -474,10 +477,9 @@ class SplitService:
         if stale_s <= 0:
             return []
         now = time.monotonic() if now is None else now
-        kinds: tuple[SessionKind, ...] = ("interior", "client", "whole")
         forgotten = [
             kind
-            for kind in kinds
+            for kind in RECORDED_KINDS
             if self.samples[kind]
             and (last := self.last_observed.get(kind)) is not None
             and now - last[0] > stale_s

@@ -872,7 +872,9 @@ def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -
     mixed.plans += STALE_PLANS
     mixed.last_observed["whole"] = (time.monotonic(), mixed.plans)
     mixed.last_observed["client"] = (time.monotonic() - 200, 0)
-    assert mixed.fit("whole").factor == 2.0  # fit() forgets the stale kind itself
+    assert mixed.fit("client").factor == 2.0  # fit() alone forgets nothing (plan() does)
+    mixed.plan(_open(None))
+    assert mixed.fit("whole").factor == 2.0
     assert len(mixed.samples["client"]) == 0 and len(mixed.samples["whole"]) == 4
 
 
