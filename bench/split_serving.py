@@ -106,7 +106,12 @@ POLICIES = ("off", "planner", "greedy", "static")
 #: (on the planner's server, for an A/B against `planner`).
 #: `planner-priced`: the planner on a server of its own started with `--split-cost-profile
 #: --cost-profile` (splits priced in server seconds; docs/split_execution.md).
-EXTRA_POLICIES = ("planner-embeddings", "planner-priced")
+#: `off-again`: off once more at the lowest rate, on a fresh server after every other policy,
+#: so that a sitting measures how far the machine drifted while it ran (`drift`): policies run
+#: 15-20 minutes apart on this shared machine compare only roughly.
+EXTRA_POLICIES = ("planner-embeddings", "planner-priced", "off-again")
+#: The policies whose clients all make ordinary requests (no split session).
+ORDINARY_ONLY = ("off", "off-again")
 #: How often the KV cache's usage is read from /metrics.
 KV_SAMPLE_S = 0.25
 #: Bytes of one float32 value on the wire (the model is float32).
@@ -549,7 +554,7 @@ def run_rate(bench: Bench, policy: str, rate: float, args: argparse.Namespace) -
         for at, index in schedule:
             time.sleep(max(0.0, start + at - time.perf_counter()))
             ref = bench.refs[index]
-            is_split = policy != "off" and ref.item.tier in TIERS
+            is_split = policy not in ORDINARY_ONLY and ref.item.tier in TIERS
             call = split if is_split else ordinary
             if is_split and policy == "planner-embeddings":
                 call = split_embeddings
@@ -661,8 +666,9 @@ def reference_run(
 
 
 def sweep(bench: Bench, policy: str, args: argparse.Namespace, out: list[dict]) -> None:
-    """Rising rates until one misses the target; each run is appended to `out` (and saved)."""
-    for rate in args.rates:
+    """Rising rates until one misses the target; each run is appended to `out` (and saved).
+    `off-again` runs the lowest rate only (`drift`)."""
+    for rate in args.rates[:1] if policy == "off-again" else args.rates:
         run = run_rate(bench, policy, rate, args)
         out.append(run)
         save(args, [*args.kept_runs, *out], partial=True)
@@ -692,7 +698,7 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     return [
         "--enforce-eager", "--max-model-len", "2048", "--split-execution",
         "--split-max-sessions", str(args.max_clients),
-        "--split-policy", "planner" if priced else policy, *priced,
+        "--split-policy", "planner" if priced or policy == "off-again" else policy, *priced,
         "--served-model-name", "split-bench", *args.server_arg,
     ]  # fmt: skip
 
@@ -706,7 +712,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     servers = {
         "planner": ("off", "planner", "planner-embeddings"),
         "planner-priced": ("planner-priced",), "greedy": ("greedy",),
-        "static": ("static",),
+        "static": ("static",), "off-again": ("off-again",),
     }  # fmt: skip
     for server_policy, policies in servers.items():
         wanted = [p for p in args.policies if p in policies]
@@ -740,6 +746,25 @@ def measure(args: argparse.Namespace) -> list[dict]:
             for policy in wanted:
                 sweep(bench, policy, args, runs)
     return runs
+
+
+def drift(runs: list[dict]) -> dict[str, Any] | None:
+    """How far the machine drifted over a sitting: `off-again`'s server forward-seconds per
+    request over off's at the same rate (the first run of each). None without both."""
+    firsts: dict[str, dict] = {}
+    for run in runs:
+        if run["policy"] in ORDINARY_ONLY:
+            firsts.setdefault(run["policy"], run)
+    again, off = firsts.get("off-again"), firsts.get("off")
+    if again is None or off is None or again["rate"] != off["rate"]:
+        return None
+    first, last = off["server_seconds_per_request"], again["server_seconds_per_request"]
+    return {
+        "rate": off["rate"],
+        "off_server_seconds_per_request": first,
+        "off_again_server_seconds_per_request": last,
+        "ratio": last / first if first else None,
+    }
 
 
 def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[str, Any]:
@@ -782,7 +807,9 @@ def report(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict[st
         "warm_up_state": getattr(args, "warm_up_state", {}),
         "kept_from": getattr(args, "kept_from", None),
         "sustainable_rate": {p: rates.get(p) for p in POLICIES}
-        | {p: rates[p] for p in EXTRA_POLICIES if p in rates},
+        | {p: rates[p] for p in EXTRA_POLICIES if p in rates and p != "off-again"},
+        # off-again's server forward-seconds per request over off's: the machine's drift.
+        "drift": drift(runs),
         "sustainable_rate_ratio": {
             "planner_over_off": ratio(rates.get("planner"), rates.get("off")),
             "planner_over_greedy": ratio(rates.get("planner"), rates.get("greedy")),
@@ -945,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, args.out.with_suffix(".png"))
     keys = ("sustainable_rate", "sustainable_rate_ratio", "server_seconds_per_request_ratio",
             "interior_split_share", "mixed_pass_share", "sla_attainment",
-            "planner_latency_error_p50")  # fmt: skip
+            "planner_latency_error_p50", "drift")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0
 

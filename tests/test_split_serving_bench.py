@@ -167,6 +167,30 @@ def test_the_priced_planner_runs_the_planner_with_the_cost_profile(bench: types.
     assert "planner-priced" in bench.EXTRA_POLICIES
 
 
+def test_off_again_measures_the_machines_drift_over_a_sitting(bench: types.ModuleType) -> None:
+    """`off-again` runs off once more, last, at the lowest rate only, on a server like off's
+    (the planner's flags; every client ordinary), and `drift` is its server forward-seconds per
+    request over off's first run at that rate; None without both, or at different rates. It
+    counts as no policy's sustainable rate."""
+    args = argparse.Namespace(max_clients=8, server_arg=[], cost_profile=Path("p.json"))
+    flags = bench.server_flags(args, "off-again")
+    assert flags[flags.index("--split-policy") + 1] == "planner"
+    assert "--split-cost-profile" not in flags
+    assert "off-again" in bench.EXTRA_POLICIES and "off-again" in bench.ORDINARY_ONLY
+
+    def run(policy: str, rate: float, seconds: float) -> dict:
+        return {"policy": policy, "rate": rate, "server_seconds_per_request": seconds}
+
+    runs = [run("off", 1, 0.40), run("off", 2, 0.30), run("planner", 1, 0.2),
+            run("off-again", 1, 0.46)]  # fmt: skip
+    drift = bench.drift(runs)
+    assert drift["rate"] == 1 and drift["ratio"] == pytest.approx(1.15)
+    assert drift["off_server_seconds_per_request"] == 0.40
+    assert bench.drift(runs[:3]) is None
+    assert bench.drift([*runs[:3], run("off-again", 2, 0.3)]) is None
+    assert bench.drift([run("off", 1, 0.0), run("off-again", 1, 0.4)])["ratio"] is None
+
+
 @pytest.fixture(scope="module")
 def model_path() -> Path:
     return ensure_model()
