@@ -874,6 +874,7 @@ def test_a_kind_ruled_out_by_a_few_late_sessions_is_planned_again_once_stale() -
     mixed.last_observed["client"] = (time.monotonic() - 200, 0)
     assert mixed.fit("client").factor == 2.0  # fit() alone forgets nothing (plan() does)
     mixed.plan(_open(None))
+    assert mixed.fit("client").slack == INITIAL_SLACK  # plan() forgot: a fresh server's fit
     assert mixed.fit("whole").factor == 2.0
     assert len(mixed.samples["client"]) == 0 and len(mixed.samples["whole"]) == 4
 
