@@ -56,6 +56,7 @@ from adaptivellm.split_client.protocol import (
     ProtocolError,
     TensorFrame,
     Token,
+    Tokens,
     Turn,
     decode_frame,
     decode_message,
@@ -1019,8 +1020,11 @@ class Session:
 
     async def _serve_whole(self, opened: Open, prompt_ids: bool) -> None:
         """k = 0: an ordinary request, on the prompt's token ids (`prompt_ids`) or on its
-        embeddings; the engine decodes on its own and every token streams to the client."""
+        embeddings; the engine decodes on its own and every token streams to the client, or,
+        where the client asked for no stream (`Open.stream` False), all of them go in one
+        `Tokens` message at the end, as an ordinary request's answer does."""
         from vllm.inputs.engine import EmbedsInput, TokensInput, embeds_input, tokens_input
+        from vllm.sampling_params import RequestOutputKind
 
         inputs: TokensInput | EmbedsInput
         if prompt_ids:
@@ -1032,9 +1036,15 @@ class Session:
         began = time.monotonic()
         params = self._sampling(opened)
         params.max_tokens, params.extra_args = opened.max_tokens, None
+        if not opened.stream:
+            params.output_kind = RequestOutputKind.FINAL_ONLY
         self.outputs = self.service.engine.generate(inputs, params, self.request_id)
         index = 0
         while (output := await self._engine_output()) is not None:
+            if not opened.stream:  # FINAL_ONLY: one output, when the request has finished
+                await self._send_answer(output, began)
+                await anext(self.outputs, None)  # the generator ends at once
+                break
             completion = output.outputs[0]
             ids = list(completion.token_ids)
             for n, token_id in enumerate(ids):
@@ -1054,6 +1064,20 @@ class Session:
                 await anext(self.outputs, None)
                 break
         self.finished = True
+
+    async def _send_answer(self, output: Any, began: float) -> None:
+        """The finished output of a session served whole without a stream, as one `Tokens`."""
+        completion = output.outputs[0]
+        finish = completion.finish_reason
+        if not output.finished or finish not in ("stop", "length") or not completion.token_ids:
+            raise ProtocolError("engine_error", f"generation ended: {finish}")
+        answer = Tokens(
+            [int(i) for i in completion.token_ids],
+            completion.text,
+            finish,
+            time.monotonic() - began,
+        )
+        await self._send(answer)
 
     async def _serve_split(self, opened: Open) -> None:
         """k > 0: a streaming-input session, one chunk (hidden states at layer k) per token."""

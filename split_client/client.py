@@ -32,7 +32,7 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -63,6 +63,7 @@ from adaptivellm.split_client.protocol import (
     Prompt,
     Sampling,
     Token,
+    Tokens,
     Turn,
 )
 from adaptivellm.split_client.shapes import DTYPE_BYTES, wire_dtype
@@ -694,9 +695,13 @@ class SplitClient:
         on_token: Callable[[Token], None] | None = None,
     ) -> SplitCompletion:
         """Generate up to `max_tokens` tokens; `on_token` sees each token as it arrives.
-        `layer` and `sla_s` override the instance defaults. Raises `SplitError`."""
+        `layer` and `sla_s` override the instance defaults. Raises `SplitError`. Without
+        `on_token`, a session the server serves whole (k = 0) comes back in one message at the
+        end, as an ordinary request's answer does (`Open.stream`)."""
         sampling = Sampling(temperature, top_p, top_k, seed, ignore_eos)
-        request = self._request(prompt, max_tokens, sampling, layer, sla_s)
+        request = self._request(
+            prompt, max_tokens, sampling, layer, sla_s, stream=on_token is not None
+        )
         start = time.perf_counter()
         steps: list[_Step] = []
         with contextlib.closing(self._steps(request)) as session:
@@ -788,6 +793,8 @@ class SplitClient:
         sampling: Sampling,
         layer: int | None,
         sla_s: float | None,
+        *,
+        stream: bool = True,
     ) -> _Request:
         ids = self.encode(prompt)
         message = Open(
@@ -799,6 +806,7 @@ class SplitClient:
             model=self.served_model,
             sampling=sampling,
             prompt_ids=self.prompt_ids,
+            stream=stream,
         )
         return _Request(ids, message)
 
@@ -919,7 +927,16 @@ class SplitClient:
             sent = time.perf_counter()
             for frame in frames:
                 _send(connection, frame, self.timeout_s)
-            token = _expect(connection, Token, self.timeout_s)
+            if plan.server_decodes:  # k = 0: perhaps the whole answer at once (Open.stream)
+                first = _expect_token(connection, plan, self.timeout_s, sent - start)
+                if isinstance(first, list):
+                    for step in first:
+                        replay.delivered.append(step.token.token_id)
+                        yield step
+                    return
+                token = first.token
+            else:
+                token = _expect(connection, Token, self.timeout_s)
             timing = StepTiming(
                 token.index, sent - start, time.perf_counter() - sent, token.server_step_s
             )
@@ -952,14 +969,15 @@ class SplitClient:
             )
         start = time.perf_counter()
         _send(connection, protocol.encode_message(Prompt(list(replay.pending_ids))), self.timeout_s)
-        sent = time.perf_counter()
-        token = _expect(connection, Token, self.timeout_s)
-        timing = StepTiming(
-            token.index, sent - start, time.perf_counter() - sent, token.server_step_s
-        )
-        first = _Step(plan, token, timing)
-        rest = () if token.finish_reason else _server_stream(connection, plan, self.timeout_s)
-        for step in itertools.chain([first], rest):
+        first = _expect_token(connection, plan, self.timeout_s, time.perf_counter() - start)
+        steps: Iterable[_Step]
+        if isinstance(first, list):  # the whole answer at once (Open.stream False)
+            steps = first
+        elif first.token.finish_reason:
+            steps = [first]
+        else:
+            steps = itertools.chain([first], _server_stream(connection, plan, self.timeout_s))
+        for step in steps:
             replay.delivered.append(step.token.token_id)
             replay.pending_ids.append(step.token.token_id)
             yield step
@@ -1282,6 +1300,49 @@ def _server_stream(connection: ClientConnection, plan: Plan, timeout_s: float) -
     )
 
 
+def _expect_token(
+    connection: ClientConnection, plan: Plan, timeout_s: float, send_s: float
+) -> _Step | list[_Step]:
+    """A session served whole (k = 0): the first `Token`, as a step, or a `Tokens` answer, as
+    the steps of its tokens (the first step carries the wait and the server's time)."""
+    start = time.perf_counter()
+    message = _next_message(connection, timeout_s)
+    if not isinstance(message, Token | Tokens):
+        raise SplitError(
+            "protocol_error", f"expected a token from the server, got {message.type!r}"
+        )
+    timing = StepTiming(0, send_s, time.perf_counter() - start, 0.0)
+    if isinstance(message, Token):
+        return _Step(
+            plan,
+            message,
+            dataclasses.replace(timing, index=message.index, server_step_s=message.server_step_s),
+        )
+    ids = message.token_ids
+    if len(ids) > plan.max_tokens:
+        raise SplitError(
+            "protocol_error",
+            f"the server sent {len(ids)} tokens; the plan allows {plan.max_tokens}",
+        )
+    last = len(ids) - 1
+    return [
+        _Step(
+            plan,
+            Token(
+                i,
+                token_id,
+                message.text if i == last else "",
+                message.finish_reason if i == last else None,
+                message.server_s if i == 0 else 0.0,
+            ),
+            dataclasses.replace(timing, server_step_s=message.server_s)
+            if i == 0
+            else StepTiming(i, 0.0, 0.0, 0.0),
+        )
+        for i, token_id in enumerate(ids)
+    ]
+
+
 def _send(connection: ClientConnection, data: str | bytes, timeout_s: float) -> None:
     """Send one message; if the server has closed, raise the `Error` it sent before, if any."""
     try:
@@ -1296,6 +1357,16 @@ def _send(connection: ClientConnection, data: str | bytes, timeout_s: float) -> 
 
 def _expect(connection: ClientConnection, cls: type[_T], timeout_s: float) -> _T:
     """The next server message, which must be a `cls`; an `Error` raises `SplitError`."""
+    message = _next_message(connection, timeout_s)
+    if not isinstance(message, cls):
+        raise SplitError(
+            "protocol_error", f"expected {cls.__name__} from the server, got {message.type!r}"
+        )
+    return message
+
+
+def _next_message(connection: ClientConnection, timeout_s: float) -> protocol.Message:
+    """The next server message; an `Error` raises `SplitError`."""
     try:
         data = connection.recv(timeout=timeout_s)
     except ConnectionClosed as exc:
@@ -1310,10 +1381,6 @@ def _expect(connection: ClientConnection, cls: type[_T], timeout_s: float) -> _T
         raise SplitError("protocol_error", f"bad message from the server: {exc}") from None
     if isinstance(message, protocol.Error):
         raise SplitError(message.code, message.message, message.retry_after_s)
-    if not isinstance(message, cls):
-        raise SplitError(
-            "protocol_error", f"expected {cls.__name__} from the server, got {message.type!r}"
-        )
     return message
 
 

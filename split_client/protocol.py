@@ -177,6 +177,11 @@ class Open:
     #: The client can send its prompt as token ids (`Prompt`) when the server runs every layer
     #: (k = 0), instead of their embeddings (hidden_size values per token). Sent only when set.
     prompt_ids: bool = False
+    #: False: if the server serves the session whole (k = 0), it sends every token in one
+    #: `Tokens` message when the session ends, not a `Token` a step (a caller that needs no
+    #: token before the last: `SplitClient.generate()` without `on_token`). Sent only when
+    #: False.
+    stream: bool = True
     version: int = PROTOCOL_VERSION
     type: Literal["open"] = "open"
 
@@ -232,6 +237,26 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """Every token of a session served whole (k = 0) whose `Open.stream` was False, in one
+    message when the session ends: `text` is their detokenization, `server_s` the time from
+    the prompt's arrival to the last token. The session is over."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    server_s: float
+    type: Literal["tokens"] = "tokens"
+
+    def __post_init__(self) -> None:
+        _check_token_ids(self.token_ids, "Tokens.token_ids")
+        if not isinstance(self.text, str):
+            raise ProtocolError("bad_request", "Tokens.text must be a string")
+        if self.finish_reason not in ("stop", "length"):
+            raise ProtocolError("bad_request", "Tokens.finish_reason must be stop or length")
+
+
+@dataclass(frozen=True)
 class Turn:
     """A follow-up turn of a multi-turn session, sent after the last turn's final token. Its
     prefill frames carry `prompt_tokens + 1` rows of hidden states at layer k: the last turn's
@@ -258,13 +283,15 @@ class Prompt:
     type: Literal["prompt"] = "prompt"
 
     def __post_init__(self) -> None:
-        ids = self.token_ids
-        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_TOKENS_FIELD:
-            raise ProtocolError("bad_request", "Prompt.token_ids must be a non-empty list")
-        if not all(type(i) is int and 0 <= i < MAX_TOKENS_FIELD for i in ids):
-            raise ProtocolError(
-                "bad_request", "Prompt.token_ids must hold non-negative integer token ids"
-            )
+        _check_token_ids(self.token_ids, "Prompt.token_ids")
+
+
+def _check_token_ids(ids: Any, name: str) -> None:
+    """ProtocolError unless `ids` is a non-empty list of non-negative integer token ids."""
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_TOKENS_FIELD:
+        raise ProtocolError("bad_request", f"{name} must be a non-empty list")
+    if not all(type(i) is int and 0 <= i < MAX_TOKENS_FIELD for i in ids):
+        raise ProtocolError("bad_request", f"{name} must hold non-negative integer token ids")
 
 
 @dataclass(frozen=True)
@@ -286,11 +313,12 @@ class Error:
     type: Literal["error"] = "error"
 
 
-Message = Open | Plan | Token | Turn | Prompt | Close | Error
+Message = Open | Plan | Token | Tokens | Turn | Prompt | Close | Error
 _MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
     "open": Open,
     "plan": Plan,
     "token": Token,
+    "tokens": Tokens,
     "turn": Turn,
     "prompt": Prompt,
     "close": Close,
@@ -307,6 +335,8 @@ def encode_message(message: Message) -> str:
         del body["multi_turn"]  # a single-turn session reads as before (older peers too)
     if isinstance(message, Open | Plan) and not message.prompt_ids:
         del body["prompt_ids"]  # embeddings at k = 0, as before (older peers too)
+    if isinstance(message, Open) and message.stream:
+        del body["stream"]  # token by token at k = 0, as before (older peers too)
     client = body.get("client")
     if isinstance(client, dict):
         if math.isinf(client.get("mem_bytes_per_s", 0.0)):
@@ -378,7 +408,17 @@ _INT_FIELDS: Final = {
     "index",
     "token_id",
 }
-_FLOAT_FIELDS: Final = {"sla_s", "temperature", "top_p", "server_step_s", "retry_after_s"}
+_FLOAT_FIELDS: Final = {
+    "sla_s",
+    "temperature",
+    "top_p",
+    "server_step_s",
+    "server_s",
+    "retry_after_s",
+}
+
+
+_BOOL_FIELDS: Final = {"ignore_eos", "server_decodes", "multi_turn", "prompt_ids", "stream"}
 
 
 def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
@@ -391,9 +431,7 @@ def _check_types(cls: type[Any], kwargs: dict[str, Any]) -> None:
             not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
         ):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be a number")
-        if name in ("ignore_eos", "server_decodes", "multi_turn", "prompt_ids") and not isinstance(
-            value, bool
-        ):
+        if name in _BOOL_FIELDS and not isinstance(value, bool):
             raise ProtocolError("bad_request", f"{cls.__name__}.{name} must be true or false")
 
 

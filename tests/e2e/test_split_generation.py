@@ -318,6 +318,28 @@ def test_served_whole_the_prompt_goes_up_as_embeddings_for_a_client_that_asks(
             assert result.token_ids == reference[prompt][0], prompt
 
 
+def test_served_whole_generate_gets_one_answer_and_on_token_a_stream(
+    split: SplitClient, reference: dict
+) -> None:
+    """At k = 0, `generate()` without `on_token` asks for the answer in one message
+    (`Open.stream` False) and `on_token` keeps the token-by-token stream: both give the
+    reference's tokens and the same text, and `on_token` sees every token."""
+    prompt = PROMPTS[0]
+    whole = split.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=0)
+    seen: list[Token] = []
+    streamed = split.generate(
+        prompt, max_tokens=MAX_TOKENS, ignore_eos=True, layer=0, on_token=seen.append
+    )
+    assert whole.plan.server_decodes and whole.plan.prompt_ids
+    assert whole.token_ids == streamed.token_ids == reference[prompt][0]
+    assert whole.text == streamed.text and whole.finish_reason == "length"
+    assert [t.token_id for t in seen] == streamed.token_ids
+    assert [t.index for t in seen] == list(range(MAX_TOKENS))
+    # One answer: every token after the first arrived with it (no wait of its own).
+    assert all(t.round_trip_s == 0.0 for t in whole.timings[1:])
+    assert any(t.round_trip_s > 0.0 for t in streamed.timings[1:])
+
+
 @pytest.mark.parametrize("layer", [0, 3])
 def test_a_dropped_connection_resumes_with_the_same_tokens(
     split: SplitClient, server: Server, openai_client: openai.OpenAI, layer: int

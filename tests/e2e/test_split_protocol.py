@@ -29,6 +29,7 @@ from adaptivellm.split_client.protocol import (
     Prompt,
     Sampling,
     Token,
+    Tokens,
     decode_message,
     encode_frame,
     encode_message,
@@ -233,6 +234,29 @@ def test_a_session_served_whole_takes_its_prompt_as_token_ids(server: Server) ->
     for fields in ({"layer": 0}, {"layer": 3, "prompt_ids": True}):
         with session(server) as ws:
             assert not open_session(ws, **fields).prompt_ids
+
+
+def test_a_session_served_whole_without_a_stream_gets_one_answer(server: Server) -> None:
+    """k = 0 with Open.stream False: the server sends every token in one Tokens message at the
+    end, the tokens and text of the same ordinary greedy request, and ends the session."""
+    ids = [5, 17, 200, 3, 99, 41, 8, 250]
+    client = openai.OpenAI(base_url=server.api_url, api_key=API_KEY, max_retries=0, timeout=120)
+    expected = client.completions.create(
+        model=server.model, prompt=ids, max_tokens=6, temperature=0.0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0]  # fmt: skip
+    with session(server) as ws:
+        plan = open_session(ws, max_tokens=6, layer=0, prompt_ids=True, stream=False,
+                            sampling=Sampling(ignore_eos=True))  # fmt: skip
+        assert plan.prompt_ids and plan.server_decodes
+        ws.send(encode_message(Prompt(ids)))
+        answer = decode_message(ws.recv(timeout=60))
+        assert isinstance(answer, Tokens), answer
+        with pytest.raises(ConnectionClosed):  # nothing after it: the session is over
+            ws.recv(timeout=30)
+    assert answer.token_ids == expected.token_ids  # type: ignore[attr-defined]
+    assert answer.text == expected.text and answer.finish_reason == "length"
+    assert answer.server_s > 0
 
 
 @pytest.mark.parametrize(

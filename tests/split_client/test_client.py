@@ -38,6 +38,7 @@ from adaptivellm.split_client.client import (
     SplitClient,
     SplitConnectionError,
     SplitError,
+    _expect_token,
     available_memory_bytes,
     session_url,
 )
@@ -771,3 +772,38 @@ def test_declared_memory_overrides_the_spec_and_survives_calibration() -> None:
     assert client.client_spec.memory_bytes == 8e9  # calibration scales speed, not memory
     client.memory_bytes = 1e9
     assert client.client_spec.memory_bytes == 1e9
+
+
+class _Replies:
+    """A connection that answers each `recv` with the next of `messages` (JSON texts)."""
+
+    def __init__(self, *messages: protocol.Message) -> None:
+        self.messages = [protocol.encode_message(m) for m in messages]
+
+    def recv(self, timeout: float | None = None) -> str:
+        return self.messages.pop(0)
+
+
+def test_a_whole_answer_becomes_one_step_a_token_and_is_checked() -> None:
+    """A session served whole without a stream (k = 0): the `Tokens` answer becomes a step per
+    token, the text and finish reason on the last, the server's time on the first. More tokens
+    than the plan allows, or another message where a token belongs, is a protocol error."""
+    plan = Plan("s1", 0, 6, 256, "float32", "tiny", 3, 1024, None, None, 0, "planner",
+                server_decodes=True, prompt_ids=True)  # fmt: skip
+    answer = protocol.Tokens([5, 6, 7], "abc", "length", 0.5)
+    steps = _expect_token(_Replies(answer), plan, 1.0, 0.01)  # type: ignore[arg-type]
+    assert isinstance(steps, list)
+    assert [s.token.token_id for s in steps] == [5, 6, 7]
+    assert [s.token.index for s in steps] == [0, 1, 2]
+    assert [s.token.text for s in steps] == ["", "", "abc"]
+    assert [s.token.finish_reason for s in steps] == [None, None, "length"]
+    assert steps[0].timing.server_step_s == 0.5 and steps[0].timing.client_compute_s == 0.01
+    assert steps[2].timing.round_trip_s == 0.0
+    streamed = _expect_token(_Replies(Token(0, 9, "x", None, 0.2)), plan, 1.0, 0.0)  # type: ignore[arg-type]
+    assert not isinstance(streamed, list) and streamed.token.token_id == 9
+    assert streamed.timing.server_step_s == 0.2
+    too_long = protocol.Tokens([1, 2, 3, 4], "abcd", "length", 0.5)
+    with pytest.raises(SplitError, match="sent 4 tokens; the plan allows 3"):
+        _expect_token(_Replies(too_long), plan, 1.0, 0.0)  # type: ignore[arg-type]
+    with pytest.raises(SplitError, match="expected a token from the server, got 'close'"):
+        _expect_token(_Replies(Close()), plan, 1.0, 0.0)  # type: ignore[arg-type]

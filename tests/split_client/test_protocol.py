@@ -26,6 +26,7 @@ from adaptivellm.split_client.protocol import (
     ProtocolError,
     Sampling,
     Token,
+    Tokens,
     Turn,
     decode_frame,
     decode_message,
@@ -106,6 +107,8 @@ MESSAGES: list[Message] = [
     Open(prompt_tokens=2, max_tokens=3, client=SPEC, multi_turn=True),
     Open(prompt_tokens=2, max_tokens=3, client=SPEC, prompt_ids=True),
     Prompt([0, 7, 31999]),
+    Open(prompt_tokens=2, max_tokens=3, client=SPEC, prompt_ids=True, stream=False),
+    Tokens([42, 7, 1], " river bank", "length", 0.25),
     Error(code="too_many_sessions", message="busy"),
     Error(code="too_many_sessions", message="busy", retry_after_s=2.5),
 ]
@@ -180,6 +183,32 @@ def test_prompt_ids_are_offered_only_when_set_and_checked() -> None:
     assert "prompt_ids must be true or false" in rejected(
         json.dumps({**open_body(), "prompt_ids": 1})
     )
+
+
+def test_a_whole_answer_is_asked_for_only_when_set_and_checked() -> None:
+    """Open.stream False asks for a session served whole in one Tokens message; the default
+    (a stream) is left out, so an older server accepts the Open. A Tokens message must carry
+    token ids, a string and a finish reason: it ends the session."""
+    plain = json.loads(encode_message(Open(prompt_tokens=3, max_tokens=2, client=SPEC)))
+    assert "stream" not in plain
+    whole = Open(prompt_tokens=3, max_tokens=2, client=SPEC, stream=False)
+    assert json.loads(encode_message(whole))["stream"] is False
+    assert "stream must be true or false" in rejected(json.dumps({**open_body(), "stream": 0}))
+    good = {"type": "tokens", "token_ids": [1, 2], "text": "ab", "finish_reason": "stop",
+            "server_s": 0.1}  # fmt: skip
+    assert decode_message(json.dumps(good)) == Tokens([1, 2], "ab", "stop", 0.1)
+    for changes, fragment in [
+        ({"token_ids": []}, "non-empty list"),
+        ({"token_ids": [1, -2]}, "non-negative integer"),
+        ({"token_ids": "12"}, "non-empty list"),
+        ({"text": 3}, "text must be a string"),
+        ({"finish_reason": None}, "finish_reason must be stop or length"),
+        ({"finish_reason": "abort"}, "finish_reason must be stop or length"),
+        ({"server_s": "slow"}, "must be a number"),
+        ({"server_s": math.nan}, "must be a number"),
+        ({"index": 0}, "unknown fields"),
+    ]:
+        assert fragment in rejected(json.dumps({**good, **changes})), changes
 
 
 def test_an_error_without_a_retry_hint_reads_as_before() -> None:
