@@ -352,10 +352,12 @@ class ReplayClient(SplitClient):
     (k = 0), takes its tier's link time as `ReplayModel`'s frames do (no hidden states are
     computed then, so the model's sleep does not run)."""
 
-    def _exchange_ids(self, connection: Any, plan: Any, replay: Any) -> Iterator[Any]:
+    def _exchange_ids(
+        self, connection: Any, plan: Any, replay: Any, first_wait_s: float
+    ) -> Iterator[Any]:
         assert isinstance(self.model, ReplayModel)
         time.sleep(link_s(self.model.spec, len(replay.pending_ids) * TOKEN_ID_BYTES))
-        yield from super()._exchange_ids(connection, plan, replay)
+        yield from super()._exchange_ids(connection, plan, replay, first_wait_s)
 
 
 @dataclass

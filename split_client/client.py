@@ -78,7 +78,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_UPLINK_BPS: Final = 1e9
 DEFAULT_DOWNLINK_BPS: Final = 1e9
 DEFAULT_RTT_S: Final = 0.001
-#: Seconds to wait for the handshake and for each server message.
+#: Seconds to wait for the handshake and for each server message (for a session served whole
+#: in one answer, this much for each token the plan allows).
 DEFAULT_TIMEOUT_S: Final = 60.0
 #: Refusals that say when to come back, and the longest such wait the client sits out.
 BUSY_CODES: Final = ("too_many_sessions", "infeasible_sla")
@@ -542,7 +543,9 @@ class SplitClient:
     MemAvailable). A refusal that says when to come back (`too_many_sessions`,
     `infeasible_sla`) is waited out and retried `busy_retries` times, with what is left of the
     SLA. With `prompt_ids` (default) a session the server serves whole (k = 0) sends the
-    prompt's token ids rather than its embeddings, and loads none of the model here.
+    prompt's token ids rather than its embeddings, and loads none of the model here. With
+    `one_answer` (default) `generate()` without `on_token` gets such a session's tokens in one
+    message at the end; False for a server older than that.
 
     With `calibrate` (default), each finished `generate()` compares the time this client's
     layers really took with what the planner's cost model predicts from the declared spec, and
@@ -571,6 +574,7 @@ class SplitClient:
         memory_bytes: float | None = None,
         busy_retries: int = 2,
         prompt_ids: bool = True,
+        one_answer: bool = True,
     ) -> None:
         if memory_bytes is not None and not (memory_bytes > 0):  # also NaN
             raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
@@ -597,6 +601,10 @@ class SplitClient:
         #: an ordinary request does, instead of their embeddings (Open.prompt_ids). False for a
         #: server older than the field (it refuses an Open that names it).
         self.prompt_ids = prompt_ids
+        #: `generate()` without `on_token` asks for a session the server serves whole (k = 0)
+        #: in one message at the end (Open.stream false), not a message a token. False for a
+        #: server older than the field (it refuses an Open that names it).
+        self.one_answer = one_answer
         #: Running mean of (measured / predicted) time of this client's layers; 1 = as declared.
         self.calibration = 1.0
         #: Running mean of the per-token time outside both sides' compute (round trip minus the
@@ -699,9 +707,8 @@ class SplitClient:
         `on_token`, a session the server serves whole (k = 0) comes back in one message at the
         end, as an ordinary request's answer does (`Open.stream`)."""
         sampling = Sampling(temperature, top_p, top_k, seed, ignore_eos)
-        request = self._request(
-            prompt, max_tokens, sampling, layer, sla_s, stream=on_token is not None
-        )
+        stream = on_token is not None or not self.one_answer
+        request = self._request(prompt, max_tokens, sampling, layer, sla_s, stream=stream)
         start = time.perf_counter()
         steps: list[_Step] = []
         with contextlib.closing(self._steps(request)) as session:
@@ -859,19 +866,20 @@ class SplitClient:
     def _session(self, request: _Request, replay: _Replay) -> Iterator[_Step]:
         """One connection's share of the session (all of it, unless the connection drops)."""
         opened = request.open
+        if replay.layer is not None:  # a resumed session runs at the k it ran at
+            opened = dataclasses.replace(opened, layer=replay.layer)
         if replay.delivered:
             opened = dataclasses.replace(
                 opened,
                 prompt_tokens=len(request.prompt_ids) + len(replay.delivered),
                 max_tokens=opened.max_tokens - len(replay.delivered),
-                layer=replay.layer,
             )
         connection, plan = self._start(opened, [*request.prompt_ids, *replay.delivered])
         try:
             _check_resumed_layer(plan, replay)
             replay.layer = plan.layer
             offset = len(replay.delivered)
-            for step in self._exchange(connection, plan, replay):
+            for step in self._exchange(connection, plan, replay, one_answer=not opened.stream):
                 yield _shifted(step, offset)
         finally:
             if connection in self._open:
@@ -900,10 +908,14 @@ class SplitClient:
             raise
 
     def _exchange(
-        self, connection: ClientConnection, plan: Plan, replay: _Replay
+        self, connection: ClientConnection, plan: Plan, replay: _Replay, one_answer: bool = False
     ) -> Iterator[_Step]:
+        """The session's tokens on `connection`. With `one_answer` (`Open.stream` false) the
+        server may keep every token of a session it serves whole for one message at the end,
+        so that wait is `timeout_s` a token of the plan's, not `timeout_s`."""
+        first_wait_s = self.timeout_s * (plan.max_tokens if one_answer else 1)
         if plan.prompt_ids:
-            yield from self._exchange_ids(connection, plan, replay)
+            yield from self._exchange_ids(connection, plan, replay, first_wait_s)
             return
         wire = wire_dtype(plan.dtype)
         row_bytes = plan.hidden_size * DTYPE_BYTES[wire]
@@ -928,7 +940,7 @@ class SplitClient:
             for frame in frames:
                 _send(connection, frame, self.timeout_s)
             if plan.server_decodes:  # k = 0: perhaps the whole answer at once (Open.stream)
-                first = _expect_token(connection, plan, self.timeout_s, sent - start)
+                first = _expect_token(connection, plan, first_wait_s, sent - start)
                 if isinstance(first, list):
                     for step in first:
                         replay.delivered.append(step.token.token_id)
@@ -957,7 +969,7 @@ class SplitClient:
         )
 
     def _exchange_ids(
-        self, connection: ClientConnection, plan: Plan, replay: _Replay
+        self, connection: ClientConnection, plan: Plan, replay: _Replay, first_wait_s: float
     ) -> Iterator[_Step]:
         """k = 0 with `Plan.prompt_ids`: the prompt goes up as token ids, and the server decodes
         on its own. `replay.pending_ids` stays every id the server's inputs hold (the prompt,
@@ -969,7 +981,7 @@ class SplitClient:
             )
         start = time.perf_counter()
         _send(connection, protocol.encode_message(Prompt(list(replay.pending_ids))), self.timeout_s)
-        first = _expect_token(connection, plan, self.timeout_s, time.perf_counter() - start)
+        first = _expect_token(connection, plan, first_wait_s, time.perf_counter() - start)
         steps: Iterable[_Step]
         if isinstance(first, list):  # the whole answer at once (Open.stream False)
             steps = first

@@ -50,6 +50,12 @@ def add_split_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="when the server serves the session whole (k = 0), send the prompt's embeddings "
         "rather than its token ids (for a server older than that, which refuses the offer)",
     )
+    parser.add_argument(
+        "--no-one-answer",
+        action="store_true",
+        help="without --stream, still take a session the server serves whole (k = 0) a token "
+        "a message rather than in one answer (for a server older than that, which refuses it)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
@@ -81,6 +87,7 @@ def run_split_client(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
             memory_bytes=None if args.client_memory_gb is None else args.client_memory_gb * 2**30,
             prompt_ids=not args.no_prompt_ids,
+            one_answer=not args.no_one_answer,
         ) as client:
             done = client.generate(
                 args.prompt,

@@ -194,6 +194,8 @@ class Open:
             )
         if self.layer is not None and not 0 <= self.layer <= MAX_TOKENS_FIELD:
             raise ProtocolError("bad_request", f"layer must be between 0 and {MAX_TOKENS_FIELD}")
+        if not isinstance(self.stream, bool):
+            raise ProtocolError("bad_request", "Open.stream must be true or false")
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,9 @@ class Tokens:
             raise ProtocolError("bad_request", "Tokens.text must be a string")
         if self.finish_reason not in ("stop", "length"):
             raise ProtocolError("bad_request", "Tokens.finish_reason must be stop or length")
+        s = self.server_s
+        if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < math.inf:
+            raise ProtocolError("bad_request", "Tokens.server_s must be a finite number >= 0")
 
 
 @dataclass(frozen=True)

@@ -648,6 +648,9 @@ def test_server_closing_mid_session(fake: FakeSplitServer, model_path: Path) -> 
         client.generate(IDS)
     assert info.value.code == "connection_closed"
     assert "closed the session before it finished" in str(info.value)
+    # Each resume ran at the k the planner chose first, though no token had arrived (the
+    # server may not answer at k = 0 until the end: Open.stream).
+    assert [o.layer for o in fake.opens] == [None, 2, 2, 2]
 
 
 @misbehaving(silent=True)
@@ -807,3 +810,18 @@ def test_a_whole_answer_becomes_one_step_a_token_and_is_checked() -> None:
         _expect_token(_Replies(too_long), plan, 1.0, 0.0)  # type: ignore[arg-type]
     with pytest.raises(SplitError, match="expected a token from the server, got 'close'"):
         _expect_token(_Replies(Close()), plan, 1.0, 0.0)  # type: ignore[arg-type]
+
+
+def test_generate_asks_for_one_answer_only_without_on_token(
+    fake: FakeSplitServer, model_path: Path
+) -> None:
+    """`generate()` without `on_token` sends Open.stream false (a session served whole may
+    answer at once); with `on_token`, or on a client made with `one_answer=False` (for an older
+    server), it asks for the stream; `stream()` always does."""
+    with client_for(fake, model_path) as client:
+        client.generate(IDS, max_tokens=2)
+        client.generate(IDS, max_tokens=2, on_token=lambda token: None)
+        list(client.stream(IDS, max_tokens=2))
+    with client_for(fake, model_path, one_answer=False) as older:
+        older.generate(IDS, max_tokens=2)
+    assert [o.stream for o in fake.opens] == [False, True, True, True]

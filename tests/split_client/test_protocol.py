@@ -194,6 +194,7 @@ def test_a_whole_answer_is_asked_for_only_when_set_and_checked() -> None:
     whole = Open(prompt_tokens=3, max_tokens=2, client=SPEC, stream=False)
     assert json.loads(encode_message(whole))["stream"] is False
     assert "stream must be true or false" in rejected(json.dumps({**open_body(), "stream": 0}))
+    assert "stream must be true or false" in rejected(json.dumps({**open_body(), "stream": None}))
     good = {"type": "tokens", "token_ids": [1, 2], "text": "ab", "finish_reason": "stop",
             "server_s": 0.1}  # fmt: skip
     assert decode_message(json.dumps(good)) == Tokens([1, 2], "ab", "stop", 0.1)
@@ -206,6 +207,9 @@ def test_a_whole_answer_is_asked_for_only_when_set_and_checked() -> None:
         ({"finish_reason": "abort"}, "finish_reason must be stop or length"),
         ({"server_s": "slow"}, "must be a number"),
         ({"server_s": math.nan}, "must be a number"),
+        ({"server_s": None}, "server_s must be a finite number >= 0"),
+        ({"server_s": math.inf}, "server_s must be a finite number >= 0"),
+        ({"server_s": -1.0}, "server_s must be a finite number >= 0"),
         ({"index": 0}, "unknown fields"),
     ]:
         assert fragment in rejected(json.dumps({**good, **changes})), changes
