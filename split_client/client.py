@@ -1323,13 +1323,10 @@ def _expect_token(
         raise SplitError(
             "protocol_error", f"expected a token from the server, got {message.type!r}"
         )
-    timing = StepTiming(0, send_s, time.perf_counter() - start, 0.0)
+    waited_s = time.perf_counter() - start
     if isinstance(message, Token):
-        return _Step(
-            plan,
-            message,
-            dataclasses.replace(timing, index=message.index, server_step_s=message.server_step_s),
-        )
+        timing = StepTiming(message.index, send_s, waited_s, message.server_step_s)
+        return _Step(plan, message, timing)
     ids = message.token_ids
     if len(ids) > plan.max_tokens:
         raise SplitError(
@@ -1347,7 +1344,7 @@ def _expect_token(
                 message.finish_reason if i == last else None,
                 message.server_s if i == 0 else 0.0,
             ),
-            dataclasses.replace(timing, server_step_s=message.server_s)
+            StepTiming(0, send_s, waited_s, message.server_s)
             if i == 0
             else StepTiming(i, 0.0, 0.0, 0.0),
         )

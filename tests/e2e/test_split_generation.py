@@ -337,7 +337,6 @@ def test_served_whole_generate_gets_one_answer_and_on_token_a_stream(
     assert [t.index for t in seen] == list(range(MAX_TOKENS))
     # One answer: every token after the first arrived with it (no wait of its own).
     assert all(t.round_trip_s == 0.0 for t in whole.timings[1:])
-    assert any(t.round_trip_s > 0.0 for t in streamed.timings[1:])
 
 
 @pytest.mark.parametrize("layer", [0, 3])
